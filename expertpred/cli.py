@@ -1,0 +1,74 @@
+"""The ``expertpred`` command line. The only module that prints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ExpertPredError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Predict and prefetch MoE experts for llama.cpp inference.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Predict and prefetch MoE experts for llama.cpp inference."""
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="A MoE GGUF file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Print a MoE GGUF's arch, layers, experts and the share of the file that is experts."""
+    from .layout import read_layout
+
+    lay = read_layout(model)
+    s = lay.summary()
+    if as_json:
+        console.print_json(json.dumps(s))
+        return
+    t = Table(title=f"{model}", show_header=False)
+    t.add_row("arch", lay.arch)
+    t.add_row("layers (MoE / all)", f"{len(lay.moe_layers)} / {lay.n_layer}")
+    t.add_row("experts / used per token", f"{lay.n_expert} / {lay.n_expert_used}")
+    t.add_row("embedding length", str(lay.n_embd))
+    t.add_row("expert tensors", ", ".join(lay.parts))
+    t.add_row("bytes per expert", _human(lay.bytes_per_expert()))
+    t.add_row("expert weights", f"{_human(lay.expert_bytes)} "
+              f"({100 * lay.expert_bytes / lay.file_size:.1f}% of file)")
+    if lay.shared:
+        t.add_row("shared-expert weights", _human(lay.shared_bytes))
+    t.add_row("file size", _human(lay.file_size))
+    console.print(t)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()  # standalone: click reports usage errors itself (exit 2)
+    except ExpertPredError as exc:
+        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
