@@ -160,7 +160,8 @@ def read_layout(path: str | os.PathLike[str]) -> MoELayout:
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except Exception as exc:  # gguf raises ValueError/IndexError/... on damaged headers
-        raise GGUFError(f"{path}: truncated or damaged GGUF ({type(exc).__name__}: {exc})") from None
+        why = f"{type(exc).__name__}: {exc}"
+        raise GGUFError(f"{path}: truncated or damaged GGUF ({why})") from None
 
     arch = str(_field(reader, "general.architecture", ""))
     if not arch:
@@ -198,7 +199,9 @@ def read_layout(path: str | os.PathLike[str]) -> MoELayout:
         elif m := _ROUTER.match(t.name):
             routers.setdefault(int(m[1]), []).append(tr)
     if not stacked:
-        raise GGUFError(f"{path}: arch {arch!r} declares {n_expert} experts but has no *_exps tensors")
+        raise GGUFError(
+            f"{path}: arch {arch!r} declares {n_expert} experts but has no *_exps tensors"
+        )
 
     moe_layers = tuple(sorted(stacked))
     parts = tuple(sorted(stacked[moe_layers[0]]))
