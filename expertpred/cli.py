@@ -60,6 +60,43 @@ def inspect(
     console.print(t)
 
 
+@app.command()
+def demo(
+    max_tokens: int = typer.Option(48, help="Tokens to generate per model."),
+    prompt: str = typer.Option("def read_config(path):\n", help="Prompt for the generation."),
+) -> None:
+    """The main job on the shipped defaults: load each shipped model in llama.cpp, show its
+    expert layout and a greedy generation."""
+    from .layout import read_layout
+    from .shipped import SHIPPED_MODELS, model_gguf
+
+    for name in SHIPPED_MODELS:
+        path = model_gguf(name)
+        lay = read_layout(path)
+        console.rule(f"[bold]{name}[/]")
+        t = Table(show_header=False)
+        t.add_row("file", str(path))
+        t.add_row("arch / layers", f"{lay.arch} / {lay.n_layer}")
+        t.add_row("experts / used", f"{lay.n_expert} / {lay.n_expert_used}")
+        t.add_row("bytes per expert", _human(lay.bytes_per_expert()))
+        t.add_row("expert share of file", f"{100 * lay.expert_bytes / lay.file_size:.1f}%")
+        console.print(t)
+        text = _generate(path, prompt, max_tokens)
+        console.print(f"[dim]prompt:[/] {prompt!r}")
+        console.print(f"[dim]greedy continuation ({max_tokens} tokens):[/] {text!r}")
+
+
+def _generate(path: Path, prompt: str, max_tokens: int) -> str:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, seed=0)
+    try:
+        out = llm(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
+        return out["choices"][0]["text"]
+    finally:
+        llm.close()
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
