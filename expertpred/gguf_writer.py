@@ -52,14 +52,16 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def byte_tokenizer() -> GGUFTokenizer:
-    """A 257-token byte-level tokenizer (256 bytes + ``<|endoftext|>``), no merges.
+    """A 259-token byte-level BPE tokenizer: ``<|endoftext|>``, 256 bytes and two merges.
 
-    Enough for random-weight fixture models: every text tokenizes, one token per byte.
+    Enough for random-weight fixture models: every text tokenizes (llama.cpp refuses a
+    gpt2 vocabulary without merges, so two harmless ones are included).
     """
     mapping = bytes_to_unicode()
-    tokens = ["<|endoftext|>"] + [mapping[b] for b in range(256)]
-    types = [int(gguf.TokenType.CONTROL)] + [int(gguf.TokenType.NORMAL)] * 256
-    return GGUFTokenizer("gpt2", tokens, [], types, bos_id=0, eos_id=0)
+    merges = ["Ġ t", "h e"]
+    tokens = ["<|endoftext|>"] + [mapping[b] for b in range(256)] + ["Ġt", "he"]
+    types = [int(gguf.TokenType.CONTROL)] + [int(gguf.TokenType.NORMAL)] * (len(tokens) - 1)
+    return GGUFTokenizer("gpt2", tokens, merges, types, bos_id=0, eos_id=0)
 
 
 def _add_hparam(w: gguf.GGUFWriter, key: str, value: HParam) -> None:

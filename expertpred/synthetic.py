@@ -36,12 +36,17 @@ class SyntheticSpec:
     seed: int = 0
 
 
+def _kv_heads(spec: SyntheticSpec) -> int:
+    # OLMoE normalises k over the full width (attn_k_norm is {n_embd}): no GQA there.
+    return spec.n_head if spec.arch == "olmoe" else spec.n_head_kv
+
+
 def _weights(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(spec.seed)
     wdt = np.float16 if spec.dtype == "f16" else np.float32
     vocab = len(byte_tokenizer().tokens)
     d, hd = spec.n_embd, spec.n_embd // spec.n_head
-    dkv = hd * spec.n_head_kv
+    dkv = hd * _kv_heads(spec)
 
     def w(*shape: int, scale: float | None = None) -> np.ndarray:
         s = scale if scale is not None else 1.0 / np.sqrt(shape[-1])
@@ -99,7 +104,7 @@ def _hparams(spec: SyntheticSpec) -> dict[str, int | float | str | bool]:
         "block_count": spec.n_layer,
         "feed_forward_length": spec.n_ff,
         "attention.head_count": spec.n_head,
-        "attention.head_count_kv": spec.n_head_kv,
+        "attention.head_count_kv": _kv_heads(spec),
         "attention.layer_norm_rms_epsilon": 1e-5,
         "rope.freq_base": 10000.0,
         "rope.dimension_count": spec.n_embd // spec.n_head,
