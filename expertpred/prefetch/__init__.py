@@ -1,0 +1,23 @@
+"""Prefetch room: I/O methods, the prefetch engine and the expert buffer manager.
+
+``PrefetchEngine`` reads predicted experts into the page cache ahead of use;
+``BufferManager`` keeps expert weights within a RAM budget; ``io`` holds the I/O methods
+(``pread``, ``fadvise``, ``madvise``, ``io_uring``) and ``eviction`` the eviction calls and
+the probe that measures them.
+"""
+
+from __future__ import annotations
+
+from .buffer import POLICIES, BufferManager
+from .engine import PrefetchCounters, PrefetchEngine, PrefetchStats
+from .io import METHODS, make_method
+
+__all__ = [
+    "METHODS",
+    "POLICIES",
+    "BufferManager",
+    "PrefetchCounters",
+    "PrefetchEngine",
+    "PrefetchStats",
+    "make_method",
+]
