@@ -61,6 +61,102 @@ def inspect(
 
 
 @app.command()
+def trace(
+    model: Path = typer.Option(..., "--model", help="MoE GGUF to trace."),
+    prompts: Path = typer.Option(..., "--prompts", help="Prompt file: JSONL or plain text."),
+    out: Path = typer.Option(..., "--out", help="Dataset directory (created)."),
+    split: str = typer.Option(None, "--split", help="Only prompts of this split."),
+    domain: str = typer.Option(None, "--domain", help="Only prompts of this domain."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first N selected prompts."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=0, help="Tokens to generate."),
+    n_ctx: int = typer.Option(512, "--n-ctx", min=8, help="llama.cpp context size."),
+    threads: int = typer.Option(2, "--threads", min=1, help="llama.cpp threads."),
+    hidden: bool = typer.Option(False, "--hidden", help="Also store router inputs (large)."),
+    sampled: bool = typer.Option(False, "--sampled", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="With --sampled."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (sequence i uses seed + i)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed or shorter run."),
+    shard_rows: int = typer.Option(32768, "--shard-rows", min=1, help="Rows per shard."),
+) -> None:
+    """Trace the router of every MoE layer for each prompt into a Parquet dataset directory."""
+    import time
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from .layout import file_sha256
+    from .trace.dataset import (
+        DecodingInfo,
+        ManifestInfo,
+        ModelInfo,
+        PromptSetInfo,
+        TraceDataset,
+        TraceWriter,
+    )
+    from .trace.prompts import load_prompts, read_prompt_file
+
+    selection = load_prompts(prompts, split=split, domain=domain)[:limit]
+    with console.status(f"hashing {model}"):
+        minfo = ModelInfo.from_gguf(model)  # one-line GGUFError for a dense / bad model
+    info = ManifestInfo(
+        model=minfo,
+        prompts=PromptSetInfo(path=str(prompts), sha256=file_sha256(prompts),
+                              n_prompts=len(read_prompt_file(prompts)), split=split,
+                              domain=domain, limit=limit, n_selected=len(selection)),
+        decoding=DecodingInfo(mode="sampled" if sampled else "greedy",
+                              temperature=temperature if sampled else 0.0, seed=seed,
+                              max_tokens=max_tokens, n_ctx=n_ctx, n_threads=threads),
+        capture_hidden=hidden)
+    start = time.perf_counter()
+    tokens = n_done = 0
+    with TraceWriter(out, info, shard_rows=shard_rows, resume=resume) as writer:
+        todo = [p for p in selection if p.index not in writer.done_seq_ids]
+        if len(todo) < len(selection):
+            console.print(f"{out}: {len(selection) - len(todo)} of {len(selection)} selected "
+                          "prompts already traced; skipping them")
+        if todo:
+            from .trace.llama_tracer import LlamaTracer
+
+            tracer = LlamaTracer(str(model), n_ctx=n_ctx, n_threads=threads,
+                                 capture_hidden=hidden, seed=seed)
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[tps]:>7.1f} tok/s"), TimeElapsedColumn(),
+                       TimeRemainingColumn())
+            try:
+                with Progress(*columns, console=console) as bar:
+                    task = bar.add_task("tracing", total=len(todo), tps=0.0)
+                    for p in todo:
+                        seq = tracer.trace(p.text, max_tokens, greedy=not sampled,
+                                           temperature=temperature, seed=seed + p.index,
+                                           seq_id=p.index, prompt_id=p.id, domain=p.domain)
+                        writer.write(seq, split=p.split)
+                        tokens += seq.n_tokens
+                        n_done += 1
+                        bar.update(task, advance=1,
+                                   tps=tokens / (time.perf_counter() - start))
+            finally:
+                tracer.close()
+    wall = time.perf_counter() - start
+    ds = TraceDataset(out)
+    n_layer = max(1, ds.n_moe_layer)
+    t = Table(title=f"trace {out}", show_header=False)
+    t.add_row("sequences (this run / dataset)", f"{n_done} / {ds.n_sequences}")
+    t.add_row("tokens (this run / dataset)", f"{tokens} / {ds.n_rows}")
+    t.add_row("shards", str(len(ds.shards)))
+    t.add_row("bytes", _human(ds.n_bytes))
+    if ds.n_rows:
+        t.add_row("bytes / token / layer", f"{ds.n_bytes / ds.n_rows / n_layer:.1f}")
+    t.add_row("wall time", f"{wall:.1f} s" + (f" ({tokens / wall:.0f} tok/s)" if tokens else ""))
+    console.print(t)
+
+
+@app.command()
 def demo(
     max_tokens: int = typer.Option(48, help="Tokens to generate per model."),
     prompt: str = typer.Option("def read_config(path):\n", help="Prompt for the generation."),
