@@ -193,6 +193,37 @@ def _generate(path: Path, prompt: str, max_tokens: int) -> str:
         llm.close()
 
 
+@app.command()
+def widen(
+    model: Path = typer.Option(..., "--model", help="Source MoE GGUF."),
+    out: Path = typer.Option(..., "--out", help="Output GGUF (written atomically)."),
+    expert_mib: float = typer.Option(None, "--expert-mib", help="Target MiB per expert."),
+    total_gib: float = typer.Option(None, "--total-gib", help="Target output size in GiB."),
+    ff: int = typer.Option(None, "--ff", help="Target expert FFN width."),
+    dtype: str = typer.Option("f16", "--dtype", help="Expert weight dtype: f16, f32, q8_0."),
+) -> None:
+    """Zero-pad every expert's FFN width: same routing and outputs, realistic bytes per expert
+    (e.g. a multi-GB model to benchmark SSD prefetching)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from .widen import plan_widen
+    from .widen import widen as widen_model
+
+    plan = plan_widen(model, ff=ff, expert_mib=expert_mib, total_gib=total_gib, dtype=dtype,
+                      out=out)
+    console.print(f"{model}: expert width {plan.old_ff} -> {plan.new_ff} ({plan.dtype}), "
+                  f"{_human(plan.old_bytes_per_expert)} -> {_human(plan.bytes_per_expert)} "
+                  f"per expert, {_human(plan.data_bytes)} of tensors")
+    columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(f"writing {out.name}", total=plan.data_bytes)
+        res = widen_model(model, out, ff=plan.new_ff, dtype=dtype,
+                          progress=lambda done, total: bar.update(task, completed=done))
+    console.print(f"wrote {res.path} ({_human(res.file_size)}) in {res.seconds:.1f} s "
+                  f"({res.mb_per_s:.0f} MB/s)")
+
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,198 @@
+"""`expertpred widen`: zero-padded experts give llama.cpp the same tokens with bigger experts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from expertpred.errors import ExpertPredError
+from expertpred.layout import read_layout
+from expertpred.synthetic import SyntheticSpec, write_random_moe
+from expertpred.widen import widen
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = b"def read_config(path):\n    with open(path) as f:"
+N_GEN = 16
+
+SPECS = {
+    "llama": SyntheticSpec(arch="llama", n_expert=8, n_expert_used=2),
+    "qwen3moe": SyntheticSpec(arch="qwen3moe", n_expert=32, n_expert_used=4),
+    "qwen2moe-shared": SyntheticSpec(arch="qwen2moe", n_expert=16, n_expert_used=4,
+                                     n_ff_shexp=48),
+}
+
+
+def greedy(path: Path, n: int = N_GEN) -> tuple[list[int], np.ndarray]:
+    """llama.cpp greedy continuation of PROMPT: (tokens, logits of every step)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False,
+                seed=0)
+    try:
+        llm.eval(llm.tokenize(PROMPT, add_bos=False))
+        toks, logits = [], []
+        for _ in range(n):
+            row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            logits.append(row)
+            toks.append(int(row.argmax()))
+            llm.eval([toks[-1]])
+        return toks, np.stack(logits)
+    finally:
+        llm.close()
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    ta, la = greedy(a)
+    tb, lb = greedy(b)
+    assert ta == tb
+    # Longer dot products change float summation order only: rounding-level differences.
+    np.testing.assert_allclose(lb, la, rtol=0, atol=2e-3 * float(np.abs(la).max()))
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def model(request, tmp_path_factory) -> tuple[Path, SyntheticSpec]:
+    spec = SPECS[request.param]
+    path = tmp_path_factory.mktemp("widen") / f"{request.param}.gguf"
+    return write_random_moe(path, spec), spec
+
+
+def test_widened_f32_is_the_same_model(model, tmp_path):
+    path, spec = model
+    res = widen(path, tmp_path / "w.gguf", ff=4 * spec.n_ff + 32, dtype="f32")
+    before, after = read_layout(path), read_layout(res.path)
+    assert res.plan.old_ff == spec.n_ff and res.plan.new_ff == 4 * spec.n_ff + 32
+    assert after.bytes_per_expert() == res.plan.bytes_per_expert
+    assert after.bytes_per_expert() > 4 * before.bytes_per_expert()
+    assert (after.n_expert, after.moe_layers, after.parts) == (before.n_expert,
+                                                                before.moe_layers, before.parts)
+    assert after.shared_bytes == before.shared_bytes  # shared experts are not widened
+    assert_same_model(path, res.path)
+
+
+def test_padding_is_zeros_around_the_original_weights(model, tmp_path):
+    path, spec = model
+    res = widen(path, tmp_path / "w.gguf", ff=256, dtype="f32")
+    src = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+    out_reader = gguf.GGUFReader(str(res.path))
+    out = {t.name: np.asarray(t.data) for t in out_reader.tensors}
+    f = spec.n_ff
+    for name, a in src.items():
+        b = out[name]
+        if "gate_exps" in name or "up_exps" in name:  # (E, ff, d): new rows
+            assert b.shape == (a.shape[0], 256, a.shape[2])
+            assert np.array_equal(b[:, :f], a) and not b[:, f:].any()
+        elif "down_exps" in name:  # (E, d, ff): new columns
+            assert b.shape == (a.shape[0], a.shape[1], 256)
+            assert np.array_equal(b[:, :, :f], a) and not b[:, :, f:].any()
+        else:
+            assert np.array_equal(a, b), name
+    ff_key = ("expert_feed_forward_length" if spec.arch != "llama" else "feed_forward_length")
+    assert out_reader.fields[f"{spec.arch}.{ff_key}"].contents() == 256
+    assert out_reader.fields["expertpred.widen.source_ff"].contents() == f
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_widened_matches_original_converted_to_same_dtype(tmp_path, dtype):
+    """f16 / q8_0 change the outputs vs an f32 original; ff=original is the reference."""
+    path = write_random_moe(tmp_path / "m.gguf", SPECS["llama"])
+    ref = widen(path, tmp_path / "ref.gguf", ff=SPECS["llama"].n_ff, dtype=dtype)
+    big = widen(path, tmp_path / "big.gguf", expert_mib=1, dtype=dtype)
+    assert ref.plan.new_ff == ref.plan.old_ff
+    assert big.plan.bytes_per_expert >= 1 << 20 > big.plan.bytes_per_expert - (64 << 10)
+    assert read_layout(big.path).bytes_per_expert() == big.plan.bytes_per_expert
+    assert_same_model(ref.path, big.path)
+
+
+def test_total_gib_target_and_progress(tmp_path):
+    path = write_random_moe(tmp_path / "m.gguf", SyntheticSpec(n_layer=2))
+    seen: list[tuple[int, int]] = []
+    res = widen(path, tmp_path / "w.gguf", total_gib=0.05, dtype="f16",
+                progress=lambda done, total: seen.append((done, total)))
+    assert 0.05 * 2**30 <= res.file_size < 0.06 * 2**30
+    dones = [d for d, _ in seen]
+    assert dones == sorted(dones) and seen[-1] == (res.plan.data_bytes, res.plan.data_bytes)
+
+
+def test_failure_leaves_no_file(tmp_path):
+    path = write_random_moe(tmp_path / "m.gguf", SyntheticSpec(n_layer=2))
+
+    def boom(done: int, total: int) -> None:
+        if done > total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        widen(path, tmp_path / "w.gguf", ff=2048, progress=boom)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_streaming_keeps_memory_bounded(tmp_path):
+    """A 600 MB widen runs in far less RAM than the output (children's max RSS)."""
+    path = write_random_moe(tmp_path / "m.gguf", SyntheticSpec(n_layer=2))
+    code = ("import resource, sys; from expertpred.widen import widen; "
+            f"widen({str(path)!r}, {str(tmp_path / 'w.gguf')!r}, total_gib=0.56, dtype='f16'); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)
+    max_rss = int(out.stdout.split()[-1]) * 1024
+    assert (tmp_path / "w.gguf").stat().st_size > 0.55 * 2**30
+    assert max_rss < 256 << 20, f"max RSS {max_rss >> 20} MiB"
+
+
+BAD = {
+    "dense": ({"ff": 256}, "dense model"),
+    "unknown-dtype": ({"ff": 256, "dtype": "q4_k"}, "unknown dtype 'q4_k'"),
+    "smaller-ff": ({"ff": 64}, "smaller than the original expert width 96"),
+    "smaller-size": ({"expert_mib": 0.01}, "smaller than the original"),
+    "q8-not-multiple": ({"ff": 100, "dtype": "q8_0"}, "multiples of 32"),
+    "no-target": ({}, "exactly one of"),
+    "two-targets": ({"ff": 256, "total_gib": 1.0}, "exactly one of"),
+    "not-gguf": ({"ff": 256}, "not a GGUF"),
+    "same-path": ({"ff": 256}, "output is the input"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line(tmp_path, case):
+    kwargs, message = BAD[case]
+    path = tmp_path / "m.gguf"
+    if case == "dense":
+        write_random_moe(path, SyntheticSpec(n_expert=0, n_layer=2))
+    elif case == "not-gguf":
+        path.write_text("hello\n")
+    else:
+        write_random_moe(path, SyntheticSpec(n_layer=2))
+    out = path if case == "same-path" else tmp_path / "out.gguf"
+    with pytest.raises(ExpertPredError) as err:
+        widen(path, out, **kwargs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists() or case == "same-path"
+
+
+def test_cli(tmp_path):
+    path = write_random_moe(tmp_path / "m.gguf", SyntheticSpec(n_layer=2))
+    run = [sys.executable, "-m", "expertpred.cli", "widen", "--model", str(path)]
+    ok = subprocess.run(run + ["--out", str(tmp_path / "w.gguf"), "--expert-mib", "0.5"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "96 ->" in ok.stdout and read_layout(tmp_path / "w.gguf").bytes_per_expert() >= 2**19
+    bad = subprocess.run(run + ["--out", str(tmp_path / "x.gguf"), "--ff", "8"],
+                         capture_output=True, text=True, timeout=120)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and str(path) in lines[0]
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3moe"])
+def test_shipped_model(tmp_path, name):
+    path = REPO / "models" / name / "model.gguf"
+    if not path.exists():
+        pytest.skip(f"{path} not built yet")
+    lay = read_layout(path)
+    res = widen(path, tmp_path / "w.gguf", expert_mib=4 * lay.bytes_per_expert() / 2**20,
+                dtype="f32")
+    assert read_layout(res.path).bytes_per_expert() >= 4 * lay.bytes_per_expert()
+    assert_same_model(path, res.path)
