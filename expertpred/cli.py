@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -154,6 +155,45 @@ def trace(
         t.add_row("bytes / token / layer", f"{ds.n_bytes / ds.n_rows / n_layer:.1f}")
     t.add_row("wall time", f"{wall:.1f} s" + (f" ({tokens / wall:.0f} tok/s)" if tokens else ""))
     console.print(t)
+
+
+@app.command()
+def analyze(
+    trace_dir: Path = typer.Argument(..., help="A trace dataset directory (manifest.json)."),
+    out: Path = typer.Option(..., "--out", help="Report directory (replaced atomically)."),
+    max_distance: int = typer.Option(64, "--max-distance",
+                                     help="Longest reuse distance binned separately."),
+) -> None:
+    """Routing statistics of a trace (popularity, temporal locality, reuse distance,
+    cross-layer affinity, domains) and the answers to the research questions: figures,
+    report.md and report.json in --out."""
+    from .analysis.report import analyze_trace, locality_table
+
+    command = f"expertpred analyze {trace_dir} --out {out}"
+    if max_distance != 64:
+        command += f" --max-distance {max_distance}"
+    res = analyze_trace(trace_dir, out, max_distance=max_distance, command=command)
+    m, o = res.model, res.summary["overall"]
+    headers, rows = locality_table(res.summary, m.moe_layers)
+    t = Table(title=f"Temporal locality (%): {m.arch}, {m.n_expert} experts, top-"
+              f"{m.n_expert_used}, {o['locality']['n_pairs']} token pairs",
+              box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for h in headers:
+        short = h.replace("uniform", "unif.").replace("indep.", "ind.").replace(": ", "\n")
+        t.add_column(short, justify="right", no_wrap=True,
+                     min_width=max(len(x) for x in short.split("\n")),
+                     style="bold" if h.endswith(": all") else None)
+    for r in rows:
+        t.add_row(*(c.rstrip("%") for c in r))
+    console.print(t)
+    a = res.answers
+    console.print(f"same experts repeatedly: [bold]{a['rq3']['same_experts_repeatedly']}[/]  "
+                  f"temporal locality: [bold]{a['rq3']['temporal_locality']}[/]  "
+                  f"predictor feasible: [bold]{a['rq3']['predictor_feasible']}[/]  "
+                  f"uniform access holds: [bold]{a['rq4']['uniform_access_holds']}[/]")
+    for name, v in a["domains"]["verdicts"].items():
+        console.print(f"domain dependence ({name}): [bold]{v}[/]")
+    console.print(f"report: {res.out_dir / 'report.md'}")
 
 
 @app.command()
