@@ -574,7 +574,7 @@ class PrefetchEngine:
 
     def _monitor_main(self) -> None:
         path = os.fspath(self.gguf_path)
-        next_watch = 0.0
+        next_watch = time.monotonic() + self.watch_interval  # start() checked the file
         while not self._stop.wait(self.sample_interval):
             now = time.monotonic()
             with self._lock:
