@@ -7,7 +7,7 @@ function ranks lowest) with an *evictor* from :mod:`expertpred.prefetch.eviction
 ``residency()`` checks the bookkeeping against the kernel with ``mincore``.
 
 Which eviction calls really drop pages was measured on this machine (Linux 6.18, ext4,
-``python -m expertpred.prefetch.eviction --mib 4``; share of resident pages dropped,
+``python -m expertpred.prefetch.evictprobe --mib 4``; share of resident pages dropped,
 1024 pages per cell; details in ``docs/eviction.md``):
 
 ================== ========== ============= ============ ========
@@ -21,10 +21,13 @@ dontneed_both      100%       0%            0%           100%
 pageout_fadvise    100%       0%            0%           100%
 ================== ========== ============= ============ ========
 
+Under memory pressure (cgroup limit) ``MADV_COLD`` on our mapping makes the kernel
+reclaim those pages first — a soft eviction (docs/eviction.md has the measurement).
+
 So: pages that *another* mapping holds (llama.cpp's mmap of the model) cannot be evicted
 from outside that mapping by any of these calls; ``POSIX_FADV_DONTNEED`` alone drops only
 unmapped pages; ``MADV_DONTNEED`` only unmaps (the page cache keeps the pages);
-``MADV_COLD`` frees nothing by itself (it only ages pages). The default evictor,
+``MADV_COLD`` frees nothing by itself. The default evictor,
 ``dontneed_both`` (``MADV_DONTNEED`` on our mapping, then ``POSIX_FADV_DONTNEED``), drops
 everything only we map or nobody maps; ``pageout_fadvise`` is equivalent here.
 

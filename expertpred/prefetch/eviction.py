@@ -4,7 +4,7 @@ An *evictor* gets the file descriptor, the caller's own read-only mapping of the
 a byte range, and asks the kernel to let go of those pages. Which calls actually free the
 page cache depends on who else maps the pages, so it is measured, not assumed:
 :func:`measure` sets pages up in each situation, applies each evictor and counts the pages
-``mincore`` still reports resident. ``python -m expertpred.prefetch.eviction [FILE]``
+``mincore`` still reports resident. ``python -m expertpred.prefetch.evictprobe [FILE]``
 prints the table; the numbers from this machine are in ``docs/eviction.md`` and in
 ``expertpred.prefetch.buffer``'s docstring.
 
@@ -19,14 +19,12 @@ Situations:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from .sysmem import PAGE_SIZE, FileMapping, Madvice
 
@@ -194,36 +192,3 @@ def format_table(rows: list[ProbeRow]) -> str:
                         f"{100 * r.dropped:.0f}% ({r.before}->{r.after})")
         lines.append(f"| {n} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("file", nargs="?", help="a file to probe (default: a temporary 64 MiB file)")
-    ap.add_argument("--mib", type=int, default=2, help="MiB per probe range")
-    args = ap.parse_args(argv)
-    tmp = None
-    path = args.file
-    if path is None:
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(dir="/var/tmp")) / "probe.bin"
-        with open(tmp, "wb") as f:
-            for _ in range(len(EVICTORS) * len(SITUATIONS) * args.mib):
-                f.write(os.urandom(1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-        path = str(tmp)
-    try:
-        rows = measure(path, args.mib << 20)
-    finally:
-        if tmp is not None:
-            tmp.unlink()
-            tmp.parent.rmdir()
-    print(f"kernel {os.uname().release}, {args.mib} MiB per cell, "
-          "cell = share of resident pages dropped (before->after pages)")
-    print(format_table(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
