@@ -1,0 +1,240 @@
+"""Expert-granular cache simulation: how many expert loads a RAM budget of B bytes saves.
+
+The cache holds whole experts (all parts of expert ``e`` of MoE layer ``l``); the access
+stream is token-major, layer-minor — the order llama.cpp executes a decode: token ``t``
+routes layer 0, loads its ``k`` experts, then layer 1, ... Policies:
+
+- ``lru``: evict the least recently used expert;
+- ``lfu``: evict the least frequently used (counts over the whole stream; ties → LRU);
+- ``belady``: evict the expert whose next use is farthest (MIN: the offline optimum for
+  demand paging when experts have equal sizes, a near-optimum otherwise);
+- ``predictive``: LRU, and after each layer ``l`` routes, prefetch the predicted experts of
+  the next layers (inserted as most recently used). Prefetches are assumed to arrive in time;
+  the simulation counts bytes, not latency.
+
+Hit rate = demand accesses served from cache / demand accesses. Bytes read per token
+counts demand misses plus prefetch loads.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from .errors import ExpertPredError
+
+log = logging.getLogger(__name__)
+
+
+class Policy(StrEnum):
+    LRU = "lru"
+    LFU = "lfu"
+    BELADY = "belady"
+    PREDICTIVE = "predictive"
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    """Counters of one simulated run."""
+
+    policy: str
+    capacity_bytes: int
+    n_tokens: int
+    accesses: int  # demand accesses (token × layer × k)
+    hits: int
+    demand_bytes: int  # read on demand misses
+    prefetch_bytes: int  # read by prefetches
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else float("nan")
+
+    @property
+    def bytes_per_token(self) -> float:
+        return (self.demand_bytes + self.prefetch_bytes) / max(self.n_tokens, 1)
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {"policy": self.policy, "capacity_bytes": self.capacity_bytes,
+                "n_tokens": self.n_tokens, "accesses": self.accesses, "hits": self.hits,
+                "hit_rate": self.hit_rate, "demand_bytes": self.demand_bytes,
+                "prefetch_bytes": self.prefetch_bytes, "bytes_per_token": self.bytes_per_token}
+
+
+def _sizes(expert_bytes: int | np.ndarray, n_layer: int) -> np.ndarray:
+    s = np.broadcast_to(np.asarray(expert_bytes, dtype=np.int64), (n_layer,)).copy()
+    if (s <= 0).any():
+        raise ExpertPredError(f"expert_bytes {s.tolist()}: expected positive sizes")
+    return s
+
+
+def simulate(experts: np.ndarray, policy: str | Policy, capacity_bytes: int,
+             expert_bytes: int | np.ndarray = 1, n_expert: int | None = None,
+             prefetch: np.ndarray | None = None) -> CacheResult:
+    """Run ``policy`` over the accesses ``experts`` (int (T, L, k), -1 = none).
+
+    ``expert_bytes``: size of one expert, scalar or per layer (L,). ``prefetch`` (predictive
+    only): int (T, L, P) flat keys ``layer * n_expert + expert`` to load after layer ``l`` of
+    token ``t`` routes (-1 = none); build it with :func:`prefetch_plan`.
+
+    >>> acc = np.array([[[0], [0]], [[1], [0]], [[0], [0]]])  # T=3, L=2, k=1
+    >>> [simulate(acc, "lru", capacity_bytes=c, n_expert=2).hits for c in (1, 2, 3)]
+    [0, 2, 3]
+    """
+    experts = np.asarray(experts)
+    if experts.ndim != 3:
+        raise ExpertPredError(f"accesses of shape {experts.shape}: expected (T, L, k)")
+    t_len, n_l, _ = experts.shape
+    n_e = int(n_expert if n_expert is not None else experts.max(initial=0) + 1)
+    sizes = _sizes(expert_bytes, n_l)
+    policy = Policy(policy)
+    if policy is Policy.PREDICTIVE and prefetch is None:
+        raise ExpertPredError("predictive cache policy needs a prefetch plan")
+    keys = np.where(experts >= 0, np.arange(n_l)[None, :, None] * n_e + experts, -1)
+    # flat stream of (key, token, layer) in execution order, -1 dropped
+    flat = keys.reshape(-1)
+    ok = flat >= 0
+    stream = flat[ok].astype(np.int64)
+    layer_of = (stream // n_e).astype(np.int64)
+    size_of = sizes[layer_of]
+    if policy is Policy.BELADY:
+        hits, demand = _belady(stream, size_of, capacity_bytes)
+        return CacheResult(policy.value, capacity_bytes, t_len, len(stream), hits, demand, 0)
+    if policy is Policy.LFU:
+        hits, demand = _lfu(stream, size_of, capacity_bytes)
+        return CacheResult(policy.value, capacity_bytes, t_len, len(stream), hits, demand, 0)
+    # LRU and predictive share one loop over (token, layer)
+    cache: OrderedDict[int, int] = OrderedDict()
+    used = hits = demand = pre = 0
+    pf = None if policy is Policy.LRU else np.asarray(prefetch)
+    if pf is not None and pf.shape[:2] != (t_len, n_l):
+        raise ExpertPredError(f"prefetch plan shape {pf.shape}, expected ({t_len}, {n_l}, P)")
+
+    def load(key: int, size: int) -> None:
+        nonlocal used
+        while cache and used + size > capacity_bytes:
+            _, s = cache.popitem(last=False)
+            used -= s
+        if size <= capacity_bytes:
+            cache[key] = size
+            used += size
+
+    for t in range(t_len):
+        for li in range(n_l):
+            for key in keys[t, li].tolist():
+                if key < 0:
+                    continue
+                if key in cache:
+                    hits += 1
+                    cache.move_to_end(key)
+                else:
+                    demand += int(sizes[li])
+                    load(key, int(sizes[li]))
+            if pf is None:
+                continue
+            for key in pf[t, li].tolist():
+                if key < 0:
+                    continue
+                if key in cache:
+                    cache.move_to_end(key)
+                else:
+                    s = int(sizes[key // n_e])
+                    pre += s
+                    load(key, s)
+    return CacheResult(policy.value, capacity_bytes, t_len, len(stream), hits, demand, pre)
+
+
+def _lfu(stream: np.ndarray, size_of: np.ndarray, capacity: int) -> tuple[int, int]:
+    count: dict[int, int] = {}
+    last: dict[int, int] = {}
+    resident: dict[int, int] = {}
+    heap: list[tuple[int, int, int]] = []
+    used = hits = demand = 0
+    for i, (key, size) in enumerate(zip(stream.tolist(), size_of.tolist())):
+        count[key] = count.get(key, 0) + 1
+        last[key] = i
+        if key in resident:
+            hits += 1
+        else:
+            demand += size
+            while resident and used + size > capacity:
+                c, ts, victim = heapq.heappop(heap)
+                if victim in resident and count[victim] == c and last[victim] == ts:
+                    used -= resident.pop(victim)
+            if size <= capacity:
+                resident[key] = size
+                used += size
+        if key in resident:
+            heapq.heappush(heap, (count[key], i, key))
+    return hits, demand
+
+
+def _belady(stream: np.ndarray, size_of: np.ndarray, capacity: int) -> tuple[int, int]:
+    n = len(stream)
+    nxt = np.full(n, n, dtype=np.int64)  # index of the next use of the same key (n = never)
+    seen: dict[int, int] = {}
+    keys = stream.tolist()
+    for i in range(n - 1, -1, -1):
+        nxt[i] = seen.get(keys[i], n)
+        seen[keys[i]] = i
+    next_use: dict[int, int] = {}
+    resident: dict[int, int] = {}
+    heap: list[tuple[int, int]] = []  # (-next use, key), lazily invalidated
+    used = hits = demand = 0
+    for i, (key, size, nu) in enumerate(zip(keys, size_of.tolist(), nxt.tolist())):
+        if key in resident:
+            hits += 1
+        else:
+            demand += size
+            while resident and used + size > capacity:
+                neg, victim = heapq.heappop(heap)
+                if victim in resident and next_use[victim] == -neg:
+                    used -= resident.pop(victim)
+            if size <= capacity:
+                resident[key] = size
+                used += size
+        if key in resident:
+            next_use[key] = nu
+            heapq.heappush(heap, (-nu, key))
+    return hits, demand
+
+
+def prefetch_plan(predicted: dict[int, np.ndarray], n_expert: int,
+                  experts: np.ndarray | None = None, wrap: int = 0) -> np.ndarray:
+    """int64 (T, L, P) flat keys to prefetch after each (token, layer).
+
+    ``predicted[d]`` is int (T, L, k_d): at (t, l), the experts predicted for layer
+    ``l + d`` (rows with ``l + d >= L`` are ignored; -1 = none). With ``wrap = w > 0`` and
+    the true ``experts`` (T, L, k), the last ``w`` layers of token ``t`` also prefetch the
+    first layers of token ``t + 1`` guessed as token ``t``'s own choices there (the
+    previous-token rule; known online at that point).
+
+    >>> p = prefetch_plan({1: np.array([[[1], [0]]])}, n_expert=2)  # T=1, L=2
+    >>> p.tolist()
+    [[[3], [-1]]]
+    """
+    if not predicted:
+        raise ExpertPredError("prefetch plan: no predictions")
+    arrs = [np.asarray(predicted[d]) for d in sorted(predicted)]
+    t_len, n_l = arrs[0].shape[:2]
+    parts = []
+    for d, a in zip(sorted(predicted), arrs):
+        tgt = np.arange(n_l)[None, :, None] + d
+        key = np.where((a >= 0) & (tgt < n_l), tgt * n_expert + a, -1)
+        parts.append(key)
+    if wrap > 0:
+        if experts is None:
+            raise ExpertPredError("prefetch plan: wrap needs the true experts")
+        ex = np.asarray(experts)
+        extra = np.full((t_len, n_l, ex.shape[2]), -1, dtype=np.int64)
+        for li in range(max(n_l - wrap, 0), n_l):
+            j = li + wrap - n_l  # next token's layer guessed from this token's layer j
+            if 0 <= j < n_l:
+                e = ex[:, j]
+                extra[:, li] = np.where(e >= 0, j * n_expert + e, -1)
+        parts.append(extra)
+    return np.concatenate(parts, axis=2).astype(np.int64)
