@@ -75,6 +75,8 @@ def trace(
     hidden: bool = typer.Option(False, "--hidden", help="Also store router inputs (large)."),
     sampled: bool = typer.Option(False, "--sampled", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="With --sampled."),
+    top_k: int = typer.Option(40, "--top-k", min=0, help="With --sampled; 0 = off."),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="With --sampled."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (sequence i uses seed + i)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed or shorter run."),
     shard_rows: int = typer.Option(32768, "--shard-rows", min=1, help="Rows per shard."),
@@ -111,8 +113,10 @@ def trace(
                               n_prompts=len(read_prompt_file(prompts)), split=split,
                               domain=domain, limit=limit, n_selected=len(selection)),
         decoding=DecodingInfo(mode="sampled" if sampled else "greedy",
-                              temperature=temperature if sampled else 0.0, seed=seed,
-                              max_tokens=max_tokens, n_ctx=n_ctx, n_threads=threads),
+                              temperature=temperature if sampled else 0.0,
+                              top_k=top_k if sampled else 0, top_p=top_p if sampled else 1.0,
+                              seed=seed, max_tokens=max_tokens, n_ctx=n_ctx,
+                              n_threads=threads),
         capture_hidden=hidden)
     start = time.perf_counter()
     tokens = n_done = 0
@@ -133,9 +137,14 @@ def trace(
                 with Progress(*columns, console=console) as bar:
                     task = bar.add_task("tracing", total=len(todo), tps=0.0)
                     for p in todo:
-                        seq = tracer.trace(p.text, max_tokens, greedy=not sampled,
-                                           temperature=temperature, seed=seed + p.index,
-                                           seq_id=p.index, prompt_id=p.id, domain=p.domain)
+                        try:
+                            seq = tracer.trace(p.text, max_tokens, greedy=not sampled,
+                                               temperature=temperature, top_k=top_k,
+                                               top_p=top_p, seed=seed + p.index,
+                                               seq_id=p.index, prompt_id=p.id,
+                                               domain=p.domain)
+                        except ExpertPredError as exc:
+                            raise ExpertPredError(f"{prompts}: prompt {p.id!r}: {exc}") from None
                         writer.write(seq, split=p.split)
                         tokens += seq.n_tokens
                         n_done += 1
