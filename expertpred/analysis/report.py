@@ -278,12 +278,12 @@ def derive_answers(summary: dict[str, Any], model: ModelInfo,
     first = np.nan_to_num(loc["first"])
     local = ((first >= th.locality_lift * loc["first_uniform"])
              & (first - loc["first_independent"] >= th.locality_margin))
-    local_any = ((np.nan_to_num(loc["any"]) >= th.locality_lift * loc["any_uniform"])
-                 | (np.nan_to_num(loc["any"]) - loc["any_independent"] >= th.locality_margin))
+    any_ = np.nan_to_num(loc["any"])
+    local_any = (any_ > loc["any_uniform"]) & (any_ - loc["any_independent"] >= th.locality_margin)
     # RQ3c: a simple predictor's top-k recall per layer
     cands = {"previous token": np.nan_to_num(loc["overlap"]),
              "popularity": pop["top_k_coverage"],
-             "layer above (lookup)": np.concatenate([[0.0], np.nan_to_num(cross["topk_recall"])])}
+             "previous layer": np.concatenate([[0.0], np.nan_to_num(cross["topk_recall"])])}
     names = list(cands)
     stack = np.stack([cands[n] for n in names])
     best_idx = stack.argmax(axis=0)
@@ -326,12 +326,14 @@ def derive_answers(summary: dict[str, Any], model: ModelInfo,
         f"observed popularity; their top-{k} sets share an expert {_range(loc['any'])} of the "
         f"time (uniform {_pct(loc['any_uniform'])}, independent "
         f"{_range(loc['any_independent'])}). Criterion (first-choice keep rate ≥ "
-        f"{th.locality_lift}× 1/E and ≥ {_pct(th.locality_margin)} points above the "
-        f"independent baseline) met on {layer_word(local)}; the top-{k} overlap exceeds its "
-        f"baselines on {layer_word(local_any)}.",
+        f"{th.locality_lift}× 1/E and ≥ {100 * th.locality_margin:g} percentage points above "
+        f"the independent baseline) met on {layer_word(local)}; the top-{k} overlap is above "
+        f"uniform and ≥ {100 * th.locality_margin:g} points above independent on "
+        f"{layer_word(local_any)}.",
         f"**A predictor can be built: {v_pred}.** The best simple in-sample predictor of a "
         f"layer's top-{k} set reaches a recall of {_range(best)} against {_pct(rand)} for "
-        f"guessing (best signal per layer: "
+        f"guessing (signals: the previous token's set, the layer's most popular experts, a "
+        f"table keyed on the previous layer's first choice; best per layer: "
         + ", ".join(f"{blocks[i]}: {best_names[i]}" for i in range(n_layer))
         + f"). Criterion (recall ≥ {th.predictor_lift}× k/E) met on "
         f"{layer_word(predictable)}. These are lookup predictors scored on the data they were "
