@@ -133,6 +133,7 @@ def trace(
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[tps]:>7.1f} tok/s"), TimeElapsedColumn(),
                        TimeRemainingColumn())
+            t_trace = time.perf_counter()
             try:
                 with Progress(*columns, console=console) as bar:
                     task = bar.add_task("tracing", total=len(todo), tps=0.0)
@@ -149,7 +150,7 @@ def trace(
                         tokens += seq.n_tokens
                         n_done += 1
                         bar.update(task, advance=1,
-                                   tps=tokens / (time.perf_counter() - start))
+                                   tps=tokens / (time.perf_counter() - t_trace))
             finally:
                 tracer.close()
     wall = time.perf_counter() - start
