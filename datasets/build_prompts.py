@@ -11,6 +11,11 @@ and MAX_CHARS — about 32-128 tokens with the shipped models' byte-level BPE. A
 MAX_PER_FILE chunks per document are kept (the ones with the smallest id hash), so a few
 large files do not dominate.
 
+Row order: strata (domain, split) are interleaved in proportion to PREFIX_MIX (prompts of a
+stratum in id-hash order), so the first N prompts — ``expertpred trace --limit N`` — are a
+balanced sample: code and prose 1:1, train / validation / test 60 / 20 / 20, until a stratum
+runs out (prose validation, the smallest, holds 20 prompts).
+
 Splits are by source file: every prompt of one document gets the same split, so no file's
 text straddles train / validation / test. Documents are visited in the order of
 sha256("split:" + domain + name), and each goes to the split furthest below its target
@@ -43,6 +48,8 @@ OUT = ROOT / "datasets" / "prompts" / "heldout.jsonl"
 CHAR_RANGE = {"code": (128, 512), "prose": (128, 320)}
 MAX_PER_FILE = {"code": 8, "prose": 1000}
 SPLIT_TARGETS = {"train": 0.70, "validation": 0.15, "test": 0.15}
+# Mix of every prefix of the file (until a stratum runs out): domains 1:1, splits 60/20/20.
+PREFIX_MIX = {"code": 0.5, "prose": 0.5, "train": 0.6, "validation": 0.2, "test": 0.2}
 
 
 def _u64(s: str) -> int:
@@ -99,6 +106,17 @@ def build() -> list[dict[str, object]]:
                  sum(counts.values()), len(per_doc), counts)
         for name in sorted(per_doc):
             rows.extend(per_doc[name])
+    # Interleave so that any prefix (``expertpred trace --limit N``) is a balanced sample: the
+    # j-th prompt (in id-hash order) of stratum (domain, split) gets the key (j + 0.5) / weight.
+    strata: dict[tuple[str, str], list[dict[str, object]]] = {}
+    for r in sorted(rows, key=lambda r: _u64(f"order:{r['id']}")):
+        strata.setdefault((str(r["domain"]), str(r["split"])), []).append(r)
+    order: list[tuple[float, int, dict[str, object]]] = []
+    for (domain, split), members in strata.items():
+        weight = PREFIX_MIX[domain] * PREFIX_MIX[split]
+        order += [((j + 0.5) / weight, _u64(f"order:{r['id']}"), r)
+                  for j, r in enumerate(members)]
+    rows = [r for _, _, r in sorted(order, key=lambda o: o[:2])]
     # Key order of the documented format first, provenance after.
     return [{k: r[k] for k in ("id", "domain", "split", "text", "source", "line")} for r in rows]
 

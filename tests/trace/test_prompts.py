@@ -34,6 +34,14 @@ def test_shipped_prompt_set_shape():
     assert all(128 <= len(p.text) <= 512 for p in prompts)
 
 
+def test_shipped_prefixes_are_balanced():
+    """`trace --limit N` takes a prefix: it mixes domains 1:1 and splits 60/20/20."""
+    first = Counter((p.domain, p.split) for p in read_prompt_file(SHIPPED)[:100])
+    for domain in ("code", "prose"):
+        assert (first[(domain, "train")], first[(domain, "validation")],
+                first[(domain, "test")]) == (30, 10, 10)
+
+
 def test_shipped_splits_are_grouped_by_source_file():
     splits: dict[str, set[str]] = defaultdict(set)
     for line in SHIPPED.read_text().splitlines():
