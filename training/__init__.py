@@ -1,0 +1,1 @@
+"""Recipe that builds the two shipped tiny MoE models (corpus, tokenizer, training, card)."""

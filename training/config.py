@@ -1,0 +1,148 @@
+"""The training configuration: one frozen dataclass, TOML files that change defaults, and
+``--key=value`` overrides checked against the dataclass.
+
+Every override or TOML key is checked: an unknown key or a value of the wrong type is a
+``ConfigError`` whose one-line message names the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+ARCHS = ("mixtral", "qwen3moe")
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- identity / output -------------------------------------------------------------
+    name: str = "tiny-mixtral"  # output dir models/<name>/ and GGUF general.name
+    arch: str = "mixtral"  # HF family: "mixtral" (GGUF arch llama) or "qwen3moe"
+    out_root: str = "models"  # parent of the output dir; tests point it at a tmp dir
+
+    # --- corpus / tokenizer ------------------------------------------------------------
+    vocab_size: int = 3072  # small BPE: big enough for code idioms, keeps embeddings cheap
+    code_max_bytes: int = 3_000_000  # cap on training code: ~1 M tokens, more than one run
+    # reads, and keeps tokenizer training + tokenization to a few seconds
+    prose_fraction: float = 0.35  # share of batch rows drawn from prose (~5 % of bytes):
+    # upsampling so the prose domain is learned, not drowned by code
+
+    # --- model shape -------------------------------------------------------------------
+    n_layer: int = 8  # >= 8 so there are "early", "middle" and "late" layers to study
+    n_embd: int = 160  # hidden size; with the FFN width this keeps the f32 GGUF < 40 MB
+    n_head: int = 4  # attention heads (head_dim below times n_head may differ from n_embd)
+    n_kv_head: int = 2  # grouped-query attention like the real models (GGUF head_count_kv)
+    head_dim: int = 40  # per-head width; rope.dimension_count in the GGUF
+    n_expert: int = 8  # experts per MoE layer (GGUF expert_count)
+    n_expert_used: int = 2  # top-k routing (GGUF expert_used_count)
+    expert_ff: int = 192  # expert FFN width (GGUF expert_feed_forward_length)
+    rope_theta: float = 10000.0  # short contexts: the classic base is plenty
+    rms_eps: float = 1e-5  # RMSNorm epsilon, written to the GGUF as-is
+    router_aux_loss_coef: float = 0.02  # load-balancing loss weight: no dead experts
+    context_length: int = 1024  # GGUF context_length; > seq_len so traces can be longer
+
+    # --- optimisation ------------------------------------------------------------------
+    seq_len: int = 256  # training window in tokens
+    batch_size: int = 8  # windows per step: 2k tokens per step fits the 2-core budget
+    max_steps: int = 500  # sized from measured steps/s so a run takes ~10-12 min
+    lr: float = 3e-3  # peak AdamW LR; tiny models tolerate (and need) a high LR
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 40  # linear warmup, then cosine decay
+    weight_decay: float = 0.1  # on matrices only (not norms / router-free vectors)
+    beta2: float = 0.95  # AdamW beta2: the usual LM choice for short noisy runs
+    grad_clip: float = 1.0  # global grad-norm clip: stabilises early routing
+    seed: int = 1234  # torch + numpy seed: the same command gives the same model
+    threads: int = 2  # torch.set_num_threads: the box has 2 cores
+    experts_impl: str = "eager"  # transformers experts kernel; eager is fastest on CPU here
+
+    # --- evaluation / logging ----------------------------------------------------------
+    eval_every: int = 100  # steps between validation-loss evaluations
+    eval_tokens: int = 32768  # validation tokens per domain (fixed windows, same each time)
+    stats_tokens: int = 32768  # held-out tokens per domain for the routing statistics
+    log_every: int = 10  # steps between progress log lines
+
+    def validate(self) -> TrainConfig:
+        """Check cross-field constraints; returns self so it can be chained."""
+        checks = [
+            (self.arch in ARCHS, f"arch: expected one of {ARCHS}, got {self.arch!r}"),
+            (0 < self.n_expert_used <= self.n_expert,
+             f"n_expert_used: expected 1..n_expert={self.n_expert}, got {self.n_expert_used}"),
+            (self.n_head % self.n_kv_head == 0,
+             f"n_kv_head: expected a divisor of n_head={self.n_head}, got {self.n_kv_head}"),
+            (self.head_dim % 2 == 0, f"head_dim: expected an even int, got {self.head_dim}"),
+            (0.0 <= self.prose_fraction <= 1.0,
+             f"prose_fraction: expected a float in [0, 1], got {self.prose_fraction}"),
+            (self.warmup_steps < self.max_steps,
+             f"warmup_steps: expected < max_steps={self.max_steps}, got {self.warmup_steps}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+
+def _field_types() -> dict[str, type]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce_str(key: str, raw: str, typ: type) -> object:
+    """Parse a command-line string into the field's type."""
+    try:
+        if typ is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return typ(raw)
+    except ValueError:
+        raise ConfigError(f"--{key}: expected {typ.__name__}, got {raw!r}") from None
+
+
+def _check_toml_value(where: str, key: str, value: object, typ: type) -> object:
+    ok = (
+        isinstance(value, bool) if typ is bool
+        else isinstance(value, int) and not isinstance(value, bool) if typ is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if typ is float
+        else isinstance(value, typ)
+    )
+    if not ok:
+        raise ConfigError(f"{where}: {key}: expected {typ.__name__}, got {value!r}")
+    return float(value) if typ is float else value
+
+
+def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Defaults, then the TOML file (if any), then ``--key=value`` overrides."""
+    types = _field_types()
+    values: dict[str, object] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from None
+        for key, value in data.items():
+            if key not in types:
+                raise ConfigError(f"{path}: unknown key {key!r}; valid keys: {', '.join(types)}")
+            values[key] = _check_toml_value(str(path), key, value, types[key])
+    for arg in overrides:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"{arg!r}: expected --key=value")
+        key, raw = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in types:
+            raise ConfigError(f"--{key}: unknown config key; valid keys: {', '.join(types)}")
+        values[key] = _coerce_str(key, raw, types[key])
+    return TrainConfig(**values).validate()
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, object]:
+    return dataclasses.asdict(cfg)
