@@ -91,7 +91,11 @@ def simulate(experts: np.ndarray, policy: str | Policy, capacity_bytes: int,
     t_len, n_l, _ = experts.shape
     n_e = int(n_expert if n_expert is not None else experts.max(initial=0) + 1)
     sizes = _sizes(expert_bytes, n_l)
-    policy = Policy(policy)
+    try:
+        policy = Policy(policy)
+    except ValueError:
+        raise ExpertPredError(f"cache policy {policy!r}: expected one of "
+                              f"{', '.join(p.value for p in Policy)}") from None
     if policy is Policy.PREDICTIVE and prefetch is None:
         raise ExpertPredError("predictive cache policy needs a prefetch plan")
     keys = np.where(experts >= 0, np.arange(n_l)[None, :, None] * n_e + experts, -1)

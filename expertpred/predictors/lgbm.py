@@ -66,18 +66,18 @@ class LightGBMPredictor(Predictor, name="lightgbm"):
         models: list[str] = []
         consts = np.full((len(groups), e), np.nan, dtype=np.float32)
         for gi, g in enumerate(groups):
-            rows = slice(None) if g < 0 else data.layer == g
-            x, y = x_all[rows], y_all[rows]
-            ds = lgb.Dataset(x, label=y[:, 0], categorical_feature=[0] if g < 0 else "auto",
+            x, y = (x_all, y_all) if g < 0 else (x_all[data.layer == g], y_all[data.layer == g])
+            y = np.ascontiguousarray(y.T)  # (E, n): one contiguous label row per expert
+            ds = lgb.Dataset(x, label=y[0], categorical_feature=[0] if g < 0 else "auto",
                              params={"max_bin": 63, "verbose": -1},
                              free_raw_data=False).construct()
             for j in range(e):
-                pos = float(y[:, j].sum())
-                if pos < 2 or pos > len(y) - 2:  # (almost) constant label: no booster
-                    consts[gi, j] = np.log((pos + 0.5) / (len(y) - pos + 0.5))
+                pos, n = float(y[j].sum()), y.shape[1]
+                if pos < 2 or pos > n - 2:  # (almost) constant label: no booster
+                    consts[gi, j] = np.log((pos + 0.5) / (n - pos + 0.5))
                     models.append("")
                     continue
-                ds.set_label(y[:, j])
+                ds.set_label(y[j])
                 b = lgb.train(self._params(), ds, num_boost_round=self.n_estimators)
                 models.append(b.model_to_string())
         self.groups_ = np.asarray(groups, dtype=np.int64)
