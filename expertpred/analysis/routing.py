@@ -377,14 +377,17 @@ def reuse_histogram(experts: np.ndarray, seq_id: np.ndarray, pos: np.ndarray,
     width = max_distance + 2
     if n == 0:
         return np.zeros((n_layer, width), dtype=np.int64)
+    # one stable sort by (layer, sequence, expert) keeps each group in row (= pos) order
+    _, seq_rank = np.unique(seq_id, return_inverse=True)
+    n_seq = int(seq_rank.max()) + 1
     row = np.repeat(np.arange(n), n_layer * k)
-    layer = np.tile(np.repeat(np.arange(n_layer), k), n)
-    e = experts.reshape(-1).astype(np.int64)
-    sid, p = seq_id[row], pos[row]
-    order = np.lexsort((p, e, sid, layer))
-    layer, e, sid, p = layer[order], e[order], sid[order], p[order]
+    layer = np.tile(np.repeat(np.arange(n_layer, dtype=np.int64), k), n)
+    width_e = int(experts.max()) + 1
+    group = (layer * n_seq + seq_rank[row]) * width_e + experts.reshape(-1)
+    order = np.argsort(group, kind="stable")
+    group, layer, p = group[order], layer[order], np.asarray(pos)[row[order]]
     same = np.zeros(len(order), dtype=bool)
-    same[1:] = (layer[1:] == layer[:-1]) & (sid[1:] == sid[:-1]) & (e[1:] == e[:-1])
+    same[1:] = group[1:] == group[:-1]
     dist = np.zeros(len(order), dtype=np.int64)
     dist[1:] = p[1:] - p[:-1]
     bucket = np.where(same, np.minimum(dist, max_distance + 1), 0)
@@ -571,6 +574,15 @@ def routing_summary(data: RoutingData, max_distance: int = 64) -> dict[str, Any]
     h_next = entropy_bits(trans.sum(axis=-2)) if len(trans) else np.zeros(0)
     mi = mutual_information(trans) if len(trans) else np.zeros(0)
     popular_next = (topn_coverage(counts[1:], k) if len(trans) else np.zeros(0))
+    # what independent tokens with this usage would show (the same for decode-only pairs)
+    baselines = {
+        "first_uniform": uniform_first_baseline(n_expert),
+        "any_uniform": uniform_any_baseline(n_expert, k),
+        "overlap_uniform": k / n_expert,
+        "first_independent": independent_first_baseline(first_counts),
+        "any_independent": independent_any_baseline(x, n_expert),
+        "overlap_independent": independent_overlap_baseline(counts, data.n_tokens, k),
+    }
     return {
         "n_tokens": data.n_tokens,
         "n_sequences": data.n_sequences,
@@ -589,10 +601,8 @@ def routing_summary(data: RoutingData, max_distance: int = 64) -> dict[str, Any]
             # relative standard error of a share under uniform routing: sampling noise
             "share_noise": math.sqrt(n_expert / max(data.n_tokens * k, 1)),
         },
-        "locality": _locality_dict(loc, x, pairs, counts, first_counts, data.n_tokens,
-                                   n_expert, k),
-        "locality_decode": _locality_dict(loc_dec, x, decode_pairs, counts, first_counts,
-                                          data.n_tokens, n_expert, k),
+        "locality": _locality_dict(loc, baselines),
+        "locality_decode": _locality_dict(loc_dec, baselines),
         "reuse": {
             "max_distance": max_distance,
             "hist": hist,  # columns: cold, d=1..max_distance, > max_distance
@@ -621,21 +631,9 @@ def routing_summary(data: RoutingData, max_distance: int = 64) -> dict[str, Any]
     }
 
 
-def _locality_dict(loc: Locality, x: np.ndarray, pairs: np.ndarray, counts: np.ndarray,
-                   first_counts: np.ndarray, n_tokens: int, n_expert: int,
-                   k: int) -> dict[str, Any]:
-    return {
-        "n_pairs": loc.n_pairs,
-        "first": loc.first,
-        "any": loc.any,
-        "overlap": loc.overlap,
-        "first_uniform": uniform_first_baseline(n_expert),
-        "any_uniform": uniform_any_baseline(n_expert, k),
-        "overlap_uniform": k / n_expert,
-        "first_independent": independent_first_baseline(first_counts),
-        "any_independent": independent_any_baseline(x, n_expert),
-        "overlap_independent": independent_overlap_baseline(counts, n_tokens, k),
-    }
+def _locality_dict(loc: Locality, baselines: dict[str, Any]) -> dict[str, Any]:
+    return {"n_pairs": loc.n_pairs, "first": loc.first, "any": loc.any,
+            "overlap": loc.overlap, **baselines}
 
 
 def domain_divergence(data: RoutingData) -> dict[str, Any]:
