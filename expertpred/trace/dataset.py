@@ -79,6 +79,10 @@ META_MODEL_SHA = b"expertpred.model_sha256"
 META_SEQUENCES = b"expertpred.sequences"
 
 NESTED_COLUMNS = ("experts", "weights", "logits", "hidden")
+# float32 columns are stored BYTE_STREAM_SPLIT (exponent bytes together): ~10% smaller with
+# zstd on router logits; pyarrow, duckdb, polars and HF datasets all read it. Not float16
+# ("hidden"): duckdb reads BYTE_STREAM_SPLIT only for FLOAT/DOUBLE/INT32/INT64.
+FLOAT_COLUMNS = ("weights", "logits")
 SCALAR_COLUMNS = ("seq_id", "prompt_id", "domain", "split", "pos", "token", "phase")
 ALL_COLUMNS = SCALAR_COLUMNS + NESTED_COLUMNS
 _NUMPY_DTYPES = {
@@ -248,6 +252,11 @@ def trace_schema(n_moe_layer: int, n_expert_used: int, n_expert: int,
         fields.append(pa.field("hidden", _nested(pa.float16(), n_moe_layer, hidden_dim),
                                nullable=False))
     return pa.schema(fields)
+
+
+def _leaf(name: str) -> str:
+    """Parquet leaf path of a nested column (what per-column writer options name)."""
+    return f"{name}.list.element.list.element"
 
 
 def _nested_array(arr: np.ndarray, typ: pa.DataType) -> pa.FixedSizeListArray:
@@ -746,7 +755,9 @@ class TraceWriter:
                 hw = _HashingWriter(f)
                 pq.write_table(table, hw, compression=self.compression,
                                row_group_size=self._row_group_rows(table),
-                               use_dictionary=["prompt_id", "domain", "split"])
+                               use_dictionary=["prompt_id", "domain", "split"],
+                               use_byte_stream_split=[_leaf(n) for n in FLOAT_COLUMNS
+                                                      if n in table.column_names])
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
