@@ -338,6 +338,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _manifest_json(m: dict[str, Any]) -> str:
+    """Indented JSON, but one compact line per shard (seq_id lists stay readable)."""
+    head = json.dumps({k: v for k, v in m.items() if k != "shards"}, indent=1,
+                      ensure_ascii=False)
+    shards = ",\n".join("  " + json.dumps(s, ensure_ascii=False) for s in m["shards"])
+    return head[:-2] + ',\n "shards": [\n' + shards + "\n ]\n}\n"
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -779,7 +787,7 @@ class TraceWriter:
         m["totals"] = {"rows": sum(s.rows for s in self._shards),
                        "sequences": sum(len(s.seq_ids) for s in self._shards),
                        "bytes": sum(s.bytes for s in self._shards)}
-        data = (json.dumps(m, indent=1, ensure_ascii=False) + "\n").encode()
+        data = _manifest_json(m).encode()
         try:
             _atomic_write_bytes(self.out_dir / MANIFEST_NAME, data)
         except OSError as exc:
