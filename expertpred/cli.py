@@ -274,6 +274,58 @@ def widen(
 
 
 
+_OVERRIDABLE = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command("train", context_settings=_OVERRIDABLE)
+def train_cmd(
+    ctx: typer.Context,
+    config: Path = typer.Option(None, "--config", help="training/configs/predictors-*.toml"),
+) -> None:
+    """Fit next-layer expert predictors on a trace dataset's train split and save them to
+    <out>/models. Any --key=value overrides a config field (checked against it)."""
+    from .train import load_config, train
+
+    cfg = load_config(config, ctx.args)
+    fitted, paths = train(cfg)
+    t = Table(title=f"predictors fitted ({cfg.dataset or 'synthetic traces'})", box=box.SIMPLE)
+    t.add_column("predictor")
+    for d in cfg.offsets:
+        t.add_column(f"d={d} fit s", justify="right")
+    for name, secs in fitted.fit_seconds.items():
+        t.add_row(name, *[f"{secs[d]:.2f}" if d in secs else "–" for d in cfg.offsets])
+    console.print(t)
+    for name, why in fitted.skipped.items():
+        console.print(f"skipped {name}: {why}")
+    console.print(f"training rows per d: {fitted.train_rows}; saved {len(paths)} files to "
+                  f"{Path(cfg.out) / 'models'}")
+
+
+@app.command("evaluate", context_settings=_OVERRIDABLE)
+def evaluate_cmd(
+    ctx: typer.Context,
+    config: Path = typer.Option(None, "--config", help="training/configs/predictors-*.toml"),
+    models: Path = typer.Option(None, "--models",
+                                help="Saved predictors (expertpred train); default: fit here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Score predictors (recall / precision / exact set per d and layer, in- and cross-domain)
+    and simulate an expert cache; writes report.json and plots to <out>. --key=value
+    overrides a config field."""
+    from .evaluate import evaluate, report_tables, write_report
+    from .train import load_config
+
+    cfg = load_config(config, ctx.args)
+    report = evaluate(cfg, models_dir=models)
+    paths = write_report(report, cfg.out, plots=cfg.plots)
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    for t in report_tables(report):
+        console.print(t)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -250,13 +250,20 @@ def sequence_features(trace: SequenceTrace, model: ModelInfo, config: FeatureCon
 
 def iter_feature_batches(sequences: Iterable[SequenceTrace], model: ModelInfo,
                          config: FeatureConfig, max_rows: int = 1 << 16,
-                         with_targets: bool = True) -> Iterator[FeatureBatch]:
-    """Stream examples in batches of about ``max_rows`` rows (whole sequences per batch)."""
+                         with_targets: bool = True,
+                         phase: int | None = None) -> Iterator[FeatureBatch]:
+    """Stream examples in batches of about ``max_rows`` rows (whole sequences per batch).
+
+    ``phase``: keep only the rows of tokens in that :class:`Phase` (features still see the
+    whole sequence, e.g. the prompt's last token as the first decode token's previous one).
+    """
     pending: list[FeatureBatch] = []
     n = 0
     for trace in sequences:
         b = sequence_features(trace, model, config, with_targets=with_targets)
-        if b is None:
+        if b is not None and phase is not None:
+            b = b.take(np.flatnonzero(b.phase == phase))
+        if b is None or len(b) == 0:
             continue
         pending.append(b)
         n += len(b)
@@ -269,7 +276,7 @@ def iter_feature_batches(sequences: Iterable[SequenceTrace], model: ModelInfo,
 
 def build_features(sequences: Iterable[SequenceTrace], model: ModelInfo,
                    config: FeatureConfig, max_rows: int | None = None, seed: int = 0,
-                   with_targets: bool = True) -> FeatureBatch:
+                   with_targets: bool = True, phase: int | None = None) -> FeatureBatch:
     """All examples in memory, or a uniform sample of ``max_rows`` of them.
 
     Sampling is bottom-k over random keys, so memory stays near ``2·max_rows`` rows however
@@ -279,7 +286,8 @@ def build_features(sequences: Iterable[SequenceTrace], model: ModelInfo,
     kept: list[FeatureBatch] = []
     keys: list[np.ndarray] = []
     n = 0
-    for b in iter_feature_batches(sequences, model, config, with_targets=with_targets):
+    for b in iter_feature_batches(sequences, model, config, with_targets=with_targets,
+                                  phase=phase):
         kept.append(b)
         keys.append(rng.random(len(b)))
         n += len(b)

@@ -38,10 +38,10 @@ class SyntheticTraceSpec:
     seq_len: int = 48  # tokens per sequence
     prompt_len: int = 16  # the first tokens are PROMPT phase, the rest DECODE
     vocab: int = 64
-    layer_carry: float = 0.8  # share of the layer below kept in the hidden state
-    token_carry: float = 0.4  # share of the previous token (same layer) kept
-    noise: float = 0.5
-    layer_bias: float = 0.5  # per-layer offset of the hidden state: skews popularity
+    layer_carry: float = 0.9  # share of the layer below kept in the hidden state
+    token_carry: float = 0.3  # share of the previous token (same layer) kept
+    noise: float = 0.3
+    layer_bias: float = 0.2  # per-layer offset of the hidden state: skews popularity
     with_hidden: bool = True
     seed: int = 0
 

@@ -1,0 +1,381 @@
+"""Evaluate the predictor ladder: accuracy per predictor × offset × layer, cache simulation.
+
+Scenarios (splits by prompt, never by token):
+
+- ``in-domain``: train split (all domains) → test split (all domains);
+- ``code→prose`` / ``prose→code`` (``cross_domain``): train split of one domain → test split
+  of the other.
+
+For every scenario, offset ``d`` and predictor: recall@k, precision@k and exact-set hit rate
+for ``k = n_expert_used`` and ``2·n_expert_used``, overall and per target layer. Then, on the
+in-domain test tokens in execution order, an expert cache of 10/25/50% of all expert bytes
+under LRU, LFU, Belady-MIN and predictive prefetch (LRU + the chosen predictor's top-k for
+the next layers; the oracle as its ceiling).
+
+:func:`evaluate` returns a JSON-able report; :func:`write_report` writes ``report.json`` and
+the plots; :func:`report_tables` builds rich tables for the CLI to print.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cachesim import prefetch_plan, simulate
+from .errors import ExpertPredError
+from .features import FeatureBatch, FeatureConfig, build_features
+from .metrics import exact_set_hit, grouped_mean, nanmean, precision_at_k, recall_at_k
+from .predictors import Predictor
+from .train import (
+    FitResult,
+    PredictorsConfig,
+    TraceSource,
+    config_dict,
+    fit_all,
+    load_all,
+    open_source,
+    phase_value,
+)
+
+log = logging.getLogger(__name__)
+
+LEARNED = ("lightgbm", "mlp")
+NOT_BASELINES = ("lightgbm", "mlp", "oracle")
+
+
+def _clean(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def score_predictions(top: np.ndarray, x: FeatureBatch, ks: Sequence[int]) -> list[dict]:
+    """Metrics of ranked predictions ``top`` (n, >= max(ks)) against ``x.targets``."""
+    out = []
+    n_l = x.model.n_moe
+    tl = x.target_layer
+    for k in ks:
+        rec = recall_at_k(top, x.targets, k)
+        out.append({
+            "k": int(k), "n_rows": len(x),
+            "recall": _clean(nanmean(rec)),
+            "precision": _clean(nanmean(precision_at_k(top, x.targets, k))),
+            "exact": _clean(nanmean(exact_set_hit(top, x.targets, k))),
+            "recall_per_layer": [_clean(v) for v in grouped_mean(rec, tl, n_l)],
+        })
+    return out
+
+
+def _scenarios(cfg: PredictorsConfig, source: TraceSource) -> list[tuple[str, list, list]]:
+    sc = [("in-domain", source.select(split="train"), source.select(split="test"))]
+    if cfg.cross_domain:
+        for a, b in (("code", "prose"), ("prose", "code")):
+            tr, te = source.select("train", a), source.select("test", b)
+            if tr and te:
+                sc.append((f"{a}→{b}", tr, te))
+            else:
+                log.warning("cross-domain %s→%s skipped: no sequences of one domain", a, b)
+    return sc
+
+
+def evaluate(cfg: PredictorsConfig, models_dir: str | os.PathLike[str] | None = None,
+             source: TraceSource | None = None) -> dict[str, Any]:
+    """Run every scenario; with ``models_dir``, in-domain uses the saved predictors."""
+    source = source or open_source(cfg)
+    model = source.model
+    k = model.n_expert_used
+    ks = (k, min(2 * k, model.n_expert))
+    report: dict[str, Any] = {
+        "config": config_dict(cfg), "source": source.description, "model": model.to_dict(),
+        "scenarios": [],
+    }
+    in_domain: FitResult | None = None
+    for name, train_ids, test_ids in _scenarios(cfg, source):
+        if not test_ids:
+            raise ExpertPredError(f"{source.description}: no test sequences for {name}")
+        if name == "in-domain" and models_dir is not None:
+            fitted = FitResult(predictors=load_all(models_dir, model, cfg.predictors,
+                                                   cfg.offsets))
+            if not fitted.predictors:
+                raise ExpertPredError(f"{models_dir}: no saved predictors of "
+                                      f"{', '.join(cfg.predictors)}")
+        else:
+            fitted = fit_all(cfg, source, train_ids)
+        if name == "in-domain":
+            in_domain = fitted
+        rows = []
+        for d in cfg.offsets:
+            x = build_features(source.sequences(test_ids), model,
+                               FeatureConfig(d=d, history_decay=cfg.history_decay),
+                               phase=phase_value(cfg.eval_phase))
+            for pname, by_d in fitted.predictors.items():
+                if d not in by_d:
+                    continue
+                top = by_d[d].predict_topk(x, max(ks))
+                for m in score_predictions(top, x, ks):
+                    rows.append({"predictor": pname, "d": d, **m})
+        report["scenarios"].append({
+            "name": name, "n_train_seqs": len(train_ids), "n_test_seqs": len(test_ids),
+            "train_rows": {str(d): n for d, n in fitted.train_rows.items()},
+            "fit_seconds": {p: {str(d): s for d, s in v.items()}
+                            for p, v in fitted.fit_seconds.items()},
+            "skipped": fitted.skipped, "results": rows,
+        })
+    assert in_domain is not None
+    report["cache"] = cache_report(cfg, source, in_domain, source.select(split="test"))
+    report["goals"] = goals(report, cfg)
+    return report
+
+
+def _expert_bytes(source: TraceSource) -> np.ndarray:
+    """Bytes of one expert per MoE layer, from the GGUF (1 each without a model file)."""
+    if source.gguf_path:
+        from .layout import read_layout
+
+        lay = read_layout(source.gguf_path)
+        return lay.nbytes.sum(axis=2)[:, 0].astype(np.int64)
+    return np.ones(source.model.n_moe, dtype=np.int64)
+
+
+def cache_report(cfg: PredictorsConfig, source: TraceSource, fitted: FitResult,
+                 test_ids: Sequence[int]) -> dict[str, Any]:
+    """Hit rate and bytes per token of each cache policy on the test tokens, per budget."""
+    model = source.model
+    keep = phase_value(cfg.eval_phase)
+    # 1. the access stream: test sequences one after another, tokens in order
+    index: dict[tuple[int, int], int] = {}
+    chunks = []
+    for t in source.sequences(test_ids):
+        pos = np.arange(t.n_tokens) if keep is None else np.flatnonzero(t.phase == keep)
+        for p in pos.tolist():
+            index[(t.seq_id, p)] = len(index)
+        chunks.append(t.experts[pos])
+    experts = np.concatenate(chunks).astype(np.int64)
+    t_len, n_l, k = experts.shape
+    pk = cfg.cache_prefetch_k or k
+    sizes = _expert_bytes(source)
+    total = int(sizes.sum()) * model.n_expert
+
+    # 2. prefetch plans: predicted top-k for l+1..l+depth at every (token, layer)
+    def plan_for(by_d: dict[int, Predictor]) -> np.ndarray | None:
+        predicted = {}
+        for d in range(1, cfg.cache_depth + 1):
+            if d not in by_d:
+                return None
+            x = build_features(source.sequences(test_ids), model,
+                               FeatureConfig(d=d, history_decay=cfg.history_decay), phase=keep)
+            top = by_d[d].predict_topk(x, pk)
+            arr = np.full((t_len, n_l, pk), -1, dtype=np.int64)
+            g = np.array([index[(s, p)] for s, p in zip(x.seq.tolist(), x.position.tolist())])
+            arr[g, x.layer.astype(np.int64)] = top
+            predicted[d] = arr
+        return prefetch_plan(predicted, model.n_expert, experts=experts, wrap=cfg.cache_depth)
+
+    plans: dict[str, np.ndarray] = {}
+    for pname in dict.fromkeys([cfg.cache_predictor, "oracle"]):
+        if pname in fitted.predictors:
+            plan = plan_for(fitted.predictors[pname])
+            if plan is not None:
+                plans[pname] = plan
+    results = []
+    for b in cfg.cache_budgets:
+        cap = int(b * total)
+        for pol in ("lru", "lfu", "belady"):
+            r = simulate(experts, pol, cap, sizes, model.n_expert)
+            results.append({"budget": b, **r.to_dict()})
+        for pname, plan in plans.items():
+            r = simulate(experts, "predictive", cap, sizes, model.n_expert, prefetch=plan)
+            results.append({"budget": b, **r.to_dict(), "policy": f"predictive:{pname}"})
+    return {"n_tokens": t_len, "expert_bytes_total": total, "prefetch_k": pk,
+            "depth": cfg.cache_depth, "results": results}
+
+
+def _recall_table(report: dict[str, Any], scenario: str, k: int) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for sc in report["scenarios"]:
+        if sc["name"] != scenario:
+            continue
+        for r in sc["results"]:
+            if r["k"] == k and r["recall"] is not None:
+                out.setdefault(r["predictor"], {})[r["d"]] = r["recall"]
+    return out
+
+
+def goals(report: dict[str, Any], cfg: PredictorsConfig) -> dict[str, Any]:
+    """The issue's measured goals, each with the numbers that decide it."""
+    k = report["model"]["n_expert_used"]
+    rec = _recall_table(report, "in-domain", k)
+    baselines = {p: v for p, v in rec.items() if p not in NOT_BASELINES}
+    out: dict[str, Any] = {}
+    for p in LEARNED:
+        if p not in rec:
+            continue
+        margins = {}
+        for d in cfg.offsets:
+            best = max((v[d] for v in baselines.values() if d in v), default=float("nan"))
+            margins[d] = rec[p].get(d, float("nan")) - best
+        out[f"{p} beats every baseline at every d"] = {
+            "met": all(m > 0 for m in margins.values()),
+            "margin_by_d": {str(d): _clean(m) for d, m in margins.items()}}
+    best1 = max(((p, rec[p][1]) for p in LEARNED if p in rec and 1 in rec[p]),
+                key=lambda t: t[1], default=None)
+    if best1 is not None:
+        out["d=1 recall@k >= 0.95"] = {"met": best1[1] >= 0.95, "predictor": best1[0],
+                                       "value": best1[1]}
+    cache = {(r["policy"], r["budget"]): r["hit_rate"] for r in report["cache"]["results"]}
+    pred = cache.get((f"predictive:{cfg.cache_predictor}", 0.25))
+    lru = cache.get(("lru", 0.25))
+    if pred is not None and lru is not None:
+        out["predictive hit rate at 25% >= 0.90 and >= LRU + 0.20"] = {
+            "met": pred >= 0.90 and pred - lru >= 0.20, "predictive": pred, "lru": lru,
+            "predictor": cfg.cache_predictor}
+    return out
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str],
+                 plots: bool = True) -> list[Path]:
+    """Write ``report.json`` (and the plots) into ``out_dir``; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.json"
+    path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    written = [path]
+    if plots:
+        written += write_plots(report, out)
+    return written
+
+
+def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
+    """recall vs d per predictor; per-layer recall heatmaps; cache hit rate vs budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = report["model"]["n_expert_used"]
+    paths = []
+    # 1. recall@k vs d, one line per predictor, one panel per scenario
+    scen = [s["name"] for s in report["scenarios"]]
+    fig, axes = plt.subplots(1, len(scen), figsize=(5 * len(scen), 4), squeeze=False)
+    for ax, name in zip(axes[0], scen):
+        for p, by_d in sorted(_recall_table(report, name, k).items()):
+            ds = sorted(by_d)
+            ax.plot(ds, [by_d[d] for d in ds], marker="o", label=p)
+        ax.set(title=name, xlabel="target offset d", ylabel=f"recall@{k}", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    paths.append(out / "recall_vs_d.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # 2. per-layer recall heatmap (in-domain), one panel per d
+    sc = report["scenarios"][0]
+    offsets = sorted({r["d"] for r in sc["results"]})
+    preds = sorted({r["predictor"] for r in sc["results"]})
+    n_l = len(report["model"]["moe_layers"])
+    fig, axes = plt.subplots(1, len(offsets), figsize=(3.2 * len(offsets) + 1, 0.35 *
+                             len(preds) + 1.5), squeeze=False)
+    for ax, d in zip(axes[0], offsets):
+        grid = np.full((len(preds), n_l), np.nan)
+        for r in sc["results"]:
+            if r["d"] == d and r["k"] == k:
+                grid[preds.index(r["predictor"])] = [np.nan if v is None else v
+                                                     for v in r["recall_per_layer"]]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set(title=f"d={d}", xlabel="target layer")
+        ax.set_yticks(range(len(preds)), preds if d == offsets[0] else [""] * len(preds),
+                      fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), label=f"recall@{k}")
+    paths.append(out / "recall_per_layer.png")
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    # 3. cache hit rate vs budget
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    res = report["cache"]["results"]
+    for pol in dict.fromkeys(r["policy"] for r in res):
+        pts = sorted((r["budget"], r["hit_rate"]) for r in res if r["policy"] == pol)
+        ax.plot([100 * b for b, _ in pts], [h for _, h in pts], marker="o", label=pol)
+    ax.set(xlabel="cache budget (% of expert bytes)", ylabel="hit rate", ylim=(0, 1.02),
+           title="expert cache")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "cache_hit_rate.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def report_tables(report: dict[str, Any]) -> list[Any]:
+    """rich Tables: accuracy (predictor × d × metric) per scenario, cache, goals."""
+    from rich.table import Table
+
+    k = report["model"]["n_expert_used"]
+    tables = []
+    for sc in report["scenarios"]:
+        t = Table(title=f"{sc['name']}: {sc['n_train_seqs']} train → {sc['n_test_seqs']} test "
+                        "sequences")
+        t.add_column("predictor")
+        t.add_column("d", justify="right")
+        for kk in (k, 2 * k):
+            for m in ("recall", "precision", "exact"):
+                t.add_column(f"{m}@{kk}", justify="right")
+        by: dict[tuple[str, int], dict[int, dict]] = {}
+        for r in sc["results"]:
+            by.setdefault((r["predictor"], r["d"]), {})[r["k"]] = r
+        order = {p: i for i, p in enumerate(report["config"]["predictors"])}
+        for (p, d), rk in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 99),
+                                                             kv[0][1])):
+            cells = []
+            for kk in sorted(rk):
+                cells += [_fmt(rk[kk][m]) for m in ("recall", "precision", "exact")]
+            t.add_row(p, str(d), *cells)
+        tables.append(t)
+    c = report["cache"]
+    t = Table(title=f"expert cache on {c['n_tokens']} test tokens (hit rate / bytes read per "
+                    "token)")
+    t.add_column("policy")
+    budgets = sorted({r["budget"] for r in c["results"]})
+    for b in budgets:
+        t.add_column(f"{100 * b:.0f}%", justify="right")
+    cell = {(r["policy"], r["budget"]): r for r in c["results"]}
+    for pol in dict.fromkeys(r["policy"] for r in c["results"]):
+        t.add_row(pol, *[f"{cell[(pol, b)]['hit_rate']:.3f} / "
+                         f"{_human(cell[(pol, b)]['bytes_per_token'])}" for b in budgets])
+    tables.append(t)
+    g = Table(title="goals")
+    g.add_column("goal")
+    g.add_column("met")
+    g.add_column("numbers")
+    for name, v in report["goals"].items():
+        nums = {kk: vv for kk, vv in v.items() if kk != "met"}
+        g.add_row(name, "yes" if v["met"] else "NO", json.dumps(_round(nums)))
+    tables.append(g)
+    return tables
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _round(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 3)
+    if isinstance(v, dict):
+        return {k: _round(x) for k, x in v.items()}
+    return v
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)

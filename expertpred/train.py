@@ -1,0 +1,354 @@
+"""Training recipe for next-layer expert predictors: config, trace selection, fit and save.
+
+A recipe is a frozen :class:`PredictorsConfig`; TOML files in ``training/configs/
+predictors-*.toml`` only change its defaults, and ``--key=value`` overrides are checked
+against it (unknown key or wrong type → one-line :class:`ExpertPredError`).
+
+Splits are by prompt, never by token: every sequence belongs to the split its prompt has in
+the prompt file (the dataset's ``split`` column); cross-domain runs train on one domain and
+test on the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import tomllib
+import typing
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ExpertPredError
+from .features import FeatureConfig, ModelInfo, build_features
+from .predictors import Predictor, available, make_predictor
+from .trace.record import Phase, SequenceTrace
+
+log = logging.getLogger(__name__)
+
+LADDER = ("random", "popularity", "transition", "previous-token", "previous-token+transition",
+          "gate-lookahead", "lightgbm", "mlp", "oracle")
+
+
+@dataclass(frozen=True)
+class PredictorsConfig:
+    """Everything a train / evaluate run depends on; the defaults are the reference recipe."""
+
+    # --- data
+    dataset: str = ""  # trace dataset directory; "" = synthetic traces (development only)
+    gguf: str = ""  # model file for gate-lookahead and cache sizes; "" = manifest's model path
+    synthetic_seqs: int = 120  # sequences of the synthetic trace set when dataset = ""
+    train_phase: str = "all"  # tokens to train on: "all" or "decode"
+    eval_phase: str = "decode"  # tokens to score: "decode" (what prefetch serves) or "all"
+    # --- predictors
+    predictors: tuple[str, ...] = LADDER
+    offsets: tuple[int, ...] = (1, 2, 3, 4)  # target layer offsets d
+    history_decay: float = 0.5  # decay of the earlier-tokens history feature
+    max_train_rows: int = 200_000  # uniform sample of training rows per offset (memory bound)
+    seed: int = 0
+    # --- learned models
+    lgb_shared: bool = True  # one booster per expert for all layers (vs one per layer)
+    lgb_rounds: int = 40
+    lgb_leaves: int = 15
+    lgb_max_rows: int = 60_000
+    mlp_hidden: int = 256
+    mlp_epochs: int = 12
+    mlp_lr: float = 2e-3
+    mlp_loss: str = "bce"  # "bce" or "softmax"
+    mlp_use_hidden: bool = True
+    # --- evaluation
+    cross_domain: bool = True  # also train code → test prose and prose → code
+    cache_budgets: tuple[float, ...] = (0.10, 0.25, 0.50)  # share of all expert bytes
+    cache_predictor: str = "mlp"  # whose top-k the predictive cache prefetches
+    cache_depth: int = 1  # prefetch layers l+1 .. l+cache_depth
+    cache_prefetch_k: int = 0  # experts prefetched per layer; 0 = n_expert_used
+    plots: bool = True
+    out: str = "runs/predictors"  # models/, report.json and plots land here
+
+    def __post_init__(self) -> None:
+        for name in ("train_phase", "eval_phase"):
+            if getattr(self, name) not in ("all", "decode"):
+                raise ExpertPredError(f"config {name}={getattr(self, name)!r}: expected "
+                                      "'all' or 'decode'")
+        known = available()
+        for p in (*self.predictors, self.cache_predictor):
+            if p not in known:
+                raise ExpertPredError(f"config: unknown predictor {p!r}; known: "
+                                      f"{', '.join(known)}")
+        if not self.offsets or min(self.offsets) < 1:
+            raise ExpertPredError(f"config offsets={list(self.offsets)}: expected d >= 1")
+        for b in self.cache_budgets:
+            if not 0 < b <= 1:
+                raise ExpertPredError(f"config cache_budgets: {b} is not a share in (0, 1]")
+
+
+# --- config loading ---------------------------------------------------------------------------
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(PredictorsConfig)
+
+
+def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
+    """Check / convert one value to the field's type; strings (from the CLI) are parsed."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        inner = typing.get_args(hint)[0]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ExpertPredError(f"{where}: key {key!r} = {value!r}: expected a list of "
+                                  f"{inner.__name__}")
+        return tuple(_coerce(key, v, inner, where) for v in value)
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    name = hint.__name__ if isinstance(hint, type) else str(hint)
+    raise ExpertPredError(f"{where}: key {key!r} = {value!r}: expected {name}")
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: Sequence[str] = ()) -> PredictorsConfig:
+    """Defaults ← TOML file ← ``--key=value`` overrides, each checked against the dataclass."""
+    hints = _hints()
+    values: dict[str, Any] = {}
+
+    def put(key: str, value: Any, where: str) -> None:
+        if key not in hints:
+            raise ExpertPredError(f"{where}: unknown key {key!r}; known: "
+                                  f"{', '.join(sorted(hints))}")
+        values[key] = _coerce(key, value, hints[key], where)
+
+    if path is not None:
+        p = Path(path)
+        try:
+            doc = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ExpertPredError(f"{p}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ExpertPredError(f"{p}: not valid TOML ({exc})") from None
+        for k, v in doc.items():
+            put(k, v, str(p))
+    for item in overrides:
+        body = item[2:] if item.startswith("--") else item
+        if "=" not in body:
+            raise ExpertPredError(f"override {item!r}: expected --key=value")
+        k, v = body.split("=", 1)
+        put(k.strip().replace("-", "_"), v, f"override {item!r}")
+    return PredictorsConfig(**values)
+
+
+def config_dict(cfg: PredictorsConfig) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+# --- trace source -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SeqMeta:
+    seq_id: int
+    prompt_id: str
+    domain: str
+    split: str
+
+
+def _hash_split(prompt_id: str) -> str:
+    """Fallback split by prompt id (70/15/15) when the dataset has none."""
+    r = zlib.crc32(prompt_id.encode()) % 100
+    return "train" if r < 70 else "validation" if r < 85 else "test"
+
+
+@dataclass
+class TraceSource:
+    """Where sequences come from: a trace dataset directory or the synthetic generator."""
+
+    model: ModelInfo
+    meta: list[SeqMeta]
+    gguf_path: str = ""
+    description: str = ""
+    _dataset: Any = None
+    _synthetic: list[SequenceTrace] = field(default_factory=list)
+
+    def select(self, split: str | None = None, domain: str | None = None) -> list[int]:
+        return [m.seq_id for m in self.meta
+                if (split is None or m.split == split) and (domain is None or m.domain == domain)]
+
+    def sequences(self, seq_ids: Sequence[int]) -> Iterator[SequenceTrace]:
+        """The selected sequences, streamed (one dataset shard in memory at a time)."""
+        want = set(seq_ids)
+        if self._dataset is not None:
+            yield from self._dataset.sequences(seq_ids=sorted(want))
+        else:
+            yield from (t for t in self._synthetic if t.seq_id in want)
+
+
+def phase_value(phase: str) -> int | None:
+    """Config phase name → :class:`Phase` value to keep (None = all tokens)."""
+    return None if phase == "all" else int(Phase.DECODE)
+
+
+def open_source(cfg: PredictorsConfig) -> TraceSource:
+    """Open the configured trace dataset (or generate synthetic traces)."""
+    if not cfg.dataset:
+        from .predictors.synthetic import (
+            SyntheticTraceSpec,
+            split_of,
+            synthetic_model,
+            synthetic_traces,
+        )
+
+        spec = SyntheticTraceSpec(n_seq=cfg.synthetic_seqs, n_layer=8, n_expert=16,
+                                  n_expert_used=2, n_embd=32, seq_len=64, prompt_len=24,
+                                  seed=cfg.seed)
+        traces = synthetic_traces(spec)
+        meta = [SeqMeta(t.seq_id, t.prompt_id, t.domain, split_of(t.seq_id)) for t in traces]
+        return TraceSource(model=synthetic_model(spec), meta=meta, gguf_path=cfg.gguf,
+                           description=f"synthetic traces ({len(traces)} sequences)",
+                           _synthetic=traces)
+    from .trace.dataset import TraceDataset
+
+    ds = TraceDataset(cfg.dataset)
+    model = ModelInfo.from_manifest(ds.manifest["model"])
+    meta = []
+    n_hashed = 0
+    for r in ds.sequence_info():
+        split = r.get("split")
+        if split is None:
+            split = _hash_split(str(r["prompt_id"]))
+            n_hashed += 1
+        meta.append(SeqMeta(int(r["seq_id"]), str(r["prompt_id"]),
+                            str(r.get("domain", "unknown")), str(split)))
+    if n_hashed:
+        log.warning("%s: %d sequences without a split; assigned by prompt-id hash",
+                    cfg.dataset, n_hashed)
+    gguf = cfg.gguf or str(ds.manifest["model"].get("path", ""))
+    if gguf and not Path(gguf).is_file():
+        log.warning("model file %s not found: gate-lookahead will be skipped", gguf)
+        gguf = ""
+    return TraceSource(model=model, meta=sorted(meta, key=lambda m: m.seq_id), gguf_path=gguf,
+                       description=f"{cfg.dataset} ({len(meta)} sequences)", _dataset=ds)
+
+
+# --- fitting ----------------------------------------------------------------------------------
+
+def predictor_params(cfg: PredictorsConfig, name: str, gguf_path: str = "") -> dict[str, Any]:
+    """Constructor arguments of predictor ``name`` under ``cfg``."""
+    if name == "lightgbm":
+        return {"shared": cfg.lgb_shared, "n_estimators": cfg.lgb_rounds,
+                "num_leaves": cfg.lgb_leaves, "max_rows": cfg.lgb_max_rows, "seed": cfg.seed}
+    if name == "mlp":
+        return {"hidden_size": cfg.mlp_hidden, "epochs": cfg.mlp_epochs, "lr": cfg.mlp_lr,
+                "loss": cfg.mlp_loss, "use_hidden": cfg.mlp_use_hidden, "seed": cfg.seed}
+    if name == "gate-lookahead":
+        return {"gguf_path": gguf_path}
+    if name == "random":
+        return {"seed": cfg.seed}
+    return {}
+
+
+@dataclass
+class FitResult:
+    """Fitted predictors by name and offset, with fit times and the ones skipped (and why)."""
+
+    predictors: dict[str, dict[int, Predictor]] = field(default_factory=dict)
+    fit_seconds: dict[str, dict[int, float]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    train_rows: dict[int, int] = field(default_factory=dict)
+
+
+def fit_all(cfg: PredictorsConfig, source: TraceSource, train_ids: Sequence[int],
+            names: Sequence[str] | None = None) -> FitResult:
+    """Fit every configured predictor for every offset on the sequences ``train_ids``."""
+    names = list(names if names is not None else cfg.predictors)
+    res = FitResult()
+    if not train_ids:
+        raise ExpertPredError("too few examples to train: no training sequences selected")
+    for d in cfg.offsets:
+        if d >= source.model.n_moe:
+            raise ExpertPredError(f"config offsets: d={d} but the model has only "
+                                  f"{source.model.n_moe} MoE layers")
+        fc = FeatureConfig(d=d, history_decay=cfg.history_decay)
+        data = build_features(source.sequences(train_ids), source.model, fc,
+                              max_rows=cfg.max_train_rows, seed=cfg.seed,
+                              phase=phase_value(cfg.train_phase))
+        res.train_rows[d] = len(data)
+        for name in names:
+            if name in res.skipped:
+                continue
+            p = make_predictor(name, **predictor_params(cfg, name, source.gguf_path))
+            if p.needs_hidden and data.hidden is None:
+                res.skipped[name] = "the traces have no hidden states"
+                continue
+            if name == "gate-lookahead" and not source.gguf_path:
+                res.skipped[name] = "no model file (set gguf=...)"
+                continue
+            t0 = time.perf_counter()
+            p.fit(data)
+            res.fit_seconds.setdefault(name, {})[d] = time.perf_counter() - t0
+            res.predictors.setdefault(name, {})[d] = p
+            log.info("fitted %s d=%d on %d rows in %.1fs", name, d, len(data),
+                     res.fit_seconds[name][d])
+    for name, why in res.skipped.items():
+        log.warning("skipped predictor %s: %s", name, why)
+    return res
+
+
+def model_path(models_dir: str | os.PathLike[str], name: str, d: int) -> Path:
+    return Path(models_dir) / f"{name.replace('+', '_plus_')}-d{d}.npz"
+
+
+def save_all(fitted: FitResult, models_dir: str | os.PathLike[str]) -> list[Path]:
+    paths = []
+    for name, by_d in fitted.predictors.items():
+        for d, p in by_d.items():
+            paths.append(p.save(model_path(models_dir, name, d)))
+    return paths
+
+
+def load_all(models_dir: str | os.PathLike[str], model: ModelInfo,
+             names: Sequence[str], offsets: Sequence[int]) -> dict[str, dict[int, Predictor]]:
+    """Load saved predictors; a predictor trained on another model is a one-line error."""
+    out: dict[str, dict[int, Predictor]] = {}
+    for name in names:
+        for d in offsets:
+            path = model_path(models_dir, name, d)
+            if not path.is_file():
+                log.warning("no saved %s for d=%d in %s", name, d, models_dir)
+                continue
+            p = Predictor.load(path)
+            p.model_.check_same(model, str(path))
+            out.setdefault(name, {})[d] = p
+    return out
+
+
+def train(cfg: PredictorsConfig) -> tuple[FitResult, list[Path]]:
+    """Fit on the train split (all domains) and save to ``<out>/models``."""
+    source = open_source(cfg)
+    train_ids = source.select(split="train")
+    log.info("training on %d sequences of %s", len(train_ids), source.description)
+    fitted = fit_all(cfg, source, train_ids)
+    return fitted, save_all(fitted, Path(cfg.out) / "models")
