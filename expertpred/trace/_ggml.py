@@ -112,3 +112,222 @@ def check_layout(t: int) -> None:
                 f"ggml_tensor layout mismatch on {name!r}: ne {ne} type {ttype} gives {n} bytes, "
                 f"ggml_nbytes says {lib.nbytes(t)}"
             )
+
+
+class Threadpool:
+    """A persistent ggml CPU threadpool to attach to llama.cpp contexts.
+
+    Without one, ggml creates and joins a disposable pool of ``n_threads - 1`` worker threads
+    on *every* graph compute — and the eval callback turns one compute per token into
+    ``2·n_moe_layers + 1`` of them. Attaching one pool to both the traced and the untraced
+    context removes that cost from both, so the comparison stays fair.
+    """
+
+    def __init__(self, n_threads: int) -> None:
+        import llama_cpp
+
+        libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+        cpu = ctypes.CDLL(os.path.join(libdir, "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        base = ggml_lib().lib
+        base.ggml_threadpool_params_init.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        base.ggml_threadpool_params_init.restype = None
+        cpu.ggml_threadpool_new.argtypes = [ctypes.c_void_p]
+        cpu.ggml_threadpool_new.restype = ctypes.c_void_p
+        cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+        cpu.ggml_threadpool_free.restype = None
+        self._free = cpu.ggml_threadpool_free
+        # struct ggml_threadpool_params: bool cpumask[512]; int n_threads; int prio;
+        # uint32 poll; bool strict_cpu; bool paused  -> 528 bytes; over-allocate.
+        params = ctypes.create_string_buffer(1024)
+        base.ggml_threadpool_params_init(params, n_threads)
+        self.ptr: int | None = cpu.ggml_threadpool_new(params)
+        if not self.ptr:
+            raise RuntimeError(f"ggml_threadpool_new({n_threads} threads) failed")
+        self.n_threads = n_threads
+
+    def attach(self, ctx: object) -> None:
+        import llama_cpp
+
+        fn = llama_cpp.llama_cpp._lib.llama_attach_threadpool
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        fn.restype = None
+        fn(ctx, self.ptr, self.ptr)
+
+    def close(self) -> None:
+        if self.ptr:
+            self._free(self.ptr)
+            self.ptr = None
+
+
+# --- the capture callback in C -----------------------------------------------------------
+# A Python eval callback costs ~0.7 µs per graph node (the scheduler asks about every node,
+# ~50 per layer) plus the copies; on small models that is more than the model's own compute.
+# This C version of LlamaTracer's callback is compiled once per machine with the system C
+# compiler (one is always present: llama-cpp-python builds from source) and cached; when no
+# compiler works, the tracer falls back to the Python callback.
+
+CAPTURE_C = r"""
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef void (*tensor_get_fn)(const void *t, void *data, size_t offset, size_t size);
+typedef void (*to_fp16_fn)(const float *x, uint16_t *y, int64_t n);
+
+enum { YES_SCORE = 1, YES_WEIGHTS = 2, REM_ARGSORT = 4, REM_ROUTER_IN = 8 };
+#define N_BASE 9
+static const char *BASE[N_BASE] = {
+    "logits", "logits_biased", "probs", "probs_biased", "argsort",
+    "weights", "weights_softmax", "weights_norm", "weights_scaled" };
+
+typedef struct {
+    int64_t n_layer, n_expert, k, n_embd, cap, scratch_rows;
+    tensor_get_fn tensor_get;
+    to_fp16_fn to_fp16;
+    int32_t flags[N_BASE];
+    int32_t *layer_li;                    /* [n_layer] block index -> MoE row, -1 = dense */
+    float *scores; int32_t *experts; float *weights; uint16_t *hidden;  /* (L, cap, .) */
+    int32_t *scratch_i32; float *scratch_f32;
+    int64_t *rows;                        /* [L] tokens captured so far per MoE layer */
+    void **argsort_ptr; void **router_in_ptr;  /* [L] remembered in the ask phase */
+    int64_t error;                        /* 0 ok; else 1 + reason code */
+} ep_state;
+
+#define OFF_NE 16
+#define OFF_SRC 152
+#define OFF_NAME 256
+
+static int parse(const char *name, int *layer) {
+    /* "ffn_moe_<base>-<digits>" exactly (views have " (reshaped)" etc. and do not match) */
+    if (memcmp(name, "ffn_moe_", 8) != 0) return -1;
+    const char *b = name + 8;
+    const char *dash = strrchr(b, '-');
+    if (!dash || !dash[1]) return -1;
+    int l = 0;
+    for (const char *p = dash + 1; *p; p++) {
+        if (*p < '0' || *p > '9') return -1;
+        l = l * 10 + (*p - '0');
+    }
+    size_t n = (size_t)(dash - b);
+    for (int i = 0; i < N_BASE; i++) {
+        if (strlen(BASE[i]) == n && memcmp(BASE[i], b, n) == 0) { *layer = l; return i; }
+    }
+    return -1;
+}
+
+bool ep_callback(void *t, bool ask, void *user_data) {
+    ep_state *s = (ep_state *)user_data;
+    int layer = 0;
+    int base = parse((const char *)t + OFF_NAME, &layer);
+    if (base < 0 || layer >= s->n_layer) return !ask;
+    int32_t flags = s->flags[base];
+    int64_t li = s->layer_li[layer];
+    if (!flags || li < 0) return !ask;
+    if (ask) {
+        if (flags & REM_ARGSORT) s->argsort_ptr[li] = t;
+        if (flags & REM_ROUTER_IN) s->router_in_ptr[li] = *(void **)((char *)t + OFF_SRC + 8);
+        return (flags & (YES_SCORE | YES_WEIGHTS)) != 0;
+    }
+    const int64_t *ne = (const int64_t *)((char *)t + OFF_NE);
+    const int64_t E = s->n_expert, k = s->k, D = s->n_embd;
+    int64_t r = s->rows[li];
+    if (flags & YES_SCORE) {
+        int64_t n = ne[1];
+        if (r + n > s->cap) { s->error = 2; return false; }
+        s->tensor_get(t, s->scores + (li * s->cap + r) * E, 0, (size_t)(n * E * 4));
+    }
+    if (flags & YES_WEIGHTS) {
+        int64_t n = ne[0] * ne[1] * ne[2] * ne[3] / k;
+        if (r + n > s->cap) { s->error = 2; return false; }
+        if (n > s->scratch_rows) { s->error = 3; return false; }
+        int64_t off = (li * s->cap + r) * k;
+        s->tensor_get(t, s->weights + off, 0, (size_t)(n * k * 4));
+        void *a = s->argsort_ptr[li];
+        if (!a) { s->error = 4; return false; }
+        if (n == 1) {
+            s->tensor_get(a, s->experts + off, 0, (size_t)(k * 4));
+        } else {
+            s->tensor_get(a, s->scratch_i32, 0, (size_t)(n * E * 4));
+            for (int64_t i = 0; i < n; i++)
+                memcpy(s->experts + off + i * k, s->scratch_i32 + i * E, (size_t)(k * 4));
+        }
+        if (s->hidden) {
+            void *h = s->router_in_ptr[li];
+            if (!h) { s->error = 5; return false; }
+            s->tensor_get(h, s->scratch_f32, 0, (size_t)(n * D * 4));
+            s->to_fp16(s->scratch_f32, s->hidden + (li * s->cap + r) * D, n * D);
+        }
+        s->rows[li] = r + n;
+    }
+    return true;
+}
+"""
+
+CAPTURE_ERRORS = {
+    2: "more token rows than the capture buffer holds",
+    3: "a ubatch larger than n_batch",
+    4: "weights node reached before its argsort node",
+    5: "weights node reached before the router matmul (router input unknown)",
+}
+
+BASE_NAMES = ("logits", "logits_biased", "probs", "probs_biased", "argsort", "weights",
+              "weights_softmax", "weights_norm", "weights_scaled")
+
+
+class CaptureState(ctypes.Structure):
+    _fields_ = [
+        ("n_layer", ctypes.c_int64), ("n_expert", ctypes.c_int64), ("k", ctypes.c_int64),
+        ("n_embd", ctypes.c_int64), ("cap", ctypes.c_int64), ("scratch_rows", ctypes.c_int64),
+        ("tensor_get", ctypes.c_void_p), ("to_fp16", ctypes.c_void_p),
+        ("flags", ctypes.c_int32 * len(BASE_NAMES)),
+        ("layer_li", ctypes.c_void_p),
+        ("scores", ctypes.c_void_p), ("experts", ctypes.c_void_p), ("weights", ctypes.c_void_p),
+        ("hidden", ctypes.c_void_p),
+        ("scratch_i32", ctypes.c_void_p), ("scratch_f32", ctypes.c_void_p),
+        ("rows", ctypes.c_void_p),
+        ("argsort_ptr", ctypes.c_void_p), ("router_in_ptr", ctypes.c_void_p),
+        ("error", ctypes.c_int64),
+    ]
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "expertpred")
+
+
+@lru_cache(maxsize=1)
+def capture_lib() -> ctypes.CDLL | None:
+    """Compile (once, cached by source hash) and load the C capture callback; None if no
+    C compiler works or ``EXPERTPRED_PY_CALLBACK=1`` forces the Python callback."""
+    import hashlib
+    import subprocess
+    import tempfile
+
+    if os.environ.get("EXPERTPRED_PY_CALLBACK") == "1":
+        return None
+    digest = hashlib.sha256(CAPTURE_C.encode()).hexdigest()[:16]
+    out = os.path.join(_cache_dir(), f"capture-{digest}.so")
+    if not os.path.exists(out):
+        cc = os.environ.get("CC", "cc")
+        try:
+            os.makedirs(_cache_dir(), exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = os.path.join(tmp, "capture.c")
+                with open(src, "w") as f:
+                    f.write(CAPTURE_C)
+                so = os.path.join(tmp, "capture.so")
+                subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", so, src], check=True,
+                               capture_output=True, timeout=120)
+                os.replace(so, out)  # atomic: concurrent first uses race harmlessly
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("no C capture callback (%s: %s); using the slower Python callback",
+                        type(exc).__name__, exc)
+            return None
+    lib = ctypes.CDLL(out)
+    lib.ep_callback.restype = ctypes.c_bool
+    lib.ep_callback.argtypes = [ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p]
+    return lib
+
+
+def fn_address(fn: object) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0

@@ -166,44 +166,60 @@ class LlamaTracer:
         n_moe = len(self.moe_layers_)
         self._buf = _Buffers(n_moe, self.n_expert_, self.n_expert_used_, self.n_embd_,
                              n_batch, capture_hidden)
-        self._row = [0] * n_moe
+        self._rows = np.zeros(n_moe, dtype=np.int64)  # tokens captured per MoE layer
         self._argsort_ptr = [0] * n_moe
         self._router_in_ptr = [0] * n_moe
         self._want: dict[bytes, tuple[int, int]] = {}
-        self._probe: dict[bytes, int] | None = None
+        self._probe: dict[bytes, int] = {}
         self._cb_error: BaseException | None = None
         self.score_node_ = ""
         self.weight_node_ = ""
 
         # ctypes objects llama.cpp keeps pointers to: must live as long as the contexts.
-        self._cb = llama.ggml_backend_sched_eval_callback(self._callback)
         self._batch = llama.llama_batch_init(n_batch, 0, 1)
         self._batch_views()
         self._ctx_plain: Any = None
         self._ctx_traced: Any = None
-        self._ctx_traced = self._new_context(traced=True)
-        self._discover_nodes()
+        self._pool = _ggml.Threadpool(self.n_threads or os.cpu_count() or 1)
+        self._py_cb = llama.ggml_backend_sched_eval_callback(self._callback)
+        self._probe_cb = llama.ggml_backend_sched_eval_callback(self._probe_callback)
+        self._clib = _ggml.capture_lib()
+        self._state: _ggml.CaptureState | None = None
+        try:
+            self._discover_nodes()
+            if self._clib is not None:
+                self._state = self._c_state()
+                self._cb = ctypes.cast(self._clib.ep_callback,
+                                       llama.ggml_backend_sched_eval_callback)
+                self._cb_data = ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p)
+            else:
+                self._cb, self._cb_data = self._py_cb, None
+            self._ctx_traced = self._new_context(self._cb, self._cb_data)
+        except BaseException:
+            self.close()
+            raise
+        self.callback_ = "C" if self._state is not None else "python"
 
     # --- setup ---------------------------------------------------------------------------
-    def _new_context(self, traced: bool) -> Any:
+    def _new_context(self, cb: Any = None, cb_data: Any = None) -> Any:
         llama = self._llama
         cp = llama.llama_context_default_params()
         cp.n_ctx = self.n_ctx
         cp.n_batch = self.n_batch
         cp.n_ubatch = self.n_batch
         cp.n_seq_max = 1
-        threads = self.n_threads or os.cpu_count() or 1
-        cp.n_threads = threads
-        cp.n_threads_batch = threads
+        cp.n_threads = self._pool.n_threads
+        cp.n_threads_batch = self._pool.n_threads
         cp.no_perf = True
-        if traced:
-            cp.cb_eval = self._cb
-            cp.cb_eval_user_data = None
+        if cb is not None:
+            cp.cb_eval = cb
+            cp.cb_eval_user_data = cb_data
         ctx = llama.llama_init_from_model(self._model, cp)
         if not ctx:
             raise ExpertPredError(
                 f"{self.model_path}: llama.cpp could not create a context (n_ctx={self.n_ctx})"
             )
+        self._pool.attach(ctx)
         return ctx
 
     def _batch_views(self) -> None:
@@ -217,13 +233,18 @@ class LlamaTracer:
             b.seq_id[i][0] = 0
 
     def _discover_nodes(self) -> None:
-        """Decode one token with a recording callback and choose the nodes to capture."""
+        """Decode one token in a throw-away context whose callback records every node name,
+        then choose the nodes to capture (``_want``) and check their types and shapes."""
         self._probe = {}
+        ctx = self._new_context(self._probe_cb)
         try:
-            self._decode(self._ctx_traced, [self._probe_token()], 0, all_outputs=True)
+            self._decode(ctx, [self._probe_token()], 0, all_outputs=True)
+            self._plan(self._probe)  # node pointers stay valid until ctx is freed
         finally:
-            probe, self._probe = self._probe, None
-        self._clear(self._ctx_traced)
+            self._llama.llama_free(ctx)
+            self._probe = {}
+
+    def _plan(self, probe: dict[bytes, int]) -> None:
         names = set(probe)
         il0 = self.moe_layers_[0]
         present = [s for s in SCORE_CHAIN if f"{s}-{il0}".encode() in names]
@@ -237,15 +258,8 @@ class LlamaTracer:
         self.weight_node_ = present[-1]
         want: dict[bytes, tuple[int, int]] = {}
         for li, il in enumerate(self.moe_layers_):
-            nodes = {
-                f"{self.score_node_}-{il}": _YES_SCORE,
-                f"{self.weight_node_}-{il}": _YES_WEIGHTS,
-                f"{ARGSORT}-{il}": _REM_ARGSORT,
-            }
-            if self.capture_hidden:
-                key = f"{ROUTER_MATMUL}-{il}"
-                nodes[key] = nodes.get(key, 0) | _REM_ROUTER_IN
-            for name, flags in nodes.items():
+            for base, flags in self._node_flags().items():
+                name = f"{base}-{il}"
                 t = probe.get(name.encode())
                 if t is None:
                     raise ExpertPredError(
@@ -257,6 +271,46 @@ class LlamaTracer:
         self._want = want
         log.debug("%s: capturing %s + %s + %s at %d layers", self.model_path, self.score_node_,
                   self.weight_node_, ARGSORT, len(self.moe_layers_))
+
+    def _node_flags(self) -> dict[str, int]:
+        """Base node name -> what the callback does with it (same at every MoE layer)."""
+        flags = {self.score_node_: _YES_SCORE, self.weight_node_: _YES_WEIGHTS,
+                 ARGSORT: _REM_ARGSORT}
+        if self.capture_hidden:
+            flags[ROUTER_MATMUL] = flags.get(ROUTER_MATMUL, 0) | _REM_ROUTER_IN
+        return flags
+
+    def _c_state(self) -> _ggml.CaptureState:
+        """The C callback's state: the node plan plus pointers into our numpy buffers."""
+        st = _ggml.CaptureState()
+        st.n_layer = self.layout_.n_layer
+        st.n_expert, st.k, st.n_embd = self.n_expert_, self.n_expert_used_, self.n_embd_
+        st.scratch_rows = self.n_batch
+        st.tensor_get = _ggml.fn_address(self._ggml.tensor_get)
+        st.to_fp16 = _ggml.fn_address(self._ggml.lib.ggml_fp32_to_fp16_row)
+        for base, flags in self._node_flags().items():
+            st.flags[_ggml.BASE_NAMES.index(base.removeprefix("ffn_moe_"))] = flags
+        self._layer_li = np.full(max(self.layout_.n_layer, 1), -1, dtype=np.int32)
+        self._layer_li[list(self.moe_layers_)] = np.arange(len(self.moe_layers_))
+        n_moe = len(self.moe_layers_)
+        self._c_ptrs = np.zeros((2, n_moe), dtype=np.uint64)  # argsort, router input
+        st.layer_li = self._layer_li.ctypes.data
+        st.rows = self._rows.ctypes.data
+        st.argsort_ptr = self._c_ptrs[0].ctypes.data
+        st.router_in_ptr = self._c_ptrs[1].ctypes.data
+        b = self._buf
+        st.scratch_i32 = b.scratch_i32.ctypes.data
+        st.scratch_f32 = b.scratch_f32.ctypes.data if b.scratch_f32 is not None else None
+        self._sync_buffers(st)
+        return st
+
+    def _sync_buffers(self, st: _ggml.CaptureState | None) -> None:
+        if st is None:
+            return
+        b = self._buf
+        st.cap = b.cap
+        st.scores, st.experts, st.weights = b.scores_addr, b.experts_addr, b.weights_addr
+        st.hidden = b.hidden.ctypes.data if b.hidden is not None else None
 
     def _check_node(self, name: str, t: int, flags: int) -> None:
         """Probe-time check that a node has the type/shape/contiguity the copies assume."""
@@ -284,15 +338,20 @@ class LlamaTracer:
         return bos if 0 <= bos < self.n_vocab_ else 0
 
     # --- the eval callback (hot path) ------------------------------------------------------
-    def _callback(self, t: int, ask: bool, user_data: int | None) -> bool:
+    def _probe_callback(self, t: int, ask: bool, user_data: int | None) -> bool:
         try:
-            name = ctypes.string_at(t + _ggml.OFF_NAME)
-            if self._probe is not None:
-                if not self._probe:
-                    _ggml.check_layout(t)
-                self._probe[name] = t
-                return False
-            spec = self._want.get(name)
+            if not self._probe:
+                _ggml.check_layout(t)
+            self._probe[ctypes.string_at(t + _ggml.OFF_NAME)] = t
+            return False if ask else True
+        except BaseException as exc:  # an exception must not unwind through C
+            self._cb_error = exc
+            return False
+
+    def _callback(self, t: int, ask: bool, user_data: int | None) -> bool:
+        """Python twin of the C ``ep_callback`` (used when no C compiler is available)."""
+        try:
+            spec = self._want.get(ctypes.string_at(t + _ggml.OFF_NAME))
             if spec is None:
                 return not ask  # ask: no; a ready node we did not ask for: keep going
             flags, li = spec
@@ -316,13 +375,13 @@ class LlamaTracer:
         buf = self._buf
         n = ctypes.c_int64.from_address(t + _ggml.OFF_NE + 8).value
         e = self.n_expert_
-        dst = buf.scores_addr + (li * buf.cap + self._row[li]) * e * 4
+        dst = buf.scores_addr + (li * buf.cap + int(self._rows[li])) * e * 4
         self._tensor_get(t, dst, 0, n * e * 4)
 
     def _copy_weights(self, t: int, li: int) -> None:
         buf = self._buf
         k, e = self.n_expert_used_, self.n_expert_
-        r = self._row[li]
+        r = int(self._rows[li])
         ne = (ctypes.c_int64 * 4).from_address(t + _ggml.OFF_NE)
         n = ne[0] * ne[1] * ne[2] * ne[3] // k
         off = (li * buf.cap + r) * k * 4
@@ -339,7 +398,7 @@ class LlamaTracer:
             d = self.n_embd_
             self._tensor_get(self._router_in_ptr[li], f.ctypes.data, 0, n * d * 4)
             buf.hidden[li, r:r + n] = f[:n]
-        self._row[li] = r + n
+        self._rows[li] = r + n
 
     # --- decoding ------------------------------------------------------------------------
     def _decode(self, ctx: Any, tokens: Sequence[int], pos0: int, all_outputs: bool) -> None:
@@ -351,6 +410,10 @@ class LlamaTracer:
         self._batch.n_tokens = n
         self._cb_error = None
         rc = self._llama.llama_decode(ctx, self._batch)
+        st = self._state
+        if st is not None and st.error:
+            code, st.error = int(st.error), 0
+            raise RuntimeError(f"C capture callback failed: {_ggml.CAPTURE_ERRORS.get(code, code)}")
         if self._cb_error is not None:
             err, self._cb_error = self._cb_error, None
             raise RuntimeError(f"eval callback failed: {err!r}") from err
@@ -390,7 +453,8 @@ class LlamaTracer:
             )
         if traced:
             self._buf.ensure(n_prompt + max_tokens)
-            self._row = [0] * len(self.moe_layers_)
+            self._sync_buffers(self._state)
+            self._rows[:] = 0
         self._clear(ctx)
         expected = 0
         for start in range(0, n_prompt, self.n_batch):
@@ -417,7 +481,7 @@ class LlamaTracer:
         return toks, n_prompt
 
     def _check_rows(self, expected: int) -> None:
-        for li, rows in enumerate(self._row):
+        for li, rows in enumerate(self._rows.tolist()):
             if rows != expected:
                 raise RuntimeError(
                     f"captured {rows} token rows at MoE layer {self.moe_layers_[li]}, "
@@ -509,7 +573,7 @@ class LlamaTracer:
         """The same run as :meth:`trace` on a context without the eval callback."""
         self._check_open()
         if self._ctx_plain is None:
-            self._ctx_plain = self._new_context(traced=False)
+            self._ctx_plain = self._new_context()
         sampling = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed)
         toks, n_prompt = self._run(self._ctx_plain, prompt, max_tokens, False, sampling)
@@ -532,6 +596,7 @@ class LlamaTracer:
                 llama.llama_free(ctx)
                 setattr(self, attr, None)
         llama.llama_batch_free(self._batch)
+        self._pool.close()
         llama.llama_model_free(self._model)
         self._model = None
 
