@@ -39,10 +39,10 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -72,6 +72,17 @@ class _Job:
     state: str = "queued"  # queued -> inflight -> resident | failed | cancelled
     used: bool = False  # a use was accounted against this job's current target
     judged: bool = False  # used / wasted already decided for the current target
+    chunks: deque[tuple[int, int]] = field(default_factory=deque)  # not yet handed out
+    outstanding: int = 0  # chunks handed to workers, not finished
+    nbytes: int = 0
+    error: BaseException | None = None
+
+
+class _Task(NamedTuple):
+    """One chunk of a job, as handed to an I/O method's worker (``io.Fetch``)."""
+
+    job: _Job
+    ranges: tuple[tuple[int, int], ...]
 
 
 @dataclass
@@ -162,11 +173,11 @@ class _Source:
     def stopping(self) -> bool:
         return self._engine._stopping()
 
-    def take(self, timeout: float) -> _Job | None:
+    def take(self, timeout: float) -> _Task | None:
         return self._engine._take(timeout)
 
     def finish(self, item: object, nbytes: int, error: BaseException | None) -> None:
-        assert isinstance(item, _Job)
+        assert isinstance(item, _Task)
         self._engine._finish(item, nbytes, error)
 
 
@@ -174,8 +185,9 @@ class _Source:
 class _State:
     """Everything guarded by the engine's lock."""
 
-    queue: OrderedDict[Key, _Job] = field(default_factory=OrderedDict)
-    inflight: dict[Key, _Job] = field(default_factory=dict)
+    queue: OrderedDict[Key, _Job] = field(default_factory=OrderedDict)  # not started
+    active: deque[_Job] = field(default_factory=deque)  # started, chunks left to hand out
+    inflight: dict[Key, _Job] = field(default_factory=dict)  # started, not finished
     resident: dict[Key, _Job] = field(default_factory=dict)
     failed: set[Key] = field(default_factory=set)
     pending_judgement: list[tuple[Target, int, _Job]] = field(default_factory=list)  # heap
@@ -284,6 +296,12 @@ class PrefetchEngine:
             log.warning("prefetch threads still running after %.1fs: %s", timeout, alive)
         else:
             self.io_.close()
+            with self._lock:  # jobs whose remaining chunks no worker will take now
+                for job in self._s.inflight.values():
+                    job.state = "cancelled"
+                    self._c.cancelled += 1
+                self._s.inflight.clear()
+                self._s.active.clear()
         self._map.close()
         self._started = False
 
@@ -494,39 +512,61 @@ class PrefetchEngine:
             log.exception("prefetch: %s failed", getattr(fn, "__name__", fn))
             return None
 
-    def _take(self, timeout: float) -> _Job | None:
+    def _take(self, timeout: float) -> _Task | None:
+        """Next chunk: of the oldest started job first, so all workers cooperate on the
+        expert needed soonest; else start the oldest queued job."""
         deadline = time.monotonic() + timeout
+        started = None
         with self._lock:
+            s = self._s
             while True:
                 if self._stopping():
                     return None
-                s = self._s
+                while s.active and not s.active[0].chunks:
+                    s.active.popleft()
+                if s.active:
+                    job = s.active[0]
+                    break
                 if s.queue:
                     _, job = s.queue.popitem(last=False)
                     job.state = "inflight"
                     job.t_start = time.monotonic_ns()
+                    job.chunks = deque(self.io_.chunks(job.ranges))
                     s.inflight[job.key] = job
+                    s.active.append(job)
+                    started = job
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
                 self._lock.wait(remaining)
-        if self.buffer is not None:
-            evicted = self._guard(self.buffer.admit, *job.key) or []
+            chunk = job.chunks.popleft()
+            job.outstanding += 1
+        if started is not None and self.buffer is not None:
+            evicted = self._guard(self.buffer.admit, *started.key) or []
             if evicted:
                 with self._lock:
                     for k in evicted:  # type: ignore[attr-defined]
                         if self._s.resident.pop(k, None) is not None:
                             self._c.evicted += 1
-        return job
+        return _Task(job, (chunk,))
 
-    def _finish(self, job: _Job, nbytes: int, error: BaseException | None) -> None:
+    def _finish(self, task: _Task, nbytes: int, error: BaseException | None) -> None:
         t = time.monotonic_ns()
+        job = task.job
         disable = ""
         with self._lock:
             s, c = self._s, self._c
-            s.inflight.pop(job.key, None)
             c.bytes_read += nbytes
+            job.nbytes += nbytes
+            job.outstanding -= 1
+            if error is not None:
+                job.error = job.error or error
+                job.chunks.clear()  # hand out no more chunks of a failed / cancelled job
+            if job.outstanding or job.chunks:
+                return  # other chunks of this job are still being read
+            s.inflight.pop(job.key, None)
+            error = job.error
             if isinstance(error, Cancelled):
                 job.state = "cancelled"
                 c.cancelled += 1

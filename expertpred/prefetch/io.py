@@ -132,7 +132,8 @@ class IOMethod(ABC):
         return self.queue_depth
 
     # --- work ------------------------------------------------------------------------
-    def _chunks(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    def chunks(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``ranges`` cut into pieces of at most ``chunk_bytes``."""
         out = []
         for off, n in ranges:
             for c in range(int(off), int(off) + int(n), self.chunk_bytes):
@@ -149,7 +150,7 @@ class IOMethod(ABC):
             done = 0
             err: BaseException | None = None
             try:
-                for off, n in self._chunks(item.ranges):
+                for off, n in self.chunks(item.ranges):
                     if source.stopping:
                         raise Cancelled()
                     done += self.fetch_chunk(state, off, n)
@@ -280,7 +281,7 @@ class IOUringMethod(IOMethod, method_name="io_uring", completes_reads=True):
                         item = source.take(0.0 if inflight or prepared else 0.05)
                         if item is None:
                             break
-                        active.append(_Pending(item, self._chunks(item.ranges)))
+                        active.append(_Pending(item, self.chunks(item.ranges)))
                         continue
                     p = active[0]
                     off, n = p.todo.popleft()
