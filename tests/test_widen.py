@@ -196,3 +196,29 @@ def test_shipped_model(tmp_path, name):
                 dtype="f32")
     assert read_layout(res.path).bytes_per_expert() >= 4 * lay.bytes_per_expert()
     assert_same_model(path, res.path)
+
+
+def test_merged_gate_up_experts_pad_each_half(tmp_path):
+    """ffn_gate_up_exps (E, 2ff, d) holds gate rows then up rows: each half is padded."""
+    from expertpred.gguf_writer import byte_tokenizer, write_gguf
+
+    e, ff, d = 4, 32, 64
+    rng = np.random.default_rng(0)
+    gate_up = rng.standard_normal((e, 2 * ff, d)).astype(np.float32)
+    down = rng.standard_normal((e, d, ff)).astype(np.float32)
+    bias = rng.standard_normal((e, 2 * ff)).astype(np.float32)
+    hp = {"block_count": 1, "embedding_length": d, "feed_forward_length": ff,
+          "expert_count": e, "expert_used_count": 2}
+    path = write_gguf(tmp_path / "m.gguf", "llama", "merged", hp, {
+        "blk.0.ffn_gate_inp.weight": rng.standard_normal((e, d)).astype(np.float32),
+        "blk.0.ffn_gate_up_exps.weight": gate_up, "blk.0.ffn_gate_up_exps.bias": bias,
+        "blk.0.ffn_down_exps.weight": down}, byte_tokenizer())
+    res = widen(path, tmp_path / "w.gguf", ff=96, dtype="f32")
+    out = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(res.path)).tensors}
+    w, b = out["blk.0.ffn_gate_up_exps.weight"], out["blk.0.ffn_gate_up_exps.bias"]
+    assert w.shape == (e, 192, d) and b.shape == (e, 192)
+    assert np.array_equal(w[:, :ff], gate_up[:, :ff]) and not w[:, ff:96].any()
+    assert np.array_equal(w[:, 96:96 + ff], gate_up[:, ff:]) and not w[:, 96 + ff:].any()
+    assert np.array_equal(b[:, :ff], bias[:, :ff]) and not b[:, ff:96].any()
+    assert np.array_equal(b[:, 96:96 + ff], bias[:, ff:]) and not b[:, 96 + ff:].any()
+    assert out["blk.0.ffn_down_exps.weight"].shape == (e, d, 96)
