@@ -3,7 +3,9 @@
 The traced hidden state is ``ffn_norm-l`` — the RMS-normed residual with layer l's norm
 weight applied, i.e. exactly what layer l's router reads. The residual stream changes
 slowly, so ``hidden_l @ W_router(l + d)ᵀ`` approximates layer l + d's router logits without
-any training (the weights come from the GGUF).
+any training (the weights come from the GGUF). With ``renorm=True`` layer l's norm weight is
+swapped for layer l + d's first — ``hidden_l / g_l * g_(l+d)`` is the RMS-normed residual of
+layer l as layer l + d's norm would present it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ class GateLookaheadPredictor(Predictor, name="gate-lookahead"):
 
     needs_hidden = True
 
-    def __init__(self, gguf_path: str = "") -> None:
+    def __init__(self, gguf_path: str = "", renorm: bool = True) -> None:
         self.gguf_path = gguf_path  # the model the traces came from
+        self.renorm = renorm  # swap ffn_norm weights of layer l for those of layer l + d
 
     def _fit(self, data: FeatureBatch) -> None:
         from ..layout import router_weight
@@ -45,12 +48,40 @@ class GateLookaheadPredictor(Predictor, name="gate-lookahead"):
             raise ExpertPredError(f"gate-lookahead: {path}: router shape {w.shape[1:]}, "
                                   f"expected ({m.n_expert}, {dim}) from the trace")
         self.routers_ = w
+        norms = _norm_weights(path, m.moe_layers) if self.renorm else None
+        if norms is not None and norms.shape[1] != dim:
+            norms = None
+        if self.renorm and norms is None:
+            log.warning("%s: no usable blk.N.ffn_norm.weight; gate look-ahead without renorm",
+                        path)
+        self.norms_ = (np.ones((m.n_moe, dim), np.float32) if norms is None
+                       else norms.astype(np.float32))
 
     def _scores(self, x: FeatureBatch) -> np.ndarray:
         h = x.hidden.astype(np.float32)
-        tl = x.target_layer
+        sl, tl = x.layer.astype(np.int64), x.target_layer
         out = np.empty((len(x), self.routers_.shape[1]), dtype=np.float32)
-        for layer in np.unique(tl):
-            rows = tl == layer
-            out[rows] = h[rows] @ self.routers_[layer].T
+        for src in np.unique(sl):
+            for tgt in np.unique(tl[sl == src]):
+                rows = (sl == src) & (tl == tgt)
+                scale = self.norms_[tgt] / np.where(self.norms_[src] == 0, 1, self.norms_[src])
+                out[rows] = (h[rows] * scale) @ self.routers_[tgt].T
         return out
+
+
+def _norm_weights(path: Path, blocks: tuple[int, ...]) -> np.ndarray | None:
+    """float32 (L, D) ``blk.N.ffn_norm.weight`` of each MoE block, or None if any is missing.
+
+    (A candidate for expertpred.layout, which owns GGUF knowledge; kept here until then.)
+    """
+    import gguf
+
+    want = {f"blk.{b}.ffn_norm.weight": i for i, b in enumerate(blocks)}
+    found: dict[int, np.ndarray] = {}
+    for t in gguf.GGUFReader(str(path), "r").tensors:
+        if t.name in want:
+            data = gguf.dequantize(t.data, t.tensor_type)
+            found[want[t.name]] = np.asarray(data, dtype=np.float32).reshape(-1)
+    if len(found) != len(blocks):
+        return None
+    return np.stack([found[i] for i in range(len(blocks))])
