@@ -19,7 +19,12 @@ inference thread only calls cheap, non-blocking bookkeeping methods:
 The queue is bounded (``max_queue``). ``drop="oldest"`` (default) discards the oldest
 queued job when a new one arrives at a full queue: the oldest targets the nearest layer,
 is the least likely to finish before it is needed, and the newest predictions are the
-freshest. ``drop="newest"`` refuses the new job instead. Workers serve the queue FIFO.
+freshest. ``drop="newest"`` refuses the new job instead. Jobs start in FIFO order and a
+started job is cut into ``chunk_bytes`` pieces that *all* workers take before the next job
+starts, so the expert needed soonest completes first and one expert gets the whole queue
+depth. For the hint methods (fadvise / madvise) a job "completes" when its hints are
+issued: their latencies are issue times, and whether the pages arrived is judged by
+``mincore`` when the expert is used.
 
 Failure handling: an I/O error (EIO, a short read because the file was truncated, ...)
 marks that expert failed (never retried), is counted and logged, and never reaches the
