@@ -153,10 +153,15 @@ class LlamaTracer:
         self._llama = llama
         _quiet_llama_logs()
         llama.llama_backend_init()
-        mparams = llama.llama_model_default_params()
-        self._model = llama.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        self._model = None
+        errors = _load_errors()
+        with errors:
+            mparams = llama.llama_model_default_params()
+            self._model = llama.llama_model_load_from_file(str(self.model_path).encode(),
+                                                           mparams)
         if not self._model:
-            raise ExpertPredError(f"{self.model_path}: llama.cpp failed to load the model")
+            why = errors.lines[0] if errors.lines else "no reason logged"
+            raise ExpertPredError(f"{self.model_path}: llama.cpp failed to load the model ({why})")
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_embd_ = int(llama.llama_model_n_embd(self._model))
         self.n_vocab_ = int(llama.llama_vocab_n_tokens(self._vocab))
@@ -611,6 +616,32 @@ class LlamaTracer:
             self.close()
         except Exception:  # interpreter shutdown: modules may be gone
             pass
+
+
+class _load_errors:
+    """Collect llama.cpp's error log lines while loading (to name the reason in the error)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __enter__(self) -> _load_errors:
+        import llama_cpp
+
+        def keep(level: int, text: bytes, user_data: int | None) -> None:
+            if level == 4:  # GGML_LOG_LEVEL_ERROR (ggml.h; llama_cpp._logger maps it wrong)
+                line = text.decode("utf-8", errors="replace").strip()
+                if line:
+                    self.lines.append(line)
+
+        self._cb = llama_cpp.llama_log_callback(keep)
+        llama_cpp.llama_log_set(self._cb, None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import llama_cpp
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, None)
 
 
 def _quiet_llama_logs() -> None:
