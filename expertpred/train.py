@@ -60,6 +60,7 @@ class PredictorsConfig:
     mlp_lr: float = 2e-3
     mlp_loss: str = "bce"  # "bce" or "softmax"
     mlp_use_hidden: bool = True
+    gate_features: bool = True  # learned models also get gate look-ahead scores (needs GGUF)
     # --- evaluation
     cross_domain: bool = True  # also train code → test prose and prose → code
     cache_budgets: tuple[float, ...] = (0.10, 0.25, 0.50)  # share of all expert bytes
@@ -259,10 +260,12 @@ def predictor_params(cfg: PredictorsConfig, name: str, gguf_path: str = "") -> d
     """Constructor arguments of predictor ``name`` under ``cfg``."""
     if name == "lightgbm":
         return {"shared": cfg.lgb_shared, "n_estimators": cfg.lgb_rounds,
-                "num_leaves": cfg.lgb_leaves, "max_rows": cfg.lgb_max_rows, "seed": cfg.seed}
+                "num_leaves": cfg.lgb_leaves, "max_rows": cfg.lgb_max_rows, "seed": cfg.seed,
+                "gguf_path": gguf_path if cfg.gate_features else ""}
     if name == "mlp":
         return {"hidden_size": cfg.mlp_hidden, "epochs": cfg.mlp_epochs, "lr": cfg.mlp_lr,
-                "loss": cfg.mlp_loss, "use_hidden": cfg.mlp_use_hidden, "seed": cfg.seed}
+                "loss": cfg.mlp_loss, "use_hidden": cfg.mlp_use_hidden, "seed": cfg.seed,
+                "gguf_path": gguf_path if cfg.gate_features else ""}
     if name == "gate-lookahead":
         return {"gguf_path": gguf_path}
     if name == "random":

@@ -32,41 +32,79 @@ class GateLookaheadPredictor(Predictor, name="gate-lookahead"):
         self.renorm = renorm  # swap ffn_norm weights of layer l for those of layer l + d
 
     def _fit(self, data: FeatureBatch) -> None:
-        from ..layout import router_weight
-
-        if not self.gguf_path:
-            raise ExpertPredError("gate-lookahead: gguf_path is empty; expected the model's "
-                                  ".gguf file (router weights are read from it)")
-        path = Path(self.gguf_path)
-        if not path.is_file():
-            raise ExpertPredError(f"gate-lookahead: {path}: no such model file")
-        m = data.model
-        ws = [router_weight(path, blk) for blk in m.moe_layers]
-        w = np.stack(ws).astype(np.float32)
-        dim = data.hidden.shape[1]
-        if w.shape[1:] != (m.n_expert, dim):
-            raise ExpertPredError(f"gate-lookahead: {path}: router shape {w.shape[1:]}, "
-                                  f"expected ({m.n_expert}, {dim}) from the trace")
-        self.routers_ = w
-        norms = _norm_weights(path, m.moe_layers) if self.renorm else None
-        if norms is not None and norms.shape[1] != dim:
-            norms = None
-        if self.renorm and norms is None:
-            log.warning("%s: no usable blk.N.ffn_norm.weight; gate look-ahead without renorm",
-                        path)
-        self.norms_ = (np.ones((m.n_moe, dim), np.float32) if norms is None
-                       else norms.astype(np.float32))
+        self.routers_, self.norms_ = load_gate(self.gguf_path, data, self.renorm)
 
     def _scores(self, x: FeatureBatch) -> np.ndarray:
-        h = x.hidden.astype(np.float32)
-        sl, tl = x.layer.astype(np.int64), x.target_layer
-        out = np.empty((len(x), self.routers_.shape[1]), dtype=np.float32)
-        for src in np.unique(sl):
-            for tgt in np.unique(tl[sl == src]):
-                rows = (sl == src) & (tl == tgt)
-                scale = self.norms_[tgt] / np.where(self.norms_[src] == 0, 1, self.norms_[src])
-                out[rows] = (h[rows] * scale) @ self.routers_[tgt].T
-        return out
+        return gate_scores(x, self.routers_, self.norms_)
+
+
+def load_gate(gguf_path: str, data: FeatureBatch,
+              renorm: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Routers (L, E, D) and ffn_norm weights (L, D) (ones without ``renorm``) of the model."""
+    from ..layout import router_weight
+
+    if not gguf_path:
+        raise ExpertPredError("gate-lookahead: gguf_path is empty; expected the model's "
+                              ".gguf file (router weights are read from it)")
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise ExpertPredError(f"gate-lookahead: {path}: no such model file")
+    if data.hidden is None:
+        raise ExpertPredError("gate-lookahead: needs hidden states, the features have none")
+    m = data.model
+    w = np.stack([router_weight(path, blk) for blk in m.moe_layers]).astype(np.float32)
+    dim = data.hidden.shape[1]
+    if w.shape[1:] != (m.n_expert, dim):
+        raise ExpertPredError(f"gate-lookahead: {path}: router shape {w.shape[1:]}, "
+                              f"expected ({m.n_expert}, {dim}) from the trace")
+    norms = _norm_weights(path, m.moe_layers) if renorm else None
+    if norms is not None and norms.shape[1] != dim:
+        norms = None
+    if renorm and norms is None:
+        log.warning("%s: no usable blk.N.ffn_norm.weight; gate look-ahead without renorm", path)
+    return w, (np.ones((m.n_moe, dim), np.float32) if norms is None
+               else norms.astype(np.float32))
+
+
+def gate_scores(x: FeatureBatch, routers: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """float32 (n, E): ``(hidden_l / g_l * g_(l+d)) @ W_(l+d)ᵀ`` for every row."""
+    h = x.hidden.astype(np.float32)
+    sl, tl = x.layer.astype(np.int64), x.target_layer
+    out = np.empty((len(x), routers.shape[1]), dtype=np.float32)
+    for src in np.unique(sl):
+        for tgt in np.unique(tl[sl == src]):
+            rows = (sl == src) & (tl == tgt)
+            scale = norms[tgt] / np.where(norms[src] == 0, 1, norms[src])
+            out[rows] = (h[rows] * scale) @ routers[tgt].T
+    return out
+
+
+class GateFeatures:
+    """Mixin for learned predictors: gate look-ahead scores as E extra input columns.
+
+    Uses ``self.gguf_path`` (a constructor argument of the subclass); with no path or no
+    hidden states in the training data, no columns are added.
+    """
+
+    gguf_path: str
+
+    def _fit_gate(self, data: FeatureBatch) -> None:
+        if self.gguf_path and data.hidden is not None:
+            self.gate_routers_, self.gate_norms_ = load_gate(self.gguf_path, data)
+        else:
+            self.gate_routers_ = np.zeros((0, 0, 0), np.float32)
+            self.gate_norms_ = np.zeros((0, 0), np.float32)
+
+    def _gate_columns(self, x: FeatureBatch) -> list[np.ndarray]:
+        if self.gate_routers_.size == 0:
+            return []
+        if x.hidden is None:
+            raise ExpertPredError("trained with gate look-ahead features, but these features "
+                                  "have no hidden states")
+        return [gate_scores(x, self.gate_routers_, self.gate_norms_)]
+
+    def _gate_state(self) -> dict[str, np.ndarray]:
+        return {"gate_routers_": self.gate_routers_, "gate_norms_": self.gate_norms_}
 
 
 def _norm_weights(path: Path, blocks: tuple[int, ...]) -> np.ndarray | None:

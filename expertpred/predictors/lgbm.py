@@ -16,19 +16,20 @@ import numpy as np
 
 from ..features import DENSE_PARTS, FeatureBatch, dense_features, multihot
 from .base import Predictor
+from .gate import GateFeatures
 
 log = logging.getLogger(__name__)
 
 
-class LightGBMPredictor(Predictor, name="lightgbm"):
+class LightGBMPredictor(GateFeatures, Predictor, name="lightgbm"):
     """Gradient-boosted trees over :func:`~expertpred.features.dense_features`."""
 
     min_rows = 50
 
     def __init__(self, shared: bool = True, n_estimators: int = 40, num_leaves: int = 15,
                  learning_rate: float = 0.15, min_child_samples: int = 20,
-                 max_rows: int = 60000, use_hidden: bool = False, seed: int = 0,
-                 n_jobs: int = 1) -> None:
+                 max_rows: int = 60000, use_hidden: bool = False, gguf_path: str = "",
+                 seed: int = 0, n_jobs: int = 1) -> None:
         self.shared = shared  # one model for all layers (layer = categorical feature)
         self.n_estimators = n_estimators
         self.num_leaves = num_leaves
@@ -36,6 +37,7 @@ class LightGBMPredictor(Predictor, name="lightgbm"):
         self.min_child_samples = min_child_samples
         self.max_rows = max_rows  # training rows are subsampled to this many
         self.use_hidden = use_hidden  # hidden states as features (wide: D columns)
+        self.gguf_path = gguf_path  # model file: gate look-ahead scores become features too
         self.seed = seed
         self.n_jobs = n_jobs  # 1: fastest for small data, no spin-waiting on a busy box
 
@@ -43,7 +45,8 @@ class LightGBMPredictor(Predictor, name="lightgbm"):
         return tuple(p for p in DENSE_PARTS if self.use_hidden or p != "hidden")
 
     def _design(self, x: FeatureBatch) -> np.ndarray:
-        return dense_features(x, self._parts(), layer_onehot=False)
+        return np.concatenate([dense_features(x, self._parts(), layer_onehot=False),
+                               *self._gate_columns(x)], axis=1)
 
     def _params(self) -> dict[str, Any]:
         return {"objective": "binary", "num_leaves": self.num_leaves,
@@ -60,6 +63,7 @@ class LightGBMPredictor(Predictor, name="lightgbm"):
         if len(data) > self.max_rows:
             data = data.take(np.sort(rng.permutation(len(data))[: self.max_rows]))
         e = data.model.n_expert
+        self._fit_gate(data)
         x_all = self._design(data)
         y_all = multihot(data.targets, e)
         groups = [-1] if self.shared else sorted(int(v) for v in np.unique(data.layer))
@@ -115,11 +119,12 @@ class LightGBMPredictor(Predictor, name="lightgbm"):
 
     def _get_state(self) -> dict[str, Any]:
         blob = "\x00".join(self.models_).encode()
-        return {"groups_": self.groups_, "constants_": self.constants_,
+        return {"groups_": self.groups_, "constants_": self.constants_, **self._gate_state(),
                 "models_blob_": np.frombuffer(blob, dtype=np.uint8).copy()}
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self.groups_ = state["groups_"]
         self.constants_ = state["constants_"]
+        self.gate_routers_, self.gate_norms_ = state["gate_routers_"], state["gate_norms_"]
         self.models_ = bytes(state["models_blob_"]).decode().split("\x00")
         self._boosters = None

@@ -18,18 +18,20 @@ import numpy as np
 from ..errors import ExpertPredError
 from ..features import DENSE_PARTS, FeatureBatch, dense_features, multihot
 from .base import Predictor
+from .gate import GateFeatures
 
 log = logging.getLogger(__name__)
 
 
-class MLPPredictor(Predictor, name="mlp"):
+class MLPPredictor(GateFeatures, Predictor, name="mlp"):
     """Two hidden layers, per-layer heads; seeded, CPU, a few seconds to train."""
 
     min_rows = 50
 
     def __init__(self, hidden_size: int = 256, epochs: int = 12, lr: float = 2e-3,
                  batch_size: int = 512, weight_decay: float = 1e-5, loss: str = "bce",
-                 use_hidden: bool = True, max_rows: int = 200000, seed: int = 0) -> None:
+                 use_hidden: bool = True, max_rows: int = 200000, gguf_path: str = "",
+                 seed: int = 0) -> None:
         self.hidden_size = hidden_size
         self.epochs = epochs
         self.lr = lr
@@ -38,11 +40,13 @@ class MLPPredictor(Predictor, name="mlp"):
         self.loss = loss  # "bce" (multi-label) or "softmax" (listwise)
         self.use_hidden = use_hidden  # include the hidden state at l when traced
         self.max_rows = max_rows
+        self.gguf_path = gguf_path  # model file: gate look-ahead scores become inputs too
         self.seed = seed
 
     def _design(self, x: FeatureBatch) -> np.ndarray:
         parts = tuple(p for p in DENSE_PARTS if self.use_hidden or p != "hidden")
-        return dense_features(x, parts, layer_onehot=True)
+        return np.concatenate([dense_features(x, parts, layer_onehot=True),
+                               *self._gate_columns(x)], axis=1)
 
     def _fit(self, data: FeatureBatch) -> None:
         import torch
@@ -53,6 +57,7 @@ class MLPPredictor(Predictor, name="mlp"):
         if len(data) > self.max_rows:
             data = data.take(np.sort(rng.permutation(len(data))[: self.max_rows]))
         n_l, e = data.model.n_moe, data.model.n_expert
+        self._fit_gate(data)
         x = self._design(data)
         self.mean_ = x.mean(axis=0).astype(np.float32)
         self.std_ = (x.std(axis=0) + 1e-3).astype(np.float32)
@@ -120,7 +125,7 @@ class MLPPredictor(Predictor, name="mlp"):
 
     def _get_state(self) -> dict[str, Any]:
         st: dict[str, Any] = {"mean_": self.mean_, "std_": self.std_,
-                              "n_features_": self.n_features_}
+                              "n_features_": self.n_features_, **self._gate_state()}
         for i, w in enumerate(self.weights_):
             st[f"w{i}_"] = w
         return st
@@ -128,4 +133,5 @@ class MLPPredictor(Predictor, name="mlp"):
     def _set_state(self, state: dict[str, Any]) -> None:
         self.mean_, self.std_ = state["mean_"], state["std_"]
         self.n_features_ = int(state["n_features_"])
+        self.gate_routers_, self.gate_norms_ = state["gate_routers_"], state["gate_norms_"]
         self.weights_ = [state[f"w{i}_"] for i in range(6)]

@@ -52,8 +52,8 @@ def data(gguf_path):
 
 def _make(name: str, gguf_path: Path, **extra) -> Predictor:
     params = dict(FAST.get(name, {}))
-    if name == "gate-lookahead":
-        params["gguf_path"] = str(gguf_path)
+    if name in ("gate-lookahead", "mlp", "lightgbm"):
+        params["gguf_path"] = str(gguf_path)  # learned models: gate scores as inputs
     params.update(extra)
     return make_predictor(name, **params)
 
