@@ -145,8 +145,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         writer.close()
         write_s += time.perf_counter() - t0
         wall = time.perf_counter() - t_start
-        samples.append((tokens, rss_mib()))
-        steady = [r for _, r in samples[(first_shard_at or 0):]]
+        rss_after_close = rss_mib()
+        steady = [r for _, r in samples[(first_shard_at or 0):]] or [rss_after_close]
         nbytes = writer.bytes_written
         raw_row = 4 * 3 + 1 + shape[0] * (shape[1] * 6 + shape[2] * 4
                                           + (shape[3] * 2 if args.hidden else 0))
@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             "rss_min_MiB": min(steady),
             "rss_max_MiB": max(steady),
             "rss_max_over_min": max(steady) / min(steady),
+            "rss_after_close_MiB": rss_after_close,
         }
     finally:
         if not args.keep:
