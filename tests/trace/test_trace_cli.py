@@ -169,3 +169,24 @@ def test_trace_sigkill_then_resume_gives_exact_seq_ids(tmp_path, model, prompts,
     ds.verify()
     assert ds.complete and ds.seq_ids.tolist() == list(range(40))  # exact, no duplicates
     assert not list(out.glob("*.tmp"))
+
+
+def test_trace_disk_full_is_one_line_error(tmp_path, model, prompts, tracer_available):
+    """A real full disk (a 96 KiB tmpfs): one error line naming the directory, no tmp left."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = mnt / "ds"
+        res = run("trace", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
+                  "--max-tokens", "16", "--shard-rows", "40", "--threads", "1")
+        one_error_line(res, str(out), "disk full")
+        assert not list(out.glob("*.tmp"))
+        ds = TraceDataset(out)
+        ds.verify()
+        assert 0 < ds.n_sequences < 40
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
