@@ -184,11 +184,15 @@ def _ff_metadata(lay: MoELayout, reader: gguf.GGUFReader, ff: int,
                  new_ff: int) -> dict[str, int | list[int]]:
     """Which hparam keys carry the expert width in llama.cpp, and their new values.
 
-    1. ``{arch}.expert_feed_forward_length`` when present (qwen*moe, deepseek2, ...);
-    2. else ``{arch}.feed_forward_length`` when it equals the expert width (llama/Mixtral
-       reads the expert width from it) — unless dense FFN layers share that key;
-    3. else add ``expert_feed_forward_length`` (the archs that fall back to another rule,
-       e.g. qwen3moe's ``n_ff / n_expert_used``, read it first).
+    Archs differ: llama (Mixtral) sizes its experts by ``{arch}.feed_forward_length`` and
+    ignores ``expert_feed_forward_length``; qwen*moe / deepseek2 / ... read
+    ``expert_feed_forward_length`` (qwen3moe falls back to ``n_ff / n_expert_used``). So:
+
+    1. ``expert_feed_forward_length``, when present, must equal the expert width: updated;
+    2. ``feed_forward_length`` is updated where it equals the expert width (per layer if it
+       is an array) — unless dense FFN tensors share a scalar value with the experts, where
+       it must stay (refused when it is the only key that could carry the new width);
+    3. when neither key applies, ``expert_feed_forward_length`` is added.
     """
     arch, moe = lay.arch, set(lay.moe_layers)
 
@@ -198,25 +202,31 @@ def _ff_metadata(lay: MoELayout, reader: gguf.GGUFReader, ff: int,
             return None
         v = f.contents()
         if isinstance(v, list):  # per-layer array
-            return [new_ff if (i in moe and int(x) == ff) else int(x) for i, x in enumerate(v)]
+            hits = [i for i, x in enumerate(v) if i in moe and int(x) == ff]
+            return [new_ff if i in hits else int(x) for i, x in enumerate(v)] if hits else None
         return new_ff if int(v) == ff else None
 
     key_exp, key_ff = f"{arch}.expert_feed_forward_length", f"{arch}.feed_forward_length"
+    updates: dict[str, int | list[int]] = {}
     if key_exp in reader.fields:
         v = updated(key_exp)
         if v is None:
             raise ExpertPredError(f"{lay.path}: {key_exp}={reader.fields[key_exp].contents()} "
                                   f"but the expert tensors are {ff} wide; expected them equal")
-        return {key_exp: v}
+        updates[key_exp] = v
     v = updated(key_ff)
     if v is not None:
         dense = [t.name for t in reader.tensors if _DENSE_FFN.match(t.name)]
-        if dense and not isinstance(v, list):
+        if not dense or isinstance(v, list):
+            updates[key_ff] = v
+        elif key_exp not in updates:
             raise ExpertPredError(f"{lay.path}: dense FFN tensors ({dense[0]}, ...) share "
                                   f"{key_ff}={ff} with the experts; cannot widen experts alone")
-        return {key_ff: v}
-    log.warning("%s: no hparam equals the expert width %d; adding %s", lay.path, ff, key_exp)
-    return {key_exp: new_ff}
+    if not updates:
+        log.warning("%s: no hparam equals the expert width %d; adding %s", lay.path, ff,
+                    key_exp)
+        updates[key_exp] = new_ff
+    return updates
 
 
 def plan_widen(model: str | os.PathLike[str], *, ff: int | None = None,
