@@ -54,11 +54,30 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, computed per layer and averaged (1.0 = balanced).
+
+    transformers' ``load_balancing_loss_func`` concatenates all layers' router logits before
+    computing ``E * sum_e f_e * P_e``, so one layer may starve an expert while another
+    compensates; measured on a first run: dead experts and 1st-choice shares up to 3.9x
+    uniform. Per layer, every router is pushed towards balance.
+    """
+    per_layer = []
+    for logits in router_logits:  # (n_tokens, n_expert)
+        probs = logits.float().softmax(-1)
+        n_expert = probs.shape[-1]
+        chosen = F.one_hot(probs.topk(k, dim=-1).indices, n_expert).float()  # (N, k, E)
+        f = chosen.sum(1).mean(0) / k  # fraction of assignments per expert, sums to 1
+        p = probs.mean(0)  # mean router probability per expert
+        per_layer.append(n_expert * (f * p).sum())
+    return torch.stack(per_layer).mean()
+
+
 def lm_loss(model, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next-token cross-entropy, load-balancing aux loss) of windows (B, T+1)."""
+    """(next-token cross-entropy, per-layer load-balancing loss) of windows (B, T+1)."""
     out = model(input_ids=windows[:, :-1], output_router_logits=True)
     ce = F.cross_entropy(out.logits.flatten(0, 1), windows[:, 1:].flatten())
-    return ce, out.aux_loss
+    return ce, load_balancing_loss(out.router_logits, model.config.num_experts_per_tok)
 
 
 @torch.no_grad()
@@ -191,6 +210,8 @@ def train(cfg: TrainConfig, command: str) -> dict:
         "code_train_bytes_used": sum(len(d.text.encode()) for d in train_docs["code"]),
         "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len,
         "train_stream_tokens": {d: int(len(s)) for d, s in train_streams.items()},
+        "aux_loss": "per-layer Switch load-balancing loss (training.train.load_balancing_loss)"
+                    f" x {cfg.router_aux_loss_coef}",
         "loss": losses,
         "loss_history": history,
         "routing_stats_heldout": stats,
