@@ -10,6 +10,10 @@ over rounds per workload:
   llama.cpp needs to run the last layer for every token);
 * ``decode``: an 8-token prompt and ``--gen-tokens`` greedy tokens (one token per decode).
 
+``ratio`` is the median over rounds of traced ÷ untraced wall-clock tokens/s (min and max
+shown); ``cpu ratio`` the same with this process's CPU time, which is steadier on a shared
+machine (other processes stall llama.cpp's spinning worker threads unevenly).
+
 Models: the shipped tiny model (if present) and a larger random MoE GGUF written to /tmp
 (arch llama, n_embd 1024, 8 layers, 8 experts top-2, expert width 2048, f16), because the
 per-token compute of the tiny models is so small that fixed per-node callback costs dominate.
@@ -45,13 +49,14 @@ def _prompts(tracer: LlamaTracer, n_prompts: int, n_tokens: int, seed: int) -> l
     return [rng.integers(1, hi, size=n_tokens).tolist() for _ in range(n_prompts)]
 
 
-def _timed(fn, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
+def _timed(fn, prompts: list[list[int]], max_tokens: int) -> tuple[int, float, float]:
+    """(tokens, wall seconds, process CPU seconds) for running ``fn`` over ``prompts``."""
     n = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for p in prompts:
         out = fn(p, max_tokens)
         n += len(out.tokens)
-    return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench_model(path: Path, rounds: int, threads: int, prompt_tokens: int, gen_tokens: int,
@@ -68,16 +73,17 @@ def bench_model(path: Path, rounds: int, threads: int, prompt_tokens: int, gen_t
             # warm-up both contexts (first-touch of weights, graph allocation)
             tr.trace(prompts[0], max_tokens)
             tr.generate(prompts[0], max_tokens)
-            ratios, traced_tps, plain_tps = [], [], []
+            ratios, cpu_ratios, traced_tps, plain_tps = [], [], [], []
             for r in range(rounds):
                 order = [("traced", tr.trace), ("plain", tr.generate)]
                 if r % 2:
                     order.reverse()
-                tps = {}
+                tps, cps = {}, {}
                 for label, fn in order:
-                    n, dt = _timed(fn, prompts, max_tokens)
-                    tps[label] = n / dt
+                    n, wall, cpu = _timed(fn, prompts, max_tokens)
+                    tps[label], cps[label] = n / wall, n / cpu
                 ratios.append(tps["traced"] / tps["plain"])
+                cpu_ratios.append(cps["traced"] / cps["plain"])
                 traced_tps.append(tps["traced"])
                 plain_tps.append(tps["plain"])
             rows.append({
@@ -88,6 +94,7 @@ def bench_model(path: Path, rounds: int, threads: int, prompt_tokens: int, gen_t
                 "traced_tps": statistics.median(traced_tps),
                 "ratio_median": statistics.median(ratios),
                 "ratio_min": min(ratios), "ratio_max": max(ratios),
+                "cpu_ratio_median": statistics.median(cpu_ratios),
             })
     return rows
 
@@ -137,13 +144,15 @@ def main() -> None:
                             args.prompts)
 
     hdr = (f"{'model':<40} {'arch':<8} {'L':>3} {'E':>3} {'k':>2} {'workload':<8} "
-           f"{'plain tok/s':>11} {'traced tok/s':>12} {'ratio':>6} {'[min, max]':>14}")
+           f"{'plain tok/s':>11} {'traced tok/s':>12} {'ratio':>6} {'[min, max]':>14} "
+           f"{'cpu ratio':>9}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['model']:<40} {r['arch']:<8} {r['layers']:>3} {r['E']:>3} {r['k']:>2} "
               f"{r['workload']:<8} {r['plain_tps']:>11.1f} {r['traced_tps']:>12.1f} "
-              f"{r['ratio_median']:>6.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]")
+              f"{r['ratio_median']:>6.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] "
+              f"{r['cpu_ratio_median']:>9.3f}")
     print()
     print(f"{'model':<40} {'copied B/tok/layer':>19} {'stored B/tok/layer':>19} "
           f"{'+hidden f16':>12}")

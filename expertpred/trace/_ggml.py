@@ -191,6 +191,7 @@ typedef struct {
     int64_t *rows;                        /* [L] tokens captured so far per MoE layer */
     void **argsort_ptr; void **router_in_ptr;  /* [L] remembered in the ask phase */
     int64_t error;                        /* 0 ok; else 1 + reason code */
+    int64_t stop_after;                   /* MoE row after whose weights to stop, -1 never */
 } ep_state;
 
 #define OFF_NE 16
@@ -258,6 +259,7 @@ bool ep_callback(void *t, bool ask, void *user_data) {
             s->to_fp16(s->scratch_f32, s->hidden + (li * s->cap + r) * D, n * D);
         }
         s->rows[li] = r + n;
+        if (li == s->stop_after) return false;  /* the rest of the graph is not needed */
     }
     return true;
 }
@@ -286,7 +288,7 @@ class CaptureState(ctypes.Structure):
         ("scratch_i32", ctypes.c_void_p), ("scratch_f32", ctypes.c_void_p),
         ("rows", ctypes.c_void_p),
         ("argsort_ptr", ctypes.c_void_p), ("router_in_ptr", ctypes.c_void_p),
-        ("error", ctypes.c_int64),
+        ("error", ctypes.c_int64), ("stop_after", ctypes.c_int64),
     ]
 
 

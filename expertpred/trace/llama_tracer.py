@@ -36,16 +36,26 @@ llama.cpp's ``src/llama-graph.cpp``):
 * ``hidden`` (``capture_hidden=True``) — the router input (``src[1]`` of the router matmul,
   which is ``ffn_norm-L``), stored as float16.
 
-Cost control: the eval callback is asked about every graph node; it says yes to two nodes
-per MoE layer (the score node and the final weights node) — every yes splits the graph and
-synchronises. The argsort and the router input are read at the weights node through pointers
-remembered in the ask phase: both stay alive until the expert matmuls that come later use
-them. Data is copied with ``ggml_backend_tensor_get`` straight into preallocated numpy
-buffers laid out (layer, token, ·) so one call copies a whole ubatch.
+Cost control: the scheduler asks the eval callback about every graph node (~50 per
+layer); it says yes to two nodes per MoE layer — every yes splits the graph and
+synchronises. The score node must be read at once (ggml's allocator lets the softmax
+overwrite the logits in place); the argsort and the router input are read at the weights
+node through pointers remembered in the ask phase: both stay alive until the expert matmuls
+that come later use them. The callback itself is C (``_ggml.CAPTURE_C``, compiled once per
+machine and cached; a Python twin is the fallback without a C compiler, or with
+``EXPERTPRED_PY_CALLBACK=1``): it copies with ``ggml_backend_tensor_get`` straight into
+preallocated numpy buffers laid out (layer, token, ·), one call per ubatch. Both contexts
+share one persistent ggml threadpool — without it ggml spawns and joins worker threads at
+every graph compute, i.e. at every split. :attr:`callback_` says which callback runs.
 
-To capture the last layer for every token, traced decodes request outputs (vocab logits)
-for every token of a batch; without that llama.cpp computes the last layer only for
-output rows. Not thread-safe: one tracer per thread.
+Prompt schedule (the same traced and untraced): all prompt tokens but the last in batches
+of ``n_batch``, then the last prompt token alone (its logits sample the first generated
+token). To capture the last layer for every token, traced batches request outputs for every
+token — without that llama.cpp computes the last layer only for output rows — and, when the
+last MoE layer is the model's last block, the callback stops the compute right after that
+layer's routing is captured (returning false from the eval callback ends the graph; the KV
+cache is complete by then), so prompt tokens cost no extra expert matmuls and no vocab
+projection. Not thread-safe: one tracer per thread.
 """
 
 from __future__ import annotations
@@ -175,6 +185,7 @@ class LlamaTracer:
         self._argsort_ptr = [0] * n_moe
         self._router_in_ptr = [0] * n_moe
         self._want: dict[bytes, tuple[int, int]] = {}
+        self._stop_after = -1  # Python callback's twin of CaptureState.stop_after
         self._probe: dict[bytes, int] = {}
         self._cb_error: BaseException | None = None
         self.score_node_ = ""
@@ -243,7 +254,7 @@ class LlamaTracer:
         self._probe = {}
         ctx = self._new_context(self._probe_cb)
         try:
-            self._decode(ctx, [self._probe_token()], 0, all_outputs=True)
+            self._decode(ctx, [self._probe_token()], 0, "all")
             self._plan(self._probe)  # node pointers stay valid until ctx is freed
         finally:
             self._llama.llama_free(ctx)
@@ -371,6 +382,8 @@ class LlamaTracer:
                 self._copy_scores(t, li)
             if flags & _YES_WEIGHTS:
                 self._copy_weights(t, li)
+                if li == self._stop_after:
+                    return False  # stop the compute: the rest of the graph is not needed
             return True
         except BaseException as exc:  # an exception must not unwind through C
             self._cb_error = exc
@@ -406,13 +419,22 @@ class LlamaTracer:
         self._rows[li] = r + n
 
     # --- decoding ------------------------------------------------------------------------
-    def _decode(self, ctx: Any, tokens: Sequence[int], pos0: int, all_outputs: bool) -> None:
+    def _decode(self, ctx: Any, tokens: Sequence[int], pos0: int, outputs: str,
+                stop: bool = False) -> None:
+        """Decode one batch. ``outputs``: "all" (every token's last layer runs: needed for
+        its routing), "last" or "none"; ``stop``: end the compute right after the last MoE
+        layer's routing is captured (only allowed when that is the model's last block)."""
         n = len(tokens)
         self._b_token[:n] = tokens
         self._b_pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
-        self._b_logits[:n] = 1 if all_outputs else 0
-        self._b_logits[n - 1] = 1
+        self._b_logits[:n] = 1 if outputs == "all" else 0
+        if outputs == "last":
+            self._b_logits[n - 1] = 1
         self._batch.n_tokens = n
+        stop_after = len(self.moe_layers_) - 1 if stop else -1
+        self._stop_after = stop_after
+        if self._state is not None:
+            self._state.stop_after = stop_after
         self._cb_error = None
         rc = self._llama.llama_decode(ctx, self._batch)
         st = self._state
@@ -461,15 +483,24 @@ class LlamaTracer:
             self._sync_buffers(self._state)
             self._rows[:] = 0
         self._clear(ctx)
-        expected = 0
-        for start in range(0, n_prompt, self.n_batch):
-            chunk = toks[start:start + self.n_batch]
-            self._decode(ctx, chunk, start, all_outputs=traced)
-            expected += len(chunk)
+        # Decode schedule (identical traced and untraced): all prompt tokens but the last in
+        # batches that need no logits, then the last prompt token alone — its logits sample
+        # the first generated token — then one token per step. Traced batches request every
+        # token as output (else llama.cpp skips the last layer for them) and, when the last
+        # MoE layer is the last block, stop right after its routing: no expert matmuls and
+        # no vocab projection for prompt tokens whose logits nobody reads.
+        head = toks if max_tokens <= 0 else toks[:-1]
+        stop = traced and self.moe_layers_[-1] == self.layout_.n_layer - 1
+        for start in range(0, len(head), self.n_batch):
+            chunk = head[start:start + self.n_batch]
+            self._decode(ctx, chunk, start, "all" if traced else "none", stop=stop)
             if traced:
-                self._check_rows(expected)
+                self._check_rows(start + len(chunk))
         if max_tokens <= 0:
             return toks, n_prompt
+        self._decode(ctx, toks[-1:], n_prompt - 1, "last")
+        if traced:
+            self._check_rows(n_prompt)
         smpl = self._sampler(**sampling)
         try:
             llama = self._llama
@@ -478,7 +509,7 @@ class LlamaTracer:
                 if llama.llama_vocab_is_eog(self._vocab, tok):
                     break
                 toks.append(tok)
-                self._decode(ctx, [tok], len(toks) - 1, all_outputs=True)
+                self._decode(ctx, [tok], len(toks) - 1, "last")
                 if traced:
                     self._check_rows(len(toks))
         finally:
