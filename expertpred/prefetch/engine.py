@@ -259,7 +259,11 @@ class PrefetchEngine:
                 f"{path}: file has {st.st_size} bytes, expected {self.layout.file_size} "
                 "from its layout (a different or modified file?)")
         self._identity = (st.st_dev, st.st_ino)
-        self._map = FileMapping(path)  # for mincore checks; never read through
+        try:
+            self._map = FileMapping(path)  # for mincore checks; never read through
+        except OSError:
+            self.io_.close()
+            raise
         self._ranges = self._build_ranges()
         self._lock = threading.Condition(threading.Lock())
         self._s = _State()

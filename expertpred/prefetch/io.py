@@ -31,6 +31,15 @@ misuse. ``pyuring`` needs a newer C liburing than Debian's 2.3; ``one-ring-core`
 ``liburing`` is optional: without it ``make_method("io_uring", ...)`` raises a one-line
 :class:`ExpertPredError`.
 
+Measured with ``benchmarks/io_bandwidth.py --rounds 3 --gb 1.5`` (2026-11-29, cold page
+cache, whole 48 MiB experts in random top-2 order, 2 MiB chunks, machine shared with
+training): ``fadvise`` and ``madvise`` reach 0.8-1.05 of the median ``dd iflag=direct``
+bandwidth (~1.3-1.7 GB/s) at every queue depth — one thread can issue a whole job's hints,
+so the device queue stays deep; ``pread`` and ``io_uring`` reach 0.55-0.75 (~0.9-1.1 GB/s)
+at queue depth 4-16. A ``WILLNEED``-then-wait variant (no copy to user space) was no faster
+than ``pread``, so the gap is the per-chunk issue→wait round trip, not the copy.
+Use ``fadvise`` for bandwidth, ``pread`` when "complete" must mean "in the page cache".
+
 The engine hands work to a method through the small :class:`WorkSource` protocol; a method
 never decides *what* to read, only *how*.
 """
