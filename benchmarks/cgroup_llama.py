@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -77,16 +78,18 @@ def child(model: str, use_mmap: bool, tokens: int, advice: int | None) -> None:
     io1, t1 = proc_io(), time.perf_counter()
     ids = llm.tokenize(PROMPT.encode(), add_bos=False)
     llm.eval(ids)
-    io2, t2 = proc_io(), time.perf_counter()
+    io2, t2, c2 = proc_io(), time.perf_counter(), os.times()
     out = []
     for _ in range(tokens):
         out.append(int(llm.scores[llm.n_tokens - 1].argmax()))
         llm.eval([out[-1]])
-    io3, t3 = proc_io(), time.perf_counter()
+    io3, t3, c3 = proc_io(), time.perf_counter(), os.times()
     print(json.dumps({
         "load_s": t1 - t0, "load_read": (io1 - io0).read_bytes, "load_majflt": (io1 - io0).majflt,
         "prompt_tokens": len(ids), "prompt_s": t2 - t1, "prompt_read": (io2 - io1).read_bytes,
-        "gen_tokens": tokens, "gen_s": t3 - t2, "gen_read": (io3 - io2).read_bytes,
+        "gen_tokens": tokens, "gen_s": t3 - t2,
+        "gen_cpu_s": c3.user + c3.system - c2.user - c2.system, "gen_sys_s": c3.system - c2.system,
+        "gen_read": (io3 - io2).read_bytes,
         "gen_majflt": (io3 - io2).majflt, "tokens": out,
     }), flush=True)
     llm.close()
@@ -105,7 +108,8 @@ def bench_model(total_gib: float, source: Path | None) -> Path:
             write_random_moe(source, SyntheticSpec(arch="llama", n_layer=4, n_embd=512,
                                                    n_head=8, n_head_kv=4, n_expert=8,
                                                    n_expert_used=2, n_ff=256))
-    out = BENCH_DIR / f"{source.stem}-widened-{total_gib:g}gib-f16.gguf"
+    stem = source.parent.name if source.stem == "model" else source.stem  # models/<name>/
+    out = BENCH_DIR / f"{stem}-widened-{total_gib:g}gib-f16.gguf"
     if not out.exists():
         res = widen(source, out, total_gib=total_gib, dtype="f16")
         print(f"widened {source} -> {out}: {res.file_size / 2**30:.2f} GiB in "
@@ -157,11 +161,12 @@ def fmt(row: dict[str, object]) -> str:
         return f"{v / 2**30:6.2f}" if isinstance(v, int) else "     -"
 
     tps = (f"{row['gen_tokens'] / row['gen_s']:6.2f}" if "gen_s" in row else "     -")
+    cpu = (f"{row['gen_cpu_s'] / row['gen_tokens']:6.2f}" if "gen_cpu_s" in row else "     -")
     load = f"{row['load_s']:6.1f}" if "load_s" in row else "     -"
     status = ("OOM-killed" if row["oom_killed"] else
               "ok" if row["returncode"] == 0 else f"rc={row['returncode']}")
     return (f"{row['scenario']:15} {status:10} {row['resident_before']:5.0%} {load} "
-            f"{gib('load_read')} {gib('gen_read')} {gib('peak')} {tps} {row['wall_s']:6.1f}")
+            f"{gib('load_read')} {gib('gen_read')} {gib('peak')} {tps} {cpu} {row['wall_s']:6.1f}")
 
 
 def main() -> None:
@@ -192,7 +197,7 @@ def main() -> None:
           f"{lay.bytes_per_expert() / 2**20:.1f} MiB per expert; cgroup limit "
           f"{limit / 2**30:.2f} GiB ({a.limit_frac:.0%})", flush=True)
     print(f"{'scenario':15} {'status':10} {'cache':>5} {'load_s':>6} {'rd_GiB':>6} "
-          f"{'gen_rd':>6} {'peak':>6} {'tok/s':>6} {'wall':>6}", flush=True)
+          f"{'gen_rd':>6} {'peak':>6} {'tok/s':>6} {'cpu/tk':>6} {'wall':>6}", flush=True)
     rows = []
     for name in a.scenarios.split(","):
         row = run_scenario(name, model, limit, a.tokens)
