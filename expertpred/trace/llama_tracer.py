@@ -13,7 +13,11 @@ API (the ``trace`` CLI and the dataset writer call exactly this)::
 ``max_tokens`` tokens one at a time; generation stops early *before* an end-of-generation
 token (it is not part of the trace). Every token in ``SequenceTrace.tokens`` — prompt and
 generated, including the last generated one, which gets one extra decode step — has its
-routing at every MoE layer. ``max_tokens=0`` traces just the given tokens (teacher forcing).
+routing at every MoE layer. ``max_tokens=0`` traces just the given tokens (teacher
+forcing). ``context_params`` sets extra ``llama_context_params`` fields on both contexts,
+e.g. ``{"flash_attn_type": 0, "type_k": 0, "type_v": 0}`` (no flash attention, f32 KV
+cache): with llama.cpp's defaults (flash attention on CPU, f16 KV cache) router logits
+differ from an f32 transformers run by up to ~2e-2; with those three fields by ~2e-5.
 ``generate`` does the same work (same decode steps, same sampler) on a second llama.cpp
 context that has no eval callback: it is the untraced baseline.
 
@@ -63,7 +67,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -139,6 +143,7 @@ class LlamaTracer:
         n_batch: int = 512,
         capture_hidden: bool = False,
         seed: int = 0,
+        context_params: Mapping[str, Any] | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
@@ -146,6 +151,7 @@ class LlamaTracer:
         self.n_batch = n_batch
         self.capture_hidden = capture_hidden
         self.seed = seed
+        self.context_params = dict(context_params or {})
 
         layout = read_layout(self.model_path)  # GGUFError (an ExpertPredError) if not MoE
         self.layout_ = layout
@@ -227,6 +233,10 @@ class LlamaTracer:
         cp.n_threads = self._pool.n_threads
         cp.n_threads_batch = self._pool.n_threads
         cp.no_perf = True
+        for key, value in self.context_params.items():
+            if not hasattr(cp, key):
+                raise ExpertPredError(f"context_params: llama_context_params has no field {key!r}")
+            setattr(cp, key, value)
         if cb is not None:
             cp.cb_eval = cb
             cp.cb_eval_user_data = cb_data

@@ -3,8 +3,10 @@ cross-check of both tracers: the same checkpoint converted to GGUF (expertpred.c
 traced through llama.cpp must give the same router logits and the same selected experts.
 The same cross-check runs on the shipped models when they are built.
 
-Measured (random models, f32 weights, llama.cpp's default f16 KV cache): router-logit max
-abs diff 2.5e-3..7.5e-3, expert-id agreement 0.998..1.0 (a near-tie flips).
+Measured router-logit max abs diff (f32 weights): random models 2.5e-3..7.5e-3 with
+llama.cpp's defaults (flash attention, f16 KV cache), 4e-6..1.2e-5 without flash attention
+and with an f32 KV cache; tiny-mixtral 1.8e-2 / 1.9e-5 on 522 tokens. Expert-id agreement
+0.998..1.0 (a near-tie flips now and then).
 """
 
 from __future__ import annotations
@@ -47,8 +49,23 @@ FAMILIES = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               dict(num_experts=8, num_experts_per_tok=2, num_key_value_heads=4), False),
 }
-LOGIT_ATOL = 2e-2  # router logits, HF f32 vs llama.cpp f32 weights + f16 KV cache
+# llama.cpp context settings of the cross-check -> router-logit tolerance (clean entries).
+# "stock": llama.cpp's defaults — flash attention (f16 Q·K on CPU) and an f16 KV cache;
+# measured up to 1.8e-2 on tiny-mixtral at late positions of repeated text (sharp attention).
+# "exact": no flash attention, f32 KV cache; measured 2e-5.
+MODES = {
+    "stock": ({}, 5e-2),
+    "exact": ({"flash_attn_type": 0, "type_k": 0, "type_v": 0}, 1e-4),
+}
 MIN_AGREEMENT = 0.98  # expert ids (near-ties may flip)
+TEXT = (
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
+    "    return a\n\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n\n"
+    "    def push(self, x):\n        self.items.append(x)\n\n"
+    "The river ran quietly past the old mill, where the miller's daughter counted sacks of "
+    "flour and dreamed of the sea. Every spring the water rose, and every autumn the "
+    "villagers argued about who should mend the wheel. Nobody remembered who had built it.\n"
+)
 
 
 def _byte_tokenizer_json(path: Path) -> None:
@@ -108,6 +125,21 @@ def _tokens(n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, 256, n).tolist()
 
 
+def _compare(h, ll) -> tuple[float, float, float]:
+    """(max |router-logit diff| over clean entries, over all, expert-id agreement).
+
+    A near-tie flip of the selected experts of token t at layer l changes that token's
+    hidden state in later layers and, through attention, every later token's: entries
+    (t', l') with t' >= t and l' > l are downstream of the flip and may legitimately differ
+    by more than float noise. "Clean" entries have no flip at any (t'' <= t', l'' < l').
+    """
+    flip = np.any(np.sort(h.experts, -1) != np.sort(ll.experts, -1), axis=-1)  # (T, L)
+    upstream = np.zeros_like(flip)
+    upstream[:, 1:] = np.maximum.accumulate(np.maximum.accumulate(flip, axis=0), axis=1)[:, :-1]
+    diff = np.abs(h.logits - ll.logits).max(-1)  # (T, L)
+    return float(diff[~upstream].max()), float(diff.max()), float((h.experts == ll.experts).mean())
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -149,47 +181,43 @@ def test_hf_greedy_trace_equals_generate_and_teacher_forcing(checkpoints, family
     assert np.array_equal(g.experts, tf.experts)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_llama_cpp_and_transformers_route_alike(checkpoints, family, record_property):
-    d = checkpoints[family]
-    toks = _tokens(96, seed=2)
-    with HFTracer(d, n_threads=2) as hf:
-        h = hf.trace_tokens(toks)
-    with LlamaTracer(d / "model.gguf", n_ctx=256, n_threads=2) as lt:
+def _cross_check(gguf: Path, hf_dir: Path, tokens: list[int] | str, mode: str,
+                 record_property, label: str) -> None:
+    params, atol = MODES[mode]
+    with LlamaTracer(gguf, n_ctx=1024, n_threads=2, context_params=params) as lt:
+        toks = lt.tokenize(tokens) if isinstance(tokens, str) else tokens
         ll = lt.trace(toks)
-    diff = float(np.abs(h.logits - ll.logits).max())
-    agree = float((h.experts == ll.experts).mean())
+    with HFTracer(hf_dir, n_threads=2) as hf:
+        h = hf.trace_tokens(toks)
+    assert h.logits.shape == ll.logits.shape
+    clean, diff, agree = _compare(h, ll)
     record_property("router_logit_max_abs_diff", diff)
+    record_property("router_logit_max_abs_diff_clean", clean)
     record_property("expert_agreement", agree)
-    log.info("%s: router logits max |diff| %.2e, expert agreement %.4f", family, diff, agree)
-    assert diff < LOGIT_ATOL
+    log.info("%s [%s] (%d tokens): router logits max |diff| %.2e (%.2e where no upstream "
+             "near-tie flip), expert agreement %.4f", label, mode, len(toks), diff, clean, agree)
+    assert clean < atol
     assert agree >= MIN_AGREEMENT
-    np.testing.assert_allclose(h.weights, ll.weights, atol=1e-2)
+    assert float(np.abs(h.logits - ll.logits).mean()) < atol / 10
+    same = (h.experts == ll.experts).all(-1)
+    assert np.abs(h.weights - ll.weights)[same].max() < atol
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_llama_cpp_and_transformers_route_alike(checkpoints, family, mode, record_property):
+    d = checkpoints[family]
+    _cross_check(d / "model.gguf", d, _tokens(96, seed=2), mode, record_property, family)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", SHIPPED_MODELS)
-def test_shipped_models_llama_cpp_and_transformers_route_alike(name, record_property):
+def test_shipped_models_llama_cpp_and_transformers_route_alike(name, mode, record_property):
     d = repo_root() / "models" / name
     if not (d / "model.gguf").exists() or not (d / "hf" / "config.json").exists():
         pytest.skip(f"{d}/model.gguf or hf/ not built yet (python -m training.train "
                     f"--config training/configs/{name}.toml)")
-    text = ("def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
-            "    return a\n\nThe river ran quietly past the old mill, where the miller's "
-            "daughter counted sacks of flour and dreamed of the sea. ") * 2
-    with LlamaTracer(d / "model.gguf", n_ctx=1024, n_threads=2) as lt:
-        toks = lt.tokenize(text)
-        ll = lt.trace(toks)
-    with HFTracer(d / "hf", n_threads=2) as hf:
-        h = hf.trace_tokens(toks)
-    assert h.logits.shape == ll.logits.shape
-    diff = float(np.abs(h.logits - ll.logits).max())
-    agree = float((h.experts == ll.experts).mean())
-    record_property("router_logit_max_abs_diff", diff)
-    record_property("expert_agreement", agree)
-    log.info("%s (%d tokens): router logits max |diff| %.2e, expert agreement %.4f",
-             name, len(toks), diff, agree)
-    assert diff < LOGIT_ATOL
-    assert agree >= MIN_AGREEMENT
+    _cross_check(d / "model.gguf", d / "hf", TEXT * 3, mode, record_property, name)
 
 
 def test_non_moe_and_missing_checkpoints_are_user_errors(tmp_path):
