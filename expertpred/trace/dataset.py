@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "expertpred.trace"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-LOCK_NAME = ".lock"
 TMP_SUFFIX = ".tmp"
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 
@@ -445,8 +444,7 @@ class TraceWriter:
             if (d / MANIFEST_NAME).exists():
                 self._open_existing()
             else:
-                others = [p.name for p in d.iterdir()
-                          if not p.name.endswith(TMP_SUFFIX) and p.name != LOCK_NAME]
+                others = [p.name for p in d.iterdir() if not p.name.endswith(TMP_SUFFIX)]
                 if others:
                     raise TraceWriteError(
                         f"{d}: directory is not empty and holds no trace dataset (found "
@@ -460,14 +458,14 @@ class TraceWriter:
             raise
 
     def _take_lock(self) -> None:
-        path = self.out_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        """flock the directory itself: nothing left behind, released when the process dies."""
+        fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise TraceWriteError(f"{self.out_dir}: another writer holds {LOCK_NAME}; "
-                                  "expected one trace run per directory") from None
+            raise TraceWriteError(f"{self.out_dir}: another trace run is writing here (directory "
+                                  "locked); expected one run per directory") from None
         self._lock_fd = fd
 
     def _release_lock(self) -> None:

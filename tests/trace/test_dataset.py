@@ -234,7 +234,7 @@ def test_refuses_other_model_and_existing_dataset(tmp_path):
 def test_second_writer_is_locked_out(tmp_path):
     with TraceWriter(tmp_path / "ds", info()) as w:
         w.write(make_seq(0))
-        with pytest.raises(TraceWriteError, match="another writer"):
+        with pytest.raises(TraceWriteError, match="another trace run"):
             TraceWriter(tmp_path / "ds", info(), resume=True)
 
 
