@@ -51,12 +51,12 @@ class PredictorsConfig:
     max_train_rows: int = 200_000  # uniform sample of training rows per offset (memory bound)
     seed: int = 0
     # --- learned models
-    lgb_shared: bool = True  # one booster per expert for all layers (vs one per layer)
+    lgb_shared: bool = False  # per layer measured better (+0.8..1.2 pt recall, same time)
     lgb_rounds: int = 40
     lgb_leaves: int = 15
     lgb_max_rows: int = 60_000
-    mlp_hidden: int = 256
-    mlp_epochs: int = 12
+    mlp_hidden: int = 128  # 256 / 12 epochs: +0.4..0.8 pt recall for ~3x the time
+    mlp_epochs: int = 8
     mlp_lr: float = 2e-3
     mlp_loss: str = "bce"  # "bce" or "softmax"
     mlp_use_hidden: bool = True

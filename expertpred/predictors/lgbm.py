@@ -26,7 +26,7 @@ class LightGBMPredictor(GateFeatures, Predictor, name="lightgbm"):
 
     min_rows = 50
 
-    def __init__(self, shared: bool = True, n_estimators: int = 40, num_leaves: int = 15,
+    def __init__(self, shared: bool = False, n_estimators: int = 40, num_leaves: int = 15,
                  learning_rate: float = 0.15, min_child_samples: int = 20,
                  max_rows: int = 60000, use_hidden: bool = False, gguf_path: str = "",
                  seed: int = 0, n_jobs: int = 1) -> None:

@@ -28,7 +28,7 @@ class MLPPredictor(GateFeatures, Predictor, name="mlp"):
 
     min_rows = 50
 
-    def __init__(self, hidden_size: int = 256, epochs: int = 12, lr: float = 2e-3,
+    def __init__(self, hidden_size: int = 128, epochs: int = 8, lr: float = 2e-3,
                  batch_size: int = 512, weight_decay: float = 1e-5, loss: str = "bce",
                  use_hidden: bool = True, max_rows: int = 200000, gguf_path: str = "",
                  seed: int = 0) -> None:
