@@ -269,6 +269,7 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
             ds = sorted(by_d)
             ax.plot(ds, [by_d[d] for d in ds], marker="o", label=p)
         ax.set(title=name, xlabel="target offset d", ylabel=f"recall@{k}", ylim=(0, 1.02))
+        ax.set_xticks(sorted({r["d"] for sc in report["scenarios"] for r in sc["results"]}))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
@@ -278,7 +279,8 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     # 2. per-layer recall heatmap (in-domain), one panel per d
     sc = report["scenarios"][0]
     offsets = sorted({r["d"] for r in sc["results"]})
-    preds = sorted({r["predictor"] for r in sc["results"]})
+    order = {p: i for i, p in enumerate(report["config"]["predictors"])}
+    preds = sorted({r["predictor"] for r in sc["results"]}, key=lambda p: (order.get(p, 99), p))
     n_l = len(report["model"]["moe_layers"])
     fig, axes = plt.subplots(1, len(offsets), figsize=(3.2 * len(offsets) + 1, 0.35 *
                              len(preds) + 1.5), squeeze=False)
@@ -296,15 +298,20 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     paths.append(out / "recall_per_layer.png")
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
-    # 3. cache hit rate vs budget
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    # 3. cache hit rate and bytes read per token vs budget
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     res = report["cache"]["results"]
     for pol in dict.fromkeys(r["policy"] for r in res):
-        pts = sorted((r["budget"], r["hit_rate"]) for r in res if r["policy"] == pol)
-        ax.plot([100 * b for b, _ in pts], [h for _, h in pts], marker="o", label=pol)
+        pts = sorted((r["budget"], r["hit_rate"], r["bytes_per_token"]) for r in res
+                     if r["policy"] == pol)
+        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
+        ax2.plot([100 * p[0] for p in pts], [p[2] / 2**20 for p in pts], marker="o", label=pol)
     ax.set(xlabel="cache budget (% of expert bytes)", ylabel="hit rate", ylim=(0, 1.02),
-           title="expert cache")
-    ax.grid(alpha=0.3)
+           title="expert cache: demand hit rate")
+    ax2.set(xlabel="cache budget (% of expert bytes)", ylabel="MiB read per token",
+            title="bytes read (misses + prefetches)")
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "cache_hit_rate.png")
