@@ -28,9 +28,10 @@ or before an end-of-generation token (not included).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +123,6 @@ class HFTracer:
         self.n_threads = n_threads
         self.capture_hidden = capture_hidden
         self.dtype = dtype
-        if n_threads:
-            torch.set_num_threads(n_threads)
         self.tokenizer_: Any | None = None
         if self.model_path is not None:
             path = Path(self.model_path)
@@ -214,6 +213,21 @@ class HFTracer:
         for h in self._hooks:
             h.clear()
 
+    @contextlib.contextmanager
+    def _compute(self) -> Iterator[None]:
+        """inference_mode with ``n_threads`` torch threads, restored afterwards (the setting
+        is process-global)."""
+        import torch
+
+        before = torch.get_num_threads()
+        if self.n_threads:
+            torch.set_num_threads(self.n_threads)
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            torch.set_num_threads(before)
+
     def _decode_text(self, tokens: Sequence[int]) -> str:
         if self.tokenizer_ is None or not tokens:
             return ""
@@ -243,7 +257,7 @@ class HFTracer:
 
         toks = self._tokens(tokens)
         self._clear()
-        with torch.inference_mode():
+        with self._compute():
             self.model_(input_ids=torch.tensor([toks]), use_cache=False, logits_to_keep=1)
         logits, experts, weights, hidden = self._collect()
         self._clear()
@@ -273,7 +287,7 @@ class HFTracer:
         eos = self._eos_ids()
         self._clear()
         generated: list[int] = []
-        with torch.inference_mode():
+        with self._compute():
             out = self.model_(input_ids=torch.tensor([toks]), use_cache=True, logits_to_keep=1)
             cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
             while len(generated) < max_tokens:

@@ -147,7 +147,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_hf_experts_are_topk_and_weights_follow_config(checkpoints, family):
-    with HFTracer(checkpoints[family], n_threads=2, capture_hidden=True) as tr:
+    with HFTracer(checkpoints[family], n_threads=1, capture_hidden=True) as tr:
         t = tr.trace_tokens(_tokens(48), n_prompt=40, seq_id=3, prompt_id="x", domain="prose")
         n_layers = len(tr.moe_layers_)
     k = t.experts.shape[-1]
@@ -166,7 +166,7 @@ def test_hf_experts_are_topk_and_weights_follow_config(checkpoints, family):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2moe"])
 def test_hf_greedy_trace_equals_generate_and_teacher_forcing(checkpoints, family):
-    with HFTracer(checkpoints[family], n_threads=2) as tr:
+    with HFTracer(checkpoints[family], n_threads=1) as tr:
         prompt = _tokens(10, seed=1)
         g = tr.trace(prompt, max_tokens=12)
         tf = tr.trace_tokens(g.tokens, n_prompt=10)
@@ -184,10 +184,10 @@ def test_hf_greedy_trace_equals_generate_and_teacher_forcing(checkpoints, family
 def _cross_check(gguf: Path, hf_dir: Path, tokens: list[int] | str, mode: str,
                  record_property, label: str) -> None:
     params, atol = MODES[mode]
-    with LlamaTracer(gguf, n_ctx=1024, n_threads=2, context_params=params) as lt:
+    with LlamaTracer(gguf, n_ctx=1024, n_threads=1, context_params=params) as lt:
         toks = lt.tokenize(tokens) if isinstance(tokens, str) else tokens
         ll = lt.trace(toks)
-    with HFTracer(hf_dir, n_threads=2) as hf:
+    with HFTracer(hf_dir, n_threads=1) as hf:
         h = hf.trace_tokens(toks)
     assert h.logits.shape == ll.logits.shape
     clean, diff, agree = _compare(h, ll)

@@ -48,7 +48,7 @@ def traces(gguf_paths: dict[str, Path]) -> dict[str, dict[str, object]]:
     """Per arch: a traced greedy run, its untraced twin, and the tracer's node choices."""
     out: dict[str, dict[str, object]] = {}
     for arch, path in gguf_paths.items():
-        with LlamaTracer(path, n_ctx=256, n_batch=64, n_threads=2, capture_hidden=True) as tr:
+        with LlamaTracer(path, n_ctx=256, n_batch=64, n_threads=1, capture_hidden=True) as tr:
             out[arch] = {
                 "trace": tr.trace(PROMPT, N_GEN, seq_id=7, prompt_id="p7", domain="code"),
                 "plain": tr.generate(PROMPT, N_GEN),
