@@ -60,7 +60,7 @@ def _timed(fn, prompts: list[list[int]], max_tokens: int) -> tuple[int, float, f
 
 
 def bench_model(path: Path, rounds: int, threads: int, prompt_tokens: int, gen_tokens: int,
-                n_prompts: int) -> list[dict[str, object]]:
+                n_prompts: int, min_seconds: float) -> list[dict[str, object]]:
     layout = read_layout(path)
     rows: list[dict[str, object]] = []
     with LlamaTracer(path, n_ctx=max(512, prompt_tokens + gen_tokens + 16), n_threads=threads,
@@ -70,9 +70,11 @@ def bench_model(path: Path, rounds: int, threads: int, prompt_tokens: int, gen_t
             "decode": (_prompts(tr, n_prompts, 8, 1), gen_tokens),
         }
         for name, (prompts, max_tokens) in workloads.items():
-            # warm-up both contexts (first-touch of weights, graph allocation)
+            # warm-up both contexts (first-touch of weights, graph allocation), then repeat
+            # the prompt list so that one measurement takes >= min_seconds
             tr.trace(prompts[0], max_tokens)
-            tr.generate(prompts[0], max_tokens)
+            _, once, _ = _timed(tr.generate, prompts, max_tokens)
+            prompts = prompts * max(1, int(np.ceil(min_seconds / max(once, 1e-6))))
             ratios, cpu_ratios, traced_tps, plain_tps = [], [], [], []
             for r in range(rounds):
                 order = [("traced", tr.trace), ("plain", tr.generate)]
@@ -122,6 +124,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--min-seconds", type=float, default=1.0,
+                    help="repeat the prompts until one measurement takes about this long")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -141,7 +145,7 @@ def main() -> None:
     rows = []
     for m in models:
         rows += bench_model(m, args.rounds, args.threads, args.prompt_tokens, args.gen_tokens,
-                            args.prompts)
+                            args.prompts, args.min_seconds)
 
     hdr = (f"{'model':<40} {'arch':<8} {'L':>3} {'E':>3} {'k':>2} {'workload':<8} "
            f"{'plain tok/s':>11} {'traced tok/s':>12} {'ratio':>6} {'[min, max]':>14} "
