@@ -64,7 +64,7 @@ class PredictorsConfig:
     # --- evaluation
     cross_domain: bool = True  # also train code → test prose and prose → code
     cache_budgets: tuple[float, ...] = (0.10, 0.25, 0.50)  # share of all expert bytes
-    cache_predictor: str = "mlp"  # whose top-k the predictive cache prefetches
+    cache_predictor: str = "lightgbm"  # whose top-k the predictive cache prefetches
     cache_depth: int = 1  # prefetch layers l+1 .. l+cache_depth
     cache_prefetch_k: int = 0  # experts prefetched per layer; 0 = n_expert_used
     plots: bool = True
