@@ -14,11 +14,11 @@ over rounds per workload:
 shown); ``cpu ratio`` the same with this process's CPU time, which is steadier on a shared
 machine (other processes stall llama.cpp's spinning worker threads unevenly).
 
-Models: the shipped tiny model (if present) and a larger random MoE GGUF written to /tmp
+Models: the shipped tiny models (those present) and a larger random MoE GGUF written to /tmp
 (arch llama, n_embd 1024, 8 layers, 8 experts top-2, expert width 2048, f16), because the
 per-token compute of the tiny models is so small that fixed per-node callback costs dominate.
 
-    python benchmarks/trace_overhead.py [--model models/tiny-mixtral/model.gguf] [--rounds 5]
+    python benchmarks/trace_overhead.py [--model M.gguf ...] [--rounds 7] [--threads 2]
 """
 
 from __future__ import annotations
@@ -116,7 +116,9 @@ def bytes_per_token_layer(path: Path, n_embd_hidden: bool) -> tuple[int, int, in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=Path("models/tiny-mixtral/model.gguf"))
+    ap.add_argument("--model", type=Path, nargs="*",
+                    default=[Path("models/tiny-mixtral/model.gguf"),
+                             Path("models/tiny-qwen3moe/model.gguf")])
     ap.add_argument("--big", type=Path, default=Path("/tmp/expertpred-bench-big-moe.gguf"))
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
@@ -130,10 +132,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     models: list[Path] = []
-    if args.model.exists():
-        models.append(args.model)
-    else:
-        print(f"# {args.model}: absent, skipped")
+    for m in args.model:
+        if m.exists():
+            models.append(m)
+        else:
+            print(f"# {m}: absent, skipped")
     if not args.skip_big:
         if not args.big.exists():
             t0 = time.perf_counter()
