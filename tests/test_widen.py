@@ -191,16 +191,19 @@ def test_cli(tmp_path):
     assert bad.returncode == 2 and len(lines) == 1 and str(path) in lines[0]
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3moe"])
-def test_shipped_model(tmp_path, name):
+def test_shipped_model(tmp_path, name, dtype):
     path = REPO / "models" / name / "model.gguf"
     if not path.exists():
         pytest.skip(f"{path} not built yet")
     lay = read_layout(path)
     res = widen(path, tmp_path / "w.gguf", expert_mib=4 * lay.bytes_per_expert() / 2**20,
-                dtype="f32")
+                dtype=dtype)
     assert read_layout(res.path).bytes_per_expert() >= 4 * lay.bytes_per_expert()
-    assert_same_model(path, res.path)
+    ref = path if dtype == "f32" else widen(path, tmp_path / "ref.gguf", ff=res.plan.old_ff,
+                                            dtype=dtype).path
+    assert_same_model(ref, res.path)
 
 
 def test_merged_gate_up_experts_pad_each_half(tmp_path):
