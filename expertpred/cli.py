@@ -185,17 +185,21 @@ def analyze(
     res = analyze_trace(trace_dir, out, max_distance=max_distance, command=command)
     m, o = res.model, res.summary["overall"]
     headers, rows = locality_table(res.summary, m.moe_layers)
-    t = Table(title=f"Temporal locality (%): {m.arch}, {m.n_expert} experts, top-"
-              f"{m.n_expert_used}, {o['locality']['n_pairs']} token pairs",
-              box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
-    for h in headers:
-        short = h.replace("uniform", "unif.").replace("indep.", "ind.").replace(": ", "\n")
-        t.add_column(short, justify="right", no_wrap=True,
-                     min_width=max(len(x) for x in short.split("\n")),
-                     style="bold" if h.endswith(": all") else None)
-    for r in rows:
-        t.add_row(*(c.rstrip("%") for c in r))
-    console.print(t)
+    split = headers.index("top-k: all")
+    console.print(f"Temporal locality: {m.arch}, {m.n_expert} experts, top-{m.n_expert_used}; "
+                  f"{o['n_sequences']} sequences, {o['locality']['n_pairs']} token pairs")
+    for title, cols in (("first choice kept by the next token (%)", [0, *range(1, split)]),
+                        (f"top-{m.n_expert_used} sets share an expert (%)",
+                         [0, *range(split, len(headers))])):
+        t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+                  collapse_padding=True)
+        for c in cols:
+            h = headers[c].split(": ")[-1]
+            t.add_column(h, justify="right", no_wrap=True, min_width=len(h),
+                         style="bold" if h == "all" else None)
+        for r in rows:
+            t.add_row(*(r[c].rstrip("%") for c in cols))
+        console.print(t)
     a = res.answers
     console.print(f"same experts repeatedly: [bold]{a['rq3']['same_experts_repeatedly']}[/]  "
                   f"temporal locality: [bold]{a['rq3']['temporal_locality']}[/]  "

@@ -8,13 +8,16 @@ of the selected experts, best first. A *pair* is two consecutive tokens of one s
 previous token of the same sequence (:func:`consecutive_pairs`), so no statistic ever
 spans two sequences.
 
-Every rate comes with two baselines:
+Every keep rate comes with three baselines:
 
 - *uniform*: independent tokens, every expert equally likely (``1/E`` to keep the first
   choice; ``1 - C(E-k, k) / C(E, k)`` for two top-k sets to share an expert);
-- *independent*: independent tokens that use experts as often as the trace does (the
-  rate a shuffled trace would show). Above *uniform* but at *independent* means skewed
-  popularity and no temporal structure; above *independent* is order in time.
+- *independent*: independent tokens that use experts as often as the whole trace does
+  (what shuffling all tokens of the trace would show). Above *uniform* but at
+  *independent* is skewed popularity and nothing else;
+- *shuffled*: the tokens of each sequence in random order (each sequence keeps its own
+  expert usage). Between *independent* and *shuffled* is a per-sequence working set;
+  above *shuffled* is the order of tokens itself.
 """
 
 from __future__ import annotations
@@ -323,6 +326,26 @@ def _subset_keys(sets: np.ndarray, cols: np.ndarray, base: int) -> np.ndarray:
     return key
 
 
+def _containing(sets: np.ndarray, group: np.ndarray, n_expert: int) -> np.ndarray:
+    """(2^k - 1, m) int: for each token and each non-empty subset A of its top-k set, how
+    many tokens of the same group have a set that contains A, times (-1)^|A|.
+
+    Summed over A this is the inclusion-exclusion count of tokens of the group whose set
+    meets the token's set, negated: sum_A (-1)^|A| c(A) = -(tokens meeting it).
+    """
+    m, k = sets.shape
+    base = n_expert + 1
+    n_group = int(group.max()) + 1 if m else 1
+    if k * math.log2(base) + math.log2(n_group) > 62:
+        raise ValueError(f"E={n_expert}, k={k}, {n_group} groups: keys do not fit in int64")
+    sets = np.sort(sets.astype(np.int64), axis=1)
+    subsets = [np.array([j for j in range(k) if mask >> j & 1]) for mask in range(1, 2 ** k)]
+    keys = np.stack([_subset_keys(sets, cols, base) * n_group + group for cols in subsets])
+    _, inv, cnt = np.unique(keys.ravel(), return_inverse=True, return_counts=True)
+    signs = np.array([(-1) ** len(c) for c in subsets], dtype=np.int64)[:, None]
+    return signs * cnt[inv].reshape(keys.shape)
+
+
 def independent_any_baseline(experts: np.ndarray, n_expert: int) -> np.ndarray:
     """(L,) P(two independent tokens' top-k sets share an expert), sets drawn from the trace.
 
@@ -336,26 +359,80 @@ def independent_any_baseline(experts: np.ndarray, n_expert: int) -> np.ndarray:
     n, n_layer, k = experts.shape
     if n == 0:
         return np.full(n_layer, np.nan)
-    base = n_expert + 1
-    if k * math.log2(base) > 62:
-        raise ValueError(f"E={n_expert}, k={k}: subset keys do not fit in int64")
     n_sub = 2 ** k - 1
     step = max(1, -(-n * n_sub // MAX_SUBSET_KEYS))
     if step > 1:
         log.info("independent_any_baseline: %d tokens x %d subsets; using every %d-th token",
                  n, n_sub, step)
-    subsets = [np.array([j for j in range(k) if m >> j & 1]) for m in range(1, 2 ** k)]
-    signs = np.array([(-1) ** len(s) for s in subsets], dtype=np.int64)[:, None]
     out = np.empty(n_layer)
     for layer in range(n_layer):
-        sets = np.sort(experts[::step, layer, :].astype(np.int64), axis=1)
-        m = len(sets)
-        keys = np.stack([_subset_keys(sets, cols, base) for cols in subsets])  # (n_sub, m)
-        _, inv, cnt = np.unique(keys.ravel(), return_inverse=True, return_counts=True)
-        contains = cnt[inv].reshape(n_sub, m)  # tokens whose set contains that subset
-        p_miss = 1.0 + (signs * contains).sum(axis=0) / m
-        out[layer] = 1.0 - p_miss.mean()
+        sets = experts[::step, layer, :]
+        signed = _containing(sets, np.zeros(len(sets), dtype=np.int64), n_expert)
+        out[layer] = -signed.sum(axis=0).mean() / len(sets)  # mean share of tokens met
     return out
+
+
+def shuffled_first_baseline(experts: np.ndarray, seq_id: np.ndarray) -> np.ndarray:
+    """(L,) expected first-choice keep rate if every sequence's tokens were shuffled.
+
+    A consecutive pair of a shuffled sequence is a random pair of two of its distinct
+    tokens: P(keep) = sum_e c_e (c_e - 1) / (n (n - 1)) for a sequence of n tokens that
+    chose e first c_e times, averaged over sequences with weight n - 1 (their pairs).
+    The observed rate's excess over this baseline is due to token order; this baseline's
+    excess over the independent one is due to each sequence's own working set.
+
+    >>> x = np.array([[[0]], [[0]], [[1]], [[2]], [[2]], [[2]]])  # seq 0: 0 0 1, seq 1: 2 2 2
+    >>> shuffled_first_baseline(x, np.array([0, 0, 0, 1, 1, 1])).round(4)  # (1/3*2 + 1*2) / 4
+    array([0.6667])
+    """
+    n, n_layer = experts.shape[:2]
+    if n == 0:
+        return np.full(n_layer, np.nan)
+    _, seq_rank, n_s = np.unique(seq_id, return_inverse=True, return_counts=True)
+    n_pairs = float((n_s - 1).sum())
+    if n_pairs == 0:
+        return np.full(n_layer, np.nan)
+    e = int(experts.max()) + 1
+    out = np.empty(n_layer)
+    for layer in range(n_layer):
+        c = np.bincount(seq_rank * e + experts[:, layer, 0], minlength=len(n_s) * e)
+        c = c.reshape(len(n_s), e).astype(np.float64)
+        out[layer] = ((c * (c - 1)).sum(axis=1) / n_s).sum() / n_pairs
+    return out
+
+
+def shuffled_any_baseline(experts: np.ndarray, seq_id: np.ndarray,
+                          n_expert: int) -> np.ndarray:
+    """(L,) expected share of consecutive pairs whose top-k sets meet, if every sequence's
+    tokens were shuffled: two distinct random tokens of the same sequence (exact, by
+    inclusion-exclusion per sequence; weighted like :func:`shuffled_first_baseline`).
+
+    >>> x = np.array([[[0, 1]], [[2, 3]], [[0, 2]]])  # pairs ab: no, ac: yes, bc: yes
+    >>> shuffled_any_baseline(x, np.zeros(3, int), 4).round(4)
+    array([0.6667])
+    """
+    n, n_layer, k = experts.shape
+    _, seq_rank, n_s = np.unique(seq_id, return_inverse=True, return_counts=True)
+    n_pairs = float((n_s - 1).sum())
+    if n == 0 or n_pairs == 0:
+        return np.full(n_layer, np.nan)
+    # whole sequences per chunk keep every count exact and memory bounded
+    per_chunk = max(1, MAX_SUBSET_KEYS // (2 ** k - 1))
+    ends = np.cumsum(n_s)
+    out = np.zeros(n_layer)
+    start_seq = 0
+    while start_seq < len(n_s):
+        lo = int(ends[start_seq - 1]) if start_seq else 0
+        stop_seq = max(start_seq + 1,
+                       int(np.searchsorted(ends, lo + per_chunk, side="right")))
+        hi = int(ends[stop_seq - 1])
+        group = seq_rank[lo:hi] - start_seq
+        n_tok = n_s[seq_rank[lo:hi]].astype(np.float64)  # length of each token's sequence
+        for layer in range(n_layer):
+            met = -_containing(experts[lo:hi, layer, :], group, n_expert).sum(axis=0)
+            out[layer] += ((met - 1) / n_tok).sum()  # others met, weighted (n-1)/(n(n-1))
+        start_seq = stop_seq
+    return out / n_pairs
 
 
 # --- reuse distance ------------------------------------------------------------------
@@ -581,6 +658,8 @@ def routing_summary(data: RoutingData, max_distance: int = 64) -> dict[str, Any]
         "overlap_uniform": k / n_expert,
         "first_independent": independent_first_baseline(first_counts),
         "any_independent": independent_any_baseline(x, n_expert),
+        "first_shuffled": shuffled_first_baseline(x, data.seq_id),
+        "any_shuffled": shuffled_any_baseline(x, data.seq_id, n_expert),
         "overlap_independent": independent_overlap_baseline(counts, data.n_tokens, k),
     }
     return {

@@ -258,3 +258,46 @@ def test_routing_data_sorts_and_validates() -> None:
         RoutingData.from_arrays(x, np.zeros(3), np.zeros(3), np.zeros(3), np.full(3, "a"), 3)
     with pytest.raises(ValueError, match="expected .N, L, k."):
         RoutingData(x[:, 0], np.zeros(3), np.arange(3), np.zeros(3), np.full(3, "a"), 3)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_shuffled_baselines_match_brute_force(k: int) -> None:
+    rng = np.random.default_rng(10 + k)
+    lengths = [1, 2, 7, 30, 12]
+    x = np.concatenate([sticky_sets(rng, t, 2, 6, k, keep=0.4) for t in lengths])
+    seq = np.repeat(np.arange(len(lengths)), lengths)
+    for layer in range(2):
+        first_num = any_num = 0.0
+        for s in range(len(lengths)):
+            sets = [set(v.tolist()) for v in x[seq == s, layer]]
+            firsts = x[seq == s, layer, 0]
+            n = len(sets)
+            if n < 2:
+                continue
+            pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+            # weight n - 1 (pairs in the sequence) x mean over distinct ordered pairs
+            first_num += (n - 1) * np.mean([firsts[i] == firsts[j] for i, j in pairs])
+            any_num += (n - 1) * np.mean([bool(sets[i] & sets[j]) for i, j in pairs])
+        n_pairs = sum(t - 1 for t in lengths)
+        assert r.shuffled_first_baseline(x, seq)[layer] == pytest.approx(first_num / n_pairs)
+        assert r.shuffled_any_baseline(x, seq, 6)[layer] == pytest.approx(any_num / n_pairs)
+
+
+def test_shuffled_any_baseline_is_exact_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(20)
+    x = sticky_sets(rng, 400, 1, 8, 2, keep=0.5)
+    seq = np.repeat(np.arange(8), 50)
+    whole = r.shuffled_any_baseline(x, seq, 8)
+    monkeypatch.setattr(r, "MAX_SUBSET_KEYS", 120)  # 40 tokens per chunk: one sequence each
+    np.testing.assert_allclose(r.shuffled_any_baseline(x, seq, 8), whole)
+
+
+def test_shuffled_baseline_separates_working_set_from_order() -> None:
+    # each sequence uses its own two experts, in random order: working set, no order
+    rng = np.random.default_rng(21)
+    x = np.concatenate([rng.choice([2 * s, 2 * s + 1], 200) for s in range(4)]).reshape(-1, 1, 1)
+    d = data_of(x, 8, seq_len=200)
+    loc = r.routing_summary(d)["locality"]
+    assert loc["first_independent"][0] == pytest.approx(1 / 8, abs=0.01)
+    assert loc["first_shuffled"][0] == pytest.approx(0.5, abs=0.03)
+    assert loc["first"][0] == pytest.approx(loc["first_shuffled"][0], abs=0.05)
