@@ -90,6 +90,10 @@ class Predictor:
         if x.d != self.feature_config_.d:
             raise ExpertPredError(f"{self.name}: features built for d={x.d}, predictor trained "
                                   f"for d={self.feature_config_.d}")
+        if x.config.history_decay != self.feature_config_.history_decay:
+            raise ExpertPredError(f"{self.name}: features built with history_decay="
+                                  f"{x.config.history_decay}, predictor trained with "
+                                  f"{self.feature_config_.history_decay}")
         if self.needs_hidden and x.hidden is None:
             raise ExpertPredError(f"{self.name}: needs hidden states, the features have none")
         if len(x) == 0:

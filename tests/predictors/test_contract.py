@@ -108,6 +108,8 @@ def test_contract(name, data, gguf_path, tmp_path):
         q.predict_scores(other)
     with pytest.raises(ExpertPredError, match="d=2"):
         q.predict_scores(replace(test, config=FeatureConfig(d=2)))
+    with pytest.raises(ExpertPredError, match="history_decay=0.9"):
+        q.predict_scores(replace(test, config=FeatureConfig(d=1, history_decay=0.9)))
     # 7. too few examples
     with pytest.raises(ExpertPredError, match="too few examples"):
         _make(name, gguf_path).fit(train.take(slice(0, 0)))
