@@ -613,6 +613,57 @@ def conditional_topn_recall(joint: np.ndarray, n: int) -> np.ndarray:
     return np.divide(top, tot, out=np.full(np.shape(tot), np.nan), where=tot > 0)
 
 
+def lookup_topn_recall(train: np.ndarray, test: np.ndarray, n: int) -> np.ndarray:
+    """Held-out recall of a lookup table: for each row value i, predict the n columns seen
+    most often with i in ``train`` (the n most frequent columns overall when i was never
+    seen) and score on the counts of ``test``. Arrays (..., X, Y).
+
+    >>> train = np.array([[3, 1, 0], [0, 0, 0]])  # row 1 unseen in training
+    >>> float(lookup_topn_recall(train, np.array([[2, 2, 0], [0, 1, 3]]), 1))
+    0.25
+    """
+    tr = np.asarray(train, dtype=np.float64)
+    te = np.asarray(test, dtype=np.float64)
+    fallback = np.broadcast_to(tr.sum(axis=-2, keepdims=True), tr.shape)
+    seen = tr.sum(axis=-1, keepdims=True) > 0
+    table = np.where(seen, tr, fallback)
+    # stable ranking: ties go to the lower column id, identical in every run
+    top = np.argsort(-table, axis=-1, kind="stable")[..., :n]
+    hit = np.take_along_axis(te, top, axis=-1).sum(axis=(-1, -2))
+    tot = te.sum(axis=(-1, -2))
+    return np.divide(hit, tot, out=np.full(np.shape(tot), np.nan), where=tot > 0)
+
+
+def heldout_recall(data: RoutingData) -> dict[str, np.ndarray]:
+    """Top-k recall of the two fitted lookup predictors on sequences they were not fitted
+    on: 2-fold over alternate sequences, hits and totals summed over both folds.
+
+    ``popularity``: the layer's k most used experts; ``previous_layer``: a table keyed on
+    the previous layer's first choice (NaN at layer 0). NaN with fewer than 2 sequences.
+    """
+    x, n_expert, k, n_layer = data.experts, data.n_expert, data.k, data.n_layer
+    ids = np.unique(data.seq_id)
+    nan = np.full(n_layer, np.nan)
+    if len(ids) < 2:
+        return {"popularity": nan, "previous_layer": nan.copy()}
+    fold = np.isin(data.seq_id, ids[::2])
+    parts = [x[fold], x[~fold]]
+    counts = [expert_counts(p, n_expert) for p in parts]
+    f2s = [first_to_set_counts(p, n_expert) for p in parts]
+    hits_pop = np.zeros(n_layer)
+    hits_prev = np.zeros(max(n_layer - 1, 0))
+    tot = np.zeros(n_layer)
+    for a, b in ((0, 1), (1, 0)):  # fit on a, score on b
+        t = counts[b].sum(axis=-1).astype(np.float64)
+        hits_pop += np.nan_to_num(lookup_topn_recall(counts[a][:, None, :],
+                                                     counts[b][:, None, :], k)) * t
+        if n_layer > 1:
+            hits_prev += np.nan_to_num(lookup_topn_recall(f2s[a], f2s[b], k)) * t[1:]
+        tot += t
+    prev = np.concatenate([[np.nan], hits_prev / np.maximum(tot[1:], 1)])
+    return {"popularity": hits_pop / np.maximum(tot, 1), "previous_layer": prev}
+
+
 # --- domains -------------------------------------------------------------------------
 
 
@@ -707,6 +758,8 @@ def routing_summary(data: RoutingData, max_distance: int = 64) -> dict[str, Any]
             "topk_recall": conditional_topn_recall(f2s, k) if len(trans) else mi,
             "topk_recall_baseline": popular_next,
         },
+        # fitted predictors scored on the other half of the sequences (2-fold)
+        "heldout_recall": heldout_recall(data),
     }
 
 

@@ -93,6 +93,7 @@ def test_answers_follow_the_numbers(structured_report: rep.Analysis, tmp_path: P
     assert a["domains"]["verdicts"] == {"code vs prose": "yes"}
     md = (structured_report.out_dir / "report.md").read_text()
     assert "**Temporal locality: yes.**" in md and "locality_lift=1.5" in md
+    assert "scored on held-out sequences" in md
     # uniform independent routing: no locality, no predictor, uniform access holds
     u = analyze_trace(uniform_dataset(tmp_path / "u"), tmp_path / "ur")
     assert u.answers["rq3"] | {"text": None} == {
@@ -107,12 +108,13 @@ def test_answers_follow_the_numbers(structured_report: rep.Analysis, tmp_path: P
     assert "100.0× 1/E" in strict["rq3"]["text"][1]
 
 
-def test_single_domain_and_single_layer(tmp_path: Path) -> None:
+def test_single_sequence_domain_and_layer(tmp_path: Path) -> None:
     rng = np.random.default_rng(8)
     model = make_model(n_layer=1, n_expert=4, k=1)
-    seqs = [make_sequence(random_sets(rng, 30, 1, 4, 1), i, "prose", n_expert=4)
-            for i in range(3)]
+    seqs = [make_sequence(random_sets(rng, 90, 1, 4, 1), 0, "prose", n_expert=4)]
     res = analyze_trace(write_dataset(tmp_path / "t", seqs, model), tmp_path / "r")
+    assert res.answers["per_layer"]["predictor_recall_heldout"] is False
+    assert "scored in-sample" in res.answers["rq3"]["text"][2]
     names = {p.name for p in (tmp_path / "r").iterdir()}
     assert "domains.png" not in names and "transitions.png" not in names
     assert res.answers["domains"]["verdicts"] == {}

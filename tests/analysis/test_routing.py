@@ -301,3 +301,23 @@ def test_shuffled_baseline_separates_working_set_from_order() -> None:
     assert loc["first_independent"][0] == pytest.approx(1 / 8, abs=0.01)
     assert loc["first_shuffled"][0] == pytest.approx(0.5, abs=0.03)
     assert loc["first"][0] == pytest.approx(loc["first_shuffled"][0], abs=0.05)
+
+
+def test_heldout_recall() -> None:
+    rng = np.random.default_rng(30)
+    # layer 1's set is a fixed function of layer 0's first choice; popularity is skewed
+    first = rng.choice(4, 600, p=[0.7, 0.1, 0.1, 0.1])
+    x = np.stack([np.stack([first, (first + 1) % 4], 1),
+                  np.stack([(first + 2) % 4, (first + 3) % 4], 1)], axis=1)
+    held = r.heldout_recall(data_of(x, 4, seq_len=50))
+    assert np.isnan(held["previous_layer"][0]) and held["previous_layer"][1] == 1.0
+    counts = r.expert_counts(x, 4)
+    np.testing.assert_allclose(held["popularity"], r.topn_coverage(counts, 2), atol=0.05)
+    one = r.heldout_recall(data_of(x, 4))  # a single sequence: nothing to hold out
+    assert np.isnan(one["popularity"]).all() and np.isnan(one["previous_layer"]).all()
+
+
+def test_heldout_lookup_falls_back_to_popularity_for_unseen_rows() -> None:
+    train = np.array([[[5, 1, 0], [0, 0, 0], [0, 0, 0]]])
+    test = np.array([[[0, 0, 0], [1, 3, 0], [0, 0, 2]]])  # rows 1, 2 unseen in training
+    assert r.lookup_topn_recall(train, test, 1)[0] == pytest.approx(1 / 6)
