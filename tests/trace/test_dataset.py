@@ -424,3 +424,24 @@ def test_readable_with_polars(sample):
     df = pl.read_parquet(str(sample / "*.parquet"))
     assert df.height == sum(seq_len(i) for i in range(12))
     assert df["experts"].to_numpy().shape == (df.height, L, K)
+
+
+# --- the shipped sample traces ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3moe"])
+def test_shipped_sample_trace(name):
+    path = REPO / "datasets" / "traces" / name
+    if not (path / "manifest.json").exists():
+        pytest.skip(f"{path} not generated yet")
+    ds = TraceDataset(path)
+    ds.verify()
+    assert ds.complete and not ds.has_hidden and ds.n_rows > 1000
+    splits = ds.to_numpy(["split", "domain", "phase"])
+    assert set(splits["split"]) == {"train", "validation", "test"}
+    assert set(splits["domain"]) == {"code", "prose"} and set(splits["phase"]) == {0, 1}
+    model = REPO / ds.manifest["model"]["path"]
+    if model.exists():  # a retrained model needs a regenerated sample (datasets/README.md)
+        from expertpred.layout import file_sha256
+
+        assert file_sha256(model) == ds.model.sha256, f"{path} was traced from another {model}"
