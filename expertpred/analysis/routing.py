@@ -690,10 +690,6 @@ def routing_summary(data: RoutingData, max_distance: int = 64) -> dict[str, Any]
     counts = expert_counts(x, n_expert)
     first_counts = expert_counts(x, n_expert, first_only=True)
     shares = usage_shares(counts)
-    pairs = data.pairs
-    loc = temporal_locality(x, pairs)
-    decode_pairs = pairs & (data.phase == Phase.DECODE)
-    loc_dec = temporal_locality(x, decode_pairs)
     hist = reuse_histogram(x, data.seq_id, data.pos, max_distance)
     cdf = reuse_cdf(hist)
     geo = geometric_reuse_cdf(k / n_expert, max_distance)
@@ -702,17 +698,6 @@ def routing_summary(data: RoutingData, max_distance: int = 64) -> dict[str, Any]
     h_next = entropy_bits(trans.sum(axis=-2)) if len(trans) else np.zeros(0)
     mi = mutual_information(trans) if len(trans) else np.zeros(0)
     popular_next = (topn_coverage(counts[1:], k) if len(trans) else np.zeros(0))
-    # what independent tokens with this usage would show (the same for decode-only pairs)
-    baselines = {
-        "first_uniform": uniform_first_baseline(n_expert),
-        "any_uniform": uniform_any_baseline(n_expert, k),
-        "overlap_uniform": k / n_expert,
-        "first_independent": independent_first_baseline(first_counts),
-        "any_independent": independent_any_baseline(x, n_expert),
-        "first_shuffled": shuffled_first_baseline(x, data.seq_id),
-        "any_shuffled": shuffled_any_baseline(x, data.seq_id, n_expert),
-        "overlap_independent": independent_overlap_baseline(counts, data.n_tokens, k),
-    }
     return {
         "n_tokens": data.n_tokens,
         "n_sequences": data.n_sequences,
@@ -731,8 +716,9 @@ def routing_summary(data: RoutingData, max_distance: int = 64) -> dict[str, Any]
             # relative standard error of a share under uniform routing: sampling noise
             "share_noise": math.sqrt(n_expert / max(data.n_tokens * k, 1)),
         },
-        "locality": _locality_dict(loc, baselines),
-        "locality_decode": _locality_dict(loc_dec, baselines),
+        "locality": locality_summary(data),
+        # generated tokens only (the phase a prefetcher serves), with their own baselines
+        "locality_decode": locality_summary(data.select(data.phase == Phase.DECODE)),
         "reuse": {
             "max_distance": max_distance,
             "hist": hist,  # columns: cold, d=1..max_distance, > max_distance
@@ -763,9 +749,22 @@ def routing_summary(data: RoutingData, max_distance: int = 64) -> dict[str, Any]
     }
 
 
-def _locality_dict(loc: Locality, baselines: dict[str, Any]) -> dict[str, Any]:
-    return {"n_pairs": loc.n_pairs, "first": loc.first, "any": loc.any,
-            "overlap": loc.overlap, **baselines}
+def locality_summary(data: RoutingData) -> dict[str, Any]:
+    """Keep rates of the consecutive tokens of ``data`` per layer, and their baselines."""
+    x, n_expert, k = data.experts, data.n_expert, data.k
+    counts = expert_counts(x, n_expert)
+    loc = temporal_locality(x, data.pairs)
+    return {
+        "n_pairs": loc.n_pairs, "first": loc.first, "any": loc.any, "overlap": loc.overlap,
+        "first_uniform": uniform_first_baseline(n_expert),
+        "any_uniform": uniform_any_baseline(n_expert, k),
+        "overlap_uniform": k / n_expert,
+        "first_independent": independent_first_baseline(expert_counts(x, n_expert, True)),
+        "any_independent": independent_any_baseline(x, n_expert),
+        "overlap_independent": independent_overlap_baseline(counts, data.n_tokens, k),
+        "first_shuffled": shuffled_first_baseline(x, data.seq_id),
+        "any_shuffled": shuffled_any_baseline(x, data.seq_id, n_expert),
+    }
 
 
 def domain_divergence(data: RoutingData) -> dict[str, Any]:
