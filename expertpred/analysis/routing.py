@@ -636,7 +636,8 @@ def lookup_topn_recall(train: np.ndarray, test: np.ndarray, n: int) -> np.ndarra
 
 def heldout_recall(data: RoutingData) -> dict[str, np.ndarray]:
     """Top-k recall of the two fitted lookup predictors on sequences they were not fitted
-    on: 2-fold over alternate sequences, hits and totals summed over both folds.
+    on: 2-fold over alternate sequences of each domain, hits and totals summed over both
+    folds.
 
     ``popularity``: the layer's k most used experts; ``previous_layer``: a table keyed on
     the previous layer's first choice (NaN at layer 0). NaN with fewer than 2 sequences.
@@ -646,7 +647,12 @@ def heldout_recall(data: RoutingData) -> dict[str, np.ndarray]:
     nan = np.full(n_layer, np.nan)
     if len(ids) < 2:
         return {"popularity": nan, "previous_layer": nan.copy()}
-    fold = np.isin(data.seq_id, ids[::2])
+    fold = np.zeros(data.n_tokens, dtype=bool)
+    for d in data.domains:  # alternate sequences within each domain: both folds see both
+        rows = data.domain == d
+        fold |= rows & np.isin(data.seq_id, np.unique(data.seq_id[rows])[::2])
+    if fold.all():  # one sequence per domain
+        fold = np.isin(data.seq_id, ids[::2])
     parts = [x[fold], x[~fold]]
     counts = [expert_counts(p, n_expert) for p in parts]
     f2s = [first_to_set_counts(p, n_expert) for p in parts]

@@ -321,3 +321,11 @@ def test_heldout_lookup_falls_back_to_popularity_for_unseen_rows() -> None:
     train = np.array([[[5, 1, 0], [0, 0, 0], [0, 0, 0]]])
     test = np.array([[[0, 0, 0], [1, 3, 0], [0, 0, 2]]])  # rows 1, 2 unseen in training
     assert r.lookup_topn_recall(train, test, 1)[0] == pytest.approx(1 / 6)
+
+
+def test_heldout_folds_alternate_within_each_domain() -> None:
+    # domains alternate with seq_id: plain alternation would fit on code and score on prose
+    seqs = [make_sequence(np.tile([[[0, 1]], [[2, 3]]][i % 2], (10, 1, 1)), i,
+                          ("code", "prose")[i % 2], n_expert=4) for i in range(8)]
+    held = r.heldout_recall(RoutingData.from_sequences(seqs, 4))
+    assert held["popularity"][0] == pytest.approx(0.5)
