@@ -351,7 +351,7 @@ def derive_answers(summary: dict[str, Any], model: ModelInfo,
         + f"). Criterion (recall ≥ {th.predictor_lift}× k/E) met on "
         f"{layer_word(predictable)}. "
         + ("The two fitted predictors are scored on held-out sequences (fitted on alternate "
-           "sequences, 2-fold)." if heldout else
+           "sequences of each domain, 2-fold)." if heldout else
            "With one sequence the fitted predictors are scored in-sample (optimistic).")
         + " A learned predictor has to beat these numbers to be worth its cost.",
     ]
