@@ -12,7 +12,10 @@ over rounds per workload:
 
 ``ratio`` is the median over rounds of traced ÷ untraced wall-clock tokens/s (min and max
 shown); ``cpu ratio`` the same with this process's CPU time, which is steadier on a shared
-machine (other processes stall llama.cpp's spinning worker threads unevenly).
+machine. On an oversubscribed machine (load above the core count) use ``--threads 1``:
+with several llama.cpp threads every graph barrier can wait for a descheduled worker, both
+runs slow down by an order of magnitude, and the traced run — two extra graph splits per
+MoE layer — suffers more; the ratio then measures the machine, not the tracer.
 
 Models: the shipped tiny models (those present) and a larger random MoE GGUF written to /tmp
 (arch llama, n_embd 1024, 8 layers, 8 experts top-2, expert width 2048, f16), because the
