@@ -73,7 +73,7 @@ class LightGBMPredictor(GateFeatures, Predictor, name="lightgbm"):
             x, y = (x_all, y_all) if g < 0 else (x_all[data.layer == g], y_all[data.layer == g])
             y = np.ascontiguousarray(y.T)  # (E, n): one contiguous label row per expert
             ds = lgb.Dataset(x, label=y[0], categorical_feature=[0] if g < 0 else "auto",
-                             params={"max_bin": 63, "verbose": -1},
+                             params=self._params(),
                              free_raw_data=False).construct()
             for j in range(e):
                 pos, n = float(y[j].sum()), y.shape[1]
