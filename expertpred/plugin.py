@@ -1,0 +1,829 @@
+"""Online expert prefetching inside llama.cpp inference, attached through the eval callback.
+
+When layer ``l``'s routing is known (its ``ffn_moe_argsort-l`` node is ready, before the
+expert matmuls run) the plugin
+
+1. tells the :class:`~expertpred.prefetch.PrefetchEngine` which experts layer ``l`` uses
+   (``on_use``: hit if a prefetch had completed, late if still queued / in flight, miss if
+   never requested) — accounted *before* the use, which is what "in time" means;
+2. enqueues layer ``l``'s actually selected experts at once (``d0``, what ik_llama.cpp's
+   ``--prefetch-experts`` does): llama.cpp would otherwise fault the expert pages in one
+   readahead window at a time, while the engine issues them with queue depth;
+3. in ``predictor`` mode asks the predictor for layers ``l+1 .. l+D`` (features from the
+   shared :class:`~expertpred.features.OnlineFeatures`), in ``oracle`` mode reads the true
+   experts of those layers from a recorded trace of the same greedy run, and enqueues them.
+   With ``wrap=True`` targets past the last MoE layer are the *next* token's first layers:
+   the oracle knows them, the predictor (whose features stop at the last layer) repeats
+   this token's experts of that layer (the previous-token guess).
+
+Modes (:class:`Mode`): ``off`` (no callback at all: stock llama.cpp), ``d0``, ``predictor``,
+``oracle``. The callback never stalls or breaks inference: prefetch I/O runs on the engine's
+threads (its errors are counted there), every exception inside the callback is caught and
+counted (:attr:`PluginStats.callback_errors`), and the callback always lets the compute go
+on. It only reads router nodes, so the generated tokens are the same with and without it.
+
+Using it from llama-cpp-python (the high-level ``Llama`` takes no eval callback, so
+:class:`PrefetchLlama` re-creates the ``Llama``'s context with the callback installed, right
+after ``Llama.__init__``, and feeds the plugin each batch's tokens from ``eval``)::
+
+    from expertpred.plugin import PrefetchLlama, load_predictors
+
+    preds = load_predictors("runs/predictors/tiny-mixtral/models", "model.gguf")
+    with PrefetchLlama("model.gguf", mode="predictor", predictor=preds,
+                       n_ctx=512, n_threads=2) as llm:
+        out = llm("def read_config(path):", max_tokens=32, temperature=0.0)
+        print(llm.prefetch_stats().engine.hit_rate)
+
+For a raw ``llama_cpp`` context: ``plugin = PrefetchPlugin(path, ...).start()``,
+``plugin.install(context_params)`` before ``llama_init_from_model``, ``plugin.begin(tokens,
+n_past)`` before each ``llama_decode`` (optional: gives token ids and positions to the
+features and the oracle), ``plugin.close()`` after freeing the context.
+
+Assumptions (checked where cheap): one sequence per context; the router nodes are named as
+``build_moe_ffn`` names them (``ffn_moe_logits-L``, ``ffn_moe_argsort-L``); in a batch
+whose last layer computes only output rows, those rows are the batch's last ones (true for
+``Llama.eval``). Prompt tokens the last layer skipped enter the features' history without
+that layer (the trace-built features have it): a small online/offline difference limited
+to the prompt's contribution to the decayed history at the last layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from .errors import ExpertPredError
+from .features import FeatureBatch, ModelInfo, OnlineFeatures
+from .layout import MoELayout, file_sha256, read_layout
+from .prefetch.engine import PrefetchEngine, PrefetchStats
+from .trace import _ggml
+from .trace.record import Phase, SequenceTrace
+
+if TYPE_CHECKING:
+    import llama_cpp
+
+log = logging.getLogger(__name__)
+
+ARGSORT = "ffn_moe_argsort"  # I32 [n_expert, n_tokens], descending: first k = selection
+LOGITS = "ffn_moe_logits"  # F32 [n_expert, n_tokens] router logits (predictor features)
+MADV_RANDOM = 1
+MADV_NORMAL = 0
+
+
+class Mode(enum.StrEnum):
+    """What the plugin prefetches."""
+
+    OFF = "off"  # no callback: stock llama.cpp
+    D0 = "d0"  # the experts layer l selected, as soon as they are known
+    PREDICTOR = "predictor"  # d0 + predicted experts of layers l+1 .. l+D
+    ORACLE = "oracle"  # d0 + true experts of layers l+1 .. l+D from a recorded trace
+
+    @classmethod
+    def parse(cls, value: str | Mode) -> Mode:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ExpertPredError(f"prefetch mode {value!r}: expected one of "
+                                  f"{', '.join(m.value for m in cls)}") from None
+
+
+# --- predictor providers -----------------------------------------------------------------------
+
+
+class PredictorProvider(Protocol):
+    """What the plugin needs from a predictor: per-offset top-k on one feature row.
+
+    Implemented by :class:`PredictorSet` (saved predictors from ``expertpred train`` or an
+    exported artifact: anything with ``predict_topk(features, k)`` per offset ``d``).
+    """
+
+    model: ModelInfo  # the model the predictor was trained on
+    history_decay: float  # feature config the predictor expects
+    needs_hidden: bool  # features must carry the router input
+
+    @property
+    def offsets(self) -> tuple[int, ...]: ...
+
+    def topk(self, d: int, x: FeatureBatch, k: int) -> np.ndarray: ...
+
+
+@dataclass
+class PredictorSet:
+    """Predictors by offset ``d`` behind :class:`PredictorProvider`."""
+
+    by_d: Mapping[int, Any]  # d -> object with predict_topk(FeatureBatch, k)
+    model: ModelInfo
+    history_decay: float = 0.5
+    needs_hidden: bool = False
+    source: str = ""  # where they were loaded from (for messages)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(sorted(self.by_d))
+
+    def topk(self, d: int, x: FeatureBatch, k: int) -> np.ndarray:
+        """int64 (k,) experts of layer ``l + d`` for the one row of ``x``, best first."""
+        return np.asarray(self.by_d[d].predict_topk(x, k)).reshape(-1)[:k]
+
+    @classmethod
+    def from_predictors(cls, by_d: Mapping[int, Any], source: str = "") -> PredictorSet:
+        """From fitted :class:`~expertpred.predictors.Predictor` objects (``train.load_all``)
+        or exported ones exposing ``model_`` / ``feature_config_`` (or ``model`` /
+        ``history_decay``)."""
+        if not by_d:
+            raise ExpertPredError(f"{source or 'predictors'}: no predictor for any offset d")
+        first = by_d[min(by_d)]
+        model = getattr(first, "model_", None) or getattr(first, "model", None)
+        if not isinstance(model, ModelInfo):
+            raise ExpertPredError(f"{source or type(first).__name__}: predictor does not say "
+                                  "which model it was trained on (no model_ / model)")
+        fc = getattr(first, "feature_config_", None)
+        decay = float(fc.history_decay if fc is not None
+                      else getattr(first, "history_decay", 0.5))
+        hidden = any(bool(getattr(p, "needs_hidden", False))
+                     or getattr(getattr(p, "gate_routers_", None), "size", 0) > 0
+                     or bool(getattr(p, "use_hidden", False)) for p in by_d.values())
+        return cls(dict(by_d), model, decay, hidden, source)
+
+
+def load_predictors(path: str | os.PathLike[str], gguf_path: str | os.PathLike[str],
+                    name: str = "lightgbm", offsets: Sequence[int] = (1, 2, 3, 4),
+                    source_model: str | os.PathLike[str] | None = None) -> PredictorSet:
+    """Predictors for ``gguf_path`` from ``path``: a directory of saved predictors
+    (``expertpred train``'s ``<out>/models``, files ``<name>-d<d>.npz``) or an exported
+    artifact (``expertpred.export``), checked against the model (see
+    :func:`check_predictor_model`)."""
+    p = Path(path)
+    if not p.exists():
+        raise ExpertPredError(f"{p}: no such predictor directory or artifact")
+    lay = read_layout(gguf_path)
+    shape_only = _model_info(lay)
+    if p.is_dir() and any(p.glob("*-d*.npz")):
+        from .train import load_all
+
+        try:
+            by_name = load_all(p, shape_only, [name], offsets)
+        except ExpertPredError as exc:
+            raise ExpertPredError(f"predictor {p} does not fit {gguf_path}: {exc}") from None
+        if name not in by_name:
+            raise ExpertPredError(f"{p}: no saved {name!r} predictor (expected files "
+                                  f"{name}-d<d>.npz for d in {list(offsets)})")
+        pset = PredictorSet.from_predictors(by_name[name], source=str(p))
+    else:
+        try:
+            from . import export  # type: ignore[attr-defined]
+        except ImportError:
+            raise ExpertPredError(f"{p}: not a directory of saved predictors (*-d<d>.npz) "
+                                  "and this expertpred has no export module") from None
+        art = export.load_artifact(p, gguf_path=str(gguf_path))
+        by_d = getattr(art, "by_d", None) or getattr(art, "predictors", None) or art
+        pset = PredictorSet.from_predictors(dict(by_d), source=str(p))
+    check_predictor_model(pset, gguf_path, source_model=source_model, layout=lay)
+    return pset
+
+
+def _model_info(lay: MoELayout, sha256: str = "") -> ModelInfo:
+    return ModelInfo(sha256=sha256, arch=lay.arch, n_layer=lay.n_layer,
+                     moe_layers=tuple(lay.moe_layers), n_expert=lay.n_expert,
+                     n_expert_used=lay.n_expert_used, n_embd=lay.n_embd)
+
+
+def routing_fingerprint(path: str | os.PathLike[str], layout: MoELayout | None = None) -> str:
+    """sha256 over every tensor that is not a stacked expert tensor (name, type, shape,
+    bytes): everything routing depends on. A widened copy (``expertpred widen``) has the
+    fingerprint of its source; reading it costs the non-expert bytes only."""
+    import gguf
+
+    lay = layout or read_layout(path)
+    experts = {f"blk.{b}.{part}" for b in lay.moe_layers for part in lay.parts}
+    h = hashlib.sha256()
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.name in experts:
+            continue
+        h.update(f"{t.name}|{int(t.tensor_type)}|{tuple(int(x) for x in t.shape)}|".encode())
+        h.update(np.ascontiguousarray(t.data).view(np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def check_predictor_model(pset: PredictorProvider, gguf_path: str | os.PathLike[str],
+                          source_model: str | os.PathLike[str] | None = None,
+                          layout: MoELayout | None = None) -> None:
+    """Raise a one-line :class:`ExpertPredError` unless the predictor was trained on this model.
+
+    Shapes (MoE layers, experts, k) must match. Identity: the predictor's sha256 must be the
+    file's — or, for a widened copy, ``source_model``'s, and the copy's
+    :func:`routing_fingerprint` must equal the source's. Hashing reads the whole file.
+    """
+    lay = layout or read_layout(gguf_path)
+    what = f"predictor {getattr(pset, 'source', '') or ''} for {gguf_path}".replace("  ", " ")
+    pset.model.check_same(_model_info(lay), what)
+    if not pset.model.sha256:
+        return
+    if source_model is None:
+        sha = file_sha256(gguf_path)
+        if sha != pset.model.sha256:
+            raise ExpertPredError(f"{what}: model sha256 {sha[:12]}…, predictor trained on "
+                                  f"{pset.model.sha256[:12]}… (another model; for a widened "
+                                  "copy pass the model it was widened from as source_model)")
+        return
+    sha = file_sha256(source_model)
+    if sha != pset.model.sha256:
+        raise ExpertPredError(f"{what}: source model {source_model} has sha256 {sha[:12]}…, "
+                              f"predictor trained on {pset.model.sha256[:12]}…")
+    if routing_fingerprint(source_model) != routing_fingerprint(gguf_path, lay):
+        raise ExpertPredError(f"{gguf_path}: non-expert tensors differ from {source_model}: "
+                              "not a widened copy of it")
+
+
+# --- oracle -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OracleTrace:
+    """True routing of one greedy run: ``experts[t, l]`` = the k experts of MoE layer l at
+    position t; ``tokens[t]`` the token at position t (prompt then generated)."""
+
+    tokens: np.ndarray  # int32 (T,)
+    experts: np.ndarray  # int16 (T, L, k)
+
+    @classmethod
+    def from_sequence(cls, seq: SequenceTrace) -> OracleTrace:
+        return cls(np.asarray(seq.tokens, np.int32), np.asarray(seq.experts, np.int16))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        path = Path(path)
+        with open(path, "wb") as f:
+            np.savez(f, tokens=self.tokens, experts=self.experts)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], prompt_tokens: Sequence[int] | None = None,
+             ) -> OracleTrace:
+        """From an ``.npz`` written by :meth:`save`, or a trace dataset directory (the
+        sequence whose tokens start with ``prompt_tokens``; the first one without)."""
+        p = Path(path)
+        if p.is_file():
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    return cls(z["tokens"].astype(np.int32), z["experts"].astype(np.int16))
+            except (OSError, ValueError, KeyError) as exc:
+                raise ExpertPredError(f"{p}: not an oracle trace .npz ({exc})") from None
+        from .trace.dataset import TraceDataset
+
+        want = list(prompt_tokens or [])
+        for seq in TraceDataset(p).sequences():
+            if list(seq.tokens[:len(want)]) == want:
+                return cls.from_sequence(seq)
+        raise ExpertPredError(f"{p}: no traced sequence starts with the prompt's "
+                              f"{len(want)} tokens (trace the same prompt, greedy)")
+
+
+# --- the plugin ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PluginCounters:
+    batches: int = 0  # begin() calls (llama eval calls)
+    ubatches: int = 0  # graph passes seen (first MoE layer routed)
+    tokens: int = 0  # token rows routed through the first MoE layer
+    layer_events: int = 0  # argsort nodes handled
+    d0_requests: int = 0  # experts enqueued for the layer being computed
+    ahead_requests: int = 0  # experts enqueued for layers ahead (predicted / oracle)
+    predictions: int = 0  # predictor calls
+    oracle_misses: int = 0  # positions the oracle trace did not cover / disagreed on
+    callback_errors: int = 0  # exceptions caught inside the callback
+    callback_seconds: float = 0.0  # time spent inside the callback's ready phase
+    predict_seconds: float = 0.0  # of which in the predictor
+
+
+@dataclass(frozen=True)
+class PluginStats:
+    """What one plugin did: its own counters and the engine's snapshot (None when off)."""
+
+    mode: str
+    lookahead: int
+    counters: PluginCounters
+    engine: PrefetchStats | None
+    madvised_bytes: int = 0
+    first_error: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        from dataclasses import asdict
+
+        d: dict[str, object] = {"mode": self.mode, "lookahead": self.lookahead,
+                                "madvised_bytes": self.madvised_bytes,
+                                "first_error": self.first_error}
+        d.update(asdict(self.counters))
+        if self.engine is not None:
+            d.update({f"engine_{k}": v for k, v in self.engine.as_dict().items()})
+        return d
+
+
+class PrefetchPlugin:
+    """The eval-callback side of online prefetching; owns the engine (``start``/``close``).
+
+    ``predictor``: a :class:`PredictorProvider` (mode ``predictor``); ``oracle``: an
+    :class:`OracleTrace` (mode ``oracle``); ``lookahead``: D, the farthest layer offset
+    prefetched (default: the predictor's largest offset, 1 for the oracle); ``prefetch_k``:
+    experts per look-ahead layer (default n_expert_used); ``madvise_random``: after the
+    model is mapped, ``madvise(MADV_RANDOM)`` llama.cpp's mapping of the file (no fault
+    read-around; the plugin's reads replace it) — call :meth:`advise_mapping` once the
+    model is loaded (:class:`PrefetchLlama` does); ``engine_kwargs`` go to
+    :class:`PrefetchEngine`.
+    """
+
+    def __init__(
+        self,
+        gguf_path: str | os.PathLike[str],
+        *,
+        mode: str | Mode = Mode.D0,
+        predictor: PredictorProvider | None = None,
+        oracle: OracleTrace | None = None,
+        lookahead: int | None = None,
+        prefetch_k: int | None = None,
+        wrap: bool = True,
+        method: str = "fadvise",
+        queue_depth: int = 8,
+        madvise_random: bool = False,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.gguf_path = gguf_path
+        self.mode = Mode.parse(mode)
+        self.predictor = predictor
+        self.oracle = oracle
+        self.lookahead = lookahead
+        self.prefetch_k = prefetch_k
+        self.wrap = wrap
+        self.method = method
+        self.queue_depth = queue_depth
+        self.madvise_random = madvise_random
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self._started = False
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> PrefetchPlugin:
+        if self._started:
+            raise RuntimeError("PrefetchPlugin.start() called twice")
+        lay = read_layout(self.gguf_path)
+        self.layout_ = lay
+        self.blocks_ = tuple(lay.moe_layers)
+        self.n_moe_ = len(self.blocks_)
+        self.k_ = lay.n_expert_used
+        if self.mode is Mode.PREDICTOR:
+            if self.predictor is None:
+                raise ExpertPredError("mode 'predictor' needs a predictor (--predictor)")
+            self.predictor.model.check_same(_model_info(lay), f"predictor for {self.gguf_path}")
+            default_d = max(self.predictor.offsets)
+        elif self.mode is Mode.ORACLE:
+            if self.oracle is None:
+                raise ExpertPredError("mode 'oracle' needs a recorded trace (--oracle-trace)")
+            if self.oracle.experts.shape[1:] != (self.n_moe_, self.k_):
+                raise ExpertPredError(
+                    f"oracle trace: experts shape {self.oracle.experts.shape}, expected "
+                    f"(T, {self.n_moe_}, {self.k_}) for {self.gguf_path}")
+            default_d = 1
+        else:
+            default_d = 0
+        d = default_d if self.lookahead is None or self.mode in (Mode.OFF, Mode.D0) \
+            else self.lookahead
+        if d < 0:
+            raise ExpertPredError(f"lookahead {d}: expected >= 0")
+        if self.mode is Mode.PREDICTOR and d:
+            missing = [x for x in range(1, d + 1) if x not in self.predictor.offsets]
+            if missing:
+                raise ExpertPredError(f"lookahead {d}: the predictor has no model for d="
+                                      f"{missing} (has {list(self.predictor.offsets)})")
+        self.lookahead_ = d
+        self.pk_ = self.prefetch_k or self.k_
+        self._c = PluginCounters()
+        self._first_error = ""
+        self._madvised = 0
+        self._cur_experts = np.zeros((self.n_moe_, self.k_), np.int64)  # this token's
+        # node name -> (is_argsort, moe index)
+        self._want: dict[bytes, tuple[bool, int]] = {}
+        for li, b in enumerate(self.blocks_):
+            self._want[f"{ARGSORT}-{b}".encode()] = (True, li)
+            if self.mode is Mode.PREDICTOR:
+                self._want[f"{LOGITS}-{b}".encode()] = (False, li)
+        e = lay.n_expert
+        self._scratch_i = np.empty((512, e), np.int32)
+        self._scratch_f = np.empty((512, e), np.float32)
+        self._logits: list[np.ndarray | None] = [None] * self.n_moe_
+        self._rows: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # prompt stash
+        self._tokens: list[int] = []
+        self._n_past = 0
+        self._cursor = 0
+        self._ub_start = 0
+        self._ub_rows = 0
+        self._pos = -1  # position of the single decode row being processed
+        self._features: OnlineFeatures | None = None
+        self._feat_pos = -1  # last position fed to the features
+        if self.mode is Mode.PREDICTOR:
+            self._features = OnlineFeatures(_model_info(lay, self.predictor.model.sha256),
+                                            history_decay=self.predictor.history_decay)
+        self.engine_: PrefetchEngine | None = None
+        if self.mode is not Mode.OFF:
+            self.engine_ = PrefetchEngine(self.gguf_path, lay, method=self.method,
+                                          queue_depth=self.queue_depth, **self.engine_kwargs)
+            self.engine_.start()
+            self._ggml = _ggml.ggml_lib()
+            import llama_cpp
+
+            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
+        self._started = True
+        return self
+
+    def close(self) -> None:
+        """Stop the engine (bounded); the callback keeps answering "go on" afterwards."""
+        if not self._started:
+            return
+        if self.engine_ is not None:
+            self._final_stats = self.engine_.stats()
+            self.engine_.close()
+        self._started = False
+
+    def __enter__(self) -> PrefetchPlugin:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- wiring -----------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.mode is not Mode.OFF
+
+    def install(self, params: llama_cpp.llama_context_params) -> None:
+        """Set ``cb_eval`` on ``params`` (before ``llama_init_from_model``). Keep this plugin
+        alive as long as the context: it owns the callback object."""
+        if not self.enabled:
+            return
+        if not hasattr(self, "_cb"):
+            raise RuntimeError("PrefetchPlugin.install() before start()")
+        params.cb_eval = self._cb
+        params.cb_eval_user_data = None
+
+    def advise_mapping(self) -> int:
+        """``madvise(MADV_RANDOM)`` every mapping of the model file in this process, if
+        ``madvise_random``; returns the bytes advised (0 when not asked or not mapped)."""
+        if not (self.madvise_random and self.enabled):
+            return 0
+        try:
+            self._madvised = madvise_file_mappings(self.gguf_path, MADV_RANDOM)
+        except OSError as exc:
+            log.warning("madvise(MADV_RANDOM) on %s failed: %s", self.gguf_path, exc)
+        return self._madvised
+
+    def begin(self, tokens: Sequence[int], n_past: int) -> None:
+        """The next ``llama_decode`` calls evaluate ``tokens`` at positions ``n_past ..``."""
+        if not self.enabled:
+            return
+        try:
+            self._finish_ubatch()
+            if n_past == 0 or n_past <= self._feat_pos:
+                self._reset_sequence()
+            self._tokens = [int(t) for t in tokens]
+            self._n_past = int(n_past)
+            self._cursor = 0
+            self._ub_rows = 0
+            self._c.batches += 1
+        except Exception as exc:  # noqa: BLE001 - never break the caller's inference
+            self._error(exc)
+
+    def stats(self) -> PluginStats:
+        eng = None
+        if self.engine_ is not None:
+            eng = self.engine_.stats() if self._started else getattr(self, "_final_stats", None)
+        return PluginStats(mode=self.mode.value, lookahead=getattr(self, "lookahead_", 0),
+                           counters=replace(self._c), engine=eng,
+                           madvised_bytes=self._madvised, first_error=self._first_error)
+
+    # --- the callback -----------------------------------------------------------------------------
+    def _callback(self, t: int, ask: bool, user_data: int | None) -> bool:
+        try:
+            spec = self._want.get(ctypes.string_at(t + _ggml.OFF_NAME))
+            if ask:
+                return spec is not None
+            if spec is None or not self._started:
+                return True
+            t0 = time.perf_counter()
+            is_argsort, li = spec
+            n = ctypes.c_int64.from_address(t + _ggml.OFF_NE + 8).value
+            e = self.layout_.n_expert
+            if n > len(self._scratch_i):
+                self._scratch_i = np.empty((n, e), np.int32)
+                self._scratch_f = np.empty((n, e), np.float32)
+            if is_argsort:
+                self._ggml.tensor_get(t, self._scratch_i.ctypes.data, 0, n * e * 4)
+                self._on_routed(li, self._scratch_i[:n, :self.k_].copy())
+            else:
+                self._ggml.tensor_get(t, self._scratch_f.ctypes.data, 0, n * e * 4)
+                self._logits[li] = self._scratch_f[:n].copy()
+            self._c.callback_seconds += time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - an exception must not unwind through C
+            self._error(exc)
+        return True  # never abort the compute
+
+    def _error(self, exc: BaseException) -> None:
+        self._c.callback_errors += 1
+        if not self._first_error:
+            self._first_error = f"{type(exc).__name__}: {exc}"
+            log.warning("prefetch plugin: callback error (counted, inference continues): %s",
+                        self._first_error, exc_info=exc)
+
+    def _on_routed(self, li: int, experts: np.ndarray) -> None:
+        """Layer ``li`` (MoE index) has routed ``experts`` (n, k) for this ubatch's rows."""
+        c, eng = self._c, self.engine_
+        assert eng is not None
+        n = len(experts)
+        block = self.blocks_[li]
+        c.layer_events += 1
+        if li == 0:
+            self._finish_ubatch()
+            self._ub_start, self._ub_rows = self._cursor, n
+            self._cursor += n
+            c.ubatches += 1
+            c.tokens += n
+        used = np.unique(experts).tolist()
+        eng.advance(block)
+        eng.on_use(block, used)
+        eng.request(block, used)
+        c.d0_requests += len(used)
+        # positions of these rows: the last n rows of the ubatch (output rows at the top)
+        pos0 = self._n_past + self._ub_start + self._ub_rows - n
+        if self.mode is Mode.PREDICTOR:
+            self._predictor_step(li, experts, pos0)
+        elif self.mode is Mode.ORACLE:
+            self._oracle_step(li, pos0, n)
+
+    def _ahead(self, li: int, d: int) -> tuple[int, bool]:
+        """(target MoE layer, next_token) of offset ``d`` from ``li``; (-1, _) if none."""
+        tgt = li + d
+        if tgt < self.n_moe_:
+            return tgt, False
+        if self.wrap and tgt - self.n_moe_ < li:
+            return tgt - self.n_moe_, True
+        return -1, False
+
+    def _oracle_step(self, li: int, pos0: int, n: int) -> None:
+        assert self.oracle is not None and self.engine_ is not None
+        o = self.oracle
+        for d in range(1, self.lookahead_ + 1):
+            tgt, nxt = self._ahead(li, d)
+            if tgt < 0:
+                continue
+            lo, hi = pos0 + int(nxt), pos0 + n + int(nxt)
+            if hi > len(o.tokens) or not self._oracle_agrees(pos0, n):
+                self._c.oracle_misses += 1
+                continue
+            ex = np.unique(o.experts[lo:hi, tgt]).tolist()
+            self.engine_.request(self.blocks_[tgt], ex, next_token=nxt)
+            self._c.ahead_requests += len(ex)
+
+    def _oracle_agrees(self, pos0: int, n: int) -> bool:
+        """The trace has the tokens this run evaluates at these positions (when known)."""
+        assert self.oracle is not None
+        start = pos0 - self._n_past
+        if not self._tokens or start < 0:
+            return True
+        ours = self._tokens[start:start + n]
+        theirs = self.oracle.tokens[pos0:pos0 + len(ours)].tolist()
+        return ours == theirs
+
+    # --- predictor path -----------------------------------------------------------------------
+    def _token_at(self, pos: int) -> int:
+        i = pos - self._n_past
+        return self._tokens[i] if 0 <= i < len(self._tokens) else 0
+
+    def _predictor_step(self, li: int, experts: np.ndarray, pos0: int) -> None:
+        if self._ub_rows > 1:  # prompt batch: stash, replay into the features at its end
+            logits = self._logits[li]
+            self._rows[li] = (experts, None if logits is None else logits[-len(experts):])
+            return
+        f = self._features
+        assert f is not None and self.predictor is not None and self.engine_ is not None
+        if li == 0:
+            f.next_token(self._token_at(pos0), Phase.DECODE)
+            self._feat_pos = pos0
+        logits = self._logits[li]
+        if logits is None:
+            logits = np.zeros((1, self.layout_.n_expert), np.float32)
+        f.update(li, logits[0], experts[0])
+        self._cur_experts[li] = experts[0]
+        t0 = time.perf_counter()
+        for d in range(1, self.lookahead_ + 1):
+            tgt, nxt = self._ahead(li, d)
+            if tgt < 0:
+                continue
+            if nxt:  # beyond the last layer: this token's experts there (previous-token guess)
+                ex = self._cur_experts[tgt].tolist()
+            else:
+                x = f.features(d)
+                if x is None:
+                    continue
+                ex = self.predictor.topk(d, x, self.pk_).tolist()
+                self._c.predictions += 1
+            self.engine_.request(self.blocks_[tgt], ex, next_token=nxt)
+            self._c.ahead_requests += len(ex)
+        self._c.predict_seconds += time.perf_counter() - t0
+
+    def _finish_ubatch(self) -> None:
+        """Feed a stashed multi-row ubatch (prompt) into the features, token by token."""
+        if not self._rows:
+            return
+        rows, self._rows = self._rows, {}
+        f = self._features
+        if f is None:
+            return
+        n = self._ub_rows
+        pos0 = self._n_past + self._ub_start
+        for i in range(n):
+            f.next_token(self._token_at(pos0 + i), Phase.PROMPT)
+            for li in range(self.n_moe_):
+                got = rows.get(li)
+                if got is None:
+                    continue
+                ex, lg = got
+                j = i - (n - len(ex))  # layers with fewer rows hold the last rows
+                if j < 0:
+                    continue
+                zeros = np.zeros(self.layout_.n_expert, np.float32)
+                f.update(li, lg[j] if lg is not None else zeros, ex[j])
+        self._feat_pos = pos0 + n - 1
+
+    def _reset_sequence(self) -> None:
+        self._rows = {}
+        if self._features is not None:
+            self._features.reset()
+        self._feat_pos = -1
+
+
+def madvise_file_mappings(path: str | os.PathLike[str], advice: int) -> int:
+    """``madvise`` every mapping of ``path`` in this process (from /proc/self/maps);
+    returns the bytes advised."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    real = str(Path(path).resolve())
+    done = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") == real:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if libc.madvise(lo, hi - lo, advice) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"madvise({real}): {os.strerror(err)}")
+                done += hi - lo
+    return done
+
+
+# --- llama-cpp-python integration ---------------------------------------------------------------
+
+
+def _llama_class() -> type:
+    from llama_cpp import Llama
+
+    return Llama
+
+
+class PrefetchLlama(_llama_class()):  # type: ignore[misc]
+    """A ``llama_cpp.Llama`` whose context runs the prefetch plugin's eval callback.
+
+    ``PrefetchLlama(model_path, mode=..., predictor=..., oracle=..., lookahead=...,
+    method=..., queue_depth=..., madvise_random=..., **llama_kwargs)``: the plugin keywords
+    go to :class:`PrefetchPlugin`, the rest to ``Llama`` (``verbose`` defaults to False).
+    ``Llama.__init__`` creates a context without a callback; this class frees it and creates
+    the same context (same ``context_params``) with ``cb_eval`` set, attached to a
+    persistent ggml threadpool (the callback splits each token's graph into one compute per
+    MoE layer; the pool avoids respawning threads for each). ``eval`` tells the plugin which
+    tokens each batch holds. ``close()`` frees the context before the plugin.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str], *, mode: str | Mode = Mode.D0,
+                 predictor: PredictorProvider | None = None, oracle: OracleTrace | None = None,
+                 lookahead: int | None = None, prefetch_k: int | None = None,
+                 wrap: bool = True, method: str = "fadvise", queue_depth: int = 8,
+                 madvise_random: bool = False,
+                 engine_kwargs: Mapping[str, Any] | None = None, **llama_kwargs: Any) -> None:
+        from .trace.llama_tracer import _quiet_llama_logs
+
+        _quiet_llama_logs()
+        self.plugin = PrefetchPlugin(model_path, mode=mode, predictor=predictor, oracle=oracle,
+                                     lookahead=lookahead, prefetch_k=prefetch_k, wrap=wrap,
+                                     method=method, queue_depth=queue_depth,
+                                     madvise_random=madvise_random,
+                                     engine_kwargs=engine_kwargs)
+        self._pool: _ggml.Threadpool | None = None
+        self._closed = False
+        self.plugin.start()
+        try:
+            llama_kwargs.setdefault("verbose", False)
+            super().__init__(model_path=str(model_path), **llama_kwargs)
+            if self.plugin.enabled:
+                self._swap_context()
+                self.plugin.advise_mapping()
+        except BaseException:
+            self.plugin.close()
+            raise
+
+    def _swap_context(self) -> None:
+        import contextlib
+
+        from llama_cpp import _internals
+
+        self.plugin.install(self.context_params)
+        ctx = _internals.LlamaContext(model=self._model, params=self.context_params,
+                                      verbose=self.verbose)
+        old, self._ctx = self._ctx, self._stack.enter_context(contextlib.closing(ctx))
+        old.close()
+        self._pool = _ggml.Threadpool(int(self.n_threads))
+        self._pool.attach(self._ctx.ctx)
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        self.plugin.begin(tokens, self.n_tokens)
+        return super().eval(tokens)
+
+    def prefetch_stats(self) -> PluginStats:
+        """The plugin's counters and the engine's statistics so far."""
+        return self.plugin.stats()
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        super().close()  # frees the context (and the callback's last user) first
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        self.plugin.close()
+
+    def __enter__(self) -> PrefetchLlama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One greedy generation with the plugin: text, token ids, timings and statistics."""
+
+    text: str
+    tokens: list[int]  # generated token ids
+    n_prompt: int
+    prompt_seconds: float
+    decode_seconds: float
+    stats: PluginStats
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def generate_greedy(llm: Any, prompt: str, max_tokens: int,
+                    on_token: Any = None) -> tuple[list[int], int, float, float]:
+    """Greedy decode with ``Llama.eval`` / ``Llama.sample(top_k=1)``-equivalent argmax over
+    llama.cpp's sampler: returns (generated ids, prompt length, prompt s, decode s). Stops
+    before an end-of-generation token. The same loop with and without the plugin."""
+    import llama_cpp
+
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
+    t0 = time.perf_counter()
+    llm.reset()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    out: list[int] = []
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    smpl = llama_cpp.llama_sampler_init_greedy()
+    try:
+        while len(out) < max_tokens:
+            tok = int(llama_cpp.llama_sampler_sample(smpl, llm.ctx, -1))
+            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                break
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if len(out) == max_tokens:
+                break
+            llm.eval([tok])
+    finally:
+        llama_cpp.llama_sampler_free(smpl)
+    return out, len(ids), t1 - t0, time.perf_counter() - t1
