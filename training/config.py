@@ -51,7 +51,7 @@ class TrainConfig:
     # --- optimisation ------------------------------------------------------------------
     seq_len: int = 256  # training window in tokens
     batch_size: int = 8  # windows per step: 2k tokens per step fits the 2-core budget
-    max_steps: int = 800  # sized from measured steps/s so a run takes ~10-12 min
+    max_steps: int = 700  # sized from measured steps/s so a run takes ~10-12 min
     lr: float = 3e-3  # peak AdamW LR; tiny models tolerate (and need) a high LR
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 40  # linear warmup, then cosine decay
