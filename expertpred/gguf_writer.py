@@ -30,7 +30,7 @@ class GGUFTokenizer:
     token_types: list[int]  # gguf.TokenType values, one per token
     bos_id: int
     eos_id: int
-    pre: str = "default"  # llama.cpp pre-tokenizer name; "default" = GPT-2 regex
+    pre: str = "gpt-2"  # llama.cpp pre-tokenizer; "gpt-2" = the GPT-2 regex HF byte-level BPE uses
 
 
 def bytes_to_unicode() -> dict[int, str]:
