@@ -277,6 +277,93 @@ def widen(
                   f"({res.mb_per_s:.0f} MB/s)")
 
 
+@app.command()
+def run(
+    model: Path = typer.Option(..., "--model", help="MoE GGUF to run."),
+    prompt: str = typer.Option(..., "--prompt", help="Prompt text."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Greedy tokens to generate."),
+    mode: str = typer.Option(None, "--mode",
+                             help="off | d0 | predictor | oracle (default: predictor with "
+                                  "--predictor, oracle with --oracle-trace, else d0)."),
+    predictor: Path = typer.Option(None, "--predictor",
+                                   help="Saved predictors (expertpred train's <out>/models) "
+                                        "or an exported artifact."),
+    predictor_name: str = typer.Option("lightgbm", "--predictor-name",
+                                       help="Which saved predictor (files <name>-d<d>.npz)."),
+    source_model: Path = typer.Option(None, "--source-model",
+                                      help="The model --model was widened from (the predictor "
+                                           "was trained on it)."),
+    oracle_trace: Path = typer.Option(None, "--oracle-trace",
+                                      help="Recorded trace of the same greedy run (trace "
+                                           "dataset directory or oracle .npz)."),
+    method: str = typer.Option("fadvise", "--method", help="pread | fadvise | madvise | io_uring"),
+    queue_depth: int = typer.Option(8, "--queue-depth", min=1, help="Prefetch queue depth."),
+    lookahead: int = typer.Option(None, "--lookahead", min=0,
+                                  help="Prefetch layers l+1..l+D (default: predictor's largest "
+                                       "d; 1 for the oracle)."),
+    madvise_random: bool = typer.Option(False, "--madvise-random",
+                                        help="madvise(MADV_RANDOM) llama.cpp's mapping: no "
+                                             "fault read-around."),
+    threads: int = typer.Option(2, "--threads", min=1, help="llama.cpp threads."),
+    n_ctx: int = typer.Option(512, "--n-ctx", min=8, help="llama.cpp context size."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line."),
+) -> None:
+    """Generate greedily with the online prefetch plugin and print prefetch statistics."""
+    from .plugin import (
+        OracleTrace,
+        PrefetchLlama,
+        generate_greedy,
+        load_predictors,
+        prompt_tokens,
+    )
+
+    if mode is None:
+        mode = "predictor" if predictor else "oracle" if oracle_trace else "d0"
+    preds = oracle = None
+    if mode == "predictor":
+        if predictor is None:
+            raise ExpertPredError("--mode predictor needs --predictor DIR_OR_ARTIFACT")
+        preds = load_predictors(predictor, model, name=predictor_name,
+                                source_model=source_model)
+    if mode == "oracle":
+        if oracle_trace is None:
+            raise ExpertPredError("--mode oracle needs --oracle-trace DIR_OR_NPZ")
+        oracle = OracleTrace.load(oracle_trace, prompt_tokens(model, prompt))
+    with PrefetchLlama(model, mode=mode, predictor=preds, oracle=oracle, method=method,
+                       queue_depth=queue_depth, lookahead=lookahead,
+                       madvise_random=madvise_random, n_ctx=n_ctx, n_threads=threads,
+                       n_batch=min(512, n_ctx), seed=0) as llm:
+        toks, n_prompt, t_prompt, t_decode = generate_greedy(llm, prompt, max_tokens)
+        text = llm.detokenize(toks).decode("utf-8", errors="replace")
+        st = llm.prefetch_stats()
+    tps = len(toks) / t_decode if t_decode > 0 else 0.0
+    if as_json:
+        print(json.dumps({"text": text, "generated": toks, "n_prompt": n_prompt,
+                          "prompt_s": t_prompt, "decode_s": t_decode, "tokens_per_s": tps,
+                          **st.as_dict()}, default=str))
+        return
+    console.print(f"[dim]prompt:[/] {prompt!r}")
+    console.print(f"[dim]generation ({len(toks)} tokens):[/] {text!r}", highlight=False)
+    t = Table(title=f"prefetch ({st.mode}, lookahead {st.lookahead})", show_header=False)
+    t.add_row("decode tokens/s", f"{tps:.2f} ({t_decode:.2f} s; prompt {t_prompt:.2f} s)")
+    c = st.counters
+    t.add_row("callback errors", str(c.callback_errors) + (f" ({st.first_error})"
+                                                            if st.first_error else ""))
+    if st.engine is not None:
+        e = st.engine.counters
+        t.add_row("method / queue depth", f"{st.engine.method} / {st.engine.queue_depth}")
+        t.add_row("requests / issued / coalesced", f"{e.requests} / {e.issued} / {e.coalesced}")
+        t.add_row("bytes read (or advised)", _human(e.bytes_read))
+        t.add_row("uses: hit / late / miss", f"{e.used} / {e.late} / {e.misses}")
+        t.add_row("hit rate", f"{100 * st.engine.hit_rate:.1f}%")
+        t.add_row("wasted prefetches", str(e.wasted))
+        t.add_row("I/O errors", f"{e.errors}" + ("" if st.engine.enabled
+                                                 else f" (disabled: {st.engine.disabled_reason})"))
+        if c.predictions:
+            ms = 1e3 * c.predict_seconds / c.predictions
+            t.add_row("predictions", f"{c.predictions} ({ms:.1f} ms each)")
+    console.print(t)
+
 
 _OVERRIDABLE = {"allow_extra_args": True, "ignore_unknown_options": True}
 
