@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -158,3 +159,37 @@ def test_cli_train_and_evaluate(tmp_path):
     assert json.loads(r.output)["scenarios"][0]["name"] == "in-domain"
     r = runner.invoke(app, ["train", "--bogus=1"])
     assert isinstance(r.exception, ExpertPredError) and "unknown key 'bogus'" in str(r.exception)
+
+
+# --- shipped sample traces (skipped when absent) ---
+
+SHIPPED = Path(__file__).resolve().parents[1] / "datasets" / "traces"
+
+
+def _shipped(name: str) -> Path:
+    path = SHIPPED / name
+    if not (path / "manifest.json").is_file():
+        pytest.skip(f"no shipped trace {path}")
+    return path
+
+
+def test_shipped_traces_open_and_rank(tmp_path):
+    cfg = load_config(None, [f"--dataset={_shipped('tiny-mixtral')}", "--offsets=1",
+                             "--predictors=random,popularity,transition", f"--out={tmp_path}"])
+    src = open_source(cfg)
+    assert src.model.sha256 and src.model.n_expert == 8
+    assert src.select("train") and src.select("test") and src.select("validation")
+    assert not set(src.select("train")) & set(src.select("test"))
+    report = evaluate(replace(cfg, cross_domain=False, cache_predictor="transition"))
+    rec = {r["predictor"]: r["recall"] for r in report["scenarios"][0]["results"]
+           if r["k"] == src.model.n_expert_used}
+    assert rec["random"] < rec["popularity"] < rec["transition"]
+
+
+def test_predictor_of_another_shipped_model_is_refused(tmp_path):
+    mix = load_config(None, [f"--dataset={_shipped('tiny-mixtral')}", "--offsets=1",
+                             "--predictors=popularity", f"--out={tmp_path}"])
+    qwen = open_source(replace(mix, dataset=str(_shipped("tiny-qwen3moe"))))
+    train(mix)
+    with pytest.raises(ExpertPredError, match="model sha256 .* trained on another model"):
+        load_all(tmp_path / "models", qwen.model, ("popularity",), (1,))
