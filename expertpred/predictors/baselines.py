@@ -27,6 +27,15 @@ def _rank_hot(ids: np.ndarray, n: int) -> np.ndarray:
     return out[:, :n]
 
 
+def _by_layer(w: np.ndarray, layer: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """float32 (n, E): ``w[i] @ tables[layer[i]]``, one matmul per layer (no (n, E, E) copy)."""
+    out = np.empty((len(w), tables.shape[2]), dtype=np.float32)
+    for li in np.unique(layer):
+        rows = layer == li
+        out[rows] = w[rows] @ tables[li]
+    return out
+
+
 def _layer_counts(data: FeatureBatch) -> np.ndarray:
     """float64 (L, E): how often each expert was a target, per target layer."""
     n_l, e = data.model.n_moe, data.model.n_expert
@@ -102,7 +111,7 @@ class TransitionPredictor(Predictor, name="transition"):
         else:
             w = x.current_multihot()
             w /= np.maximum(w.sum(axis=1, keepdims=True), 1.0)
-        return np.einsum("ni,nij->nj", w, self.table_[lay]).astype(np.float32)
+        return _by_layer(w.astype(np.float32), lay, self.table_)
 
 
 class PreviousTokenPredictor(Predictor, name="previous-token"):
@@ -155,7 +164,7 @@ class PreviousTokenTransitionPredictor(Predictor, name="previous-token+transitio
         p /= np.maximum(p.sum(axis=1, keepdims=True), 1.0)
         w = x.current_multihot()
         w /= np.maximum(w.sum(axis=1, keepdims=True), 1.0)
-        t = np.einsum("ni,nij->nj", w, self.table_[x.layer.astype(np.int64)])
+        t = _by_layer(w, x.layer.astype(np.int64), self.table_)
         return p, t + 1e-4 * self.freq_[x.target_layer]
 
     def _scores(self, x: FeatureBatch) -> np.ndarray:
