@@ -58,7 +58,8 @@ def child(a: argparse.Namespace) -> None:
     mode = PLUGIN_MODE[a.mode]
     preds = oracle = None
     if mode == "predictor":
-        preds = load_predictors(a.predictor, a.model, source_model=a.source)
+        preds = load_predictors(a.predictor, a.model, name=a.predictor_name,
+                                source_model=a.source)
     if mode == "oracle":
         oracle = OracleTrace.load(a.oracle)
     io0, t0 = proc_io(), time.perf_counter()
@@ -164,7 +165,7 @@ def run_one(a: argparse.Namespace, mode: str, model: Path, limit: int, predictor
            "--model", str(model), "--source", str(a.source), "--predictor", str(predictor),
            "--oracle", str(oracle), "--tokens", str(a.tokens), "--lookahead",
            str(a.lookahead), "--method", a.method, "--queue-depth", str(a.queue_depth),
-           "--threads", str(a.threads)]
+           "--threads", str(a.threads), "--predictor-name", a.predictor_name]
     if a.madvise_random:
         cmd.append("--madvise-random")
     row: dict[str, Any] = {"mode": mode}
@@ -237,6 +238,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="Use this widened GGUF as it is.")
     ap.add_argument("--source", type=Path, default=SOURCE, help="Model to widen.")
     ap.add_argument("--predictor", type=Path, help="Saved predictors (default: train).")
+    ap.add_argument("--predictor-name", default="lightgbm",
+                    help="Which saved predictor (files <name>-d<d>.npz).")
     ap.add_argument("--total-gib", type=float, default=3.0, help="Size of the widened model.")
     ap.add_argument("--size-over-limit", type=float, default=2.5,
                     help="Model size / cgroup limit.")
