@@ -388,6 +388,7 @@ class OnlineFeatures:
 
 DENSE_PARTS = ("layer", "logits", "current", "prev_target", "prev_source", "history",
                "position", "hidden")
+EXTRA_PARTS = ("current_all", "prev_all")  # L·E columns each: every layer's multi-hot
 
 
 def dense_features(x: FeatureBatch, parts: tuple[str, ...] = DENSE_PARTS,
@@ -421,6 +422,12 @@ def dense_features(x: FeatureBatch, parts: tuple[str, ...] = DENSE_PARTS,
         elif p == "hidden":
             if x.hidden is not None:
                 cols.append(x.hidden.astype(np.float32))
+        elif p in ("current_all", "prev_all"):
+            ids = x.experts if p == "current_all" else x.prev_experts
+            n, n_lay, k = ids.shape
+            flat = multihot(ids.reshape(n * n_lay, k), x.model.n_expert)
+            cols.append(flat.reshape(n, n_lay * x.model.n_expert))
         else:
-            raise ExpertPredError(f"feature part {p!r}: expected one of {', '.join(DENSE_PARTS)}")
+            known = ", ".join(DENSE_PARTS + EXTRA_PARTS)
+            raise ExpertPredError(f"feature part {p!r}: expected one of {known}")
     return np.concatenate(cols, axis=1) if cols else np.zeros((len(x), 0), np.float32)

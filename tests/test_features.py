@@ -102,6 +102,8 @@ def test_rows_shapes_and_masking(traces):
     np.testing.assert_array_equal(b.targets, traces[0].experts[b.position, b.layer + 2])
     x = dense_features(b)
     assert x.shape[0] == len(b) and x.dtype == np.float32 and np.isfinite(x).all()
+    cur = dense_features(b, ("current_all",)).reshape(len(b), SPEC.n_layer, SPEC.n_expert)
+    assert (cur.sum(axis=2) == np.where(above, 0, SPEC.n_expert_used)).all()
 
 
 def test_streaming_batches_and_sampling(traces):

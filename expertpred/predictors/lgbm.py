@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..features import DENSE_PARTS, FeatureBatch, dense_features, multihot
+from ..features import DENSE_PARTS, EXTRA_PARTS, FeatureBatch, dense_features, multihot
 from .base import Predictor
 from .gate import GateFeatures
 
@@ -28,8 +28,8 @@ class LightGBMPredictor(GateFeatures, Predictor, name="lightgbm"):
 
     def __init__(self, shared: bool = False, n_estimators: int = 40, num_leaves: int = 15,
                  learning_rate: float = 0.15, min_child_samples: int = 20,
-                 max_rows: int = 60000, use_hidden: bool = False, gguf_path: str = "",
-                 seed: int = 0, n_jobs: int = 1) -> None:
+                 max_rows: int = 60000, use_hidden: bool = False, all_layers: bool = True,
+                 gguf_path: str = "", seed: int = 0, n_jobs: int = 1) -> None:
         self.shared = shared  # one model for all layers (layer = categorical feature)
         self.n_estimators = n_estimators
         self.num_leaves = num_leaves
@@ -37,12 +37,14 @@ class LightGBMPredictor(GateFeatures, Predictor, name="lightgbm"):
         self.min_child_samples = min_child_samples
         self.max_rows = max_rows  # training rows are subsampled to this many
         self.use_hidden = use_hidden  # hidden states as features (wide: D columns)
+        self.all_layers = all_layers  # every layer's experts, this and the previous token
         self.gguf_path = gguf_path  # model file: gate look-ahead scores become features too
         self.seed = seed
         self.n_jobs = n_jobs  # 1: fastest for small data, no spin-waiting on a busy box
 
     def _parts(self) -> tuple[str, ...]:
-        return tuple(p for p in DENSE_PARTS if self.use_hidden or p != "hidden")
+        base = tuple(p for p in DENSE_PARTS if self.use_hidden or p != "hidden")
+        return base + (EXTRA_PARTS if self.all_layers else ())
 
     def _design(self, x: FeatureBatch) -> np.ndarray:
         return np.concatenate([dense_features(x, self._parts(), layer_onehot=False),

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import DENSE_PARTS, FeatureBatch, dense_features, multihot
+from ..features import DENSE_PARTS, EXTRA_PARTS, FeatureBatch, dense_features, multihot
 from .base import Predictor
 from .gate import GateFeatures
 
@@ -30,8 +30,8 @@ class MLPPredictor(GateFeatures, Predictor, name="mlp"):
 
     def __init__(self, hidden_size: int = 128, epochs: int = 8, lr: float = 2e-3,
                  batch_size: int = 512, weight_decay: float = 1e-5, loss: str = "bce",
-                 use_hidden: bool = True, max_rows: int = 200000, gguf_path: str = "",
-                 seed: int = 0) -> None:
+                 use_hidden: bool = True, all_layers: bool = True, max_rows: int = 200000,
+                 gguf_path: str = "", seed: int = 0) -> None:
         self.hidden_size = hidden_size
         self.epochs = epochs
         self.lr = lr
@@ -39,12 +39,14 @@ class MLPPredictor(GateFeatures, Predictor, name="mlp"):
         self.weight_decay = weight_decay
         self.loss = loss  # "bce" (multi-label) or "softmax" (listwise)
         self.use_hidden = use_hidden  # include the hidden state at l when traced
+        self.all_layers = all_layers  # every layer's experts, this and the previous token
         self.max_rows = max_rows
         self.gguf_path = gguf_path  # model file: gate look-ahead scores become inputs too
         self.seed = seed
 
     def _design(self, x: FeatureBatch) -> np.ndarray:
         parts = tuple(p for p in DENSE_PARTS if self.use_hidden or p != "hidden")
+        parts += EXTRA_PARTS if self.all_layers else ()
         return np.concatenate([dense_features(x, parts, layer_onehot=True),
                                *self._gate_columns(x)], axis=1)
 
