@@ -798,6 +798,20 @@ class Generation:
         return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+def prompt_tokens(gguf_path: str | os.PathLike[str], prompt: str) -> list[int]:
+    """``prompt``'s token ids as :func:`generate_greedy` evaluates them (vocab-only load)."""
+    from llama_cpp import Llama
+
+    from .trace.llama_tracer import _quiet_llama_logs
+
+    _quiet_llama_logs()
+    llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        return list(llm.tokenize(prompt.encode("utf-8"), add_bos=True))
+    finally:
+        llm.close()
+
+
 def generate_greedy(llm: Any, prompt: str, max_tokens: int,
                     on_token: Any = None) -> tuple[list[int], int, float, float]:
     """Greedy decode with ``Llama.eval`` / ``Llama.sample(top_k=1)``-equivalent argmax over
