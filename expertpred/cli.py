@@ -417,6 +417,35 @@ def evaluate_cmd(
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
+@app.command("export")
+def export_cmd(
+    predictor: Path = typer.Option(..., "--predictor",
+                                   help="A saved predictor .npz, or a directory of them "
+                                        "(expertpred train's <out>/models)."),
+    out: Path = typer.Option(..., "--out", help="Artifact file to write (e.g. P.artifact)."),
+    name: str = typer.Option(None, "--name",
+                             help="Which predictor of the directory (files <name>-d<d>.npz); "
+                                  "needed when it holds several."),
+    offsets: str = typer.Option(None, "--offsets", help="Only these d, e.g. 1,2 (default all)."),
+    model: Path = typer.Option(None, "--model",
+                               help="Check the artifact loads for this GGUF (identity, shapes)."),
+    allow_sha_mismatch: bool = typer.Option(False, "--allow-sha-mismatch",
+                                            help="With --model: accept another sha256 if the "
+                                                 "shapes match."),
+) -> None:
+    """Export a trained predictor (every offset d) as one numpy-only artifact file."""
+    from .export import export_saved, load_artifact
+
+    ds = None if offsets is None else [int(v) for v in offsets.split(",") if v.strip()]
+    path = export_saved(predictor, out, name=name, offsets=ds)
+    art = load_artifact(path, gguf_path=model, allow_sha_mismatch=allow_sha_mismatch)
+    m = art.trained_model or art.model
+    checked = f"; loads for {model}" if model is not None else ""
+    console.print(f"exported {art.name} d={list(art.offsets)} for {m.arch} "
+                  f"sha256 {m.sha256[:12] or '(none)'} to {path} "
+                  f"({_human(path.stat().st_size)}){checked}", soft_wrap=True, highlight=False)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

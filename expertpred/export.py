@@ -798,9 +798,9 @@ def _check_model(path: Path, trained: ModelInfo, gguf_path: str | os.PathLike[st
     theirs = (lay.n_layer, tuple(lay.moe_layers), lay.n_expert, lay.n_expert_used, lay.n_embd)
     if mine != theirs:
         keys = ("n_layer", "moe_layers", "n_expert", "n_expert_used", "n_embd")
-        diff = ", ".join(f"{k} {b} vs {a}" for k, a, b in zip(keys, mine, theirs) if a != b)
+        diff = ", ".join(f"{k} {a} vs {b}" for k, a, b in zip(keys, mine, theirs) if a != b)
         raise ExpertPredError(f"{path}: trained for another model shape than {gguf_path} "
-                              f"({diff} in the artifact); not overridable")
+                              f"(artifact vs GGUF: {diff}); not overridable")
     sha = file_sha256(gguf_path)
     if not trained.sha256:
         log.warning("%s: artifact records no model sha256 (synthetic training data?); "
