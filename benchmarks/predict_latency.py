@@ -1,0 +1,178 @@
+"""Latency of one online prediction per exported predictor, through the plugin's path.
+
+One *prediction* = one token, one layer-step: after MoE layer ``l`` routes, the plugin asks
+for the experts of layers ``l+1 .. l+D`` — for each ``d``: ``OnlineFeatures.features(d)``
+then ``topk(d, x, k)`` on the loaded artifact (exactly what
+:meth:`expertpred.plugin.PrefetchPlugin._predictor_step` does). Reported per predictor:
+median and p99 (µs) of the whole step, and of its two parts measured separately (feature
+building for all d; the model's top-k for all d on prebuilt features). Steps counted are
+the full ones (``l + D < L``: all D targets exist); rows come from replaying real
+sequences of a trace through :class:`~expertpred.features.OnlineFeatures`.
+
+    python benchmarks/predict_latency.py --models runs/predictors/tiny-mixtral/models \
+        --dataset datasets/traces/tiny-mixtral --gguf models/tiny-mixtral/model.gguf
+
+Without ``--models`` it first trains the tiny-mixtral recipe into a temporary directory
+(``expertpred train --config training/configs/predictors-tiny-mixtral.toml``, ~2 min).
+``--in-memory`` also times the saved (non-exported) predictors for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from expertpred.export import ExportedPredictorSet, export_saved, load_artifact  # noqa: E402
+from expertpred.features import ModelInfo, OnlineFeatures  # noqa: E402
+from expertpred.trace.record import Phase  # noqa: E402
+
+log = logging.getLogger("predict_latency")
+
+LADDER = ("random", "popularity", "transition", "previous-token", "previous-token+transition",
+          "gate-lookahead", "lightgbm", "mlp")  # the oracle has no model to time
+
+
+def _sequences(dataset: str, n_seq: int) -> list[Any]:
+    from expertpred.trace.dataset import TraceDataset
+
+    ds = TraceDataset(dataset)
+    info = [r for r in ds.sequence_info() if r.get("split", "test") == "test"]
+    ids = [int(r["seq_id"]) for r in info][:n_seq]
+    return list(ds.sequences(seq_ids=ids))
+
+
+def _pct(ns: list[int]) -> tuple[float, float]:
+    a = np.asarray(ns, dtype=np.float64) / 1e3
+    return float(np.median(a)), float(np.percentile(a, 99))
+
+
+def time_predictor(pset: Any, model: ModelInfo, seqs: list[Any], depth: int, k: int,
+                   min_calls: int) -> dict[str, Any]:
+    """Replay ``seqs`` token by token; time every full layer-step (all d = 1..depth)."""
+    n_l = model.n_moe
+    offsets = range(1, depth + 1)
+    step_ns: list[int] = []
+    feat_ns: list[int] = []
+    model_ns: list[int] = []
+    clock = time.perf_counter_ns
+    gc.disable()
+    try:
+        while len(step_ns) < min_calls:
+            for seq in seqs:
+                f = OnlineFeatures(model, history_decay=pset.history_decay)
+                hid = seq.hidden
+                for t in range(seq.n_tokens):
+                    f.next_token(int(seq.tokens[t]), Phase(int(seq.phase[t])))
+                    for li in range(n_l):
+                        f.update(li, seq.logits[t, li], seq.experts[t, li],
+                                 None if hid is None else hid[t, li])
+                        if li + depth >= n_l:
+                            continue
+                        # 1. the whole step, as the plugin runs it
+                        t0 = clock()
+                        for d in offsets:
+                            pset.topk(d, f.features(d), k)
+                        t1 = clock()
+                        # 2. its parts, separately
+                        xs = [f.features(d) for d in offsets]
+                        t2 = clock()
+                        for d, x in zip(offsets, xs):
+                            pset.topk(d, x, k)
+                        t3 = clock()
+                        step_ns.append(t1 - t0)
+                        feat_ns.append(t2 - t1)
+                        model_ns.append(t3 - t2)
+    finally:
+        gc.enable()
+    med, p99 = _pct(step_ns)
+    fmed, fp99 = _pct(feat_ns)
+    mmed, mp99 = _pct(model_ns)
+    return {"calls": len(step_ns), "median_us": med, "p99_us": p99, "features_median_us": fmed,
+            "features_p99_us": fp99, "model_median_us": mmed, "model_p99_us": mp99}
+
+
+def _in_memory(models: Path, name: str, model: ModelInfo, offsets: tuple[int, ...]) -> Any:
+    from expertpred.plugin import PredictorSet
+    from expertpred.train import load_all
+
+    by = load_all(models, model, [name], offsets).get(name)
+    return None if by is None else PredictorSet.from_predictors(by, source=str(models))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", help="expertpred train's <out>/models (default: train now)")
+    ap.add_argument("--dataset", default="datasets/traces/tiny-mixtral")
+    ap.add_argument("--gguf", default="models/tiny-mixtral/model.gguf")
+    ap.add_argument("--config", default="training/configs/predictors-tiny-mixtral.toml")
+    ap.add_argument("--predictors", default=",".join(LADDER))
+    ap.add_argument("--depth", type=int, default=4, help="D: lookahead targets d = 1..D")
+    ap.add_argument("--calls", type=int, default=5000, help="timed layer-steps per predictor")
+    ap.add_argument("--seqs", type=int, default=8, help="test sequences replayed")
+    ap.add_argument("--in-memory", action="store_true",
+                    help="also time the saved predictors (lightgbm / torch-free numpy paths)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    tmp = tempfile.TemporaryDirectory(prefix="predict-latency-")
+    models = Path(args.models) if args.models else None
+    if models is None:
+        from expertpred.train import load_config, train
+
+        cfg = load_config(args.config, [f"--out={tmp.name}/run", f"--dataset={args.dataset}"])
+        print(f"training {args.config} into {tmp.name} ...", flush=True)
+        train(cfg)
+        models = Path(tmp.name) / "run" / "models"
+    seqs = _sequences(args.dataset, args.seqs)
+    rows: list[dict[str, Any]] = []
+    for name in [p for p in args.predictors.split(",") if p]:
+        art_path = Path(tmp.name) / f"{name}.artifact"
+        try:
+            export_saved(models, art_path, name=name,
+                         offsets=list(range(1, args.depth + 1)))
+        except Exception as exc:  # noqa: BLE001 - a missing rung is reported, not fatal
+            print(f"{name}: skipped ({exc})", flush=True)
+            continue
+        art: ExportedPredictorSet = load_artifact(art_path, gguf_path=args.gguf)
+        if art.needs_hidden and seqs[0].hidden is None:
+            print(f"{name}: skipped (needs hidden states; the trace has none)", flush=True)
+            continue
+        k = art.model.n_expert_used
+        r = {"predictor": name, "kind": "exported",
+             **time_predictor(art, art.model, seqs, args.depth, k, args.calls)}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        if args.in_memory:
+            mem = _in_memory(models, name, art.model, art.offsets)
+            calls = max(200, args.calls // 10) if name in ("lightgbm", "mlp") else args.calls
+            r = {"predictor": name, "kind": "in-memory",
+                 **time_predictor(mem, art.model, seqs, args.depth, k, calls)}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"\none online prediction: 1 token, 1 layer-step, d = 1..{args.depth} "
+          f"(µs; {args.dataset})")
+    print("| predictor | path | calls | median | p99 | features median | model median |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['predictor']} | {r['kind']} | {r['calls']} | {r['median_us']:.1f} | "
+              f"{r['p99_us']:.1f} | {r['features_median_us']:.1f} | "
+              f"{r['model_median_us']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
