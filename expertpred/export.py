@@ -47,7 +47,7 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -66,6 +66,7 @@ FORMAT = "expertpred.predictor-artifact"
 FORMAT_VERSION = 1
 HEADER = "__header__"
 SUFFIX = ".artifact"
+CACHE_ROWS = 1 << 16  # one-row answers cached per offset (lookup predictors), then reset
 
 
 # --- numpy helpers (mirror the in-memory predictors operation for operation) ------------------
@@ -148,6 +149,11 @@ class Scorer:
     def scores(self, x: FeatureBatch) -> np.ndarray:
         raise NotImplementedError
 
+    def row_key(self, x: FeatureBatch) -> Hashable | None:
+        """For a one-row batch: a key that determines its scores (discrete inputs only), so
+        that repeated inputs are answered from a cache; None = not cacheable."""
+        return None
+
 
 class RandomScorer(Scorer, kind="random"):
     """Seeded uniform scores (the same stream as the ``random`` predictor)."""
@@ -156,12 +162,18 @@ class RandomScorer(Scorer, kind="random"):
         rng = np.random.default_rng(int(self.spec["seed"]))
         return rng.random((len(x), self.model.n_expert), dtype=np.float32)
 
+    def row_key(self, x: FeatureBatch) -> Hashable | None:
+        return 0  # the same seeded stream for every call: one row is always the same
+
 
 class PopularityScorer(Scorer, kind="popularity"):
     arrays = ("freq",)
 
     def scores(self, x: FeatureBatch) -> np.ndarray:
         return self.freq[x.target_layer]
+
+    def row_key(self, x: FeatureBatch) -> Hashable | None:
+        return int(x.layer[0])
 
 
 class TransitionScorer(Scorer, kind="transition"):
@@ -176,6 +188,12 @@ class TransitionScorer(Scorer, kind="transition"):
             w = _normalised_current(x)
         return _by_layer(w.astype(np.float32), x.layer.astype(np.int64), self.table)
 
+    def row_key(self, x: FeatureBatch) -> Hashable | None:
+        if self.spec["source"] == "probs":
+            return None
+        li = int(x.layer[0])
+        return li, x.experts[0, li].tobytes()
+
 
 class PreviousTokenScorer(Scorer, kind="previous-token"):
     arrays = ("freq",)
@@ -184,6 +202,10 @@ class PreviousTokenScorer(Scorer, kind="previous-token"):
         tl = x.target_layer
         prev = x.prev_experts[np.arange(len(x)), tl]
         return _rank_hot(prev, self.model.n_expert) + 1e-3 * self.freq[tl]
+
+    def row_key(self, x: FeatureBatch) -> Hashable | None:
+        li = int(x.layer[0])
+        return li, x.prev_experts[0, li + x.d].tobytes()
 
 
 class PreviousTokenTransitionScorer(Scorer, kind="previous-token+transition"):
@@ -197,6 +219,10 @@ class PreviousTokenTransitionScorer(Scorer, kind="previous-token+transition"):
         t = t + 1e-4 * self.freq[tl]
         w = float(self.spec["weight"])
         return w * p + (1.0 - w) * t
+
+    def row_key(self, x: FeatureBatch) -> Hashable | None:
+        li = int(x.layer[0])
+        return li, x.experts[0, li].tobytes(), x.prev_experts[0, li + x.d].tobytes()
 
 
 class GateScorer(Scorer, kind="gate-lookahead"):
@@ -305,6 +331,11 @@ class _Forest:
             bit = (self.cat_bits[node, ivc >> 5] >> (ivc & 31).astype(np.uint32)) & 1
             go_left = np.where(self.is_cat, ok & (bit == 1), go_left)
         nxt = np.where(go_left, self.left, self.right)  # (n, N): each node's next node
+        if len(x) == 1:  # 1-D gathers: the online case
+            nxt1, cur1 = nxt[0], self.roots
+            for _ in range(self.depth):
+                cur1 = nxt1[cur1]
+            return (self.value[cur1] @ self.expert_of)[None]
         cur = np.broadcast_to(self.roots, (len(x), len(self.roots)))
         for _ in range(self.depth):
             cur = np.take_along_axis(nxt, cur, axis=1)
@@ -389,6 +420,9 @@ class ExportedPredictor:
         self.feature_config_ = feature_config
         self.needs_hidden = scorer.needs_hidden
         self._seen_model: ModelInfo | None = None
+        # one-row answers of scorers with discrete inputs (row_key): exact, bounded
+        self._scores_cache: dict[Hashable, np.ndarray] = {}
+        self._topk_cache: dict[tuple[Hashable, int], np.ndarray] = {}
 
     @property
     def d(self) -> int:
@@ -411,14 +445,34 @@ class ExportedPredictor:
         self._check(x)
         if len(x) == 0:
             return np.zeros((0, self.model_.n_expert), dtype=np.float32)
-        return np.ascontiguousarray(self.scorer.scores(x), dtype=np.float32)
+        key = self.scorer.row_key(x) if len(x) == 1 else None
+        if key is None:
+            return np.ascontiguousarray(self.scorer.scores(x), dtype=np.float32)
+        got = self._scores_cache.get(key)
+        if got is None:
+            got = np.ascontiguousarray(self.scorer.scores(x), dtype=np.float32)
+            if len(self._scores_cache) >= CACHE_ROWS:
+                self._scores_cache.clear()
+            self._scores_cache[key] = got
+        return got.copy()
 
     def predict_topk(self, x: FeatureBatch, k: int) -> np.ndarray:
         """int64 (n, k) expert ids, best first (ties: lower id first)."""
         if not 1 <= k <= self.model_.n_expert:
             raise ExpertPredError(f"k={k}: expected 1..{self.model_.n_expert}")
+        key = self.scorer.row_key(x) if len(x) == 1 else None
+        if key is not None:
+            self._check(x)
+            got = self._topk_cache.get((key, k))
+            if got is not None:
+                return got.copy()
         s = self.predict_scores(x)
-        return np.argsort(-s, axis=1, kind="stable")[:, :k].astype(np.int64)
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k].astype(np.int64)
+        if key is not None:
+            if len(self._topk_cache) >= CACHE_ROWS:
+                self._topk_cache.clear()
+            self._topk_cache[(key, k)] = top.copy()
+        return top
 
     def __repr__(self) -> str:
         return f"ExportedPredictor({self.name!r}, d={self.d}, kind={self.scorer.kind!r})"

@@ -119,7 +119,8 @@ def test_exported_equals_in_memory(case, fitted, data, gguf_path):
         assert exp.predict_scores(test.take(slice(0, 0))).shape == (0, data[0].n_expert)
 
 
-@pytest.mark.parametrize("case", ["previous-token+transition", "lightgbm", "mlp",
+@pytest.mark.parametrize("case", ["random", "popularity", "transition", "previous-token",
+                                  "previous-token+transition", "lightgbm", "mlp",
                                   "gate-lookahead"])
 def test_online_rows_equal(case, fitted, data, gguf_path):
     """Through the plugin's path: OnlineFeatures one row at a time, topk per offset."""
@@ -138,8 +139,10 @@ def test_online_rows_equal(case, fitted, data, gguf_path):
                     continue
                 a, b = by_d[d].predict_scores(x), art.by_d[d].predict_scores(x)
                 np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
-                if np.unique(a).size == a.size:
-                    assert art.topk(d, x, 2).tolist() == by_d[d].predict_topk(x, 2)[0].tolist()
+                if np.unique(a).size == a.size:  # (one-row answers may come from a cache)
+                    for _ in range(2):
+                        assert art.topk(d, x, 2).tolist() == \
+                            by_d[d].predict_topk(x, 2)[0].tolist()
 
 
 def test_loads_and_predicts_with_numpy_only(fitted, data, tmp_path):
