@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from .errors import ExpertPredError
-from .features import FeatureBatch, FeatureConfig, ModelInfo, dense_features
+from .features import DenseRow, FeatureBatch, FeatureConfig, ModelInfo, dense_features
 
 if TYPE_CHECKING:
     from .predictors import Predictor
@@ -254,7 +254,17 @@ class _DesignScorer(Scorer):
         self.n_features = int(self.spec["n_features"])
         self.needs_hidden = bool(self.spec["uses_hidden"]) or self.uses_gate
 
+        self._rows: dict[int, DenseRow] = {}  # one-row encoders by hidden width
+
     def design(self, x: FeatureBatch) -> np.ndarray:
+        if len(x) == 1 and not self.uses_gate:  # online: one preallocated row, same values
+            n_h = 0 if x.hidden is None or "hidden" not in self.parts else x.hidden.shape[1]
+            enc = self._rows.get(n_h)
+            if enc is None:
+                enc = self._rows[n_h] = DenseRow(self.model, self.parts, self.layer_onehot,
+                                                 n_hidden=n_h)
+            if enc.width == self.n_features:
+                return enc.row(x)
         cols = [dense_features(x, self.parts, layer_onehot=self.layer_onehot)]
         if self.uses_gate:
             cols.append(_gate(x, self.gate_routers, self.gate_norms))
@@ -280,12 +290,42 @@ class MLPScorer(_DesignScorer, kind="mlp"):
         self.w2l = self.w2.reshape(-1, self.model.n_expert, self.w2.shape[1])
         self.b2l = self.b2.reshape(-1, self.model.n_expert)
 
+        # one-row path: transposed weights made contiguous once, preallocated activations
+        self.w0t = np.ascontiguousarray(self.w0.T)
+        self.w1t = np.ascontiguousarray(self.w1.T)
+        self._z = np.empty((1, self.w0.shape[1]), dtype=np.float32)
+        self._a0 = np.empty((1, self.w0.shape[0]), dtype=np.float32)
+        self._a1 = np.empty((1, self.w1.shape[0]), dtype=np.float32)
+        self.w2t = np.ascontiguousarray(self.w2l.transpose(0, 2, 1))  # (L, H, E) heads
+
     def scores(self, x: FeatureBatch) -> np.ndarray:
+        if len(x) == 1:
+            return self._scores_row(x)
         z = (self.design(x) - self.mean) / self.std
         a = np.maximum(z @ self.w0.T + self.b0, 0.0)
         a = np.maximum(a @ self.w1.T + self.b1, 0.0)
         lay = x.layer.astype(np.int64)
         return (np.einsum("nh,neh->ne", a, self.w2l[lay]) + self.b2l[lay]).astype(np.float32)
+
+    def _scores_row(self, x: FeatureBatch) -> np.ndarray:
+        """The same operations on one row, into preallocated buffers (no temporaries)."""
+        z = self.design(x)
+        if z.shape[1] != self._z.shape[1]:
+            raise ExpertPredError(f"exported mlp: {z.shape[1]} input features, trained with "
+                                  f"{self._z.shape[1]}")
+        np.subtract(z, self.mean, out=self._z)
+        np.divide(self._z, self.std, out=self._z)
+        a0, a1 = self._a0, self._a1
+        np.matmul(self._z, self.w0t, out=a0)
+        np.add(a0, self.b0, out=a0)
+        np.maximum(a0, 0.0, out=a0)
+        np.matmul(a0, self.w1t, out=a1)
+        np.add(a1, self.b1, out=a1)
+        np.maximum(a1, 0.0, out=a1)
+        li = int(x.layer[0])
+        out = a1 @ self.w2t[li]
+        out += self.b2l[li]
+        return out
 
 
 MISSING = {"None": 0, "Zero": 1, "NaN": 2}
@@ -311,8 +351,26 @@ class _Forest:
     zero_missing: bool = False
     nan_missing: bool = False
 
+    def raw_row(self, x: np.ndarray) -> np.ndarray | None:
+        """float64 (1, E) for one row of numeric splits without NaN, else None (use
+        :meth:`raw_scores`). Same decisions, fewer passes: gather the 1-D row once."""
+        if self.cat_bits is not None or self.zero_missing:
+            return None
+        x64 = x[0].astype(np.float64)
+        if np.isnan(x64).any():  # NaN: missing-value rules of the general path
+            return None
+        nxt = np.where(x64[self.feature] <= self.threshold, self.left, self.right)
+        cur = self.roots
+        for _ in range(self.depth):
+            cur = nxt[cur]
+        return (self.value[cur] @ self.expert_of)[None]
+
     def raw_scores(self, x: np.ndarray) -> np.ndarray:
         """float64 (n, E): the sum of each expert's trees (LightGBM's raw score)."""
+        if len(x) == 1:
+            raw = self.raw_row(x)
+            if raw is not None:
+                return raw
         v = x[:, self.feature].astype(np.float64)  # (n, N)
         nan = np.isnan(v)
         has_nan = bool(nan.any())
@@ -420,6 +478,7 @@ class ExportedPredictor:
         self.feature_config_ = feature_config
         self.needs_hidden = scorer.needs_hidden
         self._seen_model: ModelInfo | None = None
+        self._seen_config: FeatureConfig | None = None
         # one-row answers of scorers with discrete inputs (row_key): exact, bounded
         self._scores_cache: dict[Hashable, np.ndarray] = {}
         self._topk_cache: dict[tuple[Hashable, int], np.ndarray] = {}
@@ -435,7 +494,11 @@ class ExportedPredictor:
                                                                o.n_expert_used):
                 m.check_same(o, f"exported {self.name} predictor")
             self._seen_model = o
-        if x.config != self.feature_config_:
+        if x.config is self._seen_config:  # OnlineFeatures reuses one config per d
+            return
+        if x.config == self.feature_config_:
+            self._seen_config = x.config
+        else:
             raise ExpertPredError(f"exported {self.name}: features built with d={x.d}, "
                                   f"history_decay={x.config.history_decay}; artifact expects "
                                   f"d={self.d}, history_decay={self.feature_config_.history_decay}")
@@ -466,6 +529,12 @@ class ExportedPredictor:
             got = self._topk_cache.get((key, k))
             if got is not None:
                 return got.copy()
+        elif len(x) == 1:  # online, not cacheable (learned models): no copies, 1-D sort
+            self._check(x)
+            s = self.scorer.scores(x)[0]
+            if s.dtype != np.float32:
+                s = s.astype(np.float32)
+            return np.argsort(-s, kind="stable")[None, :k].astype(np.int64, copy=False)
         s = self.predict_scores(x)
         top = np.argsort(-s, axis=1, kind="stable")[:, :k].astype(np.int64)
         if key is not None:

@@ -323,6 +323,9 @@ class OnlineFeatures:
     def __init__(self, model: ModelInfo, history_decay: float = 0.5) -> None:
         self.model = model
         self.history_decay = history_decay
+        # one FeatureConfig per d, made once: building it per call was ~1 µs of the row
+        self._configs: dict[int, FeatureConfig] = {}
+        self._seq_arr = np.zeros(1, dtype=np.int64)
         self.reset()
 
     def reset(self) -> None:
@@ -336,6 +339,7 @@ class OnlineFeatures:
         self._token = 0
         self._phase = int(Phase.DECODE)
         self._layer = -1
+        self._step: dict[str, Any] | None = None  # shared columns of the current layer-step
         self.seq_id = 0
 
     def next_token(self, token: int, phase: int = Phase.DECODE) -> None:
@@ -343,12 +347,14 @@ class OnlineFeatures:
         if self._position >= 0:
             dec = np.float32(self.history_decay)
             inc = np.float32(1.0 - self.history_decay)
+            # new arrays (never in place): rows handed out earlier keep their values
             self._hist = dec * self._hist + inc * multihot(self._cur, self.model.n_expert)
             self._prev = self._cur.copy()
         self._cur = np.full_like(self._cur, NO_EXPERT)
         self._hidden = [None] * self.model.n_moe
         self._position += 1
         self._token, self._phase, self._layer = int(token), int(phase), -1
+        self._step = None
 
     def update(self, layer: int, logits: np.ndarray, experts: np.ndarray,
                hidden: np.ndarray | None = None) -> None:
@@ -361,27 +367,49 @@ class OnlineFeatures:
         self._cur[layer] = np.asarray(experts, dtype=np.int16).reshape(-1)
         self._hidden[layer] = None if hidden is None else np.asarray(hidden, np.float16)
         self._layer = layer
+        self._step = None
+
+    def _step_columns(self) -> dict[str, Any]:
+        """The columns every offset ``d`` of this layer-step shares, built once per step.
+
+        Fresh arrays per step (copies of the state), so rows handed out stay valid after
+        the next :meth:`update`; only ``history`` differs between offsets.
+        """
+        l_ = self._layer
+        cur = self._cur.copy()
+        cur[l_ + 1:] = NO_EXPERT  # layers not routed yet (same values as the batch mask)
+        h = self._hidden[l_]
+        self._seq_arr[0] = self.seq_id
+        self._step = {
+            "model": self.model, "seq": self._seq_arr.copy(),
+            "position": np.array([self._position], dtype=np.int32),
+            "token": np.array([self._token], dtype=np.int32),
+            "phase": np.array([self._phase], dtype=np.int8),
+            "layer": np.array([l_], dtype=np.int16),
+            "logits": self._logits[l_][None].copy(),
+            "experts": cur[None], "prev_experts": self._prev[None],
+            "hidden": None if h is None else h[None].copy(), "targets": None,
+        }
+        return self._step
 
     def features(self, d: int) -> FeatureBatch | None:
-        """One-row batch predicting layer ``l + d`` from the last updated layer ``l``."""
+        """One-row batch predicting layer ``l + d`` from the last updated layer ``l``.
+
+        The fast one-row path: the columns shared by all offsets are built once per
+        layer-step; per ``d`` only the history row (a view of a never-mutated array) and
+        the cached config change. Equal bit for bit to :func:`sequence_features`' row.
+        """
         l_ = self._layer
         if l_ < 0 or l_ + d >= self.model.n_moe:
             return None
-        visible = np.arange(self.model.n_moe)[:, None] <= l_
-        cur = np.where(visible, self._cur, np.int16(NO_EXPERT)).astype(np.int16)
-        h = self._hidden[l_]
-        return FeatureBatch(
-            model=self.model, config=FeatureConfig(d=d, history_decay=self.history_decay),
-            seq=np.array([self.seq_id], dtype=np.int64),
-            position=np.array([self._position], dtype=np.int32),
-            token=np.array([self._token], dtype=np.int32),
-            phase=np.array([self._phase], dtype=np.int8),
-            layer=np.array([l_], dtype=np.int16),
-            logits=self._logits[l_][None].copy(),
-            experts=cur[None], prev_experts=self._prev[None].copy(),
-            history=self._hist[l_ + d][None].copy(),
-            hidden=None if h is None else h[None].copy(),
-        )
+        cols = self._step if self._step is not None else self._step_columns()
+        cfg = self._configs.get(d)
+        if cfg is None:
+            cfg = self._configs[d] = FeatureConfig(d=d, history_decay=self.history_decay)
+        # bypass the frozen dataclass __init__ (13 object.__setattr__ calls): same fields
+        x = object.__new__(FeatureBatch)
+        x.__dict__.update(cols, config=cfg, history=self._hist[l_ + d:l_ + d + 1])
+        return x
 
 
 # --- dense encoding for learned models --------------------------------------------------------
@@ -431,3 +459,112 @@ def dense_features(x: FeatureBatch, parts: tuple[str, ...] = DENSE_PARTS,
             known = ", ".join(DENSE_PARTS + EXTRA_PARTS)
             raise ExpertPredError(f"feature part {p!r}: expected one of {known}")
     return np.concatenate(cols, axis=1) if cols else np.zeros((len(x), 0), np.float32)
+
+
+class DenseRow:
+    """:func:`dense_features` for one-row batches, written into one preallocated vector.
+
+    The learned models' online path: no per-part arrays, no concatenation; columns in the
+    same order with the same float32 values as :func:`dense_features` (bit for bit,
+    ``tests/test_features.py``). ``row(x)`` returns the buffer itself (overwritten by the
+    next call); ``n_hidden``: width of the ``hidden`` part when present.
+
+    Steps per row: 1. zero the buffer; 2. copy the real-valued parts (logits, history,
+    hidden, log1p(position) — cached per position); 3. set every multi-hot / one-hot 1 with
+    one fancy assignment, whose indices (per source layer and ``d``) are precomputed; padding
+    ids (-1) land in a trash slot past the end.
+    """
+
+    def __init__(self, model: ModelInfo, parts: tuple[str, ...] = DENSE_PARTS,
+                 layer_onehot: bool = True, n_hidden: int = 0) -> None:
+        known = DENSE_PARTS + EXTRA_PARTS
+        for p in parts:
+            if p not in known:
+                raise ExpertPredError(f"feature part {p!r}: expected one of {', '.join(known)}")
+        self.model, self.parts, self.layer_onehot = model, tuple(parts), layer_onehot
+        self.n_hidden = n_hidden
+        n_l, e = model.n_moe, model.n_expert
+        width = {"layer": n_l if layer_onehot else 1, "logits": e, "current": e,
+                 "prev_target": e, "prev_source": e, "history": e, "position": 1,
+                 "hidden": n_hidden, "current_all": n_l * e, "prev_all": n_l * e}
+        self.spans: dict[str, tuple[int, int]] = {}
+        o = 0
+        for p in self.parts:
+            self.spans[p] = (o, o + width[p])
+            o += width[p]
+        self.width = o
+        self._buf = np.zeros(o + 1, dtype=np.float32)  # [o] = trash slot for padding ids
+        self._row = self._buf[None, :o]
+        self._plans: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._log1p: dict[int, np.float32] = {}
+        self._one = np.zeros(1, dtype=np.float32)
+
+    def _plan(self, li: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For source layer ``li``: which flat expert ids of (this token's | the previous
+        token's) (L·k) array feed the multi-hots, and the column offset each id adds to."""
+        n_l, k, e = self.model.n_moe, self.model.n_expert_used, self.model.n_expert
+        src: list[int] = []  # 0: this token's experts, 1: previous token's
+        pos: list[int] = []  # flat index into the (L, k) array
+        off: list[int] = []  # column of id 0
+        for p, (lo, _) in self.spans.items():
+            if p == "current":
+                rows = [(0, li, lo)]
+            elif p == "prev_target":
+                rows = [(1, min(max(li + d, 0), n_l - 1), lo)]
+            elif p == "prev_source":
+                rows = [(1, li, lo)]
+            elif p in ("current_all", "prev_all"):
+                rows = [(0 if p == "current_all" else 1, j, lo + j * e) for j in range(n_l)]
+            else:
+                continue
+            for s_, lay, col in rows:
+                src += [s_] * k
+                pos += [lay * k + j for j in range(k)]
+                off += [col] * k
+        src_a = np.asarray(src, dtype=np.intp)
+        pos_a = np.asarray(pos, dtype=np.intp) + src_a * (n_l * k)
+        fixed = []  # layer one-hot / integer column: constant per li
+        if "layer" in self.spans and self.layer_onehot:
+            fixed.append(self.spans["layer"][0] + li)
+        plan = (pos_a, np.asarray(off, dtype=np.intp), np.asarray(fixed, dtype=np.intp))
+        self._plans[(li, d)] = plan
+        return plan
+
+    def row(self, x: FeatureBatch) -> np.ndarray:
+        """float32 (1, F): the design row of the one-row batch ``x`` (a reused buffer)."""
+        buf, sp = self._buf, self.spans
+        li, d = int(x.layer[0]), x.config.d
+        pos_a, off, fixed = self._plans.get((li, d)) or self._plan(li, d)
+        # 1. zero
+        buf.fill(0.0)
+        # 2. real-valued parts
+        if "logits" in sp:
+            lo, hi = sp["logits"]
+            buf[lo:hi] = x.logits[0]
+        if "history" in sp:
+            lo, hi = sp["history"]
+            buf[lo:hi] = x.history[0]
+        if "position" in sp:
+            t = int(x.position[0])
+            v = self._log1p.get(t)
+            if v is None:  # the same ufunc on the same float32 value as the batch
+                self._one[0] = x.position[0]
+                v = self._log1p[t] = np.log1p(self._one)[0]
+            buf[sp["position"][0]] = v
+        if "hidden" in sp:
+            lo, hi = sp["hidden"]
+            n_h = 0 if x.hidden is None else x.hidden.shape[1]
+            if n_h != hi - lo:  # dense_features skips it without hidden states
+                raise ExpertPredError(f"DenseRow built for {hi - lo} hidden columns, "
+                                      f"the features have {n_h}")
+            if n_h:
+                buf[lo:hi] = x.hidden[0]
+        if "layer" in sp and not self.layer_onehot:
+            buf[sp["layer"][0]] = li
+        # 3. every 1 at once; padding (-1) goes to the trash slot
+        if len(pos_a):
+            ids = np.concatenate((x.experts[0].ravel(), x.prev_experts[0].ravel()))[pos_a]
+            buf[np.where(ids >= 0, off + ids, self.width)] = 1.0
+        if len(fixed):
+            buf[fixed] = 1.0
+        return self._row

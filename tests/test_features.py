@@ -9,6 +9,9 @@ import pytest
 
 from expertpred.errors import ExpertPredError
 from expertpred.features import (
+    DENSE_PARTS,
+    EXTRA_PARTS,
+    DenseRow,
     FeatureBatch,
     FeatureConfig,
     ModelInfo,
@@ -60,6 +63,54 @@ def test_online_equals_batch(traces, d):
             _same(f, batch.take(slice(row, row + 1)))
             row += 1
     assert row == len(batch)
+
+
+def _online_rows(tr, model, d, decay=0.7, hidden=True):
+    """Every online row of ``tr`` for offset ``d`` (kept: they must stay valid)."""
+    online = OnlineFeatures(model, history_decay=decay)
+    rows = []
+    for t in range(tr.n_tokens):
+        online.next_token(int(tr.tokens[t]), int(tr.phase[t]))
+        for li in range(SPEC.n_layer):
+            online.update(li, tr.logits[t, li], tr.experts[t, li],
+                          tr.hidden[t, li] if hidden else None)
+            f = online.features(d)
+            if f is not None:
+                rows.append(f)
+    return rows
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_online_rows_stay_valid_after_later_steps(traces, d):
+    """Rows share per-step buffers across d; later updates must never change them."""
+    model = synthetic_model(SPEC)
+    batch = sequence_features(traces[2], model, FeatureConfig(d=d, history_decay=0.7))
+    rows = _online_rows(traces[2], model, d)
+    assert len(rows) == len(batch)
+    for i, f in enumerate(rows):
+        _same(f, batch.take(slice(i, i + 1)))
+
+
+@pytest.mark.parametrize("parts,onehot,hidden", [
+    (DENSE_PARTS, True, True), (DENSE_PARTS, False, True), (DENSE_PARTS, True, False),
+    (DENSE_PARTS + EXTRA_PARTS, True, True), (("prev_all", "position", "layer"), False, False),
+])
+@pytest.mark.parametrize("d", [1, 2])
+def test_dense_row_equals_dense_features(traces, parts, onehot, hidden, d):
+    model = synthetic_model(SPEC)
+    tr = traces[3]
+    if not hidden:
+        tr = replace(tr, hidden=None)
+    batch = sequence_features(tr, model, FeatureConfig(d=d, history_decay=0.7))
+    want = dense_features(batch, parts, layer_onehot=onehot)
+    enc = DenseRow(model, parts, layer_onehot=onehot,
+                   n_hidden=SPEC.n_embd if hidden else 0)
+    assert enc.width == want.shape[1]
+    for i, f in enumerate(_online_rows(tr, model, d, hidden=hidden)):
+        got = enc.row(f)
+        assert got.shape == (1, want.shape[1]) and got.dtype == np.float32
+        np.testing.assert_array_equal(got[0], want[i])
+        np.testing.assert_array_equal(dense_features(f, parts, layer_onehot=onehot), got)
 
 
 @pytest.mark.parametrize("t0,l0,d", [(0, 0, 1), (5, 2, 1), (5, 0, 3), (11, 3, 1), (7, 1, 2)])
