@@ -1,0 +1,624 @@
+"""Which bytes of a GGUF does llama.cpp actually read, in what order, under a memory limit?
+
+``expertpred iotrace`` answers the weight-access research questions with data:
+
+1. a child process runs greedy llama.cpp inference (``PrefetchLlama``'s context-with-callback
+   mechanism, with this module's :class:`IOTracer` as the callback instead of the prefetch
+   plugin) — inside a :class:`~expertpred.cgroup.MemoryCgroup` when a limit is given, after
+   evicting the file from the page cache;
+2. at each MoE layer's routing node (``ffn_moe_argsort-L``: attention and router of layer L
+   are done, its experts not yet) and at each token boundary the tracer takes a ``mincore``
+   snapshot of the whole file: pages resident now but not at the previous sample became
+   resident in between = reads (pages read *and* reclaimed between two samples are missed;
+   the per-process ``/proc/self/io`` ``read_bytes`` recorded with every sample bounds that);
+3. new pages are attributed to the interval's (token, layer) and to the region kind of the
+   layout (expert (layer, expert), router, shared expert, other = attention/embeddings/
+   norms/output), with major faults and the summed ``delayacct_blkio_ticks`` of all threads;
+4. the same run is repeated with the file cached and no limit ("warm"): the per-step wall
+   time difference cold - warm estimates the I/O wait of each step (Q2).
+
+Outputs in ``--out``: ``samples.parquet`` (one row per sample, both runs), ``reads.parquet``
+(contiguous runs of newly resident pages), ``expert_reads.parquet`` ((sample, layer, expert)
+bytes), ``offsets.png``, ``per_token.png`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ExpertPredError
+from .layout import MoELayout, read_layout
+
+log = logging.getLogger(__name__)
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+KINDS = ("other", "expert", "router", "shared")  # region kind codes 0..3
+OTHER, EXPERT, ROUTER, SHARED = range(4)
+ARGSORT = "ffn_moe_argsort"
+SEQ_GAP = 128 * 1024  # a read "follows" the previous one if it starts within this of its end
+TOKEN_LAYER = -1  # `layer` of a token-boundary sample
+
+
+@dataclass(frozen=True)
+class IOTraceConfig:
+    """One ``expertpred iotrace`` run."""
+
+    model: Path
+    out: Path
+    limit_mib: int | None = None  # memory cgroup limit for the cold run (None: no cgroup)
+    tokens: int = 8  # greedy tokens to generate
+    prompt: str = "def read_config(path):"
+    n_threads: int = 2
+    warm: bool = True  # also run with the file cached to estimate compute-only step times
+
+
+# --- the page map ------------------------------------------------------------------------------
+
+
+def page_map(lay: MoELayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per file page: (kind int8, layer int16 (block, -1), expert int16 (-1)) from the layout.
+
+    A page shared by two regions gets the later-assigned one (experts win over the rest).
+    """
+    n = (lay.file_size + PAGE - 1) // PAGE
+    kind = np.zeros(n, np.int8)
+    layer = np.full(n, -1, np.int16)
+    expert = np.full(n, -1, np.int16)
+
+    def mark(off: int, nbytes: int, k: int, b: int, e: int = -1) -> None:
+        lo, hi = off // PAGE, (off + max(nbytes, 1) - 1) // PAGE + 1
+        kind[lo:hi], layer[lo:hi], expert[lo:hi] = k, b, e
+
+    for b, ranges in lay.routers.items():
+        for r in ranges:
+            mark(r.offset, r.nbytes, ROUTER, b)
+    for b, ranges in lay.shared.items():
+        for r in ranges:
+            mark(r.offset, r.nbytes, SHARED, b)
+    for li, b in enumerate(lay.moe_layers):
+        for e in range(lay.n_expert):
+            for p in range(len(lay.parts)):
+                mark(int(lay.offsets[li, e, p]), int(lay.nbytes[li, e, p]), EXPERT, b, e)
+    return kind, layer, expert
+
+
+def _thread_blkio_ticks() -> int:
+    """Sum of ``delayacct_blkio_ticks`` (stat field 42) over this process's threads (0 unless
+    ``kernel.task_delayacct`` is on)."""
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            rest = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(rest[39])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def read_ahead_kb(path: str | os.PathLike[str]) -> int | None:
+    """The block device's ``read_ahead_kb`` for the file system holding ``path`` (None if
+    unknown). llama.cpp's ``POSIX_FADV_SEQUENTIAL`` doubles it for its descriptor, and mmap
+    fault read-around reads that window around each faulting page."""
+    st = os.stat(path)
+    base = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    for q in (base / "queue" / "read_ahead_kb", base / ".." / "queue" / "read_ahead_kb"):
+        try:
+            return int(q.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+# --- the tracer (runs inside the child) -------------------------------------------------------
+
+
+class IOTracer:
+    """Eval-callback residency sampler, duck-typed to what ``PrefetchLlama`` asks of its plugin
+    (``enabled``, ``install``, ``begin``, ``close``).
+
+    ``start()`` maps the file; ``sample(token, layer, routed)`` diffs residency against the
+    previous sample and appends one row; ``arrays()`` returns everything columnar.
+    """
+
+    enabled = True
+
+    def __init__(self, gguf_path: str | os.PathLike[str]) -> None:
+        self.gguf_path = Path(gguf_path)
+
+    def start(self) -> IOTracer:
+        import llama_cpp
+
+        from .cgroup import proc_io
+        from .prefetch.sysmem import FileMapping
+        from .trace import _ggml
+
+        self._proc_io = proc_io
+        self.layout_ = lay = read_layout(self.gguf_path)
+        self.kind_, self.layer_, self.expert_ = page_map(lay)
+        self._li = {b: i for i, b in enumerate(lay.moe_layers)}
+        self._want = {f"{ARGSORT}-{b}".encode(): b for b in lay.moe_layers}
+        self._map = FileMapping(self.gguf_path)
+        self._ggml = _ggml.ggml_lib()
+        self._off_name, self._off_ne = _ggml.OFF_NAME, _ggml.OFF_NE
+        self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
+        self._rows: list[tuple] = []
+        self._runs: list[tuple[int, int, int]] = []  # (sample, first page, n pages)
+        self._exp: list[tuple[int, int, int, int]] = []  # (sample, block, expert, pages)
+        self._routed: list[tuple[int, int, int, int]] = []  # (sample, token, block, expert)
+        self._token = -1
+        self._scratch = np.empty((512, lay.n_expert), np.int32)
+        self.callback_errors = 0
+        self._t0 = time.perf_counter()
+        self._prev = self._map.mincore()
+        self.sample(-1, TOKEN_LAYER)  # baseline (before the model is loaded)
+        return self
+
+    # PrefetchLlama's plugin protocol
+    def install(self, params: Any) -> None:
+        params.cb_eval = self._cb
+        params.cb_eval_user_data = None
+
+    def begin(self, tokens: Sequence[int], n_past: int) -> None:
+        self.sample(self._token, TOKEN_LAYER)  # closes the previous token (or the load)
+        self._token += 1
+
+    def close(self) -> None:
+        if getattr(self, "_map", None) is not None:
+            self._map.close()
+            self._map = None
+
+    def _callback(self, t: int, ask: bool, user_data: int | None) -> bool:
+        try:
+            b = self._want.get(ctypes.string_at(t + self._off_name))
+            if ask or b is None:
+                return b is not None if ask else True
+            n = ctypes.c_int64.from_address(t + self._off_ne + 8).value
+            e = self.layout_.n_expert
+            if n > len(self._scratch):
+                self._scratch = np.empty((n, e), np.int32)
+            self._ggml.tensor_get(t, self._scratch.ctypes.data, 0, n * e * 4)
+            routed = np.unique(self._scratch[:n, :self.layout_.n_expert_used])
+            self.sample(self._token, b, routed)
+        except Exception:  # noqa: BLE001 - an exception must not unwind through C
+            self.callback_errors += 1
+            log.exception("iotrace callback")
+        return True
+
+    def sample(self, token: int, layer: int, routed: np.ndarray | None = None) -> None:
+        """One residency snapshot: diff against the previous one and record the new pages."""
+        t = time.perf_counter() - self._t0
+        cur = self._map.mincore()
+        io = self._proc_io()
+        ticks = _thread_blkio_ticks()
+        new = np.flatnonzero(cur & ~self._prev)
+        gone = int(np.count_nonzero(self._prev & ~cur))
+        self._prev = cur
+        s = len(self._rows)
+        by_kind = np.bincount(self.kind_[new], minlength=len(KINDS)) * PAGE
+        if new.size:
+            breaks = np.flatnonzero(np.diff(new) != 1) + 1
+            starts = np.concatenate(([0], breaks))
+            ends = np.concatenate((breaks, [new.size]))
+            self._runs.extend((s, int(new[a]), int(z - a)) for a, z in zip(starts, ends))
+            ex = new[self.kind_[new] == EXPERT]
+            if ex.size:
+                key = self.layer_[ex].astype(np.int64) * 65536 + self.expert_[ex]
+                u, c = np.unique(key, return_counts=True)
+                self._exp.extend((s, int(k // 65536), int(k % 65536), int(n))
+                                 for k, n in zip(u, c))
+        if routed is not None:
+            self._routed.extend((s, token, layer, int(e)) for e in routed)
+        self._rows.append((s, t, token, layer, int(new.size) * PAGE, *map(int, by_kind),
+                           gone * PAGE, int(cur.sum()) * PAGE, io.read_bytes, io.majflt,
+                           io.minflt, ticks, time.perf_counter() - self._t0 - t))
+
+    SAMPLE_COLS = ("sample", "t", "token", "layer", "new_bytes",
+                   *(f"new_{k}" for k in KINDS), "dropped_bytes", "resident_bytes",
+                   "read_bytes", "majflt", "minflt", "blkio_ticks", "sample_seconds")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        rows = np.array(self._rows, dtype=np.float64).reshape(-1, len(self.SAMPLE_COLS))
+        out = {f"s_{c}": rows[:, i] for i, c in enumerate(self.SAMPLE_COLS)}
+        out["runs"] = np.array(self._runs, np.int64).reshape(-1, 3)
+        out["exp"] = np.array(self._exp, np.int64).reshape(-1, 4)
+        out["routed"] = np.array(self._routed, np.int64).reshape(-1, 4)
+        return out
+
+
+def _child(model: str, out: str, tokens: int, prompt: str, n_threads: int) -> None:
+    """Child process body: load, generate greedily under the tracer, save ``out`` (.npz)."""
+    from .plugin import PrefetchLlama, generate_greedy
+
+    tracer = IOTracer(model).start()
+
+    class _TracedLlama(PrefetchLlama):  # PrefetchLlama's context swap, our callback
+        def __init__(self, path: str, **kw: Any) -> None:
+            super().__init__(path, mode="off", **kw)
+            self.plugin.close()
+            self.plugin = tracer
+            self._swap_context()
+
+    t0 = time.perf_counter()
+    with _TracedLlama(model, n_ctx=256, n_threads=n_threads, n_batch=64) as llm:
+        load_s = time.perf_counter() - t0
+        ids, n_prompt, p_s, d_s = generate_greedy(llm, prompt, tokens)
+        tracer.sample(tracer._token, TOKEN_LAYER)  # closes the last token
+    arr = tracer.arrays()
+    meta = {"tokens": ids, "n_prompt": n_prompt, "prompt_seconds": p_s, "decode_seconds": d_s,
+            "load_seconds": load_s, "callback_errors": tracer.callback_errors}
+    np.savez(out, meta=np.array(json.dumps(meta)), **arr)
+
+
+# --- the parent --------------------------------------------------------------------------------
+
+
+def _check_inputs(cfg: IOTraceConfig) -> MoELayout:
+    if not cfg.model.is_file():
+        raise ExpertPredError(f"{cfg.model}: no such model file (expected a MoE GGUF)")
+    lay = read_layout(cfg.model)  # raises GGUFError for non-MoE / unreadable files
+    if cfg.tokens < 1:
+        raise ExpertPredError(f"--tokens {cfg.tokens}: expected >= 1")
+    if cfg.limit_mib is not None and cfg.limit_mib < 16:
+        raise ExpertPredError(f"--limit-mib {cfg.limit_mib}: expected >= 16")
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        probe = cfg.out / ".iotrace-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ExpertPredError(f"{cfg.out}: output directory not writable ({exc.strerror})") \
+            from None
+    return lay
+
+
+def _run_child(cfg: IOTraceConfig, dest: Path, cold: bool) -> dict[str, Any]:
+    """Run the traced child: ``cold`` evicts the file first and runs inside a memory cgroup
+    when ``cfg.limit_mib`` is set; warm reads the whole file into the page cache first."""
+    from .cgroup import MemoryCgroup, evict_file
+
+    cmd = [sys.executable, "-m", "expertpred.iotrace", "--model", str(cfg.model),
+           "--npz", str(dest), "--tokens", str(cfg.tokens), "--prompt", cfg.prompt,
+           "--threads", str(cfg.n_threads)]
+    limit_mib = cfg.limit_mib if cold else None
+    info: dict[str, Any] = {"limit_mib": limit_mib}
+    if cold:
+        info["left_resident_after_evict"] = evict_file(cfg.model).resident_bytes
+    if limit_mib is None:
+        if not cold:
+            _read_whole(cfg.model)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        rc, stderr, info["seconds"] = proc.returncode, proc.stderr, time.perf_counter() - t0
+    else:
+        with MemoryCgroup("iotrace", limit_mib << 20) as cg:
+            res = cg.run(cmd)
+        rc, stderr = res.returncode, res.stderr
+        info.update(seconds=res.seconds, read_bytes=res.io.read_bytes, majflt=res.io.majflt,
+                    max_usage=res.after.max_usage, failcnt=res.after.failcnt,
+                    oom_killed=res.oom_killed)
+    if rc != 0:
+        raise ExpertPredError(f"iotrace child for {cfg.model} failed (exit {rc}): "
+                              f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
+    return info
+
+
+def _read_whole(path: Path) -> None:
+    with open(path, "rb") as f:  # warm: the whole file into the page cache
+        while f.read(1 << 24):
+            pass
+
+
+def _frames(npz: Path, run: str, lay: MoELayout) -> dict[str, Any]:
+    import pandas as pd
+
+    z = np.load(npz)
+    meta = json.loads(str(z["meta"]))
+    cols = IOTracer.SAMPLE_COLS
+    s = pd.DataFrame({c: z[f"s_{c}"] for c in cols})
+    for c in cols:
+        if c not in ("t", "sample_seconds"):
+            s[c] = s[c].astype(np.int64)
+    s.insert(0, "run", run)
+    # wall time of the step that ends at each sample, minus the tracer's own sampling time
+    s["step_seconds"] = s["t"].diff().fillna(0.0) - s["sample_seconds"].shift(1).fillna(0.0)
+    routed = pd.DataFrame(z["routed"], columns=["sample", "token", "layer", "expert"])
+    s["routed"] = s["sample"].map(routed.groupby("sample")["expert"].apply(
+        lambda v: " ".join(map(str, v)))).fillna("")
+    runs = pd.DataFrame(z["runs"], columns=["sample", "page", "n_pages"])
+    runs.insert(0, "run", run)
+    runs["offset"] = runs["page"] * PAGE
+    runs["nbytes"] = runs["n_pages"] * PAGE
+    kind, layer, expert = page_map(lay)
+    runs["kind"] = [KINDS[k] for k in kind[runs["page"].to_numpy()]]
+    runs["layer"] = layer[runs["page"].to_numpy()]
+    runs = runs.merge(s[["sample", "token", "t"]], on="sample", how="left")
+    exp = pd.DataFrame(z["exp"], columns=["sample", "layer", "expert", "pages"])
+    exp.insert(0, "run", run)
+    exp["bytes"] = exp.pop("pages") * PAGE
+    exp = exp.merge(s[["sample", "token"]], on="sample", how="left")
+    routed.insert(0, "run", run)
+    return {"samples": s, "runs": runs, "exp": exp, "routed": routed, "meta": meta}
+
+
+# --- metrics (pure) ----------------------------------------------------------------------------
+
+
+def sequential_share(offsets: np.ndarray, nbytes: np.ndarray, gap: int = SEQ_GAP) -> float:
+    """Share of runs (after the first) that start within ``gap`` bytes after the previous run's
+    end, in the given order.
+
+    >>> sequential_share(np.array([0, 4096, 1 << 30]), np.array([4096, 4096, 4096]))
+    0.5
+    """
+    if len(offsets) < 2:
+        return float("nan")
+    d = offsets[1:] - (offsets[:-1] + nbytes[:-1])
+    return float(np.mean((d >= 0) & (d <= gap)))
+
+
+def gini(x: np.ndarray) -> float:
+    """Gini coefficient of non-negative values (0 = uniform, -> 1 = concentrated).
+
+    >>> gini(np.array([1.0, 1.0, 1.0, 1.0]))
+    0.0
+    >>> round(gini(np.array([0.0, 0.0, 0.0, 4.0])), 2)
+    0.75
+    """
+    x = np.sort(np.asarray(x, np.float64).ravel())
+    if x.size == 0 or x.sum() == 0:
+        return float("nan")
+    n = x.size
+    return float((2 * np.arange(1, n + 1) - n - 1) @ x / (n * x.sum()))
+
+
+def layer_monotone_share(layers: np.ndarray) -> float:
+    """Share of consecutive pairs whose layer does not decrease (1.0 = strictly layer order).
+
+    >>> layer_monotone_share(np.array([0, 1, 1, 3, 2]))
+    0.75
+    """
+    if len(layers) < 2:
+        return float("nan")
+    return float(np.mean(np.diff(layers) >= 0))
+
+
+# --- analysis, figures, summary ----------------------------------------------------------------
+
+
+def analyse(cold: dict[str, Any], warm: dict[str, Any] | None, lay: MoELayout,
+            info: dict[str, Any]) -> dict[str, Any]:
+    """The numbers for Q1 / Q2 / Q4 from the cold (and warm) frames."""
+    s, runs, exp = cold["samples"], cold["runs"], cold["exp"]
+    inf = runs[runs["token"] >= 0].sort_values(["sample", "offset"])
+    res: dict[str, Any] = {"file_bytes": lay.file_size, "info": info,
+                           "read_ahead_kb": read_ahead_kb(lay.path),
+                           "slice_kib": float(lay.nbytes.mean() / 1024)}
+    res["load_read_bytes"] = int(s.loc[s["token"] < 0, "new_bytes"].sum())
+    si = s[s["token"] >= 0]
+    res["inference_new_bytes"] = int(si["new_bytes"].sum())
+    res["inference_new_by_kind"] = {k: int(si[f"new_{k}"].sum()) for k in KINDS}
+    rb = s["read_bytes"].to_numpy()
+    first = si.index.min() if len(si) else len(s) - 1
+    res["proc_read_bytes_inference"] = int(rb[-1] - rb[max(first - 1, 0)])
+    res["majflt_inference"] = int(s["majflt"].iloc[-1] - s["majflt"].iloc[max(first - 1, 0)])
+    # Q1
+    res["n_runs"] = len(inf)
+    res["sequential_share"] = sequential_share(inf["offset"].to_numpy(), inf["nbytes"].to_numpy())
+    res["mean_run_kib"] = float(inf["nbytes"].mean() / 1024) if len(inf) else float("nan")
+    ex_inf = exp[exp["token"] >= 0]
+    per_sample_layer = ex_inf.groupby("sample")["layer"].median().sort_index()
+    res["layer_monotone_share"] = layer_monotone_share(per_sample_layer.to_numpy())
+    # expert reads that match the layer routed just before (interval after routing of L)
+    routed = cold["routed"]
+    rset = set(zip(routed["token"], routed["layer"], routed["expert"]))
+    if len(ex_inf):
+        hit = [(tk, ly, e) in rset for tk, ly, e in
+               zip(ex_inf["token"], ex_inf["layer"], ex_inf["expert"])]
+        res["expert_bytes_routed_share"] = float(ex_inf["bytes"][hit].sum() / ex_inf["bytes"].sum())
+    else:
+        res["expert_bytes_routed_share"] = float("nan")
+    # expert bytes read in the step right after their layer's routing node (attribution)
+    prev_layer = s.set_index("sample")["layer"].shift(1)
+    if len(ex_inf):
+        after = ex_inf["sample"].map(prev_layer).to_numpy() == ex_inf["layer"].to_numpy()
+        res["expert_bytes_after_routing_share"] = float(ex_inf["bytes"][after].sum()
+                                                        / ex_inf["bytes"].sum())
+    else:
+        res["expert_bytes_after_routing_share"] = float("nan")
+    # Q4: bytes read per expert over the inference (layer, expert) grid
+    grid = np.zeros((lay.n_layer, lay.n_expert))
+    for ly, e, b in zip(ex_inf["layer"], ex_inf["expert"], ex_inf["bytes"]):
+        grid[ly, e] += b
+    grid = grid[list(lay.moe_layers)]
+    res["expert_gini"] = gini(grid)
+    res["experts_never_read_share"] = float(np.mean(grid == 0))
+    res["experts_routed_share"] = float(len({(ly, e) for _, ly, e in rset})
+                                        / (len(lay.moe_layers) * lay.n_expert))
+    # Q2: per decode step time, cold vs warm
+    res["blkio_ticks_inference"] = int(s["blkio_ticks"].iloc[-1] - s["blkio_ticks"].iloc[first])
+    dec = si[si["token"] >= 1]
+    res["cold_decode_seconds"] = float(dec["step_seconds"].sum())
+    res["cold_sampling_seconds"] = float(dec["sample_seconds"].sum())
+    res["n_decode_tokens"] = int(dec["token"].nunique())
+    if warm is not None:
+        w = warm["samples"]
+        wd = w[w["token"] >= 1]
+        res["warm_decode_seconds"] = float(wd["step_seconds"].sum())
+        m = dec.merge(wd[["token", "layer", "step_seconds"]], on=["token", "layer"],
+                      suffixes=("", "_warm"))
+        res["io_wait_seconds"] = float((m["step_seconds"] - m["step_seconds_warm"]).clip(
+            lower=0).sum())
+        res["same_tokens"] = cold["meta"]["tokens"] == warm["meta"]["tokens"]
+    return res
+
+
+def figures(cold: dict[str, Any], warm: dict[str, Any] | None, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, s = cold["runs"], cold["samples"]
+    colors = {"other": "tab:gray", "expert": "tab:blue", "router": "tab:red",
+              "shared": "tab:green"}
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for k in KINDS:
+        r = runs[runs["kind"] == k]
+        if len(r):
+            ax.scatter(r["t"], r["offset"] / 2**20, s=np.clip(r["nbytes"] / 65536, 2, 40),
+                       c=colors[k], label=k, alpha=0.6, linewidths=0)
+    t_tok = s.loc[s["layer"] == TOKEN_LAYER, "t"]
+    for t in t_tok:
+        ax.axvline(t, color="k", lw=0.3, alpha=0.4)
+    ax.set_xlabel("time since tracer start (s); vertical lines = token boundaries")
+    ax.set_ylabel("file offset (MiB)")
+    ax.set_title("Newly resident GGUF pages (mincore diffs), by region")
+    if len(runs):
+        ax.legend(loc="upper right")
+    p1 = out / "offsets.png"
+    fig.tight_layout()
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    si = s[s["token"] >= 0]
+    g = si.groupby("token")[[f"new_{k}" for k in KINDS]].sum() / 2**20
+    g.columns = list(KINDS)
+    g.plot.bar(stacked=True, ax=a1, color=[colors[k] for k in KINDS])
+    a1.set_xlabel("token (0 = prompt)")
+    a1.set_ylabel("MiB newly resident")
+    a1.set_title("Bytes read per token by region")
+    ct = si.groupby("token")["step_seconds"].sum()
+    a2.bar(ct.index - 0.2, ct.to_numpy(), width=0.4, label="cold (limit)")
+    if warm is not None:
+        w = warm["samples"]
+        wt = w[w["token"] >= 0].groupby("token")["step_seconds"].sum()
+        a2.bar(wt.index + 0.2, wt.to_numpy(), width=0.4, label="warm (cached)")
+    a2.set_xlabel("token (0 = prompt)")
+    a2.set_ylabel("seconds")
+    a2.set_title("Wall time per token")
+    a2.legend()
+    p2 = out / "per_token.png"
+    fig.tight_layout()
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def summary_md(cfg: IOTraceConfig, res: dict[str, Any], tools: dict[str, bool]) -> str:
+    info = res["info"]
+    by = res["inference_new_by_kind"]
+    tot = max(res["inference_new_bytes"], 1)
+    lines = [
+        f"# iotrace: {cfg.model.name}",
+        "",
+        f"- file {_mib(res['file_bytes'])}, limit "
+        f"{info.get('limit_mib') or 'none'} MiB, {cfg.tokens} tokens, prompt {cfg.prompt!r}",
+        f"- load: {_mib(res['load_read_bytes'])} became resident before the first token",
+        f"- inference: {_mib(res['inference_new_bytes'])} newly resident "
+        f"({', '.join(f'{k} {100 * by[k] / tot:.0f}%' for k in KINDS)}); "
+        f"/proc/self/io read_bytes {_mib(res['proc_read_bytes_inference'])}, "
+        f"{res['majflt_inference']} major faults",
+        f"- blktrace installed: {tools['blktrace']}; perf installed: {tools['perf']} (not used)",
+        "",
+        "## Q1 sequential or uniform?",
+        f"- {res['n_runs']} contiguous runs of newly resident pages during inference, mean "
+        f"{res['mean_run_kib']:.0f} KiB",
+        f"- sequential share (run starts <= {SEQ_GAP // 1024} KiB after the previous run's end, "
+        f"in (sample, offset) order): {res['sequential_share']:.2f}",
+        f"- layer order: {res['layer_monotone_share']:.2f} of consecutive expert-reading "
+        f"samples go to the same or a later layer",
+        f"- {res['expert_bytes_routed_share']:.2f} of expert bytes read belong to an expert its "
+        f"layer routed to in the same token; {res['expert_bytes_after_routing_share']:.2f} "
+        f"were read in the step right after that layer's routing node",
+        f"- device read_ahead_kb: {res['read_ahead_kb']} (mmap read-around window, doubled by "
+        f"llama.cpp's POSIX_FADV_SEQUENTIAL); bytes per expert slice (one stacked tensor): "
+        f"{res['slice_kib']:.0f} KiB",
+        "",
+        "## Q2 compute or I/O?",
+        f"- cold decode: {res['cold_decode_seconds']:.3f} s over {res['n_decode_tokens']} "
+        f"tokens (tracer sampling {res['cold_sampling_seconds']:.3f} s excluded)",
+    ]
+    if "warm_decode_seconds" in res:
+        cold_s = max(res["cold_decode_seconds"], 1e-9)
+        lines += [
+            f"- warm (file cached, no limit) decode: {res['warm_decode_seconds']:.3f} s; "
+            f"same tokens: {res['same_tokens']}",
+            f"- estimated I/O wait (sum of positive cold - warm per (token, layer) step): "
+            f"{res['io_wait_seconds']:.3f} s = {100 * res['io_wait_seconds'] / cold_s:.0f}% "
+            f"of cold decode time",
+        ]
+    lines += [
+        f"- delayacct blkio ticks over all threads during inference: "
+        f"{res['blkio_ticks_inference']} (0 when kernel.task_delayacct is off)",
+        "",
+        "## Q4 uniform access?",
+        f"- Gini of bytes read per (layer, expert): {res['expert_gini']:.2f}",
+        f"- experts never read during inference: {100 * res['experts_never_read_share']:.0f}%; "
+        f"experts routed at least once: {100 * res['experts_routed_share']:.0f}%",
+        "",
+        "Figures: offsets.png, per_token.png. Data: samples/reads/expert_reads parquet.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_iotrace(cfg: IOTraceConfig) -> dict[str, Any]:
+    """Run the cold (and warm) traces, write the outputs, return the analysis numbers."""
+    import shutil
+
+    import pandas as pd
+
+    lay = _check_inputs(cfg)
+    tools = {t: shutil.which(t) is not None for t in ("blktrace", "perf")}
+    cold_npz = cfg.out / "cold.npz"
+    info = _run_child(cfg, cold_npz, cold=True)
+    cold = _frames(cold_npz, "cold", lay)
+    warm = None
+    if cfg.warm:
+        warm_npz = cfg.out / "warm.npz"
+        info["warm"] = _run_child(cfg, warm_npz, cold=False)
+        warm = _frames(warm_npz, "warm", lay)
+    parts = [cold] + ([warm] if warm is not None else [])
+    for name, key in (("samples", "samples"), ("reads", "runs"), ("expert_reads", "exp")):
+        pd.concat([p[key] for p in parts], ignore_index=True).to_parquet(
+            cfg.out / f"{name}.parquet", index=False)
+    res = analyse(cold, warm, lay, info)
+    res["figures"] = [str(p) for p in figures(cold, warm, cfg.out)]
+    res["tools"] = tools
+    (cfg.out / "summary.md").write_text(summary_md(cfg, res, tools))
+    (cfg.out / "summary.json").write_text(json.dumps(
+        {**res, "config": {k: str(v) for k, v in asdict(cfg).items()}}, indent=1, default=str))
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Child entry point (``python -m expertpred.iotrace``)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--npz", required=True)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--prompt", default="def read_config(path):")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    _child(a.model, a.npz, a.tokens, a.prompt, a.threads)
+
+
+if __name__ == "__main__":
+    main()
