@@ -446,6 +446,27 @@ def export_cmd(
                   f"({_human(path.stat().st_size)}){checked}", soft_wrap=True, highlight=False)
 
 
+@app.command()
+def iotrace(
+    model: Path = typer.Option(..., "--model", help="MoE GGUF to trace."),
+    out: Path = typer.Option(..., "--out", help="Output directory (parquet, figures, summary)."),
+    limit_mib: int = typer.Option(None, "--limit-mib",
+                                  help="Memory cgroup limit for the cold run (MiB)."),
+    tokens: int = typer.Option(8, "--tokens", help="Greedy tokens to generate."),
+    prompt: str = typer.Option("def read_config(path):", "--prompt", help="Prompt text."),
+    warm: bool = typer.Option(True, "--warm/--no-warm",
+                              help="Also run with the file cached (compute-only step times)."),
+) -> None:
+    """Record which GGUF byte ranges llama.cpp reads, in what order, under a memory limit."""
+    from .iotrace import IOTraceConfig, run_iotrace
+
+    res = run_iotrace(IOTraceConfig(model=model, out=out, limit_mib=limit_mib, tokens=tokens,
+                                    prompt=prompt, warm=warm))
+    console.print((out / "summary.md").read_text(), highlight=False, soft_wrap=True)
+    console.print(f"wrote {out}/summary.md, samples/reads/expert_reads.parquet, "
+                  f"{', '.join(Path(p).name for p in res['figures'])}", highlight=False)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
