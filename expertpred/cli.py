@@ -212,28 +212,68 @@ def analyze(
 
 @app.command()
 def demo(
-    max_tokens: int = typer.Option(48, help="Tokens to generate per model."),
-    prompt: str = typer.Option("def read_config(path):\n", help="Prompt for the generation."),
+    model: str = typer.Option("tiny-mixtral", "--model",
+                              help="Shipped model to trace and learn on."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where traces and reports go."),
+    trace_limit: int = typer.Option(150, "--trace-limit", min=10,
+                                    help="Prompts of the shipped prompt set to trace."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Tokens generated per prompt."),
+    quick: bool = typer.Option(False, "--quick", help="Only show the models (no trace/learn)."),
 ) -> None:
-    """The main job on the shipped defaults: load each shipped model in llama.cpp, show its
-    expert layout and a greedy generation."""
-    from .layout import read_layout
-    from .shipped import SHIPPED_MODELS, model_gguf
+    """The main job on the shipped defaults, offline: show both shipped models in llama.cpp,
+    trace the shipped held-out prompt set on one of them, train the predictor ladder on the
+    train prompts, evaluate it on the test prompts and print the table.
 
+    Rerunning resumes the trace (finished prompts are skipped)."""
+    import time
+
+    from .evaluate import evaluate, report_tables, write_report
+    from .shipped import SHIPPED_MODELS, model_gguf, repo_root
+    from .train import load_config
+
+    t0 = time.perf_counter()
     for name in SHIPPED_MODELS:
-        path = model_gguf(name)
-        lay = read_layout(path)
-        console.rule(f"[bold]{name}[/]")
-        t = Table(show_header=False)
-        t.add_row("file", str(path))
-        t.add_row("arch / layers", f"{lay.arch} / {lay.n_layer}")
-        t.add_row("experts / used", f"{lay.n_expert} / {lay.n_expert_used}")
-        t.add_row("bytes per expert", _human(lay.bytes_per_expert()))
-        t.add_row("expert share of file", f"{100 * lay.expert_bytes / lay.file_size:.1f}%")
+        _show_model(name, model_gguf(name), max_tokens)
+    if quick:
+        return
+    gguf_path = model_gguf(model)
+    prompts = repo_root() / "datasets" / "prompts" / "heldout.jsonl"
+    trace_dir = out / f"trace-{model}"
+    # --hidden: router inputs make the gate-lookahead rung (and hidden-state features of
+    # the learned rungs) possible; ~320 extra bytes per token and layer on tiny-mixtral.
+    console.rule(f"[bold]1/2 trace {trace_limit} held-out prompts on {model}[/]")
+    trace(model=gguf_path, prompts=prompts, out=trace_dir, split=None, domain=None,
+          limit=trace_limit, max_tokens=max_tokens, n_ctx=512, threads=2, hidden=True,
+          sampled=False, temperature=0.8, top_k=40, top_p=0.95, seed=0,
+          resume=trace_dir.exists(), shard_rows=4096)
+    console.rule("[bold]2/2 train the predictor ladder on train prompts, score test prompts[/]")
+    config = repo_root() / "training" / "configs" / f"predictors-{model}.toml"
+    cfg = load_config(config, [f"--dataset={trace_dir}", f"--out={out / 'predictors'}",
+                               "--cross_domain=false"])
+    with console.status("fitting and evaluating predictors (popularity … lightgbm, mlp)"):
+        report = evaluate(cfg)
+    paths = write_report(report, cfg.out, plots=cfg.plots)
+    for t in report_tables(report):
         console.print(t)
-        text = _generate(path, prompt, max_tokens)
-        console.print(f"[dim]prompt:[/] {prompt!r}")
-        console.print(f"[dim]greedy continuation ({max_tokens} tokens):[/] {text!r}")
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    console.print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+
+
+def _show_model(name: str, path: Path, max_tokens: int) -> None:
+    from .layout import read_layout
+
+    lay = read_layout(path)
+    console.rule(f"[bold]{name}[/]")
+    t = Table(show_header=False)
+    t.add_row("file", str(path))
+    t.add_row("arch / layers", f"{lay.arch} / {lay.n_layer}")
+    t.add_row("experts / used", f"{lay.n_expert} / {lay.n_expert_used}")
+    t.add_row("bytes per expert", _human(lay.bytes_per_expert()))
+    t.add_row("expert share of file", f"{100 * lay.expert_bytes / lay.file_size:.1f}%")
+    console.print(t)
+    prompt = "def read_config(path):\n"
+    text = _generate(path, prompt, max_tokens)
+    console.print(f"[dim]greedy continuation of[/] {prompt!r}: {text!r}")
 
 
 def _generate(path: Path, prompt: str, max_tokens: int) -> str:
@@ -288,8 +328,9 @@ def run(
     predictor: Path = typer.Option(None, "--predictor",
                                    help="Saved predictors (expertpred train's <out>/models) "
                                         "or an exported artifact."),
-    predictor_name: str = typer.Option("lightgbm", "--predictor-name",
-                                       help="Which saved predictor (files <name>-d<d>.npz)."),
+    predictor_name: str = typer.Option(None, "--predictor-name",
+                                       help="Which saved predictor (files <name>-d<d>.npz; "
+                                            "default: plugin.DEFAULT_PREDICTOR)."),
     source_model: Path = typer.Option(None, "--source-model",
                                       help="The model --model was widened from (the predictor "
                                            "was trained on it)."),
@@ -299,8 +340,8 @@ def run(
     method: str = typer.Option("fadvise", "--method", help="pread | fadvise | madvise | io_uring"),
     queue_depth: int = typer.Option(8, "--queue-depth", min=1, help="Prefetch queue depth."),
     lookahead: int = typer.Option(None, "--lookahead", min=0,
-                                  help="Prefetch layers l+1..l+D (default: predictor's largest "
-                                       "d; 1 for the oracle)."),
+                                  help="Prefetch layers l+1..l+D (default: "
+                                       "plugin.DEFAULT_LOOKAHEAD; 1 for the oracle)."),
     madvise_random: bool = typer.Option(False, "--madvise-random",
                                         help="madvise(MADV_RANDOM) llama.cpp's mapping: no "
                                              "fault read-around."),
@@ -310,6 +351,7 @@ def run(
 ) -> None:
     """Generate greedily with the online prefetch plugin and print prefetch statistics."""
     from .plugin import (
+        DEFAULT_PREDICTOR,
         OracleTrace,
         PrefetchLlama,
         generate_greedy,
@@ -323,7 +365,7 @@ def run(
     if mode == "predictor":
         if predictor is None:
             raise ExpertPredError("--mode predictor needs --predictor DIR_OR_ARTIFACT")
-        preds = load_predictors(predictor, model, name=predictor_name,
+        preds = load_predictors(predictor, model, name=predictor_name or DEFAULT_PREDICTOR,
                                 source_model=source_model)
     if mode == "oracle":
         if oracle_trace is None:
@@ -363,6 +405,86 @@ def run(
             ms = 1e3 * c.predict_seconds / c.predictions
             t.add_row("predictions", f"{c.predictions} ({ms:.1f} ms each)")
     console.print(t)
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ExpertPredError(f"{what} {text!r}: expected comma-separated numbers") from None
+
+
+@app.command()
+def experiment(
+    out: Path = typer.Option(..., "--out", help="Directory for grid.csv/json, report.md, plot."),
+    model: Path = typer.Option(None, "--model",
+                               help="Widened GGUF to run (default: tiny-mixtral widened to "
+                                    "--total-gib under /tmp/expertpred-bench/, reused)."),
+    source_model: Path = typer.Option(None, "--source-model",
+                                      help="The model --model was widened from (default: the "
+                                           "shipped tiny-mixtral)."),
+    total_gib: float = typer.Option(1.0, "--total-gib", help="Size of the default model."),
+    limits: str = typer.Option("0.25,0.5,1.0,1.5", "--limits",
+                               help="cgroup memory limits as fractions of the model size."),
+    swappiness: str = typer.Option("0,60,100", "--swappiness", help="vm.swappiness values."),
+    tokens: int = typer.Option(8, "--tokens", min=2, help="Greedy tokens per run."),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="Repeat the grid; cells = median."),
+    predictor: Path = typer.Option(None, "--predictor",
+                                   help="Saved predictors / artifact: adds mode 'predictor'."),
+    predictor_name: str = typer.Option(None, "--predictor-name", help="Which saved predictor."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds per run."),
+) -> None:
+    """Stock llama.cpp and the prefetch plugin inside a memory cgroup, for a grid of memory
+    limits × vm.swappiness: tokens/s, bytes read and major faults per token, peak memory, OOM
+    kills (needs root; restores vm.swappiness afterwards)."""
+    from .cgroup import why_unavailable
+    from .experiment import (
+        COLUMNS,
+        ExperimentConfig,
+        default_model,
+        footer,
+        run_grid,
+        table_rows,
+        write_outputs,
+    )
+    from .experiment import check_out_dir as _check_out
+    from .shipped import model_gguf
+
+    if reason := why_unavailable():
+        raise ExpertPredError(f"memory cgroup unavailable: {reason}")
+    _check_out(out)
+    source = source_model or model_gguf("tiny-mixtral")
+    gguf_path = model or default_model(source, total_gib)
+    cfg = ExperimentConfig(
+        model=gguf_path, fractions=_floats(limits, "--limits"),
+        swappiness=tuple(int(v) for v in _floats(swappiness, "--swappiness")),
+        modes=("off", "d0", "predictor") if predictor else ("off", "d0"), tokens=tokens,
+        rounds=rounds, predictor=predictor, predictor_name=predictor_name,
+        source_model=source if predictor else None, timeout=timeout)
+    command = "expertpred experiment " + " ".join(sys.argv[2:])
+    n = len(cfg.fractions) * len(cfg.swappiness) * len(cfg.modes) * cfg.rounds
+    console.print(f"{gguf_path} ({_human(gguf_path.stat().st_size)}): {n} runs of {tokens} "
+                  "tokens", highlight=False)
+
+    def on_run(mode: str, frac: float, swp: int, rnd: int, row: dict) -> None:
+        tps = (f"{row['steps'] / row['decode_s']:.2f} tok/s" if row.get("decode_s") else "")
+        console.print(f"  round {rnd + 1} {mode:9} limit {frac:g}× swappiness {swp:3}: "
+                      f"{row['status']} {tps}", highlight=False)
+
+    try:
+        res = run_grid(cfg, command=command, on_run=on_run)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; vm.swappiness restored")
+        raise typer.Exit(130) from None
+    t = Table(title="memory-pressure grid", caption=footer(res), box=box.SIMPLE_HEAD)
+    for c in COLUMNS:
+        t.add_column(c, justify="left" if c in ("mode", "limit", "status") else "right",
+                     no_wrap=True)
+    for r in table_rows(res):
+        t.add_row(*r)
+    console.print(t, width=max(console.width, 132))
+    for p in write_outputs(res, out):
+        console.print(f"wrote {p}", highlight=False)
 
 
 _OVERRIDABLE = {"allow_extra_args": True, "ignore_unknown_options": True}
