@@ -434,10 +434,14 @@ def analyse(cold: dict[str, Any], warm: dict[str, Any] | None, lay: MoELayout,
     prev_layer = s.set_index("sample")["layer"].shift(1)
     if len(ex_inf):
         after = ex_inf["sample"].map(prev_layer).to_numpy() == ex_inf["layer"].to_numpy()
-        res["expert_bytes_after_routing_share"] = float(ex_inf["bytes"][after].sum()
-                                                        / ex_inf["bytes"].sum())
+        before = ex_inf["sample"].map(s.set_index("sample")["layer"]).to_numpy() \
+            == ex_inf["layer"].to_numpy()  # in the step that ends at its layer's routing
+        tot = ex_inf["bytes"].sum()
+        res["expert_bytes_after_routing_share"] = float(ex_inf["bytes"][after].sum() / tot)
+        res["expert_bytes_before_routing_share"] = float(ex_inf["bytes"][before].sum() / tot)
     else:
         res["expert_bytes_after_routing_share"] = float("nan")
+        res["expert_bytes_before_routing_share"] = float("nan")
     # Q4: bytes read per expert over the inference (layer, expert) grid
     grid = np.zeros((lay.n_layer, lay.n_expert))
     for ly, e, b in zip(ex_inf["layer"], ex_inf["expert"], ex_inf["bytes"]):
@@ -547,7 +551,9 @@ def summary_md(cfg: IOTraceConfig, res: dict[str, Any], tools: dict[str, bool]) 
         f"samples go to the same or a later layer",
         f"- {res['expert_bytes_routed_share']:.2f} of expert bytes read belong to an expert its "
         f"layer routed to in the same token; {res['expert_bytes_after_routing_share']:.2f} "
-        f"were read in the step right after that layer's routing node",
+        f"were read in the step right after that layer's routing node, "
+        f"{res['expert_bytes_before_routing_share']:.2f} in the step that ends at it (read-around "
+        f"while reading that layer's attention / router, before the routing was known)",
         f"- device read_ahead_kb: {res['read_ahead_kb']} (mmap read-around window, doubled by "
         f"llama.cpp's POSIX_FADV_SEQUENTIAL); bytes per expert slice (one stacked tensor): "
         f"{res['slice_kib']:.0f} KiB",
