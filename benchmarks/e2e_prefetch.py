@@ -2,7 +2,8 @@
 
 Builds (or reuses, under /tmp/expertpred-bench/) a widened copy of the shipped tiny-mixtral
 (``expertpred widen``, f32 like the source so routing is bit-identical and the source's
-traces / predictors apply), a trained predictor (LightGBM on a trace of the source model)
+traces / predictors apply), a trained predictor (``--predictor-name``, default
+plugin.DEFAULT_PREDICTOR, trained on a trace of the source model)
 and an oracle trace of the same greedy run; then runs, in alternating rounds, each in a
 fresh child process:
 
@@ -37,6 +38,8 @@ from typing import Any
 
 from expertpred.cgroup import MemoryCgroup, evict_file, proc_io, residency, why_unavailable
 from expertpred.layout import file_sha256, read_layout
+from expertpred.plugin import DEFAULT_PREDICTOR
+from expertpred.train import model_path as saved_path
 
 log = logging.getLogger("e2e_prefetch")
 
@@ -113,13 +116,13 @@ def build_model(source: Path, total_gib: float) -> Path:
     return out
 
 
-def build_predictor(source: Path, n_prompts: int) -> Path:
-    """LightGBM predictors trained on a trace of ``source`` (the shipped trace when it was
+def build_predictor(source: Path, n_prompts: int, name: str) -> Path:
+    """``name`` predictors trained on a trace of ``source`` (the shipped trace when it was
     made from this very file, else a fresh trace of ``n_prompts`` prompts)."""
     sha = file_sha256(source)
     d = BENCH_DIR / "predictors" / sha[:12]
     models = d / "models"
-    if (models / "lightgbm-d1.npz").exists():
+    if saved_path(models, name, 1).exists():
         return models
     shipped = ROOT / "datasets" / "traces" / source.parent.name
     cfg = ROOT / "training" / "configs" / f"predictors-{source.parent.name}.toml"
@@ -134,7 +137,7 @@ def build_predictor(source: Path, n_prompts: int) -> Path:
                "--split", "train", "--limit", str(n_prompts), "--max-tokens", "32",
                "--out", str(dataset))
     sh(sys.executable, "-m", "expertpred.cli", "train", "--config", str(cfg),
-       f"--dataset={dataset}", "--predictors=lightgbm", "--cross_domain=false",
+       f"--dataset={dataset}", f"--predictors={name}", "--cross_domain=false",
        "--plots=false", f"--out={d}")
     return models
 
@@ -238,7 +241,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="Use this widened GGUF as it is.")
     ap.add_argument("--source", type=Path, default=SOURCE, help="Model to widen.")
     ap.add_argument("--predictor", type=Path, help="Saved predictors (default: train).")
-    ap.add_argument("--predictor-name", default="lightgbm",
+    ap.add_argument("--predictor-name", default=DEFAULT_PREDICTOR,
                     help="Which saved predictor (files <name>-d<d>.npz).")
     ap.add_argument("--total-gib", type=float, default=3.0, help="Size of the widened model.")
     ap.add_argument("--size-over-limit", type=float, default=2.5,
@@ -263,7 +266,7 @@ def main() -> None:
     if reason := why_unavailable():
         sys.exit(f"error: {reason}")
     model = a.model or build_model(a.source, a.total_gib)
-    predictor = a.predictor or build_predictor(a.source, a.train_prompts)
+    predictor = a.predictor or build_predictor(a.source, a.train_prompts, a.predictor_name)
     oracle = build_oracle(a.source, a.tokens)
     lay = read_layout(model)
     size = model.stat().st_size

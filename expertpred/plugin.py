@@ -76,6 +76,15 @@ log = logging.getLogger(__name__)
 
 ARGSORT = "ffn_moe_argsort"  # I32 [n_expert, n_tokens], descending: first k = selection
 LOGITS = "ffn_moe_logits"  # F32 [n_expert, n_tokens] router logits (predictor features)
+# The default predictor and lookahead of `expertpred run`, `load_predictors` and
+# benchmarks/e2e_prefetch.py, chosen by measurement (docs/export.md, docs/e2e.md): the goal is
+# <= 20 µs median per online layer-step on the inference thread. After the one-row fast
+# paths, at D = 1 (2026-11-29, 2-core shared box): previous-token+transition 7.5 µs
+# (recall@2 0.59), MLP 31 µs and LightGBM 97 µs (both 0.925) — no learned model meets it, so
+# the most accurate lookup predictor is the default. D = 1: the only lookahead measured end
+# to end (D = 4 costs ~4× the features and is ~0.55 recall at d = 4; unmeasured e2e).
+DEFAULT_PREDICTOR = "previous-token+transition"
+DEFAULT_LOOKAHEAD = 1
 MADV_RANDOM = 1
 MADV_NORMAL = 0
 
@@ -157,7 +166,7 @@ class PredictorSet:
 
 
 def load_predictors(path: str | os.PathLike[str], gguf_path: str | os.PathLike[str],
-                    name: str = "lightgbm", offsets: Sequence[int] = (1, 2, 3, 4),
+                    name: str = DEFAULT_PREDICTOR, offsets: Sequence[int] = (1, 2, 3, 4),
                     source_model: str | os.PathLike[str] | None = None) -> PredictorSet:
     """Predictors for ``gguf_path`` from ``path``: a directory of saved predictors
     (``expertpred train``'s ``<out>/models``, files ``<name>-d<d>.npz``) or an exported
@@ -334,9 +343,10 @@ class PrefetchPlugin:
 
     ``predictor``: a :class:`PredictorProvider` (mode ``predictor``); ``oracle``: an
     :class:`OracleTrace` (mode ``oracle``); ``lookahead``: D, the farthest layer offset
-    prefetched (default: the predictor's largest offset, 1 for the oracle); ``prefetch_k``:
-    experts per look-ahead layer (default n_expert_used); ``madvise_random``: after the
-    model is mapped, ``madvise(MADV_RANDOM)`` llama.cpp's mapping of the file (no fault
+    prefetched (default: :data:`DEFAULT_LOOKAHEAD`, at most the predictor's largest offset;
+    1 for the oracle); ``prefetch_k``: experts per look-ahead layer (default
+    n_expert_used); ``madvise_random``: after the model is mapped,
+    ``madvise(MADV_RANDOM)`` llama.cpp's mapping of the file (no fault
     read-around; the plugin's reads replace it) — call :meth:`advise_mapping` once the
     model is loaded (:class:`PrefetchLlama` does); ``engine_kwargs`` go to
     :class:`PrefetchEngine`.
@@ -383,7 +393,7 @@ class PrefetchPlugin:
             if self.predictor is None:
                 raise ExpertPredError("mode 'predictor' needs a predictor (--predictor)")
             self.predictor.model.check_same(_model_info(lay), f"predictor for {self.gguf_path}")
-            default_d = max(self.predictor.offsets)
+            default_d = min(DEFAULT_LOOKAHEAD, max(self.predictor.offsets))
         elif self.mode is Mode.ORACLE:
             if self.oracle is None:
                 raise ExpertPredError("mode 'oracle' needs a recorded trace (--oracle-trace)")
