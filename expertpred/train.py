@@ -55,6 +55,7 @@ class PredictorsConfig:
     lgb_rounds: int = 40
     lgb_leaves: int = 15
     lgb_max_rows: int = 60_000
+    lgb_use_hidden: bool = False  # raw hidden columns too (+0.5 pt d=1 recall, ~3x fit time)
     mlp_hidden: int = 128  # 256 / 12 epochs: +0.4..0.8 pt recall for ~3x the time
     mlp_epochs: int = 8
     mlp_lr: float = 2e-3
@@ -261,6 +262,7 @@ def predictor_params(cfg: PredictorsConfig, name: str, gguf_path: str = "") -> d
     if name == "lightgbm":
         return {"shared": cfg.lgb_shared, "n_estimators": cfg.lgb_rounds,
                 "num_leaves": cfg.lgb_leaves, "max_rows": cfg.lgb_max_rows, "seed": cfg.seed,
+                "use_hidden": cfg.lgb_use_hidden,
                 "gguf_path": gguf_path if cfg.gate_features else ""}
     if name == "mlp":
         return {"hidden_size": cfg.mlp_hidden, "epochs": cfg.mlp_epochs, "lr": cfg.mlp_lr,
