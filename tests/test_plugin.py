@@ -182,12 +182,13 @@ def test_e2e_benchmark_small(refs: dict[str, Ref], tmp_path: Path) -> None:
     pdir = tmp_path / "pred"
     for d in (1, 2):
         shutil.copyfile(ref.predictor_dir / f"previous-token-d{d}.npz",
-                        (pdir.mkdir(exist_ok=True) or pdir) / f"lightgbm-d{d}.npz")
+                        (pdir.mkdir(exist_ok=True) or pdir) / f"previous-token-d{d}.npz")
     out = tmp_path / "e2e.json"
     p = subprocess.run(
         [sys.executable, "benchmarks/e2e_prefetch.py", "--source", str(ref.path),
          "--total-gib", "0.25", "--size-over-limit", "1.6", "--tokens", "4", "--rounds", "1",
-         "--predictor", str(pdir), "--extra", "", "--json", str(out)],
+         "--predictor", str(pdir), "--predictor-name", "previous-token", "--extra", "",
+         "--json", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
