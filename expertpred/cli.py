@@ -478,11 +478,11 @@ def experiment(
         raise typer.Exit(130) from None
     t = Table(title="memory-pressure grid", caption=footer(res), box=box.SIMPLE_HEAD)
     for c in COLUMNS:
-        t.add_column(c, justify="left" if c in ("mode", "limit", "status") else "right",
-                     no_wrap=True)
+        t.add_column(c, justify="left" if c in ("mode", "limit", "status") else "right")
     for r in table_rows(res):
         t.add_row(*r)
-    console.print(t, width=max(console.width, 132))
+    # rich assumes 80 columns when stdout is not a terminal: too narrow for this table
+    (console if console.is_terminal else Console(width=140)).print(t)
     for p in write_outputs(res, out):
         console.print(f"wrote {p}", highlight=False)
 
