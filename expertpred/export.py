@@ -211,7 +211,36 @@ class PreviousTokenScorer(Scorer, kind="previous-token"):
 class PreviousTokenTransitionScorer(Scorer, kind="previous-token+transition"):
     arrays = ("table", "freq")
 
+    def _setup(self) -> None:
+        k, e = self.model.n_expert_used, self.model.n_expert
+        self._ranks = np.arange(k, 0, -1, dtype=np.float32)  # _rank_hot's k - rank
+        self._p = np.zeros(e + 1, dtype=np.float32)  # [e]: trash slot for padding ids
+        self._w = np.zeros(e + 1, dtype=np.float32)
+        self._one = np.float32(1.0)
+
+    def _scores_row(self, x: FeatureBatch) -> np.ndarray:
+        """One row, the same float32 operations as :meth:`scores` without (n, ·) temporaries
+        (a cache miss of the online path: ~4× cheaper)."""
+        e = self.model.n_expert
+        li = int(x.layer[0])
+        tl = li + x.config.d
+        ids = x.prev_experts[0, tl]
+        p, w = self._p, self._w
+        p.fill(0.0)
+        p[np.where(ids >= 0, ids, e)] = self._ranks
+        pv = p[:e] / max(p[:e].sum(), self._one)
+        cur = x.experts[0, li]
+        w.fill(0.0)
+        w[np.where(cur >= 0, cur, e)] = 1.0
+        wv = w[None, :e] / max(w[:e].sum(), self._one)
+        t = wv @ self.table[li]
+        t = t + 1e-4 * self.freq[tl]
+        wt = float(self.spec["weight"])
+        return wt * pv + (1.0 - wt) * t
+
     def scores(self, x: FeatureBatch) -> np.ndarray:
+        if len(x) == 1:
+            return self._scores_row(x)
         tl = x.target_layer
         p = _rank_hot(x.prev_experts[np.arange(len(x)), tl], self.model.n_expert)
         p /= np.maximum(p.sum(axis=1, keepdims=True), 1.0)
