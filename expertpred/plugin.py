@@ -79,10 +79,11 @@ LOGITS = "ffn_moe_logits"  # F32 [n_expert, n_tokens] router logits (predictor f
 # The default predictor and lookahead of `expertpred run`, `load_predictors` and
 # benchmarks/e2e_prefetch.py, chosen by measurement (docs/export.md, docs/e2e.md): the goal is
 # <= 20 µs median per online layer-step on the inference thread. After the one-row fast
-# paths, at D = 1 (2026-11-29, 2-core shared box): previous-token+transition 7.5 µs
-# (recall@2 0.59), MLP 31 µs and LightGBM 97 µs (both 0.925) — no learned model meets it, so
-# the most accurate lookup predictor is the default. D = 1: the only lookahead measured end
-# to end (D = 4 costs ~4× the features and is ~0.55 recall at d = 4; unmeasured e2e).
+# paths, at D = 1 (2026-11-29, 2-core shared box): previous-token+transition 7.0 µs
+# (recall@2 0.59), MLP 31.5 µs and LightGBM 86 µs (both 0.925) — no learned model meets it,
+# so the most accurate lookup predictor is the default. D = 1: the only lookahead measured
+# end to end (D = 4: 41 µs for this predictor). End to end the MLP did better
+# ((c)/(d) 0.90 vs 0.71, docs/e2e.md): pass name="mlp" if ~30 µs per step is acceptable.
 DEFAULT_PREDICTOR = "previous-token+transition"
 DEFAULT_LOOKAHEAD = 1
 MADV_RANDOM = 1
