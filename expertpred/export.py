@@ -57,6 +57,11 @@ import numpy as np
 from .errors import ExpertPredError
 from .features import DenseRow, FeatureBatch, FeatureConfig, ModelInfo, dense_features
 
+# numpy-only kernels shared with the in-memory predictors (these modules import no torch,
+# lightgbm or sklearn at import time; tests/test_export.py checks it in a subprocess)
+from .predictors.baselines import _by_layer, _rank_hot
+from .predictors.gate import gate_scores
+
 if TYPE_CHECKING:
     from .predictors import Predictor
 
@@ -71,30 +76,6 @@ CACHE_ROWS = 1 << 16  # one-row answers cached per offset (lookup predictors), t
 
 # --- numpy helpers (mirror the in-memory predictors operation for operation) ------------------
 
-def _rank_hot(ids: np.ndarray, n: int) -> np.ndarray:
-    """float32 (rows, n): k - rank for the ids of each row, 0 elsewhere (negative = none).
-
-    >>> _rank_hot(np.array([[2, 0], [-1, -1]]), 3).tolist()
-    [[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]]
-    """
-    k = ids.shape[1]
-    out = np.zeros((ids.shape[0], n + 1), dtype=np.float32)
-    w = np.broadcast_to(np.arange(k, 0, -1, dtype=np.float32), ids.shape)
-    np.put_along_axis(out, np.where(ids >= 0, ids, n).astype(np.int64), w, axis=1)
-    return out[:, :n]
-
-
-def _by_layer(w: np.ndarray, layer: np.ndarray, tables: np.ndarray) -> np.ndarray:
-    """float32 (n, E): ``w[i] @ tables[layer[i]]``, one matmul per layer present."""
-    if len(w) == 1:
-        return w @ tables[int(layer[0])]
-    out = np.empty((len(w), tables.shape[2]), dtype=np.float32)
-    for li in np.unique(layer):
-        rows = layer == li
-        out[rows] = w[rows] @ tables[li]
-    return out
-
-
 def _normalised_current(x: FeatureBatch) -> np.ndarray:
     w = x.current_multihot()
     w /= np.maximum(w.sum(axis=1, keepdims=True), 1.0)
@@ -106,15 +87,7 @@ def _gate(x: FeatureBatch, routers: np.ndarray, norms: np.ndarray) -> np.ndarray
     if x.hidden is None:
         raise ExpertPredError("exported predictor uses gate look-ahead: the features have no "
                               "hidden states (router input)")
-    h = x.hidden.astype(np.float32)
-    sl, tl = x.layer.astype(np.int64), x.target_layer
-    out = np.empty((len(x), routers.shape[1]), dtype=np.float32)
-    for src in np.unique(sl):
-        for tgt in np.unique(tl[sl == src]):
-            rows = (sl == src) & (tl == tgt)
-            scale = norms[tgt] / np.where(norms[src] == 0, 1, norms[src])
-            out[rows] = (h[rows] * scale) @ routers[tgt].T
-    return out
+    return gate_scores(x, routers, norms)
 
 
 # --- scorers: numpy-only prediction of one kind ------------------------------------------------

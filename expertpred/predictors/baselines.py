@@ -29,6 +29,8 @@ def _rank_hot(ids: np.ndarray, n: int) -> np.ndarray:
 
 def _by_layer(w: np.ndarray, layer: np.ndarray, tables: np.ndarray) -> np.ndarray:
     """float32 (n, E): ``w[i] @ tables[layer[i]]``, one matmul per layer (no (n, E, E) copy)."""
+    if len(w) == 1:  # the online plugin's one-row case
+        return w @ tables[int(layer[0])]
     out = np.empty((len(w), tables.shape[2]), dtype=np.float32)
     for li in np.unique(layer):
         rows = layer == li
