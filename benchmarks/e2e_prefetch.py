@@ -69,7 +69,8 @@ def child(a: argparse.Namespace) -> None:
     llm = PrefetchLlama(a.model, mode=mode, predictor=preds, oracle=oracle,
                         lookahead=a.lookahead if mode in ("predictor", "oracle") else None,
                         method=a.method, queue_depth=a.queue_depth,
-                        madvise_random=a.madvise_random, n_ctx=256, n_threads=a.threads,
+                        madvise_random=a.madvise_random, min_share=a.min_share,
+                        async_requests=not a.sync_requests, n_ctx=256, n_threads=a.threads,
                         use_mmap=a.mode != "nommap", seed=0)
     io1, t1 = proc_io(), time.perf_counter()
     marks: list[Any] = []
@@ -171,6 +172,10 @@ def run_one(a: argparse.Namespace, mode: str, model: Path, limit: int, predictor
            "--threads", str(a.threads), "--predictor-name", a.predictor_name]
     if a.madvise_random:
         cmd.append("--madvise-random")
+    if a.min_share is not None:
+        cmd += ["--min-share", str(a.min_share)]
+    if a.sync_requests:
+        cmd.append("--sync-requests")
     row: dict[str, Any] = {"mode": mode}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if mode == "cached":
@@ -254,6 +259,10 @@ def main() -> None:
     ap.add_argument("--method", default="fadvise")
     ap.add_argument("--queue-depth", type=int, default=8)
     ap.add_argument("--madvise-random", action="store_true")
+    ap.add_argument("--min-share", type=float, default=None,
+                    help="Confidence gating of predicted experts (default: the plugin's).")
+    ap.add_argument("--sync-requests", action="store_true",
+                    help="Engine calls on the inference thread (the old path).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-prompts", type=int, default=80)
     ap.add_argument("--timeout", type=float, default=600.0)
@@ -275,7 +284,8 @@ def main() -> None:
     print(f"model {model}: {size / 2**30:.2f} GiB, {lay.bytes_per_expert() / 2**20:.1f} MiB "
           f"per expert, {per_tok / 2**30:.2f} GiB of experts per token; cgroup limit "
           f"{limit / 2**30:.2f} GiB; {a.tokens} tokens, lookahead {a.lookahead}, "
-          f"{a.method} qd {a.queue_depth}, madvise_random={a.madvise_random}", flush=True)
+          f"{a.method} qd {a.queue_depth}, madvise_random={a.madvise_random}, "
+          f"min_share={a.min_share}, sync_requests={a.sync_requests}", flush=True)
     modes = [m for m in a.modes.split(",") if m]
     rows: list[dict[str, Any]] = []
     for r in range(a.rounds):

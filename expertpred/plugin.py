@@ -86,6 +86,9 @@ LOGITS = "ffn_moe_logits"  # F32 [n_expert, n_tokens] router logits (predictor f
 # ((c)/(d) 0.90 vs 0.71, docs/e2e.md): pass name="mlp" if ~30 µs per step is acceptable.
 DEFAULT_PREDICTOR = "previous-token+transition"
 DEFAULT_LOOKAHEAD = 1
+# Confidence gating (PrefetchPlugin min_share): prefetch a predicted expert only if it holds
+# at least this share of the predictor's score mass for its layer (docs/e2e.md).
+DEFAULT_MIN_SHARE = 0.0
 MADV_RANDOM = 1
 MADV_NORMAL = 0
 
@@ -144,6 +147,22 @@ class PredictorSet:
     def topk(self, d: int, x: FeatureBatch, k: int) -> np.ndarray:
         """int64 (k,) experts of layer ``l + d`` for the one row of ``x``, best first."""
         return np.asarray(self.by_d[d].predict_topk(x, k)).reshape(-1)[:k]
+
+    def topk_shares(self, d: int, x: FeatureBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(experts, shares): the top ``k`` experts as :meth:`topk` and each one's share of
+        the row's (non-negative) score mass, in [0, 1]; shares are all 1 when the predictor
+        exposes no scores (``predict_scores`` / ``scores``)."""
+        p = self.by_d[d]
+        fn = getattr(p, "predict_scores", None) or getattr(p, "scores", None)
+        if fn is None:
+            ex = self.topk(d, x, k)
+            return ex, np.ones(len(ex), np.float32)
+        s = np.asarray(fn(x), np.float32).reshape(-1)
+        top = np.argsort(-s, kind="stable")[:k]
+        pos = np.maximum(s, 0.0)
+        tot = float(pos.sum())
+        share = pos[top] / tot if tot > 0 else np.ones(len(top), np.float32)
+        return top.astype(np.int64), share
 
     @classmethod
     def from_predictors(cls, by_d: Mapping[int, Any], source: str = "") -> PredictorSet:
@@ -314,6 +333,7 @@ class PluginCounters:
     callback_errors: int = 0  # exceptions caught inside the callback
     callback_seconds: float = 0.0  # time spent inside the callback's ready phase
     predict_seconds: float = 0.0  # of which in the predictor
+    gated: int = 0  # predicted experts not prefetched (share below min_share)
 
 
 @dataclass(frozen=True)
@@ -346,7 +366,13 @@ class PrefetchPlugin:
     :class:`OracleTrace` (mode ``oracle``); ``lookahead``: D, the farthest layer offset
     prefetched (default: :data:`DEFAULT_LOOKAHEAD`, at most the predictor's largest offset;
     1 for the oracle); ``prefetch_k``: experts per look-ahead layer (default
-    n_expert_used); ``madvise_random``: after the model is mapped,
+    n_expert_used); ``min_share``: predicted experts whose share of the predictor's score
+    mass for that layer is below this are not prefetched (confidence gating: a wrong 48 MiB
+    prefetch under memory pressure evicts experts still needed; default
+    :data:`DEFAULT_MIN_SHARE`, 0 prefetches all ``prefetch_k``); ``async_requests``: the
+    callback posts its engine calls to the engine's dispatcher thread
+    (:meth:`PrefetchEngine.post_use`) instead of taking the engine's lock itself;
+    ``madvise_random``: after the model is mapped,
     ``madvise(MADV_RANDOM)`` llama.cpp's mapping of the file (no fault
     read-around; the plugin's reads replace it) — call :meth:`advise_mapping` once the
     model is loaded (:class:`PrefetchLlama` does); ``engine_kwargs`` go to
@@ -366,9 +392,13 @@ class PrefetchPlugin:
         method: str = "fadvise",
         queue_depth: int = 8,
         madvise_random: bool = False,
+        min_share: float | None = None,
+        async_requests: bool = True,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.gguf_path = gguf_path
+        self.min_share = DEFAULT_MIN_SHARE if min_share is None else float(min_share)
+        self.async_requests = async_requests
         self.mode = Mode.parse(mode)
         self.predictor = predictor
         self.oracle = oracle
@@ -459,6 +489,7 @@ class PrefetchPlugin:
         if not self._started:
             return
         if self.engine_ is not None:
+            self.engine_.flush()
             self._final_stats = self.engine_.stats()
             self.engine_.close()
         self._started = False
@@ -514,7 +545,11 @@ class PrefetchPlugin:
     def stats(self) -> PluginStats:
         eng = None
         if self.engine_ is not None:
-            eng = self.engine_.stats() if self._started else getattr(self, "_final_stats", None)
+            if self._started:
+                self.engine_.flush(0.5)
+                eng = self.engine_.stats()
+            else:
+                eng = getattr(self, "_final_stats", None)
         return PluginStats(mode=self.mode.value, lookahead=getattr(self, "lookahead_", 0),
                            counters=replace(self._c), engine=eng,
                            madvised_bytes=self._madvised, first_error=self._first_error)
@@ -566,9 +601,12 @@ class PrefetchPlugin:
             c.ubatches += 1
             c.tokens += n
         used = np.unique(experts).tolist()
-        eng.advance(block)
-        eng.on_use(block, used)
-        eng.request(block, used)
+        if self.async_requests:
+            eng.post_use(block, used)
+        else:
+            eng.advance(block)
+            eng.on_use(block, used)
+            eng.request(block, used)
         c.d0_requests += len(used)
         # positions of these rows: the last n rows of the ubatch (output rows at the top)
         pos0 = self._n_past + self._ub_start + self._ub_rows - n
@@ -598,7 +636,7 @@ class PrefetchPlugin:
                 self._c.oracle_misses += 1
                 continue
             ex = np.unique(o.experts[lo:hi, tgt]).tolist()
-            self.engine_.request(self.blocks_[tgt], ex, next_token=nxt)
+            self._request(self.blocks_[tgt], ex, nxt)
             self._c.ahead_requests += len(ex)
 
     def _oracle_agrees(self, pos0: int, n: int) -> bool:
@@ -642,11 +680,25 @@ class PrefetchPlugin:
                 x = f.features(d)
                 if x is None:
                     continue
-                ex = self.predictor.topk(d, x, self.pk_).tolist()
                 self._c.predictions += 1
-            self.engine_.request(self.blocks_[tgt], ex, next_token=nxt)
+                if self.min_share > 0 and hasattr(self.predictor, "topk_shares"):
+                    top, share = self.predictor.topk_shares(d, x, self.pk_)
+                    ex = top[share >= self.min_share].tolist()
+                    self._c.gated += len(top) - len(ex)
+                else:
+                    ex = self.predictor.topk(d, x, self.pk_).tolist()
+                if not ex:
+                    continue
+            self._request(self.blocks_[tgt], ex, nxt)
             self._c.ahead_requests += len(ex)
         self._c.predict_seconds += time.perf_counter() - t0
+
+    def _request(self, block: int, experts: list[int], next_token: bool) -> None:
+        assert self.engine_ is not None
+        if self.async_requests:
+            self.engine_.post_request(block, experts, next_token)
+        else:
+            self.engine_.request(block, experts, next_token=next_token)
 
     def _finish_ubatch(self) -> None:
         """Feed a stashed multi-row ubatch (prompt) into the features, token by token."""
@@ -725,7 +777,8 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
                  predictor: PredictorProvider | None = None, oracle: OracleTrace | None = None,
                  lookahead: int | None = None, prefetch_k: int | None = None,
                  wrap: bool = True, method: str = "fadvise", queue_depth: int = 8,
-                 madvise_random: bool = False,
+                 madvise_random: bool = False, min_share: float | None = None,
+                 async_requests: bool = True,
                  engine_kwargs: Mapping[str, Any] | None = None, **llama_kwargs: Any) -> None:
         from .trace.llama_tracer import _quiet_llama_logs
 
@@ -733,7 +786,8 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
         self.plugin = PrefetchPlugin(model_path, mode=mode, predictor=predictor, oracle=oracle,
                                      lookahead=lookahead, prefetch_k=prefetch_k, wrap=wrap,
                                      method=method, queue_depth=queue_depth,
-                                     madvise_random=madvise_random,
+                                     madvise_random=madvise_random, min_share=min_share,
+                                     async_requests=async_requests,
                                      engine_kwargs=engine_kwargs)
         self._pool: _ggml.Threadpool | None = None
         self._closed = False

@@ -202,3 +202,21 @@ def test_e2e_benchmark_small(refs: dict[str, Ref], tmp_path: Path) -> None:
         st = by_mode[m]["stats"]
         assert st["engine_bytes_read"] > 0 and st["engine_uses"] > 0, m
     assert by_mode["stock"]["decode_read"] > 0  # the limit bit: decode went to the disk
+
+
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
+@pytest.mark.parametrize("async_requests, min_share", [(False, 0.0), (True, 0.3), (True, 1.0)])
+def test_request_paths_and_gating_keep_tokens(refs: dict[str, Ref], name: str,
+                                              async_requests: bool, min_share: float) -> None:
+    ref = refs[name]
+    toks, st, _ = run(ref, "predictor", async_requests=async_requests, min_share=min_share)
+    assert toks == ref.tokens
+    assert st.counters.callback_errors == 0, st.first_error
+    c, e = st.counters, st.engine.counters
+    assert e.uses == c.d0_requests
+    assert (e.posted > 0) == async_requests and e.dropped_handoff == 0
+    assert c.predictions > 0
+    if min_share >= 1.0:  # no expert holds all the score mass: everything predicted gated
+        assert c.gated > 0
+    if min_share == 0.0:
+        assert c.gated == 0

@@ -33,6 +33,13 @@ truncated or replaced (``stat(path)`` inode differs from the open descriptor's) 
 prefetching: the queue is dropped, workers exit, and further requests are counted
 ``dropped_disabled``. ``close()`` is bounded: reads are chunked and workers check a stop
 flag between chunks.
+
+Off the caller's thread: ``post_use(layer, experts)`` (``advance`` + ``on_use`` +
+``request`` of the same experts: d0) and ``post_request(layer, experts, next_token)`` only
+append a small record to a ``collections.deque`` and wake the engine's dispatcher thread,
+which applies them in order (the lock, the bookkeeping and the job creation happen there).
+The handoff is bounded (``max_handoff`` records; more are counted ``dropped_handoff``).
+``flush(timeout)`` waits until the dispatcher has applied everything posted so far.
 """
 
 from __future__ import annotations
@@ -112,6 +119,8 @@ class PrefetchCounters:
     misses: int = 0  # uses of an expert never requested
     wasted: int = 0  # completed prefetches whose target passed without a use
     evicted: int = 0  # resident prefetches evicted by the buffer manager
+    posted: int = 0  # records posted to the dispatcher (post_use / post_request)
+    dropped_handoff: int = 0  # records refused because the handoff was full
 
 
 @dataclass(frozen=True)
@@ -222,6 +231,7 @@ class PrefetchEngine:
         watch_interval: float = 0.05,
         buffer: BufferManager | None = None,
         history: int = 1 << 16,
+        max_handoff: int = 4096,
     ) -> None:
         self.gguf_path = gguf_path
         self.layout = layout
@@ -236,6 +246,7 @@ class PrefetchEngine:
         self.watch_interval = watch_interval
         self.buffer = buffer
         self.history = history
+        self.max_handoff = max_handoff
         self._threads: list[threading.Thread] = []
         self._started = False
 
@@ -274,6 +285,9 @@ class PrefetchEngine:
         self._stop = threading.Event()
         self._disabled = ""
         self._t0 = time.monotonic_ns()
+        self._ops: deque[tuple[int, int, list[int], bool]] = deque()
+        self._ops_wake = threading.Event()
+        self._ops_busy = False
         source = _Source(self)
         for i in range(self.io_.n_workers()):
             t = threading.Thread(target=self._worker_main, args=(source,),
@@ -281,6 +295,8 @@ class PrefetchEngine:
             self._threads.append(t)
         self._threads.append(threading.Thread(target=self._monitor_main,
                                               name="prefetch-monitor", daemon=True))
+        self._threads.append(threading.Thread(target=self._dispatch_main,
+                                              name="prefetch-dispatch", daemon=True))
         self._started = True
         for t in self._threads:
             t.start()
@@ -293,6 +309,7 @@ class PrefetchEngine:
         if not self._started:
             return
         self._stop.set()
+        self._ops_wake.set()
         with self._lock:
             self._lock.notify_all()
         deadline = time.monotonic() + timeout
@@ -333,6 +350,68 @@ class PrefetchEngine:
         return self._disabled
 
     # --- caller API (non-blocking, never raises for I/O reasons) ---------------------
+    _USE, _REQUEST = 0, 1
+
+    def post_use(self, layer: int, experts: list[int]) -> None:
+        """``advance(layer)``, ``on_use(layer, experts)``, ``request(layer, experts)``, applied
+        by the dispatcher thread: the caller only appends to a deque."""
+        self._post((self._USE, layer, experts, False))
+
+    def post_request(self, layer: int, experts: list[int], next_token: bool = False) -> None:
+        """``request(layer, experts, next_token=next_token)`` on the dispatcher thread."""
+        self._post((self._REQUEST, layer, experts, next_token))
+
+    def _post(self, op: tuple[int, int, list[int], bool]) -> None:
+        if not self._started:
+            return
+        if len(self._ops) >= self.max_handoff:
+            self._c.dropped_handoff += 1  # racy increment: a statistic only
+            return
+        self._c.posted += 1
+        self._ops.append(op)
+        self._ops_wake.set()
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait until every posted record has been applied; False on timeout."""
+        if not self._started:
+            return True
+        deadline = time.monotonic() + timeout
+        while self._ops or self._ops_busy:
+            if time.monotonic() >= deadline or not self._dispatcher_alive():
+                return False
+            time.sleep(0.0005)
+        return True
+
+    def _dispatcher_alive(self) -> bool:
+        return any(t.name == "prefetch-dispatch" and t.is_alive() for t in self._threads)
+
+    def _dispatch_main(self) -> None:
+        ops = self._ops
+        while True:
+            self._ops_wake.wait(0.05)
+            self._ops_wake.clear()
+            if self._stop.is_set():
+                return
+            while ops:
+                self._ops_busy = True
+                try:
+                    kind, layer, experts, nxt = ops.popleft()
+                except IndexError:
+                    break
+                try:
+                    if kind == self._USE:
+                        self.advance(layer)
+                        self.on_use(layer, experts)
+                        self.request(layer, experts)
+                    else:
+                        self.request(layer, experts, next_token=nxt)
+                except Exception:  # noqa: BLE001 - the dispatcher must survive
+                    log.exception("prefetch: dispatching a posted record failed")
+                finally:
+                    self._ops_busy = False
+                if self._stop.is_set():
+                    return
+
     def request(self, layer: int, experts: Iterable[int], current_layer: int | None = None,
                 next_token: bool = False) -> None:
         """Queue prefetches of ``experts`` of ``layer`` (see module docstring)."""
@@ -471,7 +550,8 @@ class PrefetchEngine:
     def idle(self) -> bool:
         """True when nothing is queued or in flight."""
         with self._lock:
-            return not self._s.queue and not self._s.inflight
+            return (not self._s.queue and not self._s.inflight and not self._ops
+                    and not self._ops_busy)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Block until nothing is queued or in flight (tests, benchmarks); False on timeout."""
