@@ -87,8 +87,11 @@ LOGITS = "ffn_moe_logits"  # F32 [n_expert, n_tokens] router logits (predictor f
 DEFAULT_PREDICTOR = "previous-token+transition"
 DEFAULT_LOOKAHEAD = 1
 # Confidence gating (PrefetchPlugin min_share): prefetch a predicted expert only if it holds
-# at least this share of the predictor's score mass for its layer (docs/e2e.md).
-DEFAULT_MIN_SHARE = 0.0
+# at least this share of the predictor's score mass for its layer (docs/e2e.md). Measured on
+# tiny-mixtral, 4 prompts x 48 greedy tokens, d = 1, share >= 0.25: previous-token+transition
+# keeps 18% of its predicted experts at 0.86 precision (all: 0.58), the MLP 81% at 0.975
+# (all: 0.92); >= 0.2 would keep 54% / 0.68 for the lookup predictor.
+DEFAULT_MIN_SHARE = 0.25
 MADV_RANDOM = 1
 MADV_NORMAL = 0
 
