@@ -136,6 +136,9 @@ def test_callback_errors_are_contained(refs: dict[str, Ref]) -> None:
         def topk(self, d: int, x: object, k: int) -> np.ndarray:
             raise RuntimeError("predictor exploded")
 
+        def topk_shares(self, d: int, x: object, k: int) -> tuple[np.ndarray, np.ndarray]:
+            raise RuntimeError("predictor exploded")  # the gated path (min_share > 0)
+
     broken = Broken(ref.predictors.by_d, ref.predictors.model)
     with PrefetchLlama(ref.path, mode="predictor", predictor=broken, lookahead=1,
                        **LLAMA) as llm:
