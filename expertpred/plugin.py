@@ -11,7 +11,14 @@ expert matmuls run) the plugin
    readahead window at a time, while the engine issues them with queue depth;
 3. in ``predictor`` mode asks the predictor for layers ``l+1 .. l+D`` (features from the
    shared :class:`~expertpred.features.OnlineFeatures`), in ``oracle`` mode reads the true
-   experts of those layers from a recorded trace of the same greedy run, and enqueues them.
+   experts of those layers from a recorded trace of the same greedy run, and enqueues them;
+   predicted experts with less than ``min_share`` of the predictor's score mass are not
+   prefetched (confidence gating).
+
+With ``async_requests=True`` (default) steps 1-3 only post records to the engine's
+dispatcher thread (:meth:`PrefetchEngine.post_use` / ``post_request``, a deque append):
+the engine's lock and bookkeeping stay off the inference thread, and the accounting of
+step 1 happens on that thread moments after the routing is known, in the same order.
    With ``wrap=True`` targets past the last MoE layer are the *next* token's first layers:
    the oracle knows them, the predictor (whose features stop at the last layer) repeats
    this token's experts of that layer (the previous-token guess).
