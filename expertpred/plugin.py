@@ -89,8 +89,10 @@ LOGITS = "ffn_moe_logits"  # F32 [n_expert, n_tokens] router logits (predictor f
 # paths, at D = 1 (2026-11-29, 2-core shared box): previous-token+transition 7.0 µs
 # (recall@2 0.59), MLP 31.5 µs and LightGBM 86 µs (both 0.925) — no learned model meets it,
 # so the most accurate lookup predictor is the default. D = 1: the only lookahead measured
-# end to end (D = 4: 41 µs for this predictor). End to end the MLP did better
-# ((c)/(d) 0.90 vs 0.71, docs/e2e.md): pass name="mlp" if ~30 µs per step is acceptable.
+# end to end (D = 4: 41 µs for this predictor). End to end with confidence gating
+# (DEFAULT_MIN_SHARE) and engine calls off the inference thread: (c)/(a) 2.50, (c)/(d) 0.87
+# for this predictor; the gated MLP gave 2.16 / 0.98 in another run (docs/e2e.md). Pass
+# name="mlp" if ~30 µs per step is acceptable.
 DEFAULT_PREDICTOR = "previous-token+transition"
 DEFAULT_LOOKAHEAD = 1
 # Confidence gating (PrefetchPlugin min_share): prefetch a predicted expert only if it holds
