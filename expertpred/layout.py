@@ -241,14 +241,24 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def router_weight(path: str | os.PathLike[str], layer: int) -> np.ndarray:
-    """Router matrix of ``layer`` as float32 numpy, shape (n_expert, n_embd)."""
+def read_tensors(path: str | os.PathLike[str], names: list[str]) -> dict[str, np.ndarray]:
+    """The named tensors that exist in ``path``, dequantized to float32 in numpy (row-major)
+    shape — one pass over the GGUF header however many names are asked for."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path), "r")
+    want = set(names)
+    out: dict[str, np.ndarray] = {}
+    for t in gguf.GGUFReader(str(path), "r").tensors:
+        if t.name in want:
+            data = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            out[t.name] = data.reshape([int(x) for x in reversed(t.shape)])
+    return out
+
+
+def router_weight(path: str | os.PathLike[str], layer: int) -> np.ndarray:
+    """Router matrix of ``layer`` as float32 numpy, shape (n_expert, n_embd)."""
     name = f"blk.{layer}.ffn_gate_inp.weight"
-    for t in reader.tensors:
-        if t.name == name:
-            data = gguf.dequantize(t.data, t.tensor_type)
-            return np.asarray(data, dtype=np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
-    raise GGUFError(f"{path}: no tensor {name}")
+    found = read_tensors(path, [name])
+    if name not in found:
+        raise GGUFError(f"{path}: no tensor {name}")
+    return found[name]

@@ -41,7 +41,7 @@ class GateLookaheadPredictor(Predictor, name="gate-lookahead"):
 def load_gate(gguf_path: str, data: FeatureBatch,
               renorm: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Routers (L, E, D) and ffn_norm weights (L, D) (ones without ``renorm``) of the model."""
-    from ..layout import router_weight
+    from ..layout import read_tensors
 
     if not gguf_path:
         raise ExpertPredError("gate-lookahead: gguf_path is empty; expected the model's "
@@ -52,12 +52,19 @@ def load_gate(gguf_path: str, data: FeatureBatch,
     if data.hidden is None:
         raise ExpertPredError("gate-lookahead: needs hidden states, the features have none")
     m = data.model
-    w = np.stack([router_weight(path, blk) for blk in m.moe_layers]).astype(np.float32)
+    routers = [f"blk.{b}.ffn_gate_inp.weight" for b in m.moe_layers]
+    norm_names = [f"blk.{b}.ffn_norm.weight" for b in m.moe_layers]
+    found = read_tensors(path, routers + (norm_names if renorm else []))  # one header pass
+    missing = [n for n in routers if n not in found]
+    if missing:
+        raise ExpertPredError(f"gate-lookahead: {path}: no tensor {missing[0]}")
+    w = np.stack([found[n] for n in routers])
     dim = data.hidden.shape[1]
     if w.shape[1:] != (m.n_expert, dim):
         raise ExpertPredError(f"gate-lookahead: {path}: router shape {w.shape[1:]}, "
                               f"expected ({m.n_expert}, {dim}) from the trace")
-    norms = _norm_weights(path, m.moe_layers) if renorm else None
+    norms = (np.stack([found[n].reshape(-1) for n in norm_names])
+             if renorm and all(n in found for n in norm_names) else None)
     if norms is not None and norms.shape[1] != dim:
         norms = None
     if renorm and norms is None:
@@ -105,21 +112,3 @@ class GateFeatures:
 
     def _gate_state(self) -> dict[str, np.ndarray]:
         return {"gate_routers_": self.gate_routers_, "gate_norms_": self.gate_norms_}
-
-
-def _norm_weights(path: Path, blocks: tuple[int, ...]) -> np.ndarray | None:
-    """float32 (L, D) ``blk.N.ffn_norm.weight`` of each MoE block, or None if any is missing.
-
-    (A candidate for expertpred.layout, which owns GGUF knowledge; kept here until then.)
-    """
-    import gguf
-
-    want = {f"blk.{b}.ffn_norm.weight": i for i, b in enumerate(blocks)}
-    found: dict[int, np.ndarray] = {}
-    for t in gguf.GGUFReader(str(path), "r").tensors:
-        if t.name in want:
-            data = gguf.dequantize(t.data, t.tensor_type)
-            found[want[t.name]] = np.asarray(data, dtype=np.float32).reshape(-1)
-    if len(found) != len(blocks):
-        return None
-    return np.stack([found[i] for i in range(len(blocks))])
