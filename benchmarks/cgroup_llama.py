@@ -32,10 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-from expertpred.cgroup import MemoryCgroup, evict_file, proc_io, residency, why_unavailable
-from expertpred.layout import read_layout
-from expertpred.synthetic import SyntheticSpec, write_random_moe
-from expertpred.widen import widen
+from expertpred.gguf.layout import read_layout
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
+from expertpred.gguf.widen import widen
+from expertpred.lab.cgroup import MemoryCgroup, evict_file, proc_io, residency, why_unavailable
 
 log = logging.getLogger("cgroup_llama")
 

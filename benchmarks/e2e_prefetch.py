@@ -36,10 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from expertpred.cgroup import MemoryCgroup, evict_file, proc_io, residency, why_unavailable
-from expertpred.layout import file_sha256, read_layout
-from expertpred.plugin import DEFAULT_PREDICTOR
-from expertpred.train import model_path as saved_path
+from expertpred.gguf.layout import file_sha256, read_layout
+from expertpred.lab.cgroup import MemoryCgroup, evict_file, proc_io, residency, why_unavailable
+from expertpred.learn.train import model_path as saved_path
+from expertpred.prefetch.plugin import DEFAULT_PREDICTOR
 
 log = logging.getLogger("e2e_prefetch")
 
@@ -56,7 +56,12 @@ PLUGIN_MODE = {"stock": "off", "cached": "off", "nommap": "off", "d0": "d0",
 
 
 def child(a: argparse.Namespace) -> None:
-    from expertpred.plugin import OracleTrace, PrefetchLlama, generate_greedy, load_predictors
+    from expertpred.prefetch.plugin import (
+        OracleTrace,
+        PrefetchLlama,
+        generate_greedy,
+        load_predictors,
+    )
 
     mode = PLUGIN_MODE[a.mode]
     preds = oracle = None
@@ -104,7 +109,7 @@ def sh(*cmd: str) -> None:
 
 def build_model(source: Path, total_gib: float) -> Path:
     """Widened f32 copy of ``source`` (f32 like the shipped model: bit-identical routing)."""
-    from expertpred.widen import widen
+    from expertpred.gguf.widen import widen
 
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     sha = file_sha256(source)[:12]
@@ -145,7 +150,7 @@ def build_predictor(source: Path, n_prompts: int, name: str) -> Path:
 
 def build_oracle(source: Path, tokens: int) -> Path:
     """The true routing of the benchmark's greedy run, traced on ``source``."""
-    from expertpred.plugin import OracleTrace, prompt_tokens
+    from expertpred.prefetch.plugin import OracleTrace, prompt_tokens
     from expertpred.trace.llama_tracer import LlamaTracer
 
     sha = file_sha256(source)[:12]

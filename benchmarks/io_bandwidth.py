@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from expertpred.layout import MoELayout, read_layout
+from expertpred.gguf.layout import MoELayout, read_layout
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 from expertpred.prefetch import METHODS, PrefetchEngine
 from expertpred.prefetch.sysmem import FileMapping
-from expertpred.synthetic import SyntheticSpec, write_random_moe
 
 log = logging.getLogger("io_bandwidth")
 

@@ -3,7 +3,7 @@
 One *prediction* = one token, one layer-step: after MoE layer ``l`` routes, the plugin asks
 for the experts of layers ``l+1 .. l+D`` — for each ``d``: ``OnlineFeatures.features(d)``
 then ``topk(d, x, k)`` on the loaded artifact (exactly what
-:meth:`expertpred.plugin.PrefetchPlugin._predictor_step` does). Reported per predictor:
+:meth:`expertpred.prefetch.plugin.PrefetchPlugin._predictor_step` does). Reported per predictor:
 median and p99 (µs) of the whole step, and of its two parts measured separately (feature
 building for all d; the model's top-k for all d on prebuilt features). Steps counted are
 the full ones (``l + D < L``: all D targets exist); rows come from replaying real
@@ -33,8 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from expertpred.export import ExportedPredictorSet, export_saved, load_artifact  # noqa: E402
 from expertpred.features import ModelInfo, OnlineFeatures  # noqa: E402
+from expertpred.predictors.export import ExportedPredictorSet, export_saved, load_artifact  # noqa: E402
 from expertpred.trace.record import Phase  # noqa: E402
 
 log = logging.getLogger("predict_latency")
@@ -103,8 +103,8 @@ def time_predictor(pset: Any, model: ModelInfo, seqs: list[Any], depth: int, k: 
 
 
 def _in_memory(models: Path, name: str, model: ModelInfo, offsets: tuple[int, ...]) -> Any:
-    from expertpred.plugin import PredictorSet
-    from expertpred.train import load_all
+    from expertpred.learn.train import load_all
+    from expertpred.prefetch.plugin import PredictorSet
 
     by = load_all(models, model, [name], offsets).get(name)
     return None if by is None else PredictorSet.from_predictors(by, source=str(models))
@@ -129,7 +129,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="predict-latency-")
     models = Path(args.models) if args.models else None
     if models is None:
-        from expertpred.train import load_config, train
+        from expertpred.learn.train import load_config, train
 
         cfg = load_config(args.config, [f"--out={tmp.name}/run", f"--dataset={args.dataset}"])
         print(f"training {args.config} into {tmp.name} ...", flush=True)

@@ -25,14 +25,14 @@ from rich.console import Console
 from rich.table import Table
 
 from expertpred.features import FeatureConfig, build_features
-from expertpred.predictors import make_predictor
-from expertpred.train import (
+from expertpred.learn.train import (
     LADDER,
     PredictorsConfig,
     open_source,
     phase_value,
     predictor_params,
 )
+from expertpred.predictors import make_predictor
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from expertpred.layout import read_layout
-from expertpred.synthetic import SyntheticSpec, write_random_moe
+from expertpred.gguf.layout import read_layout
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 from expertpred.trace.llama_tracer import LlamaTracer
 
 log = logging.getLogger(__name__)

@@ -50,9 +50,9 @@ from pathlib import Path
 
 import numpy as np
 
-from expertpred.cachesim import prefetch_plan, simulate
 from expertpred.features import FeatureConfig, ModelInfo, OnlineFeatures, build_features
-from expertpred.layout import MoELayout, read_layout
+from expertpred.gguf.layout import MoELayout, read_layout
+from expertpred.learn.cachesim import prefetch_plan, simulate
 from expertpred.predictors import make_predictor
 from expertpred.predictors.synthetic import (
     SyntheticTraceSpec,
@@ -234,7 +234,7 @@ def replay_stream(path: Path, layout: MoELayout, experts: np.ndarray, plan: np.n
 def load_predictor_sets(spec: str, tmp: Path) -> dict:
     """``spec``: comma-separated artifacts (``.npz`` from ``expertpred export``) and / or
     ``expertpred train`` model directories (every predictor name in them is exported)."""
-    from expertpred.export import export_saved, load_artifact
+    from expertpred.predictors.export import export_saved, load_artifact
 
     sets = {}
     for item in filter(None, spec.split(",")):

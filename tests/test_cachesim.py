@@ -7,9 +7,9 @@ import doctest
 import numpy as np
 import pytest
 
-import expertpred.cachesim as cachesim
-from expertpred.cachesim import prefetch_plan, simulate
+import expertpred.learn.cachesim as cachesim
 from expertpred.errors import ExpertPredError
+from expertpred.learn.cachesim import prefetch_plan, simulate
 
 
 def test_doctests():

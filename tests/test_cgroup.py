@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from expertpred import cgroup
-from expertpred.cgroup import (
+from expertpred.errors import ExpertPredError
+from expertpred.lab import cgroup
+from expertpred.lab.cgroup import (
     MemoryCgroup,
     evict_file,
     get_swappiness,
@@ -22,7 +23,6 @@ from expertpred.cgroup import (
     swappiness,
     why_unavailable,
 )
-from expertpred.errors import ExpertPredError
 
 REASON = why_unavailable()
 needs_cgroup = pytest.mark.skipif(REASON is not None, reason=f"no memory cgroup: {REASON}")

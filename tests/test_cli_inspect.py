@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from expertpred.synthetic import SyntheticSpec, write_random_moe
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from expertpred.cli import app
 from expertpred.errors import ExpertPredError
-from expertpred.evaluate import evaluate, report_tables, write_report
-from expertpred.train import (
+from expertpred.learn.evaluate import evaluate, report_tables, write_report
+from expertpred.learn.train import (
     PredictorsConfig,
     fit_all,
     load_all,

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from expertpred import cli
-from expertpred import experiment as exp
-from expertpred.cgroup import get_swappiness, swappiness, why_unavailable
 from expertpred.errors import ExpertPredError
+from expertpred.gguf.widen import widen
+from expertpred.lab import experiment as exp
+from expertpred.lab.cgroup import get_swappiness, swappiness, why_unavailable
 from expertpred.shipped import model_gguf
-from expertpred.widen import widen
 
 REASON = why_unavailable()
 needs_cgroup = pytest.mark.skipif(REASON is not None, reason=f"memory cgroup: {REASON}")
@@ -59,7 +59,7 @@ def test_grid_runs_every_cell_and_restores_swappiness(small_model: Path, tmp_pat
 
 @needs_cgroup
 def test_interrupt_restores_swappiness(small_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from expertpred import cgroup
+    from expertpred.lab import cgroup
 
     def interrupted(*args: object) -> dict:
         cgroup._set_swappiness(5)  # a run that changed it and never got to restore it
@@ -83,9 +83,10 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 
 
 def test_cli_cgroup_unavailable_is_one_line(monkeypatch, capsys, tmp_path) -> None:
-    import expertpred.cgroup
+    import expertpred.lab.cgroup
 
-    monkeypatch.setattr(expertpred.cgroup, "why_unavailable", lambda *a: "needs root (uid 1000)")
+    monkeypatch.setattr(expertpred.lab.cgroup, "why_unavailable",
+                        lambda *a: "needs root (uid 1000)")
     code, err = run_cli(monkeypatch, capsys, "--out", str(tmp_path / "o"))
     assert code == 2 and err.strip().count("\n") == 0
     assert "memory cgroup unavailable: needs root" in err

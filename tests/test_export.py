@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from expertpred.errors import ExpertPredError
-from expertpred.export import export_predictors, export_saved, load_artifact, read_header
 from expertpred.features import FeatureConfig, ModelInfo, OnlineFeatures, build_features
-from expertpred.layout import file_sha256, read_layout, router_weight
+from expertpred.gguf.layout import file_sha256, read_layout, router_weight
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 from expertpred.predictors import make_predictor
+from expertpred.predictors.export import export_predictors, export_saved, load_artifact, read_header
 from expertpred.predictors.synthetic import SyntheticTraceSpec, split_of, synthetic_traces
-from expertpred.synthetic import SyntheticSpec, write_random_moe
 from expertpred.trace.record import Phase
 
 GGUF_SPEC = SyntheticSpec(arch="llama", n_layer=4, n_embd=32, n_head=4, n_head_kv=2,
@@ -160,7 +160,7 @@ def test_loads_and_predicts_with_numpy_only(fitted, data, tmp_path):
             sys.modules[name] = None
         import json
         import numpy as np
-        from expertpred.export import load_artifact
+        from expertpred.predictors.export import load_artifact
         from expertpred.features import FeatureBatch, FeatureConfig
         paths = json.loads({json.dumps(json.dumps(paths))})
         z = dict(np.load({str(feats)!r}))

@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from expertpred import cgroup
-from expertpred.iotrace import TOKEN_LAYER, IOTraceConfig, run_iotrace
-from expertpred.layout import read_layout
-from expertpred.synthetic import SyntheticSpec, write_random_moe
-from expertpred.widen import widen
+from expertpred.gguf.layout import read_layout
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
+from expertpred.gguf.widen import widen
+from expertpred.lab import cgroup
+from expertpred.lab.iotrace import TOKEN_LAYER, IOTraceConfig, run_iotrace
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-mixtral" / "model.gguf"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from expertpred.errors import GGUFError
-from expertpred.layout import read_layout
-from expertpred.synthetic import SyntheticSpec, write_random_moe
+from expertpred.gguf.layout import read_layout
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 
 SPECS = {
     "llama": SyntheticSpec(arch="llama", n_expert=8, n_expert_used=2),

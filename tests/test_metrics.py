@@ -7,8 +7,8 @@ import doctest
 import numpy as np
 import pytest
 
-import expertpred.metrics as metrics
-from expertpred.metrics import (
+import expertpred.learn.metrics as metrics
+from expertpred.learn.metrics import (
     exact_set_hit,
     grouped_mean,
     hits_at_k,

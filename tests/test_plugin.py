@@ -16,8 +16,9 @@ import pytest
 
 from expertpred.errors import ExpertPredError
 from expertpred.features import FeatureConfig, ModelInfo, build_features
-from expertpred.layout import file_sha256, read_layout
-from expertpred.plugin import (
+from expertpred.gguf.layout import file_sha256, read_layout
+from expertpred.predictors import make_predictor
+from expertpred.prefetch.plugin import (
     Mode,
     OracleTrace,
     PredictorSet,
@@ -26,7 +27,6 @@ from expertpred.plugin import (
     load_predictors,
     prompt_tokens,
 )
-from expertpred.predictors import make_predictor
 from expertpred.shipped import SHIPPED_MODELS, model_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,7 +177,7 @@ def test_cli_run(refs: dict[str, Ref]) -> None:
 
 def test_e2e_benchmark_small(refs: dict[str, Ref], tmp_path: Path) -> None:
     """The benchmark harness end to end, CI-sized: a ~0.25 GiB widened model in a cgroup."""
-    from expertpred.cgroup import why_unavailable
+    from expertpred.lab.cgroup import why_unavailable
 
     if reason := why_unavailable():
         pytest.skip(f"memory cgroup unavailable: {reason}")

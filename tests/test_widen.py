@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from expertpred.errors import ExpertPredError
-from expertpred.layout import read_layout
-from expertpred.synthetic import SyntheticSpec, write_random_moe
-from expertpred.widen import widen
+from expertpred.gguf.layout import read_layout
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
+from expertpred.gguf.widen import widen
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = b"def read_config(path):\n    with open(path) as f:"
@@ -141,12 +141,12 @@ def test_streaming_keeps_memory_bounded(tmp_path):
 
     ru_maxrss is not used: it also counts clean file pages of mappings, which depend on what
     the page cache already holds."""
-    from expertpred import cgroup
+    from expertpred.lab import cgroup
 
     if not cgroup.available():
         pytest.skip(cgroup.why_unavailable() or "memory cgroup unavailable")
     path = write_random_moe(tmp_path / "m.gguf", SyntheticSpec(n_layer=2))
-    code = ("from expertpred.widen import widen; "
+    code = ("from expertpred.gguf.widen import widen; "
             f"widen({str(path)!r}, {str(tmp_path / 'w.gguf')!r}, total_gib=0.56, dtype='f16')")
     with cgroup.MemoryCgroup("widen-test", 256 << 20) as cg:
         res = cg.run([sys.executable, "-c", code], timeout=300)
@@ -214,7 +214,7 @@ def test_shipped_model(tmp_path, name, dtype):
 
 def test_merged_gate_up_experts_pad_each_half(tmp_path):
     """ffn_gate_up_exps (E, 2ff, d) holds gate rows then up rows: each half is padded."""
-    from expertpred.gguf_writer import byte_tokenizer, write_gguf
+    from expertpred.gguf.writer import byte_tokenizer, write_gguf
 
     e, ff, d = 4, 32, 64
     rng = np.random.default_rng(0)

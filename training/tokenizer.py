@@ -5,7 +5,7 @@ regex, ``<|endoftext|>`` is id 0. llama.cpp reads it as ``tokenizer.ggml.model =
 with ``tokenizer.ggml.pre = "gpt-2"`` -- the pre-tokenizer whose regex equals the one used
 here. (llama.cpp's ``"default"`` pre-tokenizer first splits punctuation runs and digits, so
 it tokenizes differently; tests/test_models_equivalence.py checks the identity.) The GGUF
-fields are made by ``expertpred.convert.gguf_tokenizer_from_json``.
+fields are made by ``expertpred.gguf.convert.gguf_tokenizer_from_json``.
 """
 
 from __future__ import annotations

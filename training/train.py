@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expertpred.convert import hf_to_gguf
+from expertpred.gguf.convert import hf_to_gguf
 
 from .card import write_readme
 from .config import ConfigError, TrainConfig, config_dict, load_config

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..features import FeatureBatch
-from ..metrics import recall_at_k
+from ..learn.metrics import recall_at_k
 from .base import Predictor
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ class GateLookaheadPredictor(Predictor, name="gate-lookahead"):
 def load_gate(gguf_path: str, data: FeatureBatch,
               renorm: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Routers (L, E, D) and ffn_norm weights (L, D) (ones without ``renorm``) of the model."""
-    from ..layout import read_tensors
+    from ..gguf.layout import read_tensors
 
     if not gguf_path:
         raise ExpertPredError("gate-lookahead: gguf_path is empty; expected the model's "

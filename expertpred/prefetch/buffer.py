@@ -7,7 +7,7 @@ function ranks lowest) with an *evictor* from :mod:`expertpred.prefetch.eviction
 ``residency()`` checks the bookkeeping against the kernel with ``mincore``.
 
 Which eviction calls really drop pages was measured on this machine (Linux 6.18, ext4,
-``python -m expertpred.prefetch.evictprobe --mib 4``; share of resident pages dropped,
+``python -m expertpred.lab.evictprobe --mib 4``; share of resident pages dropped,
 1024 pages per cell; details in ``docs/eviction.md``):
 
 ================== ========== ============= ============ ========
@@ -49,7 +49,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..layout import MoELayout
+from ..gguf.layout import MoELayout
 from .eviction import EVICTORS, Evictor
 from .sysmem import PAGE_SIZE, FileMapping
 

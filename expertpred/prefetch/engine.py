@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..layout import MoELayout
+from ..gguf.layout import MoELayout
 from .io import DEFAULT_CHUNK_BYTES, Cancelled, IOMethod, ShortReadError, make_method
 from .sysmem import PAGE_SIZE, FileMapping
 

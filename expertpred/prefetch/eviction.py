@@ -4,7 +4,7 @@ An *evictor* gets the file descriptor, the caller's own read-only mapping of the
 a byte range, and asks the kernel to let go of those pages. Which calls actually free the
 page cache depends on who else maps the pages, so it is measured, not assumed:
 :func:`measure` sets pages up in each situation, applies each evictor and counts the pages
-``mincore`` still reports resident. ``python -m expertpred.prefetch.evictprobe [FILE]``
+``mincore`` still reports resident. ``python -m expertpred.lab.evictprobe [FILE]``
 prints the table; the numbers from this machine are in ``docs/eviction.md`` and in
 ``expertpred.prefetch.buffer``'s docstring.
 

@@ -117,7 +117,7 @@ class ModelInfo:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> ModelInfo:
         """Read the layout and hash the file (raises GGUFError for a dense / bad model)."""
-        from ..layout import file_sha256, read_layout
+        from ..gguf.layout import file_sha256, read_layout
 
         lay = read_layout(path)
         return cls(path=str(path), sha256=file_sha256(path), arch=lay.arch,

@@ -45,7 +45,7 @@ layer); it says yes to two nodes per MoE layer — every yes splits the graph an
 synchronises. The score node must be read at once (ggml's allocator lets the softmax
 overwrite the logits in place); the argsort and the router input are read at the weights
 node through pointers remembered in the ask phase: both stay alive until the expert matmuls
-that come later use them. The callback itself is C (``_ggml.CAPTURE_C``, compiled once per
+that come later use them. The callback itself is C (``ggml.CAPTURE_C``, compiled once per
 machine and cached; a Python twin is the fallback without a C compiler, or with
 ``EXPERTPRED_PY_CALLBACK=1``): it copies with ``ggml_backend_tensor_get`` straight into
 preallocated numpy buffers laid out (layer, token, ·), one call per ubatch. Both contexts
@@ -74,8 +74,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..layout import read_layout
-from . import _ggml
+from ..gguf.layout import read_layout
+from ..llama import ggml
 from .record import Phase, SequenceTrace
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class LlamaTracer:
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_embd_ = int(llama.llama_model_n_embd(self._model))
         self.n_vocab_ = int(llama.llama_vocab_n_tokens(self._vocab))
-        self._ggml = _ggml.ggml_lib()
+        self._ggml = ggml.ggml_lib()
         self._tensor_get = self._ggml.tensor_get
 
         n_moe = len(self.moe_layers_)
@@ -202,11 +202,11 @@ class LlamaTracer:
         self._batch_views()
         self._ctx_plain: Any = None
         self._ctx_traced: Any = None
-        self._pool = _ggml.Threadpool(self.n_threads or os.cpu_count() or 1)
+        self._pool = ggml.Threadpool(self.n_threads or os.cpu_count() or 1)
         self._py_cb = llama.ggml_backend_sched_eval_callback(self._callback)
         self._probe_cb = llama.ggml_backend_sched_eval_callback(self._probe_callback)
-        self._clib = _ggml.capture_lib()
-        self._state: _ggml.CaptureState | None = None
+        self._clib = ggml.capture_lib()
+        self._state: ggml.CaptureState | None = None
         try:
             self._discover_nodes()
             if self._clib is not None:
@@ -306,16 +306,16 @@ class LlamaTracer:
             flags[ROUTER_MATMUL] = flags.get(ROUTER_MATMUL, 0) | _REM_ROUTER_IN
         return flags
 
-    def _c_state(self) -> _ggml.CaptureState:
+    def _c_state(self) -> ggml.CaptureState:
         """The C callback's state: the node plan plus pointers into our numpy buffers."""
-        st = _ggml.CaptureState()
+        st = ggml.CaptureState()
         st.n_layer = self.layout_.n_layer
         st.n_expert, st.k, st.n_embd = self.n_expert_, self.n_expert_used_, self.n_embd_
         st.scratch_rows = self.n_batch
-        st.tensor_get = _ggml.fn_address(self._ggml.tensor_get)
-        st.to_fp16 = _ggml.fn_address(self._ggml.lib.ggml_fp32_to_fp16_row)
+        st.tensor_get = ggml.fn_address(self._ggml.tensor_get)
+        st.to_fp16 = ggml.fn_address(self._ggml.lib.ggml_fp32_to_fp16_row)
         for base, flags in self._node_flags().items():
-            st.flags[_ggml.BASE_NAMES.index(base.removeprefix("ffn_moe_"))] = flags
+            st.flags[ggml.BASE_NAMES.index(base.removeprefix("ffn_moe_"))] = flags
         self._layer_li = np.full(max(self.layout_.n_layer, 1), -1, dtype=np.int32)
         self._layer_li[list(self.moe_layers_)] = np.arange(len(self.moe_layers_))
         n_moe = len(self.moe_layers_)
@@ -330,7 +330,7 @@ class LlamaTracer:
         self._sync_buffers(st)
         return st
 
-    def _sync_buffers(self, st: _ggml.CaptureState | None) -> None:
+    def _sync_buffers(self, st: ggml.CaptureState | None) -> None:
         if st is None:
             return
         b = self._buf
@@ -340,7 +340,7 @@ class LlamaTracer:
 
     def _check_node(self, name: str, t: int, flags: int) -> None:
         """Probe-time check that a node has the type/shape/contiguity the copies assume."""
-        g = _ggml
+        g = ggml
         ttype, ne = g.tensor_type(t), g.tensor_ne(t)
         expect_type = g.GGML_TYPE_I32 if flags & _REM_ARGSORT else g.GGML_TYPE_F32
         bad = ttype != expect_type or not self._ggml.is_contiguous(t)
@@ -367,8 +367,8 @@ class LlamaTracer:
     def _probe_callback(self, t: int, ask: bool, user_data: int | None) -> bool:
         try:
             if not self._probe:
-                _ggml.check_layout(t)
-            self._probe[ctypes.string_at(t + _ggml.OFF_NAME)] = t
+                ggml.check_layout(t)
+            self._probe[ctypes.string_at(t + ggml.OFF_NAME)] = t
             return False if ask else True
         except BaseException as exc:  # an exception must not unwind through C
             self._cb_error = exc
@@ -377,7 +377,7 @@ class LlamaTracer:
     def _callback(self, t: int, ask: bool, user_data: int | None) -> bool:
         """Python twin of the C ``ep_callback`` (used when no C compiler is available)."""
         try:
-            spec = self._want.get(ctypes.string_at(t + _ggml.OFF_NAME))
+            spec = self._want.get(ctypes.string_at(t + ggml.OFF_NAME))
             if spec is None:
                 return not ask  # ask: no; a ready node we did not ask for: keep going
             flags, li = spec
@@ -386,7 +386,7 @@ class LlamaTracer:
                     self._argsort_ptr[li] = t
                 if flags & _REM_ROUTER_IN:
                     self._router_in_ptr[li] = ctypes.c_void_p.from_address(
-                        t + _ggml.OFF_SRC + 8).value
+                        t + ggml.OFF_SRC + 8).value
                 return bool(flags & (_YES_SCORE | _YES_WEIGHTS))
             if flags & _YES_SCORE:
                 self._copy_scores(t, li)
@@ -401,7 +401,7 @@ class LlamaTracer:
 
     def _copy_scores(self, t: int, li: int) -> None:
         buf = self._buf
-        n = ctypes.c_int64.from_address(t + _ggml.OFF_NE + 8).value
+        n = ctypes.c_int64.from_address(t + ggml.OFF_NE + 8).value
         e = self.n_expert_
         dst = buf.scores_addr + (li * buf.cap + int(self._rows[li])) * e * 4
         self._tensor_get(t, dst, 0, n * e * 4)
@@ -410,7 +410,7 @@ class LlamaTracer:
         buf = self._buf
         k, e = self.n_expert_used_, self.n_expert_
         r = int(self._rows[li])
-        ne = (ctypes.c_int64 * 4).from_address(t + _ggml.OFF_NE)
+        ne = (ctypes.c_int64 * 4).from_address(t + ggml.OFF_NE)
         n = ne[0] * ne[1] * ne[2] * ne[3] // k
         off = (li * buf.cap + r) * k * 4
         self._tensor_get(t, buf.weights_addr + off, 0, n * k * 4)
@@ -450,7 +450,7 @@ class LlamaTracer:
         st = self._state
         if st is not None and st.error:
             code, st.error = int(st.error), 0
-            raise RuntimeError(f"C capture callback failed: {_ggml.CAPTURE_ERRORS.get(code, code)}")
+            raise RuntimeError(f"C capture callback failed: {ggml.CAPTURE_ERRORS.get(code, code)}")
         if self._cb_error is not None:
             err, self._cb_error = self._cb_error, None
             raise RuntimeError(f"eval callback failed: {err!r}") from err

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from expertpred.analysis import report as rep
-from expertpred.analysis.report import AnalysisError, Thresholds, analyze_trace
 from expertpred.errors import ExpertPredError
+from expertpred.lab.analysis import report as rep
+from expertpred.lab.analysis.report import AnalysisError, Thresholds, analyze_trace
 
 from .synth import (
     make_model,

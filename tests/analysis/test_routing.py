@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from expertpred.analysis import routing as r
-from expertpred.analysis.routing import RoutingData
+from expertpred.lab.analysis import routing as r
+from expertpred.lab.analysis.routing import RoutingData
 
 from .synth import make_sequence, random_sets, sticky_sets
 

@@ -10,7 +10,8 @@ import pytest
 
 from expertpred.errors import ExpertPredError
 from expertpred.features import FeatureConfig, build_features
-from expertpred.layout import router_weight
+from expertpred.gguf.layout import router_weight
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 from expertpred.predictors import (
     NotFittedError,
     Predictor,
@@ -24,7 +25,6 @@ from expertpred.predictors.synthetic import (
     synthetic_model,
     synthetic_traces,
 )
-from expertpred.synthetic import SyntheticSpec, write_random_moe
 
 GGUF_SPEC = SyntheticSpec(arch="llama", n_layer=4, n_embd=32, n_head=4, n_head_kv=2,
                           n_expert=8, n_expert_used=2, n_ff=16)

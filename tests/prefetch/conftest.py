@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from expertpred.layout import MoELayout, read_layout
+from expertpred.gguf.layout import MoELayout, read_layout
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 from expertpred.prefetch.sysmem import FileMapping
-from expertpred.synthetic import SyntheticSpec, write_random_moe
 
 # 4 layers x 8 experts x 768 KiB (f16): 24 MiB of experts, 27 MB file.
 SPEC = SyntheticSpec(arch="llama", n_layer=4, n_embd=256, n_ff=512, n_expert=8,

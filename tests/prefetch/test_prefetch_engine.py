@@ -12,7 +12,7 @@ import time
 import pytest
 
 from expertpred.errors import ExpertPredError
-from expertpred.layout import read_layout
+from expertpred.gguf.layout import read_layout
 from expertpred.prefetch import METHODS, PrefetchEngine
 from expertpred.prefetch.sysmem import FileMapping
 

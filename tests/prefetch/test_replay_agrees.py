@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from expertpred.cachesim import prefetch_plan, simulate
-from expertpred.layout import read_layout
+from expertpred.gguf.layout import read_layout
+from expertpred.learn.cachesim import prefetch_plan, simulate
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 

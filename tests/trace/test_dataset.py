@@ -442,6 +442,6 @@ def test_shipped_sample_trace(name):
     assert set(splits["domain"]) == {"code", "prose"} and set(splits["phase"]) == {0, 1}
     model = REPO / ds.manifest["model"]["path"]
     if model.exists():  # a retrained model needs a regenerated sample (datasets/README.md)
-        from expertpred.layout import file_sha256
+        from expertpred.gguf.layout import file_sha256
 
         assert file_sha256(model) == ds.model.sha256, f"{path} was traced from another {model}"

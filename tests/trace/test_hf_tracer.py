@@ -1,5 +1,5 @@
 """HFTracer on random-weight transformers models of the four supported families, and the
-cross-check of both tracers: the same checkpoint converted to GGUF (expertpred.convert) and
+cross-check of both tracers: the same checkpoint converted to GGUF (expertpred.gguf.convert) and
 traced through llama.cpp must give the same router logits and the same selected experts.
 The same cross-check runs on the shipped models when they are built.
 
@@ -20,8 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from expertpred.convert import hf_to_gguf  # noqa: E402
 from expertpred.errors import ExpertPredError  # noqa: E402
+from expertpred.gguf.convert import hf_to_gguf  # noqa: E402
 from expertpred.shipped import SHIPPED_MODELS, repo_root  # noqa: E402
 from expertpred.trace.hf_tracer import HFTracer  # noqa: E402
 from expertpred.trace.llama_tracer import LlamaTracer  # noqa: E402

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from expertpred.errors import ExpertPredError
-from expertpred.layout import router_weight
-from expertpred.synthetic import SyntheticSpec, write_random_moe
-from expertpred.trace import _ggml
+from expertpred.gguf.layout import router_weight
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
+from expertpred.llama import ggml
 from expertpred.trace.llama_tracer import LlamaTracer
 from expertpred.trace.record import Phase
 
@@ -80,7 +80,7 @@ def test_experts_are_topk_of_gated_logits_and_weights_match(traces, arch):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_token_has_routing_at_every_layer(traces, gguf_paths, arch):
-    from expertpred.layout import read_layout
+    from expertpred.gguf.layout import read_layout
 
     t = traces[arch]["trace"]
     lay = read_layout(gguf_paths[arch])
@@ -113,7 +113,7 @@ def test_traced_generation_equals_untraced(traces, arch):
 
 
 def test_router_input_reproduces_logits(traces, gguf_paths):
-    from expertpred.layout import read_layout
+    from expertpred.gguf.layout import read_layout
 
     path = gguf_paths["qwen2moe"]
     t = traces["qwen2moe"]["trace"]
@@ -162,14 +162,14 @@ def test_python_callback_equals_c_callback(gguf_paths, monkeypatch):
         c = tr.trace(PROMPT[:20], 6)
         kind_c = tr.callback_
     monkeypatch.setenv("EXPERTPRED_PY_CALLBACK", "1")
-    _ggml.capture_lib.cache_clear()
+    ggml.capture_lib.cache_clear()
     try:
         with LlamaTracer(path, n_ctx=128, n_threads=1, capture_hidden=True) as tr:
             p = tr.trace(PROMPT[:20], 6)
             kind_p = tr.callback_
     finally:
         monkeypatch.delenv("EXPERTPRED_PY_CALLBACK")
-        _ggml.capture_lib.cache_clear()
+        ggml.capture_lib.cache_clear()
     assert (kind_c, kind_p) == ("C", "python")
     for name in ("tokens", "experts", "weights", "logits", "hidden"):
         assert np.array_equal(getattr(c, name), getattr(p, name)), name

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from expertpred.synthetic import SyntheticSpec, write_random_moe
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 from expertpred.trace.dataset import TraceDataset
 
 REPO = Path(__file__).resolve().parents[2]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import ExpertPredError
+from ..errors import ExpertPredError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ Writing streams one expert (in chunks of at most ``CHUNK_BYTES``) at a time: RAM
 bounded by the chunk size, not the model size. ``gguf.GGUFWriter`` writes the header, the
 key/values and the tensor infos; the tensor data is then streamed into its file object at
 the offsets GGUFWriter computed (cumulative ``ggml_pad(nbytes, alignment)``), and the result
-is re-read with :func:`expertpred.layout.read_layout` before it is renamed into place.
+is re-read with :func:`expertpred.gguf.layout.read_layout` before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from .errors import ExpertPredError
+from ..errors import ExpertPredError
 from .layout import MoELayout, read_layout
 
 log = logging.getLogger(__name__)

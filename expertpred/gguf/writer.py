@@ -1,7 +1,7 @@
 """Write GGUF files from numpy tensors: the one place that calls ``gguf.GGUFWriter``.
 
-Used by the HF converter (``expertpred.convert``), the random-weight fixtures
-(``expertpred.synthetic``) and ``expertpred widen``. Files are written to a temporary
+Used by the HF converter (``expertpred.gguf.convert``), the random-weight fixtures
+(``expertpred.gguf.random_models``) and ``expertpred widen``. Files are written to a temporary
 name and renamed when complete, so an interrupted write never leaves a half file.
 """
 

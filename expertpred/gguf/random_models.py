@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gguf_writer import byte_tokenizer, write_gguf
+from .writer import byte_tokenizer, write_gguf
 
 # Architectures this module can write, and the attention extras each one needs.
 SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe")

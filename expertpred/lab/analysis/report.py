@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..errors import ExpertPredError
-from ..trace.dataset import (
+from ...errors import ExpertPredError
+from ...trace.dataset import (
     MANIFEST_NAME,
     META_MODEL_SHA,
     SHARD_RE,
@@ -703,7 +703,7 @@ def render_markdown(summary: dict[str, Any], answers: dict[str, Any], model: Mod
     add("")
     lines += [f"- {t}" for t in answers["domains"]["text"]]
     add("")
-    add("Thresholds (`Thresholds` in `expertpred/analysis/report.py`): " + ", ".join(
+    add("Thresholds (`Thresholds` in `expertpred/lab/analysis/report.py`): " + ", ".join(
         f"`{n}={v}`" for n, v in asdict(th).items()) + ". A verdict is *yes* when the "
         f"criterion holds on more than {th.majority:.0%} of layers, *partly* on some, *no* on "
         "none.")

@@ -1,12 +1,12 @@
 """Memory-pressure grid: llama.cpp (stock and with the prefetch plugin) inside a memory cgroup
 for every (memory limit × vm.swappiness × mode) cell.
 
-Each cell is one fresh child process (``python -m expertpred.experiment --child ...``):
+Each cell is one fresh child process (``python -m expertpred.lab.experiment --child ...``):
 
 1. the model file is evicted from the page cache (pages cached earlier would be charged to
    another group and escape the limit — see docs/memory-pressure.md);
 2. global ``vm.swappiness`` and the group's ``memory.swappiness`` are set to the cell's value;
-3. the child loads the model in a :class:`~expertpred.cgroup.MemoryCgroup` limited to
+3. the child loads the model in a :class:`~expertpred.lab.cgroup.MemoryCgroup` limited to
    ``fraction × file size``, prefills a fixed prompt and decodes ``tokens`` greedy tokens;
 4. the parent records decode tokens/s, bytes read from storage and major faults per decoded
    token (the child's own ``/proc`` counters around the decode phase), the group's peak
@@ -40,9 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ExpertPredError
 from .cgroup import MemoryCgroup, evict_file, get_swappiness, proc_io, residency, swappiness
 from .cgroup import why_unavailable as cgroup_unavailable
-from .errors import ExpertPredError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def measure_generation(model: str, mode: str, tokens: int, threads: int = 2,
                        source_model: str | None = None) -> dict[str, Any]:
     """Load ``model`` with the plugin in ``mode`` (``off`` = stock llama.cpp), prefill
     :data:`PROMPT`, decode ``tokens`` greedy tokens; per-phase counters of this process."""
-    from .plugin import DEFAULT_PREDICTOR, PrefetchLlama, generate_greedy, load_predictors
+    from ..prefetch.plugin import DEFAULT_PREDICTOR, PrefetchLlama, generate_greedy, load_predictors
 
     preds = None
     if mode == "predictor":
@@ -224,9 +224,9 @@ def run_one(cfg: ExperimentConfig, mode: str, fraction: float, swp: int,
               "predictor": str(cfg.predictor) if cfg.predictor else None,
               "predictor_name": cfg.predictor_name,
               "source_model": str(cfg.source_model) if cfg.source_model else None}
-    cmd = [sys.executable, "-m", "expertpred.experiment", "--child", json.dumps(kwargs)]
+    cmd = [sys.executable, "-m", "expertpred.lab.experiment", "--child", json.dumps(kwargs)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+        [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     evict_file(cfg.model)
     row: dict[str, Any] = {"resident_before": residency(cfg.model).fraction, "limit": limit}
     with swappiness(swp), MemoryCgroup(f"exp-{mode}", limit, swappiness=swp) as cg:
@@ -404,8 +404,8 @@ def plot(res: GridResult, path: Path) -> Path:
 def default_model(source: Path, total_gib: float = 1.0) -> Path:
     """A widened f32 copy of ``source`` under :data:`BENCH_DIR` (built once, then reused);
     f32 like the shipped model, so routing — and the source's predictors — are unchanged."""
-    from .layout import file_sha256
-    from .widen import widen
+    from ..gguf.layout import file_sha256
+    from ..gguf.widen import widen
 
     sha = file_sha256(source)[:12]
     out = BENCH_DIR / f"{source.parent.name}-{sha}-widened-{total_gib:g}gib-f32.gguf"

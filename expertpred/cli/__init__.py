@@ -12,7 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .errors import ExpertPredError
+from ..errors import ExpertPredError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Predict and prefetch MoE experts for llama.cpp inference.")
@@ -39,7 +39,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Print a MoE GGUF's arch, layers, experts and the share of the file that is experts."""
-    from .layout import read_layout
+    from ..gguf.layout import read_layout
 
     lay = read_layout(model)
     s = lay.summary()
@@ -93,8 +93,8 @@ def trace(
         TimeRemainingColumn,
     )
 
-    from .layout import file_sha256
-    from .trace.dataset import (
+    from ..gguf.layout import file_sha256
+    from ..trace.dataset import (
         DecodingInfo,
         ManifestInfo,
         ModelInfo,
@@ -102,7 +102,7 @@ def trace(
         TraceDataset,
         TraceWriter,
     )
-    from .trace.prompts import load_prompts, read_prompt_file
+    from ..trace.prompts import load_prompts, read_prompt_file
 
     selection = load_prompts(prompts, split=split, domain=domain)[:limit]
     with console.status(f"hashing {model}"):
@@ -126,7 +126,7 @@ def trace(
             console.print(f"{out}: {len(selection) - len(todo)} of {len(selection)} selected "
                           "prompts already traced; skipping them")
         if todo:
-            from .trace.llama_tracer import LlamaTracer
+            from ..trace.llama_tracer import LlamaTracer
 
             tracer = LlamaTracer(str(model), n_ctx=n_ctx, n_threads=threads,
                                  capture_hidden=hidden, seed=seed)
@@ -177,7 +177,7 @@ def analyze(
     """Routing statistics of a trace (popularity, temporal locality, reuse distance,
     cross-layer affinity, domains) and the answers to the research questions: figures,
     report.md and report.json in --out."""
-    from .analysis.report import analyze_trace, locality_table
+    from ..lab.analysis.report import analyze_trace, locality_table
 
     command = f"expertpred analyze {trace_dir} --out {out}"
     if max_distance != 64:
@@ -227,9 +227,9 @@ def demo(
     Rerunning resumes the trace (finished prompts are skipped)."""
     import time
 
-    from .evaluate import evaluate, report_tables, write_report
-    from .shipped import SHIPPED_MODELS, model_gguf, repo_root
-    from .train import load_config
+    from ..learn.evaluate import evaluate, report_tables, write_report
+    from ..learn.train import load_config
+    from ..shipped import SHIPPED_MODELS, model_gguf, repo_root
 
     t0 = time.perf_counter()
     for name in SHIPPED_MODELS:
@@ -260,7 +260,7 @@ def demo(
 
 
 def _show_model(name: str, path: Path, max_tokens: int) -> None:
-    from .layout import read_layout
+    from ..gguf.layout import read_layout
 
     lay = read_layout(path)
     console.rule(f"[bold]{name}[/]")
@@ -300,8 +300,8 @@ def widen(
     (e.g. a multi-GB model to benchmark SSD prefetching)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from .widen import plan_widen
-    from .widen import widen as widen_model
+    from ..gguf.widen import plan_widen
+    from ..gguf.widen import widen as widen_model
 
     plan = plan_widen(model, ff=ff, expert_mib=expert_mib, total_gib=total_gib, dtype=dtype,
                       out=out)
@@ -350,7 +350,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line."),
 ) -> None:
     """Generate greedily with the online prefetch plugin and print prefetch statistics."""
-    from .plugin import (
+    from ..prefetch.plugin import (
         DEFAULT_PREDICTOR,
         OracleTrace,
         PrefetchLlama,
@@ -437,8 +437,8 @@ def experiment(
     """Stock llama.cpp and the prefetch plugin inside a memory cgroup, for a grid of memory
     limits × vm.swappiness: tokens/s, bytes read and major faults per token, peak memory, OOM
     kills (needs root; restores vm.swappiness afterwards)."""
-    from .cgroup import why_unavailable
-    from .experiment import (
+    from ..lab.cgroup import why_unavailable
+    from ..lab.experiment import (
         COLUMNS,
         ExperimentConfig,
         default_model,
@@ -447,8 +447,8 @@ def experiment(
         table_rows,
         write_outputs,
     )
-    from .experiment import check_out_dir as _check_out
-    from .shipped import model_gguf
+    from ..lab.experiment import check_out_dir as _check_out
+    from ..shipped import model_gguf
 
     if reason := why_unavailable():
         raise ExpertPredError(f"memory cgroup unavailable: {reason}")
@@ -497,7 +497,7 @@ def train_cmd(
 ) -> None:
     """Fit next-layer expert predictors on a trace dataset's train split and save them to
     <out>/models. Any --key=value overrides a config field (checked against it)."""
-    from .train import load_config, train
+    from ..learn.train import load_config, train
 
     cfg = load_config(config, ctx.args)
     fitted, paths = train(cfg)
@@ -525,8 +525,8 @@ def evaluate_cmd(
     """Score predictors (recall / precision / exact set per d and layer, in- and cross-domain)
     and simulate an expert cache; writes report.json and plots to <out>. --key=value
     overrides a config field."""
-    from .evaluate import evaluate, report_tables, write_report
-    from .train import load_config
+    from ..learn.evaluate import evaluate, report_tables, write_report
+    from ..learn.train import load_config
 
     cfg = load_config(config, ctx.args)
     report = evaluate(cfg, models_dir=models)
@@ -556,7 +556,7 @@ def export_cmd(
                                                  "shapes match."),
 ) -> None:
     """Export a trained predictor (every offset d) as one numpy-only artifact file."""
-    from .export import export_saved, load_artifact
+    from ..predictors.export import export_saved, load_artifact
 
     ds = None if offsets is None else [int(v) for v in offsets.split(",") if v.strip()]
     path = export_saved(predictor, out, name=name, offsets=ds)
@@ -580,7 +580,7 @@ def iotrace(
                               help="Also run with the file cached (compute-only step times)."),
 ) -> None:
     """Record which GGUF byte ranges llama.cpp reads, in what order, under a memory limit."""
-    from .iotrace import IOTraceConfig, run_iotrace
+    from ..lab.iotrace import IOTraceConfig, run_iotrace
 
     res = run_iotrace(IOTraceConfig(model=model, out=out, limit_mib=limit_mib, tokens=tokens,
                                     prompt=prompt, warm=warm))
@@ -598,6 +598,3 @@ def main() -> None:
         err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
-
-if __name__ == "__main__":
-    main()

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ExpertPredError
+from ..features import FeatureBatch, FeatureConfig, build_features
+from ..predictors import Predictor
 from .cachesim import prefetch_plan, simulate
-from .errors import ExpertPredError
-from .features import FeatureBatch, FeatureConfig, build_features
 from .metrics import exact_set_hit, grouped_mean, nanmean, precision_at_k, recall_at_k
-from .predictors import Predictor
 from .train import (
     FitResult,
     PredictorsConfig,
@@ -135,7 +135,7 @@ def evaluate(cfg: PredictorsConfig, models_dir: str | os.PathLike[str] | None = 
 def _expert_bytes(source: TraceSource) -> np.ndarray:
     """Bytes of one expert per MoE layer, from the GGUF (1 each without a model file)."""
     if source.gguf_path:
-        from .layout import read_layout
+        from ..gguf.layout import read_layout
 
         lay = read_layout(source.gguf_path)
         return lay.nbytes.sum(axis=2)[:, 0].astype(np.int64)

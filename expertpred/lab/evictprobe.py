@@ -1,8 +1,8 @@
 """Print which eviction calls drop which pages on this machine (see ``eviction``).
 
-    python -m expertpred.prefetch.evictprobe            # temporary files in /var/tmp
-    python -m expertpred.prefetch.evictprobe MODEL.gguf --mib 16   # ranges of a clean file
-    python -m expertpred.prefetch.evictprobe --pressure # + MADV_COLD under cgroup pressure
+    python -m expertpred.lab.evictprobe            # temporary files in /var/tmp
+    python -m expertpred.lab.evictprobe MODEL.gguf --mib 16   # ranges of a clean file
+    python -m expertpred.lab.evictprobe --pressure # + MADV_COLD under cgroup pressure
 
 ``--pressure`` (root, cgroup v1 memory controller) also shows what ``MADV_COLD`` does when
 memory is short: a child process in a memory cgroup maps and touches two 32 MiB regions
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .eviction import EVICTORS, SITUATIONS, format_table, measure
+from ..prefetch.eviction import EVICTORS, SITUATIONS, format_table, measure
 
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ExpertPredError
-from .trace.record import Phase, SequenceTrace
+from ..errors import ExpertPredError
+from ..trace.record import Phase, SequenceTrace
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..trace.record import Phase, SequenceTrace
+from ...trace.record import Phase, SequenceTrace
 
 log = logging.getLogger(__name__)
 

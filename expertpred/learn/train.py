@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ExpertPredError
-from .features import FeatureConfig, ModelInfo, build_features
-from .predictors import Predictor, available, make_predictor
-from .trace.record import Phase, SequenceTrace
+from ..errors import ExpertPredError
+from ..features import FeatureConfig, ModelInfo, build_features
+from ..predictors import Predictor, available, make_predictor
+from ..trace.record import Phase, SequenceTrace
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def phase_value(phase: str) -> int | None:
 def open_source(cfg: PredictorsConfig) -> TraceSource:
     """Open the configured trace dataset (or generate synthetic traces)."""
     if not cfg.dataset:
-        from .predictors.synthetic import (
+        from ..predictors.synthetic import (
             SyntheticTraceSpec,
             split_of,
             synthetic_model,
@@ -231,7 +231,7 @@ def open_source(cfg: PredictorsConfig) -> TraceSource:
         return TraceSource(model=synthetic_model(spec), meta=meta, gguf_path=cfg.gguf,
                            description=f"synthetic traces ({len(traces)} sequences)",
                            _synthetic=traces)
-    from .trace.dataset import TraceDataset
+    from ..trace.dataset import TraceDataset
 
     ds = TraceDataset(cfg.dataset)
     model = ModelInfo.from_manifest(ds.manifest["model"])

@@ -4,7 +4,7 @@
 
 1. a child process runs greedy llama.cpp inference (``PrefetchLlama``'s context-with-callback
    mechanism, with this module's :class:`IOTracer` as the callback instead of the prefetch
-   plugin) — inside a :class:`~expertpred.cgroup.MemoryCgroup` when a limit is given, after
+   plugin) — inside a :class:`~expertpred.lab.cgroup.MemoryCgroup` when a limit is given, after
    evicting the file from the page cache;
 2. at each MoE layer's routing node (``ffn_moe_argsort-L``: attention and router of layer L
    are done, its experts not yet) and at each token boundary the tracer takes a ``mincore``
@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ExpertPredError
-from .layout import MoELayout, read_layout
+from ..errors import ExpertPredError
+from ..gguf.layout import MoELayout, read_layout
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,9 @@ class IOTracer:
     def start(self) -> IOTracer:
         import llama_cpp
 
+        from ..llama import ggml
+        from ..prefetch.sysmem import FileMapping
         from .cgroup import proc_io
-        from .prefetch.sysmem import FileMapping
-        from .trace import _ggml
 
         self._proc_io = proc_io
         self.layout_ = lay = read_layout(self.gguf_path)
@@ -151,8 +151,8 @@ class IOTracer:
         self._li = {b: i for i, b in enumerate(lay.moe_layers)}
         self._want = {f"{ARGSORT}-{b}".encode(): b for b in lay.moe_layers}
         self._map = FileMapping(self.gguf_path)
-        self._ggml = _ggml.ggml_lib()
-        self._off_name, self._off_ne = _ggml.OFF_NAME, _ggml.OFF_NE
+        self._ggml = ggml.ggml_lib()
+        self._off_name, self._off_ne = ggml.OFF_NAME, ggml.OFF_NE
         self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
         self._rows: list[tuple] = []
         self._runs: list[tuple[int, int, int]] = []  # (sample, first page, n pages)
@@ -240,7 +240,7 @@ class IOTracer:
 
 def _child(model: str, out: str, tokens: int, prompt: str, n_threads: int) -> None:
     """Child process body: load, generate greedily under the tracer, save ``out`` (.npz)."""
-    from .plugin import PrefetchLlama, generate_greedy
+    from ..prefetch.plugin import PrefetchLlama, generate_greedy
 
     tracer = IOTracer(model).start()
 
@@ -289,7 +289,7 @@ def _run_child(cfg: IOTraceConfig, dest: Path, cold: bool) -> dict[str, Any]:
     when ``cfg.limit_mib`` is set; warm reads the whole file into the page cache first."""
     from .cgroup import MemoryCgroup, evict_file
 
-    cmd = [sys.executable, "-m", "expertpred.iotrace", "--model", str(cfg.model),
+    cmd = [sys.executable, "-m", "expertpred.lab.iotrace", "--model", str(cfg.model),
            "--npz", str(dest), "--tokens", str(cfg.tokens), "--prompt", cfg.prompt,
            "--threads", str(cfg.n_threads)]
     limit_mib = cfg.limit_mib if cold else None
@@ -615,7 +615,7 @@ def run_iotrace(cfg: IOTraceConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Child entry point (``python -m expertpred.iotrace``)."""
+    """Child entry point (``python -m expertpred.lab.iotrace``)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--npz", required=True)

@@ -5,9 +5,9 @@ turns a trained predictor — every offset ``d`` of one rung of the ladder — i
 artifact; :func:`load_artifact` reads it back **without torch, lightgbm or sklearn** and
 predicts exactly what the in-memory predictor predicts (``tests/test_export.py``).
 
-Using it (this is what :func:`expertpred.plugin.load_predictors` calls for a file)::
+Using it (this is what :func:`expertpred.prefetch.plugin.load_predictors` calls for a file)::
 
-    from expertpred.export import load_artifact
+    from expertpred.predictors.export import load_artifact
 
     art = load_artifact("lgbm.artifact", gguf_path="model.gguf")  # checks the identity
     art.offsets                     # (1, 2, 3, 4)
@@ -54,16 +54,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .errors import ExpertPredError
-from .features import DenseRow, FeatureBatch, FeatureConfig, ModelInfo, dense_features
+from ..errors import ExpertPredError
+from ..features import DenseRow, FeatureBatch, FeatureConfig, ModelInfo, dense_features
 
 # numpy-only kernels shared with the in-memory predictors (these modules import no torch,
 # lightgbm or sklearn at import time; tests/test_export.py checks it in a subprocess)
-from .predictors.baselines import _by_layer, _rank_hot
-from .predictors.gate import gate_scores
+from .baselines import _by_layer, _rank_hot
+from .gate import gate_scores
 
 if TYPE_CHECKING:
-    from .predictors import Predictor
+    from . import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -552,7 +552,7 @@ class ExportedPredictor:
 @dataclass
 class ExportedPredictorSet:
     """A loaded artifact: one :class:`ExportedPredictor` per offset, and the plugin's
-    :class:`~expertpred.plugin.PredictorProvider` interface (``topk(d, x, k)``)."""
+    :class:`~expertpred.prefetch.plugin.PredictorProvider` interface (``topk(d, x, k)``)."""
 
     by_d: dict[int, ExportedPredictor]
     model: ModelInfo  # the model to run on (the GGUF's after an allowed sha mismatch)
@@ -657,13 +657,13 @@ def _export_mlp(p: Any) -> Exported:
 
 
 def _dense_parts() -> tuple[str, ...]:
-    from .features import DENSE_PARTS
+    from ..features import DENSE_PARTS
 
     return DENSE_PARTS
 
 
 def _extra_parts() -> tuple[str, ...]:
-    from .features import EXTRA_PARTS
+    from ..features import EXTRA_PARTS
 
     return EXTRA_PARTS
 
@@ -838,7 +838,7 @@ def export_saved(predictor: str | os.PathLike[str], out: str | os.PathLike[str],
     """Export from disk: a saved predictor ``.npz`` (one offset) or a directory of them
     (``expertpred train``'s ``<out>/models``, files ``<name>-d<d>.npz``; every offset of
     ``name``, which may be omitted when the directory holds only one predictor)."""
-    from .predictors import Predictor
+    from . import Predictor
 
     src = Path(predictor)
     if src.is_file():
@@ -915,7 +915,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 def _check_model(path: Path, trained: ModelInfo, gguf_path: str | os.PathLike[str],
                  allow_sha_mismatch: bool) -> ModelInfo:
     """The model to run on: ``trained`` or, after an allowed sha mismatch, the GGUF's."""
-    from .layout import file_sha256, read_layout
+    from ..gguf.layout import file_sha256, read_layout
 
     lay = read_layout(gguf_path)
     mine = (trained.n_layer, tuple(trained.moe_layers), trained.n_expert,

@@ -30,8 +30,8 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
-from .errors import ExpertPredError
-from .gguf_writer import GGUFTokenizer, write_gguf
+from ..errors import ExpertPredError
+from .writer import GGUFTokenizer, write_gguf
 
 log = logging.getLogger(__name__)
 

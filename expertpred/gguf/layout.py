@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import GGUFError
+from ..errors import GGUFError
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def read_layout(path: str | os.PathLike[str]) -> MoELayout:
     Raises :class:`GGUFError` (one line, names the file) for a missing path, a file that is
     not GGUF, a truncated GGUF, or a dense model without routed experts.
     """
-    import gguf  # local: keeps `import expertpred.layout` cheap for the prefetch thread
+    import gguf  # local: keeps `import expertpred.gguf.layout` cheap for the prefetch thread
 
     path = Path(path)
     size = _check_header(path)

@@ -33,7 +33,7 @@ Using it from llama-cpp-python (the high-level ``Llama`` takes no eval callback,
 :class:`PrefetchLlama` re-creates the ``Llama``'s context with the callback installed, right
 after ``Llama.__init__``, and feeds the plugin each batch's tokens from ``eval``)::
 
-    from expertpred.plugin import PrefetchLlama, load_predictors
+    from expertpred.prefetch.plugin import PrefetchLlama, load_predictors
 
     preds = load_predictors("runs/predictors/tiny-mixtral/models", "model.gguf")
     with PrefetchLlama("model.gguf", mode="predictor", predictor=preds,
@@ -69,12 +69,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .errors import ExpertPredError
-from .features import FeatureBatch, ModelInfo, OnlineFeatures
-from .layout import MoELayout, file_sha256, read_layout
-from .prefetch.engine import PrefetchEngine, PrefetchStats
-from .trace import _ggml
-from .trace.record import Phase, SequenceTrace
+from ..errors import ExpertPredError
+from ..features import FeatureBatch, ModelInfo, OnlineFeatures
+from ..gguf.layout import MoELayout, file_sha256, read_layout
+from ..llama import ggml
+from ..trace.record import Phase, SequenceTrace
+from .engine import PrefetchEngine, PrefetchStats
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -202,7 +202,7 @@ def load_predictors(path: str | os.PathLike[str], gguf_path: str | os.PathLike[s
                     source_model: str | os.PathLike[str] | None = None) -> PredictorSet:
     """Predictors for ``gguf_path`` from ``path``: a directory of saved predictors
     (``expertpred train``'s ``<out>/models``, files ``<name>-d<d>.npz``) or an exported
-    artifact (``expertpred.export``), checked against the model (see
+    artifact (``expertpred.predictors.export``), checked against the model (see
     :func:`check_predictor_model`)."""
     p = Path(path)
     if not p.exists():
@@ -210,7 +210,7 @@ def load_predictors(path: str | os.PathLike[str], gguf_path: str | os.PathLike[s
     lay = read_layout(gguf_path)
     shape_only = _model_info(lay)
     if p.is_dir() and any(p.glob("*-d*.npz")):
-        from .train import load_all
+        from ..learn.train import load_all
 
         try:
             by_name = load_all(p, shape_only, [name], offsets)
@@ -222,7 +222,7 @@ def load_predictors(path: str | os.PathLike[str], gguf_path: str | os.PathLike[s
         pset = PredictorSet.from_predictors(by_name[name], source=str(p))
     else:
         try:
-            from . import export  # type: ignore[attr-defined]
+            from ..predictors import export  # type: ignore[attr-defined]
         except ImportError:
             raise ExpertPredError(f"{p}: not a directory of saved predictors (*-d<d>.npz) "
                                   "and this expertpred has no export module") from None
@@ -319,7 +319,7 @@ class OracleTrace:
                     return cls(z["tokens"].astype(np.int32), z["experts"].astype(np.int16))
             except (OSError, ValueError, KeyError) as exc:
                 raise ExpertPredError(f"{p}: not an oracle trace .npz ({exc})") from None
-        from .trace.dataset import TraceDataset
+        from ..trace.dataset import TraceDataset
 
         want = list(prompt_tokens or [])
         for seq in TraceDataset(p).sequences():
@@ -489,7 +489,7 @@ class PrefetchPlugin:
             self.engine_ = PrefetchEngine(self.gguf_path, lay, method=self.method,
                                           queue_depth=self.queue_depth, **self.engine_kwargs)
             self.engine_.start()
-            self._ggml = _ggml.ggml_lib()
+            self._ggml = ggml.ggml_lib()
             import llama_cpp
 
             self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
@@ -569,14 +569,14 @@ class PrefetchPlugin:
     # --- the callback -----------------------------------------------------------------------------
     def _callback(self, t: int, ask: bool, user_data: int | None) -> bool:
         try:
-            spec = self._want.get(ctypes.string_at(t + _ggml.OFF_NAME))
+            spec = self._want.get(ctypes.string_at(t + ggml.OFF_NAME))
             if ask:
                 return spec is not None
             if spec is None or not self._started:
                 return True
             t0 = time.perf_counter()
             is_argsort, li = spec
-            n = ctypes.c_int64.from_address(t + _ggml.OFF_NE + 8).value
+            n = ctypes.c_int64.from_address(t + ggml.OFF_NE + 8).value
             e = self.layout_.n_expert
             if n > len(self._scratch_i):
                 self._scratch_i = np.empty((n, e), np.int32)
@@ -792,7 +792,7 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
                  madvise_random: bool = False, min_share: float | None = None,
                  async_requests: bool = True,
                  engine_kwargs: Mapping[str, Any] | None = None, **llama_kwargs: Any) -> None:
-        from .trace.llama_tracer import _quiet_llama_logs
+        from ..trace.llama_tracer import _quiet_llama_logs
 
         _quiet_llama_logs()
         self.plugin = PrefetchPlugin(model_path, mode=mode, predictor=predictor, oracle=oracle,
@@ -801,7 +801,7 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
                                      madvise_random=madvise_random, min_share=min_share,
                                      async_requests=async_requests,
                                      engine_kwargs=engine_kwargs)
-        self._pool: _ggml.Threadpool | None = None
+        self._pool: ggml.Threadpool | None = None
         self._closed = False
         self.plugin.start()
         try:
@@ -824,7 +824,7 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
                                       verbose=self.verbose)
         old, self._ctx = self._ctx, self._stack.enter_context(contextlib.closing(ctx))
         old.close()
-        self._pool = _ggml.Threadpool(int(self.n_threads))
+        self._pool = ggml.Threadpool(int(self.n_threads))
         self._pool.attach(self._ctx.ctx)
 
     def eval(self, tokens: Sequence[int]) -> None:
@@ -879,7 +879,7 @@ def prompt_tokens(gguf_path: str | os.PathLike[str], prompt: str) -> list[int]:
     """``prompt``'s token ids as :func:`generate_greedy` evaluates them (vocab-only load)."""
     from llama_cpp import Llama
 
-    from .trace.llama_tracer import _quiet_llama_logs
+    from ..trace.llama_tracer import _quiet_llama_logs
 
     _quiet_llama_logs()
     llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)

@@ -26,7 +26,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from .errors import ExpertPredError
+from ..errors import ExpertPredError
 
 log = logging.getLogger(__name__)
 
