@@ -407,6 +407,85 @@ def run(
     console.print(t)
 
 
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", help="MoE GGUF to serve."),
+    predictor: Path = typer.Option(None, "--predictor",
+                                   help="Saved predictors or an exported artifact (mode "
+                                        "predictor)."),
+    predictor_name: str = typer.Option(None, "--predictor-name", help="Which saved predictor."),
+    source_model: Path = typer.Option(None, "--source-model",
+                                      help="The model --model was widened from."),
+    mode: str = typer.Option(None, "--mode",
+                             help="off | d0 | predictor (default: predictor with --predictor, "
+                                  "else d0)."),
+    budget: str = typer.Option(None, "--budget",
+                               help="Resident expert bytes (e.g. 2GiB); needs the residency "
+                                    "manager."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Listen address."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Listen port."),
+    alias: str = typer.Option("", "--alias", help="Model name for clients (default: stem)."),
+    api_key: str = typer.Option(None, "--api-key", help="Require this bearer token."),
+    trace_out: Path = typer.Option(None, "--trace-out",
+                                   help="Append the routing of served requests to this trace "
+                                        "dataset."),
+    trace_text: bool = typer.Option(False, "--trace-text",
+                                    help="Keep prompt and completion text in the trace."),
+    trace_shard_rows: int = typer.Option(4096, "--trace-shard-rows", min=1,
+                                         help="Rows per trace shard (a crash loses < this)."),
+    method: str = typer.Option("fadvise", "--method", help="pread | fadvise | madvise | io_uring"),
+    queue_depth: int = typer.Option(8, "--queue-depth", min=1, help="Prefetch queue depth."),
+    lookahead: int = typer.Option(None, "--lookahead", min=0, help="Prefetch layers l+1..l+D."),
+    min_share: float = typer.Option(None, "--min-share", min=0.0, max=1.0,
+                                    help="Confidence gate on predicted experts."),
+    prefetch_k: int = typer.Option(None, "--prefetch-k", min=1,
+                                   help="Experts prefetched per look-ahead layer."),
+    madvise_random: bool = typer.Option(False, "--madvise-random",
+                                        help="madvise(MADV_RANDOM) llama.cpp's mapping."),
+    sync_requests: bool = typer.Option(False, "--sync-requests",
+                                       help="Engine calls on the inference thread."),
+    threads: int = typer.Option(2, "--threads", min=1, help="llama.cpp threads."),
+    n_ctx: int = typer.Option(2048, "--n-ctx", min=8, help="llama.cpp context size."),
+    n_batch: int = typer.Option(512, "--n-batch", min=1, help="Prompt tokens per decode."),
+) -> None:
+    """Serve the prefetching model behind an OpenAI-compatible API (llama_cpp.server):
+    /v1/completions, /v1/chat/completions, /v1/models, plus Prometheus /metrics."""
+    from ..prefetch.plugin import DEFAULT_PREDICTOR, load_predictors
+    from ..prefetch.serve import ServeConfig
+    from ..prefetch.serve import serve as run_server
+
+    if not model.is_file():
+        raise ExpertPredError(f"{model}: no such model file (expected a MoE GGUF)")
+    mode = mode or ("predictor" if predictor else "d0")
+    plugin: dict = {"mode": mode, "method": method, "queue_depth": queue_depth,
+                    "lookahead": lookahead, "min_share": min_share, "prefetch_k": prefetch_k,
+                    "madvise_random": madvise_random, "async_requests": not sync_requests}
+    if mode == "predictor":
+        if predictor is None:
+            raise ExpertPredError("--mode predictor needs --predictor DIR_OR_ARTIFACT")
+        plugin["predictor"] = load_predictors(predictor, model,
+                                              name=predictor_name or DEFAULT_PREDICTOR,
+                                              source_model=source_model)
+    if budget is not None:
+        plugin["budget"] = _bytes(budget, "--budget")
+    cfg = ServeConfig(model=model, alias=alias, host=host, port=port, n_ctx=n_ctx,
+                      n_batch=n_batch, n_threads=threads, api_key=api_key, trace_out=trace_out,
+                      trace_text=trace_text, trace_shard_rows=trace_shard_rows, plugin=plugin)
+    run_server(cfg, on_ready=lambda c: err_console.print(
+        f"serving {model} ({mode}) on http://{c.host}:{c.port}/v1", highlight=False))
+
+
+def _bytes(text: str, what: str) -> int:
+    import re
+
+    units = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+             "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m[2].lower() not in units:
+        raise ExpertPredError(f"{what} {text!r}: expected a size like 512MiB or 2GiB")
+    return int(float(m[1]) * units[m[2].lower()])
+
+
 def _floats(text: str, what: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())

@@ -105,6 +105,28 @@ MADV_RANDOM = 1
 MADV_NORMAL = 0
 
 
+class _Node(enum.IntEnum):
+    """What the callback does with a router node it asked for."""
+
+    ARGSORT = 0  # the selection: prefetch accounting, requests, recorder rows
+    LOGITS = 1  # router logits: predictor features (and the recorder's scores)
+    SCORES = 2  # another score node (biased logits / probs): the recorder's scores only
+    WEIGHTS = 3  # mixing weights: the recorder only
+
+
+class RoutingRecorder(Protocol):
+    """Receives the routing of every token row the callback sees (``expertpred serve
+    --trace-out``). Rows are positions ``pos0 .. pos0 + n - 1`` of the context's sequence;
+    for the last layer to have every row, every token of a batch must be an output."""
+
+    def record(self, li: int, pos0: int, experts: np.ndarray,
+               scores: np.ndarray | None) -> None:
+        """MoE layer ``li`` routed rows (n, k) ``experts`` on (n, E) ``scores``."""
+
+    def record_weights(self, li: int, pos0: int, weights: np.ndarray) -> None:
+        """The (n, k) mixing weights of the experts :meth:`record` got for those rows."""
+
+
 class Mode(enum.StrEnum):
     """What the plugin prefetches."""
 
@@ -388,7 +410,8 @@ class PrefetchPlugin:
     ``madvise(MADV_RANDOM)`` llama.cpp's mapping of the file (no fault
     read-around; the plugin's reads replace it) — call :meth:`advise_mapping` once the
     model is loaded (:class:`PrefetchLlama` does); ``engine_kwargs`` go to
-    :class:`PrefetchEngine`.
+    :class:`PrefetchEngine`; ``recorder``: a :class:`RoutingRecorder` that also gets every
+    row's scores and mixing weights (asks for those nodes too: costs graph splits).
     """
 
     def __init__(
@@ -407,8 +430,10 @@ class PrefetchPlugin:
         min_share: float | None = None,
         async_requests: bool = True,
         engine_kwargs: Mapping[str, Any] | None = None,
+        recorder: RoutingRecorder | None = None,
     ) -> None:
         self.gguf_path = gguf_path
+        self.recorder = recorder
         self.min_share = DEFAULT_MIN_SHARE if min_share is None else float(min_share)
         self.async_requests = async_requests
         self.mode = Mode.parse(mode)
@@ -462,12 +487,23 @@ class PrefetchPlugin:
         self._first_error = ""
         self._madvised = 0
         self._cur_experts = np.zeros((self.n_moe_, self.k_), np.int64)  # this token's
-        # node name -> (is_argsort, moe index)
-        self._want: dict[bytes, tuple[bool, int]] = {}
+        # node name -> (what to do with it, moe index)
+        self._want: dict[bytes, tuple[_Node, int]] = {}
         for li, b in enumerate(self.blocks_):
-            self._want[f"{ARGSORT}-{b}".encode()] = (True, li)
-            if self.mode is Mode.PREDICTOR:
-                self._want[f"{LOGITS}-{b}".encode()] = (False, li)
+            self._want[f"{ARGSORT}-{b}".encode()] = (_Node.ARGSORT, li)
+            if self.mode is Mode.PREDICTOR or self.recorder is not None:
+                self._want[f"{LOGITS}-{b}".encode()] = (_Node.LOGITS, li)
+            if self.recorder is not None:
+                from ..trace.llama_tracer import SCORE_CHAIN, WEIGHT_CHAIN
+
+                # every node of the chains the arch may build; the last one ready wins,
+                # which is the one the tracer (LlamaTracer._plan) would have chosen
+                for name in SCORE_CHAIN[1:]:
+                    self._want[f"{name}-{b}".encode()] = (_Node.SCORES, li)
+                for name in WEIGHT_CHAIN:
+                    self._want[f"{name}-{b}".encode()] = (_Node.WEIGHTS, li)
+        self._rec_pos = [0] * self.n_moe_  # recorder: first position of li's last rows
+        self._rec_scores: list[np.ndarray | None] = [None] * self.n_moe_  # biased scores
         e = lay.n_expert
         self._scratch_i = np.empty((512, e), np.int32)
         self._scratch_f = np.empty((512, e), np.float32)
@@ -575,18 +611,23 @@ class PrefetchPlugin:
             if spec is None or not self._started:
                 return True
             t0 = time.perf_counter()
-            is_argsort, li = spec
+            kind, li = spec
+            if kind is _Node.WEIGHTS:
+                self._on_weights(t, li)
+                self._c.callback_seconds += time.perf_counter() - t0
+                return True
             n = ctypes.c_int64.from_address(t + ggml.OFF_NE + 8).value
             e = self.layout_.n_expert
             if n > len(self._scratch_i):
                 self._scratch_i = np.empty((n, e), np.int32)
                 self._scratch_f = np.empty((n, e), np.float32)
-            if is_argsort:
+            if kind is _Node.ARGSORT:
                 self._ggml.tensor_get(t, self._scratch_i.ctypes.data, 0, n * e * 4)
                 self._on_routed(li, self._scratch_i[:n, :self.k_].copy())
             else:
                 self._ggml.tensor_get(t, self._scratch_f.ctypes.data, 0, n * e * 4)
-                self._logits[li] = self._scratch_f[:n].copy()
+                stash = self._logits if kind is _Node.LOGITS else self._rec_scores
+                stash[li] = self._scratch_f[:n].copy()
             self._c.callback_seconds += time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - an exception must not unwind through C
             self._error(exc)
@@ -622,10 +663,25 @@ class PrefetchPlugin:
         c.d0_requests += len(used)
         # positions of these rows: the last n rows of the ubatch (output rows at the top)
         pos0 = self._n_past + self._ub_start + self._ub_rows - n
+        if self.recorder is not None:
+            self._rec_pos[li] = pos0
+            scores = self._rec_scores[li]
+            scores = self._logits[li] if scores is None else scores
+            self.recorder.record(li, pos0, experts,
+                                 None if scores is None else scores[-n:])
         if self.mode is Mode.PREDICTOR:
             self._predictor_step(li, experts, pos0)
         elif self.mode is Mode.ORACLE:
             self._oracle_step(li, pos0, n)
+
+    def _on_weights(self, t: int, li: int) -> None:
+        """A mixing-weights node of layer ``li`` is ready: hand its rows to the recorder."""
+        assert self.recorder is not None
+        ne = ggml.tensor_ne(t)
+        n = ne[0] * ne[1] * ne[2] * ne[3] // self.k_
+        w = np.empty((n, self.k_), np.float32)
+        self._ggml.tensor_get(t, w.ctypes.data, 0, w.nbytes)
+        self.recorder.record_weights(li, self._rec_pos[li], w)
 
     def _ahead(self, li: int, d: int) -> tuple[int, bool]:
         """(target MoE layer, next_token) of offset ``d`` from ``li``; (-1, _) if none."""
@@ -791,7 +847,8 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
                  wrap: bool = True, method: str = "fadvise", queue_depth: int = 8,
                  madvise_random: bool = False, min_share: float | None = None,
                  async_requests: bool = True,
-                 engine_kwargs: Mapping[str, Any] | None = None, **llama_kwargs: Any) -> None:
+                 engine_kwargs: Mapping[str, Any] | None = None,
+                 recorder: RoutingRecorder | None = None, **llama_kwargs: Any) -> None:
         from ..trace.llama_tracer import _quiet_llama_logs
 
         _quiet_llama_logs()
@@ -800,7 +857,7 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
                                      method=method, queue_depth=queue_depth,
                                      madvise_random=madvise_random, min_share=min_share,
                                      async_requests=async_requests,
-                                     engine_kwargs=engine_kwargs)
+                                     engine_kwargs=engine_kwargs, recorder=recorder)
         self._pool: ggml.Threadpool | None = None
         self._closed = False
         self.plugin.start()
