@@ -178,6 +178,46 @@ def test_four_concurrent_clients_get_their_own_output(server: Server,
     assert [got[i] for i in range(len(PROMPTS))] == [expected[p] for p in PROMPTS]
 
 
+def test_queued_requests_are_served_in_arrival_order(server: Server,
+                                                    expected: dict[str, str]) -> None:
+    """A long stream holds the context; three more requests arrive one after another (each
+    seen queued in /metrics before the next is sent); they start in that order."""
+    first_token: dict[int, float] = {}
+    texts: dict[int, str] = {}
+    errors: list[BaseException] = []
+    running = threading.Event()
+
+    def one(i: int) -> None:
+        try:
+            prompt = "Long ago" if i == 0 else PROMPTS[i]
+            r = server.client.completions.create(model="tiny-mixtral", prompt=prompt,
+                                                 max_tokens=48 if i == 0 else 12,
+                                                 stream=True, **GREEDY)
+            parts = []
+            for c in r:
+                first_token.setdefault(i, time.monotonic())
+                running.set()
+                parts.append(c.choices[0].text)
+            texts[i] = "".join(parts)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    threads[0].start()
+    assert running.wait(60)
+    for i in (1, 2, 3):
+        threads[i].start()
+        deadline = time.monotonic() + 30
+        while server.metrics()["expertpred_requests_queued"] < i:
+            assert time.monotonic() < deadline and not errors, f"request {i} never queued"
+            time.sleep(0.02)
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert first_token[0] < first_token[1] < first_token[2] < first_token[3]
+    assert [texts[i] for i in (1, 2, 3)] == [expected[p] for p in PROMPTS[1:]]
+
+
 def test_client_disconnecting_mid_stream_leaves_server_serving(
         server: Server, expected: dict[str, str]) -> None:
     body = {"model": "tiny-mixtral", "prompt": PROMPTS[1], "max_tokens": 200, "stream": True,
@@ -249,3 +289,28 @@ def test_served_trace_trains_a_predictor(server: Server, tmp_path: Path) -> None
     saved = sorted(p.name for p in (tmp_path / "pred" / "models").glob("*.npz"))
     assert saved == ["popularity-d1.npz", "previous-token-d1.npz"]
     server.alive()
+
+
+@pytest.mark.parametrize("case", ["missing model", "port in use", "bad budget",
+                                  "trace without callback"])
+def test_cli_errors_are_one_line_exit_2(case: str, tmp_path: Path) -> None:
+    args = ["serve", "--model", str(MODEL), "--port", str(_free_port())]
+    busy = None
+    if case == "missing model":
+        args[2] = str(tmp_path / "nope.gguf")
+    elif case == "port in use":
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args[4] = str(busy.getsockname()[1])
+    elif case == "bad budget":
+        args += ["--budget", "lots"]
+    elif case == "trace without callback":
+        args += ["--mode", "off", "--trace-out", str(tmp_path / "t")]
+    try:
+        r = _cli(*args, timeout=60)
+    finally:
+        if busy is not None:
+            busy.close()
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr

@@ -457,6 +457,9 @@ def serve(
     if not model.is_file():
         raise ExpertPredError(f"{model}: no such model file (expected a MoE GGUF)")
     mode = mode or ("predictor" if predictor else "d0")
+    if mode == "oracle":
+        raise ExpertPredError("--mode oracle: not served (an oracle trace is one prompt's "
+                              "greedy run); expected off, d0 or predictor")
     plugin: dict = {"mode": mode, "method": method, "queue_depth": queue_depth,
                     "lookahead": lookahead, "min_share": min_share, "prefetch_k": prefetch_k,
                     "madvise_random": madvise_random, "async_requests": not sync_requests}

@@ -246,8 +246,8 @@ def build_app(cfg: ServeConfig, llama: ServedLlama, stats: ServeStats) -> Any:
     lapp.set_server_settings(ServerSettings(host=cfg.host, port=cfg.port, api_key=cfg.api_key,
                                             interrupt_requests=False))
     app = FastAPI(middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),)),
-                              Middleware(RequestCheck, llama=llama, names={alias,
-                                                                           str(cfg.model)})],
+                              Middleware(RequestCheck, llama=llama, stats=stats,
+                                         names={alias, str(cfg.model)})],
                   title="expertpred serve", version=_version())
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True,
                        allow_methods=["*"], allow_headers=["*"])
@@ -294,8 +294,9 @@ class RequestCheck:
     checks of :func:`body_error`, refused with a 4xx OpenAI-style JSON error, or replayed
     unchanged to the app."""
 
-    def __init__(self, app: Any, llama: ServedLlama, names: set[str]) -> None:
-        self.app, self.llama, self.names = app, llama, names
+    def __init__(self, app: Any, llama: ServedLlama, stats: ServeStats,
+                 names: set[str]) -> None:
+        self.app, self.llama, self.stats, self.names = app, llama, stats, names
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         model = _CHECKED.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -324,7 +325,11 @@ class RequestCheck:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        self.stats.admitted(+1)  # queued until the model takes it (requests_queued)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            self.stats.admitted(-1)
 
 
 async def _send_error(scope: dict, receive: Any, send: Any, err: RequestError) -> None:

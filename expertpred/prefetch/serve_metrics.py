@@ -39,6 +39,7 @@ class ServeSnapshot:
 
     requests: int  # completions finished (streamed or not, cut short or not)
     in_flight: int  # requests being generated now (0 or 1: one context)
+    queued: int  # admitted completion requests waiting for the context
     prompt_tokens: int  # prompt tokens of finished requests
     generated_tokens: int  # tokens sampled
     decode_seconds: float  # first to last sampled token, summed over requests
@@ -51,8 +52,14 @@ class ServeStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests = self._in_flight = self._prompt = self._generated = 0
+        self._admitted = 0  # checked completion requests not yet answered in full
         self._decode_s = 0.0
         self._last_tps = 0.0
+
+    def admitted(self, delta: int) -> None:
+        """A completion request passed the checks (+1) or its response ended (-1)."""
+        with self._lock:
+            self._admitted += delta
 
     def started(self) -> None:
         with self._lock:
@@ -73,7 +80,8 @@ class ServeStats:
 
     def snapshot(self) -> ServeSnapshot:
         with self._lock:
-            return ServeSnapshot(self._requests, self._in_flight, self._prompt,
+            queued = max(0, self._admitted - self._in_flight)
+            return ServeSnapshot(self._requests, self._in_flight, queued, self._prompt,
                                  self._generated, self._decode_s, self._last_tps)
 
 
@@ -126,6 +134,7 @@ class ServeCollector:
         s = self.serve_stats.snapshot()
         yield counter("requests", "completion requests finished", s.requests)
         yield gauge("requests_in_flight", "requests being generated", s.in_flight)
+        yield gauge("requests_queued", "requests waiting for the context", s.queued)
         yield counter("prompt_tokens", "prompt tokens of finished requests", s.prompt_tokens)
         yield counter("generated_tokens", "tokens generated (sampled)", s.generated_tokens)
         yield counter("decode_seconds", "seconds from first to last sampled token, summed",
