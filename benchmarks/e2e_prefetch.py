@@ -68,31 +68,38 @@ RESIDENCY = "d0=kernel,predictor=learned,oracle=belady"
 
 @dataclass(frozen=True)
 class ModeSpec:
-    """One column of the benchmark: a mode and its variant."""
+    """One column of the benchmark: a mode and its variant,
+    ``mode[@method[:qd[:chunk_mib]]][+random][^checkout]``."""
 
     label: str  # as given in --modes, e.g. "d0@pread:8"
     mode: str  # key of PLUGIN_MODE
     method: str | None  # I/O method override
     queue_depth: int | None  # queue depth override
+    chunk_mib: float | None  # engine chunk size override
+    random: bool  # madvise(MADV_RANDOM) llama.cpp's mapping (no fault read-around)
     root: Path  # checkout whose expertpred the child imports
 
     @classmethod
     def parse(cls, label: str) -> ModeSpec:
         rest, _, root = label.partition("^")
+        rest, _, flag = rest.partition("+")
         mode, _, io = rest.partition("@")
-        method, _, qd = io.partition(":")
-        if mode not in PLUGIN_MODE:
-            sys.exit(f"error: --modes {label!r}: expected one of {', '.join(PLUGIN_MODE)}")
+        method, _, io = io.partition(":")
+        qd, _, chunk = io.partition(":")
+        if mode not in PLUGIN_MODE or flag not in ("", "random"):
+            sys.exit(f"error: --modes {label!r}: expected mode[@method[:qd[:chunk_mib]]]"
+                     f"[+random][^checkout], mode one of {', '.join(PLUGIN_MODE)}")
         return cls(label, mode, method or None, int(qd) if qd else None,
+                   float(chunk) if chunk else None, flag == "random",
                    Path(root) if root else ROOT)
 
 
 # --- child: one generation, inside the cgroup -------------------------------------------------
 
 
-def residency_kwargs(policy: str, budget: int | None) -> dict[str, Any]:
-    """Plugin keywords selecting ``policy``; exits with one line if this checkout's plugin
-    has no residency manager."""
+def residency_kwargs(policy: str, budget: int | None, nextuse: Path | None) -> dict[str, Any]:
+    """Plugin keywords selecting ``policy`` (a ``ResidencyConfig``); exits with one line if
+    this checkout's plugin has no residency manager."""
     if policy in ("", "none"):
         return {}
     from expertpred.prefetch.plugin import PrefetchPlugin
@@ -103,10 +110,11 @@ def residency_kwargs(policy: str, budget: int | None) -> dict[str, Any]:
         sys.exit(f"error: residency policy {policy!r} needs the plugin's residency manager "
                  "(expertpred/prefetch/residency.py), not in this checkout; run with "
                  "--residency none")
-    kw: dict[str, Any] = {"residency": policy}
-    if budget:
-        kw["budget"] = budget
-    return kw
+    from expertpred.prefetch.residency import ResidencyConfig
+
+    path = str(nextuse) if policy == "learned" and nextuse is not None else ""
+    return {"residency": ResidencyConfig(policy=policy, budget_bytes=budget or None,
+                                         nextuse_path=path)}
 
 
 def rss_anon() -> int:
@@ -131,9 +139,12 @@ def child(a: argparse.Namespace) -> None:
                                 source_model=a.source)
     if mode == "oracle":
         oracle = OracleTrace.load(a.oracle)
-    extra = residency_kwargs(a.residency, a.budget) if mode != "off" else {}
+    nextuse = a.predictor / "nextuse.npz" if a.predictor else None
+    extra = residency_kwargs(a.residency, a.budget, nextuse) if mode != "off" else {}
     if a.min_share is not None:
         extra["min_share"] = a.min_share
+    if a.chunk_mib:
+        extra["engine_kwargs"] = {"chunk_bytes": int(a.chunk_mib * 2**20)}
     io0, t0 = proc_io(), time.perf_counter()
     llm = PrefetchLlama(a.model, mode=mode, predictor=preds, oracle=oracle,
                         lookahead=a.lookahead if mode in ("predictor", "oracle") else None,
@@ -265,8 +276,10 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int, pred
            str(spec.queue_depth or a.queue_depth), "--threads", str(a.threads),
            "--predictor-name", a.predictor_name, "--residency", policy,
            "--budget", str(a.budget or 0)]
-    if a.madvise_random:
+    if a.madvise_random or spec.random:
         cmd.append("--madvise-random")
+    if spec.chunk_mib:
+        cmd += ["--chunk-mib", str(spec.chunk_mib)]
     if a.min_share is not None:
         cmd += ["--min-share", str(a.min_share)]
     if a.sync_requests:
@@ -354,23 +367,27 @@ def summarize(rows: list[dict[str, Any]], specs: list[ModeSpec]) -> dict[str, di
             s["waste_gib_tok"] = [x["engine_wasted_bytes"] / r["steps"] / 2**30
                                   for x, r in zip(st, ok)]
             s["unbalanced"] = sum(bool(r.get("unbalanced")) for r in ok)
+            s["demand_p50_ms"] = [x.get("engine_demand_latency_p50_ms", float("nan"))
+                                  for x in st]
         out[spec.label] = s
     return out
 
 
 def table(summary: dict[str, dict[str, Any]], limit: int) -> str:
     lines = ["| run | tok/s median [min–max] | GiB read / token | read GB/s during decode | "
-             "… without compute | hit rate | wasted spec. GiB / token | peak / limit | OOM |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "… without compute | hit rate | wasted spec. GiB / token | demand read p50 ms | "
+             "peak / limit | OOM |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for m, s in summary.items():
         base = m.split("@")[0].split("^")[0]
         name = f"({LETTER[base]}) {m}" if base in LETTER else m
         hit = med_range([100 * h for h in s["hit"]], "{:.0f}%") if "hit" in s else "–"
         waste = med_range(s["waste_gib_tok"], "{:.2f}") if "waste_gib_tok" in s else "–"
+        lat = med_range(s["demand_p50_ms"], "{:.1f}") if "demand_p50_ms" in s else "–"
         peak = f"{max(s['peak_gib']) * 2**30 / limit:.2f}" if max(s["peak_gib"]) else "–"
         lines.append(f"| {name} | {med_range(s['tok_s'])} | {med_range(s['gib_tok'], '{:.2f}')}"
                      f" | {med_range(s['gbps'], '{:.2f}')} | {med_range(s['gbps_io'], '{:.2f}')}"
-                     f" | {hit} | {waste} | {peak} | {s['oom']} |")
+                     f" | {hit} | {waste} | {lat} | {peak} | {s['oom']} |")
     return "\n".join(lines)
 
 
@@ -443,6 +460,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--method", default="fadvise")
     ap.add_argument("--queue-depth", type=int, default=8)
     ap.add_argument("--madvise-random", action="store_true")
+    ap.add_argument("--chunk-mib", type=float, default=0.0,
+                    help="Engine chunk size (0: the engine's default).")
     ap.add_argument("--min-share", type=float, default=None,
                     help="Confidence gating of predicted experts (default: the plugin's).")
     ap.add_argument("--sync-requests", action="store_true",
@@ -451,11 +470,16 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--train-prompts", type=int, default=80)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, help="Write rows and summary here.")
+    ap.add_argument("--bench-dir", type=Path, default=BENCH_DIR,
+                    help="Where widened models, traces and predictors are kept (a private "
+                         "one keeps other jobs from evicting or reading the same file).")
     return ap.parse_args()
 
 
 def main() -> None:
+    global BENCH_DIR
     a = parse_args()
+    BENCH_DIR = a.bench_dir
     if a.child:
         a.budget = a.budget or None
         child(a)
@@ -467,7 +491,7 @@ def main() -> None:
     a.residency_map = ({} if a.residency in ("", "none") else
                        dict(kv.split("=", 1) for kv in a.residency.split(",")))
     for policy in {a.residency_map.get(s.mode) for s in specs} - {None, "kernel"}:
-        residency_kwargs(policy, None)  # one error line now, not one per child
+        residency_kwargs(policy, None, None)  # one error line now, not one per child
     source = ROOT / "models" / a.model_name / "model.gguf"
     if a.model:
         model, a.ref = a.model, source

@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+import numpy as np
+
 from ..errors import ExpertPredError
 from ..gguf.layout import MoELayout
 from .handoff import Handoff, Op, OpKind
@@ -155,7 +157,7 @@ class PrefetchEngine:
             raise
         self._lock = threading.Condition(threading.Lock())
         self._book = JobBook(self._build_ranges(), self.io_.chunks, cfg.max_queue, cfg.drop)
-        self._lat, self._samples = Ring(cfg.history, 2), Ring(cfg.history, 3)
+        self._lat, self._samples = Ring(cfg.history, 3), Ring(cfg.history, 3)
         self._stop = threading.Event()
         self._disabled = ""
         self._t0 = time.monotonic_ns()
@@ -219,12 +221,13 @@ class PrefetchEngine:
         """``advance(layer)``, ``on_use`` and a demand ``request`` of ``experts``, applied
         by the dispatcher thread: the caller only appends to a deque."""
         if self._started:
-            self._handoff.post(Op(OpKind.USE, layer, experts, False))
+            self._handoff.post(Op(OpKind.USE, layer, experts, False, time.monotonic_ns()))
 
     def post_request(self, layer: int, experts: list[int], next_token: bool = False) -> None:
         """A speculative ``request`` on the dispatcher thread."""
         if self._started:
-            self._handoff.post(Op(OpKind.REQUEST, layer, experts, next_token))
+            self._handoff.post(Op(OpKind.REQUEST, layer, experts, next_token,
+                                  time.monotonic_ns()))
 
     def flush(self, timeout: float = 2.0) -> bool:
         """Wait until every posted record has been applied; False on timeout."""
@@ -234,20 +237,23 @@ class PrefetchEngine:
         if op.kind is OpKind.USE:
             self.advance(op.layer)
             self.on_use(op.layer, op.experts)
-            self.request(op.layer, op.experts, priority=Priority.DEMAND)
+            self._request(op.layer, op.experts, False, Priority.DEMAND, op.t_ns)
         else:
-            self.request(op.layer, op.experts, next_token=op.next_token)
+            self._request(op.layer, op.experts, op.next_token, Priority.SPECULATIVE, op.t_ns)
 
     def request(self, layer: int, experts: Iterable[int], next_token: bool = False,
                 priority: Priority = Priority.SPECULATIVE) -> None:
         """Queue prefetches of ``experts`` of ``layer`` (see module docstring)."""
+        self._request(layer, experts, next_token, priority, time.monotonic_ns())
+
+    def _request(self, layer: int, experts: Iterable[int], next_token: bool,
+                 priority: Priority, t_ns: int) -> None:
         experts = [int(e) for e in experts]
         if not self._started:
             return
         with self._lock:
-            new = self._book.request(layer, experts, next_token, priority,
-                                     time.monotonic_ns(), bool(self._disabled),
-                                     self._looks_resident)
+            new = self._book.request(layer, experts, next_token, priority, t_ns,
+                                     bool(self._disabled), self._looks_resident)
             if new:
                 self._lock.notify(new)
 
@@ -287,6 +293,7 @@ class PrefetchEngine:
                 enabled=not self._disabled, disabled_reason=self._disabled, counters=c,
                 pending=b.n_queued() + len(b.inflight), spec_pending=b.spec_pending(),
                 latency_ms=lat[:, 0] / 1e6, service_ms=lat[:, 1] / 1e6,
+                latency_priority=lat[:, 2].astype(np.int8),
                 queue_samples=self._samples.snapshot())
 
     def idle(self) -> bool:
@@ -331,7 +338,7 @@ class PrefetchEngine:
         with self._lock:
             state = self._book.finish_chunk(job, nbytes, error, isinstance(error, Cancelled))
             if state is JobState.RESIDENT:
-                self._lat.add(t - job.t_request, t - job.t_start)
+                self._lat.add(t - job.t_request, t - job.t_start, job.priority)
             elif state is JobState.FAILED:
                 log.warning("prefetch of layer %d expert %d failed: %s", *job.key, job.error)
                 if isinstance(job.error, ShortReadError):

@@ -28,6 +28,7 @@ class Op(NamedTuple):
     layer: int
     experts: list[int]
     next_token: bool
+    t_ns: int  # monotonic ns when posted: job latencies start at the callback, not here
 
 
 class Handoff:

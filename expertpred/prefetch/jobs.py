@@ -140,8 +140,9 @@ class PrefetchStats:
     counters: PrefetchCounters  # a copy
     pending: int  # jobs queued or in flight at the snapshot (the jobs ledger's rest)
     spec_pending: int  # speculative jobs not judged yet (the speculative ledger's rest)
-    latency_ms: np.ndarray  # request -> completion, per completed job (recent, bounded)
+    latency_ms: np.ndarray  # request (posted) -> completion, per completed job (recent)
     service_ms: np.ndarray  # start of the read -> completion
+    latency_priority: np.ndarray  # int8 Priority of each latency row
     queue_samples: np.ndarray  # (n, 3): seconds since start, queued, in flight
 
     @property
@@ -167,10 +168,15 @@ class PrefetchStats:
         """The ledgers that do not balance (empty when all do)."""
         return {k: v for k, v in self.ledgers().items() if v[0] != v[1]}
 
-    def latency_percentiles(self, qs: Iterable[float] = (50, 90, 99)) -> dict[str, float]:
-        if not self.latency_ms.size:
+    def latency_percentiles(self, qs: Iterable[float] = (50, 90, 99),
+                            priority: Priority | None = None) -> dict[str, float]:
+        """Percentiles of request -> completion (ms), of one priority's jobs if given."""
+        lat = self.latency_ms
+        if priority is not None:
+            lat = lat[self.latency_priority == int(priority)]
+        if not lat.size:
             return {}
-        return {f"p{q:g}": float(np.percentile(self.latency_ms, q)) for q in qs}
+        return {f"p{q:g}": float(np.percentile(lat, q)) for q in qs}
 
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"method": self.method, "queue_depth": self.queue_depth,
@@ -179,6 +185,8 @@ class PrefetchStats:
         d.update(dataclasses.asdict(self.counters))
         d["hit_rate"] = self.hit_rate
         d.update({f"latency_{k}_ms": v for k, v in self.latency_percentiles().items()})
+        d.update({f"demand_latency_{k}_ms": v for k, v in
+                  self.latency_percentiles(priority=Priority.DEMAND).items()})
         if self.queue_samples.size:
             d["mean_queued"] = float(self.queue_samples[:, 1].mean())
             d["mean_inflight"] = float(self.queue_samples[:, 2].mean())

@@ -34,7 +34,8 @@ def req(b: JobBook, layer, experts, priority=Priority.SPECULATIVE, next_token=Fa
 
 def snapshot(b: JobBook) -> PrefetchStats:
     return PrefetchStats("t", 1, True, "", b.c, b.n_queued() + len(b.inflight),
-                         b.spec_pending(), np.zeros(0), np.zeros(0), np.zeros((0, 3)))
+                         b.spec_pending(), np.zeros(0), np.zeros(0), np.zeros(0, np.int8),
+                         np.zeros((0, 3)))
 
 
 def run_chunk(b: JobBook):

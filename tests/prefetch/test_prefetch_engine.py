@@ -207,9 +207,9 @@ def test_bounded_handoff_and_close(cold_model, layout):
         release.wait(10)
 
     h = Handoff(apply, capacity=2).start()
-    assert h.post(Op(OpKind.REQUEST, 0, [0], False))
+    assert h.post(Op(OpKind.REQUEST, 0, [0], False, 0))
     assert wait_until(lambda: len(seen) == 1)
-    posted = [h.post(Op(OpKind.REQUEST, 0, [e], False)) for e in range(1, 5)]
+    posted = [h.post(Op(OpKind.REQUEST, 0, [e], False, 0)) for e in range(1, 5)]
     assert posted == [True, True, False, False] and (h.posted, h.refused) == (3, 2)
     assert not h.flush(0.2)  # the dispatcher is stuck: bounded wait, False
     release.set()
