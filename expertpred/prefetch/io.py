@@ -12,6 +12,11 @@ name         what a worker does per chunk                                     co
              readahead and returns without waiting for the data.
 ``madvise``  ``madvise(MADV_WILLNEED)`` on the method's own read-only mapping    no (hint)
              of the file (ctypes; never dereferenced, so no SIGBUS risk).
+``populate`` ``POSIX_FADV_WILLNEED`` of the chunk, then                      yes
+             ``madvise(MADV_POPULATE_READ)`` on the method's own ``MADV_RANDOM``
+             mapping (waits for exactly those pages, no copy to user space),
+             then ``MADV_DONTNEED`` (our page-table entries go, the pages stay
+             cached and unmapped, as reclaimable as the kernel's). >= 5.14.
 ``io_uring`` ``IORING_OP_READ`` through the PyPI ``liburing`` binding           yes
              (2026.3.30): one worker keeps ``queue_depth`` chunk reads in
              flight on one ring (``IOSQE_ASYNC``) and waits on an eventfd with
@@ -214,6 +219,30 @@ class MadviseMethod(IOMethod, method_name="madvise", completes_reads=False):
     def fetch_chunk(self, state: object, offset: int, nbytes: int) -> int:
         self._check_size(offset, nbytes)
         self.mapping.madvise(offset, nbytes, Madvice.WILLNEED)
+        return nbytes
+
+
+class PopulateMethod(MadviseMethod, method_name="populate", completes_reads=True):
+    """``madvise(MADV_POPULATE_READ)``: a blocking read into the page cache without a copy."""
+
+    def open(self) -> None:
+        super().open()
+        # no fault read-around: populate must wait for the chunk's pages, never read more
+        self.mapping.madvise(0, self.mapping.size, Madvice.RANDOM)
+
+    def fetch_chunk(self, state: object, offset: int, nbytes: int) -> int:
+        self._check_size(offset, nbytes)
+        # the whole chunk in one readahead request first: MADV_RANDOM faults alone would
+        # read it a page at a time
+        os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        try:
+            self.mapping.madvise(offset, nbytes, Madvice.POPULATE_READ)
+        except OSError as exc:
+            if exc.errno == errno.EFAULT:  # SIGBUS while populating: past end of file
+                raise ShortReadError(errno.EIO, f"{self.path}: range {offset}+{nbytes} "
+                                     "not readable: file truncated?") from None
+            raise
+        self.mapping.madvise(offset, nbytes, Madvice.DONTNEED)
         return nbytes
 
 
