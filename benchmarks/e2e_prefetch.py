@@ -69,7 +69,7 @@ RESIDENCY = "d0=kernel,predictor=learned,oracle=belady"
 @dataclass(frozen=True)
 class ModeSpec:
     """One column of the benchmark: a mode and its variant,
-    ``mode[@method[:qd[:chunk_mib]]][+random][^checkout]``."""
+    ``mode[@method[:qd[:chunk_mib]]][+random][+queued][^checkout]``."""
 
     label: str  # as given in --modes, e.g. "d0@pread:8"
     mode: str  # key of PLUGIN_MODE
@@ -77,20 +77,21 @@ class ModeSpec:
     queue_depth: int | None  # queue depth override
     chunk_mib: float | None  # engine chunk size override
     random: bool  # madvise(MADV_RANDOM) llama.cpp's mapping (no fault read-around)
+    queued: bool  # demand hints through the engine's queue, not on the callback's thread
     root: Path  # checkout whose expertpred the child imports
 
     @classmethod
     def parse(cls, label: str) -> ModeSpec:
         rest, _, root = label.partition("^")
-        rest, _, flag = rest.partition("+")
+        rest, *flags = rest.split("+")
         mode, _, io = rest.partition("@")
         method, _, io = io.partition(":")
         qd, _, chunk = io.partition(":")
-        if mode not in PLUGIN_MODE or flag not in ("", "random"):
+        if mode not in PLUGIN_MODE or not set(flags) <= {"random", "queued"}:
             sys.exit(f"error: --modes {label!r}: expected mode[@method[:qd[:chunk_mib]]]"
-                     f"[+random][^checkout], mode one of {', '.join(PLUGIN_MODE)}")
+                     f"[+random][+queued][^checkout], mode one of {', '.join(PLUGIN_MODE)}")
         return cls(label, mode, method or None, int(qd) if qd else None,
-                   float(chunk) if chunk else None, flag == "random",
+                   float(chunk) if chunk else None, "random" in flags, "queued" in flags,
                    Path(root) if root else ROOT)
 
 
@@ -143,8 +144,13 @@ def child(a: argparse.Namespace) -> None:
     extra = residency_kwargs(a.residency, a.budget, nextuse) if mode != "off" else {}
     if a.min_share is not None:
         extra["min_share"] = a.min_share
+    engine_kwargs: dict[str, Any] = {}
     if a.chunk_mib:
-        extra["engine_kwargs"] = {"chunk_bytes": int(a.chunk_mib * 2**20)}
+        engine_kwargs["chunk_bytes"] = int(a.chunk_mib * 2**20)
+    if a.queued_demand:
+        engine_kwargs["inline_demand"] = False
+    if engine_kwargs:
+        extra["engine_kwargs"] = engine_kwargs
     io0, t0 = proc_io(), time.perf_counter()
     llm = PrefetchLlama(a.model, mode=mode, predictor=preds, oracle=oracle,
                         lookahead=a.lookahead if mode in ("predictor", "oracle") else None,
@@ -280,6 +286,8 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int, pred
         cmd.append("--madvise-random")
     if spec.chunk_mib:
         cmd += ["--chunk-mib", str(spec.chunk_mib)]
+    if spec.queued:
+        cmd.append("--queued-demand")
     if a.min_share is not None:
         cmd += ["--min-share", str(a.min_share)]
     if a.sync_requests:
@@ -462,6 +470,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--madvise-random", action="store_true")
     ap.add_argument("--chunk-mib", type=float, default=0.0,
                     help="Engine chunk size (0: the engine's default).")
+    ap.add_argument("--queued-demand", action="store_true",
+                    help="Demand hints through the engine's queue (inline_demand=False).")
     ap.add_argument("--min-share", type=float, default=None,
                     help="Confidence gating of predicted experts (default: the plugin's).")
     ap.add_argument("--sync-requests", action="store_true",

@@ -81,6 +81,9 @@ class EngineConfig:
     history: int = 1 << 16  # latency / sample rows kept (ring buffers: bounded memory)
     max_handoff: int = 4096  # posted records held; a stalled dispatcher must not grow RAM
     close_timeout: float = 2.0  # close() waits this long for threads, then leaves them
+    # hint methods: post_use issues the current layer's hints on the caller's thread, so no
+    # thread hop (on a busy CPU: milliseconds) lets llama.cpp fault the pages first
+    inline_demand: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -156,7 +159,7 @@ class PrefetchEngine:
             self.io_.close()
             raise
         self._lock = threading.Condition(threading.Lock())
-        self._book = JobBook(self._build_ranges(), self.io_.chunks, cfg.max_queue, cfg.drop)
+        self._book = JobBook(expert_ranges(self.layout), self.io_.chunks, cfg.max_queue, cfg.drop)
         self._lat, self._samples = Ring(cfg.history, 3), Ring(cfg.history, 3)
         self._stop = threading.Event()
         self._disabled = ""
@@ -219,9 +222,34 @@ class PrefetchEngine:
     # --- caller API (non-blocking, never raises for I/O reasons) ---------------------
     def post_use(self, layer: int, experts: list[int]) -> None:
         """``advance(layer)``, ``on_use`` and a demand ``request`` of ``experts``, applied
-        by the dispatcher thread: the caller only appends to a deque."""
-        if self._started:
-            self._handoff.post(Op(OpKind.USE, layer, experts, False, time.monotonic_ns()))
+        by the dispatcher thread: the caller only appends to a deque. With
+        ``inline_demand`` and a hint method the caller first checks which experts are
+        cached (mincore) and issues the hints for the others itself."""
+        if not self._started:
+            return
+        t = time.monotonic_ns()
+        cached = None
+        if self.config.inline_demand and not self.io_.completes_reads and not self._disabled:
+            cached = self._hint_now(layer, experts)
+        self._handoff.post(Op(OpKind.USE, layer, experts, False, t, cached,
+                              time.monotonic_ns()))
+
+    def _hint_now(self, layer: int, experts: list[int]) -> tuple[bool, ...] | None:
+        """Hint the uncached experts' ranges now; per expert, was it cached? None when a
+        hint failed (the dispatcher then queues them, and the workers see the error)."""
+        cached = []
+        try:
+            for e in experts:
+                ranges = self._book.ranges.get((layer, e), ())
+                hit = bool(ranges) and ranges_resident(self._map, ranges)
+                cached.append(hit)
+                if not hit:
+                    for off, n in ranges:
+                        self.io_.fetch_chunk(None, off, n)
+        except (OSError, ValueError) as exc:
+            log.debug("prefetch: inline hint failed, queueing instead: %s", exc)
+            return None
+        return tuple(cached)
 
     def post_request(self, layer: int, experts: list[int], next_token: bool = False) -> None:
         """A speculative ``request`` on the dispatcher thread."""
@@ -234,7 +262,18 @@ class PrefetchEngine:
         return not self._threads or self._handoff.flush(timeout)
 
     def _apply(self, op: Op) -> None:
-        if op.kind is OpKind.USE:
+        if op.kind is OpKind.USE and op.cached is not None:
+            self.advance(op.layer)
+            self._use(op.layer, op.experts, op.cached)
+            with self._lock:
+                new = self._book.hinted(op.layer, op.experts, op.cached, op.t_ns, op.t_done)
+                for _ in new:
+                    self._lat.add(op.t_done - op.t_ns, op.t_done - op.t_ns, Priority.DEMAND)
+            if self.buffer is not None:
+                for job in new:
+                    for k in self._guard(self.buffer.admit, *job.key) or []:  # type: ignore
+                        self.forget(*k)
+        elif op.kind is OpKind.USE:
             self.advance(op.layer)
             self.on_use(op.layer, op.experts)
             self._request(op.layer, op.experts, False, Priority.DEMAND, op.t_ns)
@@ -265,11 +304,14 @@ class PrefetchEngine:
 
     def on_use(self, layer: int, experts: Iterable[int]) -> None:
         """The router used ``experts`` of ``layer``: account hits, late prefetches, misses."""
-        experts = [int(e) for e in experts]
+        self._use(layer, [int(e) for e in experts], None)
+
+    def _use(self, layer: int, experts: list[int], cached: tuple[bool, ...] | None) -> None:
         if not self._started:
             return
         with self._lock:
-            self._book.use(layer, experts, self.io_.completes_reads, self._looks_resident)
+            self._book.use(layer, experts, self.io_.completes_reads, self._looks_resident,
+                           cached)
         if self.buffer is not None:
             for e in experts:
                 self._guard(self.buffer.touch, layer, e)
@@ -358,22 +400,8 @@ class PrefetchEngine:
             self._disable(f"worker crashed: {type(exc).__name__}: {exc}")
 
     # --- internals -------------------------------------------------------------------
-    def _build_ranges(self) -> dict[Key, Ranges]:
-        lay = self.layout
-        return {(layer, e): tuple((int(o), int(n)) for o, n in
-                                  zip(lay.offsets[li, e], lay.nbytes[li, e]))
-                for li, layer in enumerate(lay.moe_layers) for e in range(lay.n_expert)}
-
     def _looks_resident(self, job: Job) -> bool:
-        """Sampled mincore: first, middle and last page of each range are cached."""
-        try:
-            for off, n in job.ranges:
-                for p in (off, off + n // 2, off + n - 1):
-                    if not self._map.mincore(p - p % PAGE_SIZE, 1)[0]:
-                        return False
-            return True
-        except (OSError, ValueError):
-            return False
+        return ranges_resident(self._map, job.ranges)
 
     def _stopping(self) -> bool:
         return self._stop.is_set() or bool(self._disabled)
@@ -424,6 +452,25 @@ class _Source:
     def finish(self, item: object, nbytes: int, error: BaseException | None) -> None:
         assert isinstance(item, _Task)
         self._engine._finish(item, nbytes, error)
+
+
+def expert_ranges(lay: MoELayout) -> dict[Key, Ranges]:
+    """(layer, expert) -> the absolute file ranges of its parts."""
+    return {(layer, e): tuple((int(o), int(n)) for o, n in
+                              zip(lay.offsets[li, e], lay.nbytes[li, e]))
+            for li, layer in enumerate(lay.moe_layers) for e in range(lay.n_expert)}
+
+
+def ranges_resident(mapping: FileMapping, ranges: Ranges) -> bool:
+    """Sampled mincore: the first, middle and last page of each range are cached."""
+    try:
+        for off, n in ranges:
+            for p in (off, off + n // 2, off + n - 1):
+                if not mapping.mincore(p - p % PAGE_SIZE, 1)[0]:
+                    return False
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def check_file(path: str, identity: tuple[int, int], fd: int, size: int) -> str:

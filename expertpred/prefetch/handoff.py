@@ -29,6 +29,8 @@ class Op(NamedTuple):
     experts: list[int]
     next_token: bool
     t_ns: int  # monotonic ns when posted: job latencies start at the callback, not here
+    cached: tuple[bool, ...] | None = None  # USE: the caller hinted the uncached experts
+    t_done: int = 0  # USE with cached: when the caller's hints were issued
 
 
 class Handoff:

@@ -7,7 +7,7 @@ The engine (:mod:`.engine`) calls it under its lock; tests can drive it directly
 Every counter belongs to exactly one ledger, and each ledger balances at any snapshot
 (:meth:`PrefetchStats.ledgers`):
 
-- requests: ``requests = issued + coalesced + refused_stale + refused_failed +
+- requests: ``requests = issued + coalesced + cached + refused_stale + refused_failed +
   refused_disabled + refused_full + invalid`` (what happened to each (layer, expert) pair
   passed to ``request``);
 - jobs: ``issued = completed + failed + cancelled + dropped_stale + dropped_full +
@@ -101,6 +101,7 @@ class PrefetchCounters:
     requests: int = 0  # (layer, expert) pairs passed to request()
     issued: int = 0  # new jobs
     coalesced: int = 0  # merged into a queued / in-flight / resident job (no new I/O)
+    cached: int = 0  # demand the caller found in the page cache (mincore): no job, no I/O
     promoted: int = 0  # of coalesced: a demand request that raised a speculative job
     refused_stale: int = 0  # requested layer already passed in this token
     refused_failed: int = 0  # expert whose read failed before
@@ -155,7 +156,7 @@ class PrefetchStats:
         """Each ledger's (left side, sum of the right side); equal when it balances."""
         c = self.counters
         return {
-            "requests": (c.requests, c.issued + c.coalesced + c.refused_stale
+            "requests": (c.requests, c.issued + c.coalesced + c.cached + c.refused_stale
                          + c.refused_failed + c.refused_disabled + c.refused_full + c.invalid),
             "jobs": (c.issued, c.completed + c.failed + c.cancelled + c.dropped_stale
                      + c.dropped_full + c.dropped_disabled + self.pending),
@@ -296,6 +297,42 @@ class JobBook:
                                        else Outcome.NOT_SPECULATIVE))
         return new
 
+    def hinted(self, layer: int, experts: Sequence[int], cached: Sequence[bool],
+               t_post: int, t_done: int) -> list[Job]:
+        """The caller already issued hint reads for the experts of the current layer that
+        were not ``cached``: account them as demand jobs issued and completed (no queue).
+        Returns the new jobs."""
+        c, target, new = self.c, (self.token, layer), []
+        c.requests += len(experts)
+        for e, was_cached in zip(experts, cached):
+            key = (layer, e)
+            ranges = self.ranges.get(key)
+            if ranges is None:
+                c.invalid += 1
+            elif key in self.failed:
+                c.refused_failed += 1
+            elif (job := self.queued(key) or self.inflight.get(key)) is not None:
+                c.coalesced += 1  # being read anyway; the hint only doubled the request
+                self._retarget(job, target, Priority.DEMAND)
+            elif was_cached:
+                if key in self.resident:
+                    c.coalesced += 1
+                else:
+                    c.cached += 1
+            else:
+                if key in self.resident:  # completed once, evicted since: read again
+                    self._unresident(key)
+                job = Job(key, ranges, target, Priority.DEMAND, t_post,
+                          Outcome.NOT_SPECULATIVE, t_start=t_post, state=JobState.RESIDENT)
+                job.nbytes = sum(n for _, n in ranges)
+                c.issued += 1
+                c.completed += 1
+                c.bytes_read += job.nbytes
+                c.demand_bytes += job.nbytes
+                self.resident[key] = job
+                new.append(job)
+        return new
+
     def _issue(self, job: Job) -> int:
         c = self.c
         if self.n_queued() >= self.max_queue:
@@ -353,10 +390,12 @@ class JobBook:
 
     # --- uses ----------------------------------------------------------------------------
     def use(self, layer: int, experts: Sequence[int], completes_reads: bool,
-            looks_resident: ResidentCheck) -> None:
-        """The router used ``experts`` of ``layer``: hits, late prefetches, misses."""
+            looks_resident: ResidentCheck, cached: Sequence[bool] | None = None) -> None:
+        """The router used ``experts`` of ``layer``: hits, late prefetches, misses.
+        ``cached``: per expert, whether its pages were cached when the router chose it
+        (checked by the caller before it hinted them); else checked now."""
         c = self.c
-        for e in experts:
+        for i, e in enumerate(experts):
             key = (layer, e)
             c.uses += 1
             job = self.queued(key) or self.inflight.get(key)
@@ -365,7 +404,7 @@ class JobBook:
             elif (job := self.resident.get(key)) is None:
                 c.misses += 1
                 continue
-            elif completes_reads or looks_resident(job):
+            elif completes_reads or (cached[i] if cached is not None else looks_resident(job)):
                 c.hits += 1
             else:
                 c.late += 1

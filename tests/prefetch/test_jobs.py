@@ -136,3 +136,29 @@ def test_ledgers_balance_under_a_random_workload(cold_model, layout, method):
     assert c.spec_unused <= c.spec_issued <= c.issued
     assert c.wasted_bytes <= c.spec_bytes <= c.bytes_read
     assert c.invalid == 6 * len(layers) and c.uses == 2 * 6 * len(layers)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_demand_hints_on_the_callers_thread(cold_model, layout, inline):
+    """fadvise + inline_demand: post_use hints the uncached experts before it returns and
+    the dispatcher accounts them as demand jobs done; a second use of them is a hit."""
+    from expertpred.prefetch.sysmem import FileMapping
+
+    from .conftest import wait_resident
+
+    with FileMapping(cold_model) as fm, PrefetchEngine(
+            cold_model, layout, method="fadvise", queue_depth=2, inline_demand=inline) as eng:
+        eng.post_use(1, [2, 5])
+        assert eng.flush() and eng.wait_idle()
+        assert wait_resident(fm, layout, [(1, 2), (1, 5)]) == 1.0
+        eng.post_use(2, [0])
+        assert eng.flush() and eng.wait_idle()
+        eng.post_use(1, [2, 5])  # next token, same experts: cached now
+        assert eng.flush() and eng.wait_idle()
+        st = eng.stats()
+    c = st.counters
+    assert (c.uses, c.misses, c.hits) == (5, 3, 2)
+    assert c.issued == c.completed == 3 and c.demand_bytes == 3 * layout.bytes_per_expert()
+    assert c.spec_issued == 0 and not st.unbalanced(), st.ledgers()
+    lat = st.latency_percentiles(priority=Priority.DEMAND)
+    assert lat and lat["p50"] >= 0
