@@ -1,31 +1,41 @@
 """End-to-end: does online expert prefetching make llama.cpp faster on a model bigger than RAM?
 
-Builds (or reuses, under /tmp/expertpred-bench/) a widened copy of the shipped tiny-mixtral
-(``expertpred widen``, f32 like the source so routing is bit-identical and the source's
-traces / predictors apply), a trained predictor (``--predictor-name``, default
-plugin.DEFAULT_PREDICTOR, trained on a trace of the source model)
-and an oracle trace of the same greedy run; then runs, in alternating rounds, each in a
-fresh child process:
+Builds (or reuses, under /tmp/expertpred-bench/) a widened copy of a shipped model
+(``--model-name``; ``expertpred widen``, ``--dtype`` f32 like the source so routing is
+bit-identical, or q4_0, for which a q4_0 copy at the original width is the reference the
+trace, predictor and oracle come from), a trained predictor (``--predictor-name``) and an
+oracle trace of the same greedy run; then runs, in alternating rounds, each in a fresh
+child process under a memory cgroup (limit = size / --size-over-limit, file evicted):
 
-    stock      memory cgroup (limit = size / --size-over-limit), file evicted, llama.cpp as is
-    d0         same, plugin prefetching only the experts layer l selected
-    predictor  same, d0 + the trained predictor's experts for layers l+1..l+D
-    oracle     same, d0 + the true experts of l+1..l+D from the recorded trace
-    cached     no limit, file in the page cache (upper bound)
-    nommap     (extra) the limit with use_mmap=False: can the weights be loaded at all?
+    stock      (a) llama.cpp as is
+    d0         (b) plugin prefetching the experts layer l selected + residency ``kernel``
+    predictor  (c) d0 + the predictor's experts for l+1..l+D + residency ``learned``
+    oracle     (d) d0 + the true experts of l+1..l+D + residency ``belady``
+    cached     (e) no limit, file in the page cache (upper bound)
 
-and prints tokens/s, bytes read from storage per token, major faults per token, prefetch
-hit rate, whether every run generated the same tokens, and the ratios predictor/stock and
-predictor/oracle (medians over rounds; the CPU and the virtual disk are shared and noisy,
-compare within one run only).
+The residency policy of each plugin mode is ``--residency`` (``kernel`` = leave it to the
+kernel's reclaim, today's behaviour, needs nothing; the others need the plugin's
+residency manager, else the run stops with one error line; ``--residency none`` runs the
+plugin modes without one). A mode may carry a variant: ``d0@pread:8`` (I/O method and
+queue depth), ``d0^/work/main`` (the plugin of another checkout: before / after).
 
-    python benchmarks/e2e_prefetch.py                       # 3 GiB model, 2 rounds, ~10 min
+Per mode: tok/s and GiB read per token (median, min-max over rounds), the effective read
+rate during decode (GB/s, and with the cached run's compute time taken out), prefetch hit
+rate, wasted speculative GiB per token, peak cgroup usage. In every round, next to the
+modes: ``io_bandwidth``'s methods on this model's experts (cold) and ``dd`` O_DIRECT. At the
+end: cachesim's LRU and Belady bytes per token for the same greedy run at the effective
+expert budget, the ratios (c)/(b), (c)/(a), (c)/(d), and whether every run generated the
+same tokens (medians; the CPU and the virtual disk are shared and noisy, compare within
+one run only).
+
+    python benchmarks/e2e_prefetch.py --model-name tiny-qwen3moe --rounds 3
     python benchmarks/e2e_prefetch.py --total-gib 0.25 --tokens 4 --rounds 1   # CI-sized
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -33,10 +43,13 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from expertpred.gguf.layout import file_sha256, read_layout
+import numpy as np
+
+from expertpred.gguf.layout import MoELayout, file_sha256, read_layout
 from expertpred.lab.cgroup import MemoryCgroup, evict_file, proc_io, residency, why_unavailable
 from expertpred.learn.train import model_path as saved_path
 from expertpred.prefetch.plugin import DEFAULT_PREDICTOR
@@ -45,14 +58,71 @@ log = logging.getLogger("e2e_prefetch")
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path("/tmp/expertpred-bench")
-SOURCE = ROOT / "models" / "tiny-mixtral" / "model.gguf"
 PROMPT = "def read_config(path):\n    with open(path) as f:\n"
 MODES = ("stock", "d0", "predictor", "oracle", "cached")
+LETTER = {"stock": "a", "d0": "b", "predictor": "c", "oracle": "d", "cached": "e"}
 PLUGIN_MODE = {"stock": "off", "cached": "off", "nommap": "off", "d0": "d0",
                "predictor": "predictor", "oracle": "oracle"}
+RESIDENCY = "d0=kernel,predictor=learned,oracle=belady"
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """One column of the benchmark: a mode and its variant,
+    ``mode[@method[:qd[:chunk_mib]]][+random][+queued][^checkout]``."""
+
+    label: str  # as given in --modes, e.g. "d0@pread:8"
+    mode: str  # key of PLUGIN_MODE
+    method: str | None  # I/O method override
+    queue_depth: int | None  # queue depth override
+    chunk_mib: float | None  # engine chunk size override
+    random: bool  # madvise(MADV_RANDOM) llama.cpp's mapping (no fault read-around)
+    queued: bool  # demand hints through the engine's queue, not on the callback's thread
+    root: Path  # checkout whose expertpred the child imports
+
+    @classmethod
+    def parse(cls, label: str) -> ModeSpec:
+        rest, _, root = label.partition("^")
+        rest, *flags = rest.split("+")
+        mode, _, io = rest.partition("@")
+        method, _, io = io.partition(":")
+        qd, _, chunk = io.partition(":")
+        if mode not in PLUGIN_MODE or not set(flags) <= {"random", "queued"}:
+            sys.exit(f"error: --modes {label!r}: expected mode[@method[:qd[:chunk_mib]]]"
+                     f"[+random][+queued][^checkout], mode one of {', '.join(PLUGIN_MODE)}")
+        return cls(label, mode, method or None, int(qd) if qd else None,
+                   float(chunk) if chunk else None, "random" in flags, "queued" in flags,
+                   Path(root) if root else ROOT)
 
 
 # --- child: one generation, inside the cgroup -------------------------------------------------
+
+
+def residency_kwargs(policy: str, budget: int | None, nextuse: Path | None) -> dict[str, Any]:
+    """Plugin keywords selecting ``policy`` (a ``ResidencyConfig``); exits with one line if
+    this checkout's plugin has no residency manager."""
+    if policy in ("", "none"):
+        return {}
+    from expertpred.prefetch.plugin import PrefetchPlugin
+
+    if "residency" not in inspect.signature(PrefetchPlugin.__init__).parameters:
+        if policy == "kernel":
+            return {}  # the kernel's reclaim: what the plugin does without a manager
+        sys.exit(f"error: residency policy {policy!r} needs the plugin's residency manager "
+                 "(expertpred/prefetch/residency.py), not in this checkout; run with "
+                 "--residency none")
+    from expertpred.prefetch.residency import ResidencyConfig
+
+    path = str(nextuse) if policy == "learned" and nextuse is not None else ""
+    return {"residency": ResidencyConfig(policy=policy, budget_bytes=budget or None,
+                                         nextuse_path=path)}
+
+
+def rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def child(a: argparse.Namespace) -> None:
@@ -70,13 +140,24 @@ def child(a: argparse.Namespace) -> None:
                                 source_model=a.source)
     if mode == "oracle":
         oracle = OracleTrace.load(a.oracle)
+    nextuse = a.predictor / "nextuse.npz" if a.predictor else None
+    extra = residency_kwargs(a.residency, a.budget, nextuse) if mode != "off" else {}
+    if a.min_share is not None:
+        extra["min_share"] = a.min_share
+    engine_kwargs: dict[str, Any] = {}
+    if a.chunk_mib:
+        engine_kwargs["chunk_bytes"] = int(a.chunk_mib * 2**20)
+    if a.queued_demand:
+        engine_kwargs["inline_demand"] = False
+    if engine_kwargs:
+        extra["engine_kwargs"] = engine_kwargs
     io0, t0 = proc_io(), time.perf_counter()
     llm = PrefetchLlama(a.model, mode=mode, predictor=preds, oracle=oracle,
                         lookahead=a.lookahead if mode in ("predictor", "oracle") else None,
                         method=a.method, queue_depth=a.queue_depth,
-                        madvise_random=a.madvise_random, min_share=a.min_share,
+                        madvise_random=a.madvise_random,
                         async_requests=not a.sync_requests, n_ctx=256, n_threads=a.threads,
-                        use_mmap=a.mode != "nommap", seed=0)
+                        use_mmap=a.mode != "nommap", seed=0, **extra)
     io1, t1 = proc_io(), time.perf_counter()
     marks: list[Any] = []
 
@@ -87,19 +168,23 @@ def child(a: argparse.Namespace) -> None:
     toks, n_prompt, t_prompt, t_decode = generate_greedy(llm, PROMPT, a.tokens, on_token)
     io3, t3 = proc_io(), time.perf_counter()
     st = llm.prefetch_stats()
+    anon = rss_anon()
     llm.close()
     io2, t2 = marks[0] if marks else (io3, t3)
     gen = io3 - io2
     steps = max(1, len(toks) - 1)  # decode steps after the first sampled token
+    eng = st.engine
     print(json.dumps({
         "load_s": t1 - t0, "load_read": (io1 - io0).read_bytes,
         "prompt_tokens": n_prompt, "prompt_s": t2 - t1, "prompt_read": (io2 - io1).read_bytes,
         "steps": steps, "decode_s": t3 - t2, "decode_read": gen.read_bytes,
-        "decode_majflt": gen.majflt, "tokens": toks, "stats": st.as_dict(),
+        "decode_majflt": gen.majflt, "tokens": toks, "rss_anon": anon,
+        "stats": st.as_dict(),
+        "unbalanced": getattr(eng, "unbalanced", lambda: {})() if eng is not None else {},
     }, default=str), flush=True)
 
 
-# --- parent -------------------------------------------------------------------------------------
+# --- parent: inputs -------------------------------------------------------------------------------
 
 
 def sh(*cmd: str) -> None:
@@ -107,38 +192,51 @@ def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def build_model(source: Path, total_gib: float) -> Path:
-    """Widened f32 copy of ``source`` (f32 like the shipped model: bit-identical routing)."""
+def widened(source: Path, out: Path, **kw: Any) -> Path:
     from expertpred.gguf.widen import widen
 
-    BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    sha = file_sha256(source)[:12]
-    out = BENCH_DIR / f"{source.parent.name}-{sha}-widened-{total_gib:g}gib-f32.gguf"
     if not out.exists():
-        res = widen(source, out, total_gib=total_gib, dtype="f32")
+        res = widen(source, out, **kw)
         print(f"widened {source} -> {out}: {res.file_size / 2**30:.2f} GiB in "
               f"{res.seconds:.1f} s, {res.plan.bytes_per_expert / 2**20:.1f} MiB per expert",
               flush=True)
     return out
 
 
-def build_predictor(source: Path, n_prompts: int, name: str) -> Path:
-    """``name`` predictors trained on a trace of ``source`` (the shipped trace when it was
-    made from this very file, else a fresh trace of ``n_prompts`` prompts)."""
-    sha = file_sha256(source)
+def build_models(source: Path, total_gib: float, dtype: str) -> tuple[Path, Path]:
+    """(widened model, reference): the reference is what traces and predictors come from —
+    the source itself for f32, else the source converted to ``dtype`` at its own width
+    (same routing as the widened copy)."""
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    tag = f"{source.parent.name}-{file_sha256(source)[:12]}"
+    model = widened(source, BENCH_DIR / f"{tag}-widened-{total_gib:g}gib-{dtype}.gguf",
+                    total_gib=total_gib, dtype=dtype)
+    if dtype == "f32":
+        return model, source
+    from expertpred.gguf.widen import plan_widen
+
+    old_ff = plan_widen(source, total_gib=total_gib, dtype=dtype).old_ff
+    ref = widened(source, BENCH_DIR / f"{tag}-ref-{dtype}.gguf", ff=old_ff, dtype=dtype)
+    return model, ref
+
+
+def build_predictor(ref: Path, model_name: str, n_prompts: int, name: str) -> Path:
+    """``name`` predictors trained on a trace of ``ref`` (the shipped trace when it was made
+    from this very file, else a fresh trace of ``n_prompts`` prompts)."""
+    sha = file_sha256(ref)
     d = BENCH_DIR / "predictors" / sha[:12]
     models = d / "models"
     if saved_path(models, name, 1).exists():
         return models
-    shipped = ROOT / "datasets" / "traces" / source.parent.name
-    cfg = ROOT / "training" / "configs" / f"predictors-{source.parent.name}.toml"
+    shipped = ROOT / "datasets" / "traces" / model_name
+    cfg = ROOT / "training" / "configs" / f"predictors-{model_name}.toml"
     manifest = shipped / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text())["model"]["sha256"] == sha:
         dataset = shipped
     else:
         dataset = BENCH_DIR / "traces" / sha[:12]
         if not (dataset / "manifest.json").exists():
-            sh(sys.executable, "-m", "expertpred.cli", "trace", "--model", str(source),
+            sh(sys.executable, "-m", "expertpred.cli", "trace", "--model", str(ref),
                "--prompts", str(ROOT / "datasets" / "prompts" / "heldout.jsonl"),
                "--split", "train", "--limit", str(n_prompts), "--max-tokens", "32",
                "--out", str(dataset))
@@ -148,16 +246,15 @@ def build_predictor(source: Path, n_prompts: int, name: str) -> Path:
     return models
 
 
-def build_oracle(source: Path, tokens: int) -> Path:
-    """The true routing of the benchmark's greedy run, traced on ``source``."""
+def build_oracle(ref: Path, tokens: int) -> Path:
+    """The true routing of the benchmark's greedy run, traced on ``ref``."""
     from expertpred.prefetch.plugin import OracleTrace, prompt_tokens
     from expertpred.trace.llama_tracer import LlamaTracer
 
-    sha = file_sha256(source)[:12]
-    out = BENCH_DIR / f"oracle-{sha}-{tokens}.npz"
+    out = BENCH_DIR / f"oracle-{file_sha256(ref)[:12]}-{tokens}.npz"
     if not out.exists():
-        ids = prompt_tokens(source, PROMPT)
-        with LlamaTracer(source, n_ctx=256, n_threads=2) as tr:
+        ids = prompt_tokens(ref, PROMPT)
+        with LlamaTracer(ref, n_ctx=256, n_threads=2) as tr:
             OracleTrace.from_sequence(tr.trace(ids, tokens)).save(out)
     return out
 
@@ -168,22 +265,36 @@ def warm(path: Path) -> None:
             pass
 
 
-def run_one(a: argparse.Namespace, mode: str, model: Path, limit: int, predictor: Path,
+def load_avg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# --- parent: runs ---------------------------------------------------------------------------------
+
+
+def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int, predictor: Path,
             oracle: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--mode", mode,
-           "--model", str(model), "--source", str(a.source), "--predictor", str(predictor),
+    policy = a.residency_map.get(spec.mode, "none")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--mode", spec.mode,
+           "--model", str(model), "--source", str(a.ref), "--predictor", str(predictor),
            "--oracle", str(oracle), "--tokens", str(a.tokens), "--lookahead",
-           str(a.lookahead), "--method", a.method, "--queue-depth", str(a.queue_depth),
-           "--threads", str(a.threads), "--predictor-name", a.predictor_name]
-    if a.madvise_random:
+           str(a.lookahead), "--method", spec.method or a.method, "--queue-depth",
+           str(spec.queue_depth or a.queue_depth), "--threads", str(a.threads),
+           "--predictor-name", a.predictor_name, "--residency", policy,
+           "--budget", str(a.budget or 0)]
+    if a.madvise_random or spec.random:
         cmd.append("--madvise-random")
+    if spec.chunk_mib:
+        cmd += ["--chunk-mib", str(spec.chunk_mib)]
+    if spec.queued:
+        cmd.append("--queued-demand")
     if a.min_share is not None:
         cmd += ["--min-share", str(a.min_share)]
     if a.sync_requests:
         cmd.append("--sync-requests")
-    row: dict[str, Any] = {"mode": mode}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if mode == "cached":
+    row: dict[str, Any] = {"mode": spec.label, "residency": policy}
+    env = {**os.environ, "PYTHONPATH": str(spec.root)}
+    if spec.mode == "cached":
         warm(model)
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -193,7 +304,7 @@ def run_one(a: argparse.Namespace, mode: str, model: Path, limit: int, predictor
     else:
         evict_file(model)
         row["resident_before"] = residency(model).fraction
-        with MemoryCgroup(f"e2e-{mode}", limit) as cg:
+        with MemoryCgroup(f"e2e-{spec.mode}", limit) as cg:
             res = cg.run(cmd, env=env, cwd=ROOT, timeout=a.timeout)
         row.update(returncode=res.returncode, wall_s=res.seconds, oom=res.oom_killed,
                    peak=res.after.max_usage, stderr=res.stderr[-600:])
@@ -204,52 +315,138 @@ def run_one(a: argparse.Namespace, mode: str, model: Path, limit: int, predictor
     return row
 
 
-def summarize(rows: list[dict[str, Any]], modes: list[str]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for m in modes:
-        ok = [r for r in rows if r["mode"] == m and "decode_s" in r]
-        if not ok:
-            continue
-        s = {
-            "tok_s": statistics.median(r["steps"] / r["decode_s"] for r in ok),
-            "read_per_tok": statistics.median(r["decode_read"] / r["steps"] for r in ok),
-            "majflt_per_tok": statistics.median(r["decode_majflt"] / r["steps"] for r in ok),
-            "load_s": statistics.median(r["load_s"] for r in ok),
-            "load_read": statistics.median(r["load_read"] for r in ok),
-            "runs": len(ok),
-        }
-        hits = [r["stats"].get("engine_hit_rate") for r in ok]
-        if all(h is not None for h in hits):
-            s["hit_rate"] = statistics.median(hits)
-            s["prefetch_read_per_tok"] = statistics.median(
-                r["stats"]["engine_bytes_read"] / r["steps"] for r in ok)
-            s["callback_s_per_tok"] = statistics.median(
-                r["stats"]["callback_seconds"] / r["steps"] for r in ok)
-        out[m] = s
+def io_reference(model: Path, lay: MoELayout, gb: float, methods: list[str],
+                 seed: int) -> dict[str, float]:
+    """GB/s of io_bandwidth's methods on this model's experts (cold) and dd O_DIRECT."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import io_bandwidth as iob
+
+    from expertpred.prefetch.sysmem import FileMapping
+
+    budget = int(min(gb * 1e9, lay.expert_bytes * 0.8))
+    keys = iob.workload(lay, budget, seed=seed, k=lay.n_expert_used)
+    out: dict[str, float] = {}
+    first = int(lay.offsets.min()) // (4 << 20) * (4 << 20)
+    span = max(1, int(lay.expert_bytes) - budget)
+    off = first + (seed * budget) % span // (4 << 20) * (4 << 20)
+    out["dd O_DIRECT"] = iob.o_direct_dd(model, off, budget)
+    with FileMapping(model) as fm:
+        for m in methods:
+            name, _, qd = m.partition(":")
+            gbps, _ = iob.run_method(model, lay, fm, name, int(qd or 1), keys, 2 << 20,
+                                     False, False)
+            out[m] = gbps
     return out
 
 
-def table(summary: dict[str, dict[str, float]]) -> str:
-    lines = ["| run | tok/s | GiB read / token | major faults / token | prefetch hit rate | "
-             "prefetch GiB / token | callback s / token | load s (GiB read) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+# --- parent: summary ------------------------------------------------------------------------------
+
+
+def med_range(xs: list[float], fmt: str = "{:.3f}") -> str:
+    if not xs:
+        return "–"
+    m = statistics.median(xs)
+    return f"{fmt.format(m)} [{fmt.format(min(xs))}–{fmt.format(max(xs))}]"
+
+
+def summarize(rows: list[dict[str, Any]], specs: list[ModeSpec]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    cached = [r["decode_s"] / r["steps"] for r in rows
+              if r["mode"] == "cached" and "decode_s" in r]
+    compute_s = statistics.median(cached) if cached else 0.0
+    for spec in specs:
+        ok = [r for r in rows if r["mode"] == spec.label and "decode_s" in r]
+        if not ok:
+            continue
+        s: dict[str, Any] = {
+            "tok_s": [r["steps"] / r["decode_s"] for r in ok],
+            "gib_tok": [r["decode_read"] / r["steps"] / 2**30 for r in ok],
+            "gbps": [r["decode_read"] / r["decode_s"] / 1e9 for r in ok],
+            "gbps_io": [r["decode_read"] / max(1e-9, r["decode_s"] - compute_s * r["steps"])
+                        / 1e9 for r in ok],
+            "peak_gib": [r.get("peak", 0) / 2**30 for r in ok],
+            "oom": sum(bool(r.get("oom")) for r in ok),
+            "rss_anon": [r.get("rss_anon", 0) for r in ok],
+            "runs": len(ok),
+        }
+        st = [r["stats"] for r in ok]
+        if all("engine_hit_rate" in x for x in st):
+            s["hit"] = [x["engine_hit_rate"] for x in st]
+            s["waste_gib_tok"] = [x["engine_wasted_bytes"] / r["steps"] / 2**30
+                                  for x, r in zip(st, ok)]
+            s["unbalanced"] = sum(bool(r.get("unbalanced")) for r in ok)
+            s["demand_p50_ms"] = [x.get("engine_demand_latency_p50_ms", float("nan"))
+                                  for x in st]
+        out[spec.label] = s
+    return out
+
+
+def table(summary: dict[str, dict[str, Any]], limit: int) -> str:
+    lines = ["| run | tok/s median [min–max] | GiB read / token | read GB/s during decode | "
+             "… without compute | hit rate | wasted spec. GiB / token | demand read p50 ms | "
+             "peak / limit | OOM |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for m, s in summary.items():
-        hr = f"{100 * s['hit_rate']:.0f}%" if "hit_rate" in s else "–"
-        pf = f"{s['prefetch_read_per_tok'] / 2**30:.2f}" if "prefetch_read_per_tok" in s else "–"
-        cb = f"{s['callback_s_per_tok']:.3f}" if "callback_s_per_tok" in s else "–"
-        lines.append(f"| {m} | {s['tok_s']:.3f} | {s['read_per_tok'] / 2**30:.2f} | "
-                     f"{s['majflt_per_tok']:.0f} | {hr} | {pf} | {cb} | "
-                     f"{s['load_s']:.1f} ({s['load_read'] / 2**30:.2f}) |")
+        base = m.split("@")[0].split("^")[0]
+        name = f"({LETTER[base]}) {m}" if base in LETTER else m
+        hit = med_range([100 * h for h in s["hit"]], "{:.0f}%") if "hit" in s else "–"
+        waste = med_range(s["waste_gib_tok"], "{:.2f}") if "waste_gib_tok" in s else "–"
+        lat = med_range(s["demand_p50_ms"], "{:.1f}") if "demand_p50_ms" in s else "–"
+        peak = f"{max(s['peak_gib']) * 2**30 / limit:.2f}" if max(s["peak_gib"]) else "–"
+        lines.append(f"| {name} | {med_range(s['tok_s'])} | {med_range(s['gib_tok'], '{:.2f}')}"
+                     f" | {med_range(s['gbps'], '{:.2f}')} | {med_range(s['gbps_io'], '{:.2f}')}"
+                     f" | {hit} | {waste} | {lat} | {peak} | {s['oom']} |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def cachesim_floor(oracle: Path, lay: MoELayout, n_prompt: int, steps: int,
+                   budget: int) -> dict[str, float]:
+    """cachesim's bytes per decode token of this greedy run at ``budget`` bytes of experts:
+    the prompt (token-major, as the simulator orders it) warms the cache, then the
+    decode tokens' bytes are the difference."""
+    from expertpred.learn.cachesim import simulate
+
+    experts = np.load(oracle)["experts"].astype(np.int64)
+    bpe = lay.bytes_per_expert()
+    out = {"budget_experts": budget // bpe}
+    for pol in ("lru", "belady"):
+        full = simulate(experts[:n_prompt + steps], pol, budget, bpe, lay.n_expert)
+        warmup = simulate(experts[:n_prompt], pol, budget, bpe, lay.n_expert)
+        total = full.demand_bytes + full.prefetch_bytes
+        pre = warmup.demand_bytes + warmup.prefetch_bytes
+        out[pol] = (total - pre) / steps / 2**30
+    return out
+
+
+def ratios(summary: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for num, den, goal in (("predictor", "d0", 1.5), ("predictor", "stock", 3.0),
+                           ("predictor", "oracle", 0.85)):
+        if num not in summary or den not in summary:
+            continue
+        r = statistics.median(summary[num]["tok_s"]) / statistics.median(summary[den]["tok_s"])
+        per_round = []
+        for rnd in sorted({x["round"] for x in rows if "round" in x}):
+            a = [x for x in rows if x.get("round") == rnd and x["mode"] == num and "steps" in x]
+            b = [x for x in rows if x.get("round") == rnd and x["mode"] == den and "steps" in x]
+            if a and b:
+                per_round.append((a[0]["steps"] / a[0]["decode_s"])
+                                 / (b[0]["steps"] / b[0]["decode_s"]))
+        out.append(f"({LETTER[num]})/({LETTER[den]}) {num} / {den} tok/s: {r:.2f} "
+                   f"(goal >= {goal}; per round {', '.join(f'{x:.2f}' for x in per_round)})")
+    return out
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="stock", help=argparse.SUPPRESS)
     ap.add_argument("--oracle", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help="Use this widened GGUF as it is.")
-    ap.add_argument("--source", type=Path, default=SOURCE, help="Model to widen.")
+    ap.add_argument("--model-name", default="tiny-mixtral",
+                    help="Shipped model (models/<name>/model.gguf) to widen.")
+    ap.add_argument("--dtype", default="f32", help="Widened expert dtype (f32, q4_0, ...).")
     ap.add_argument("--predictor", type=Path, help="Saved predictors (default: train).")
     ap.add_argument("--predictor-name", default=DEFAULT_PREDICTOR,
                     help="Which saved predictor (files <name>-d<d>.npz).")
@@ -257,13 +454,24 @@ def main() -> None:
     ap.add_argument("--size-over-limit", type=float, default=2.5,
                     help="Model size / cgroup limit.")
     ap.add_argument("--tokens", type=int, default=16, help="Greedy tokens per run.")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--extra", default="nommap", help="One-off scenarios ('' for none).")
+    ap.add_argument("--residency", default=RESIDENCY,
+                    help="mode=policy,... for the plugin modes, or 'none'.")
+    ap.add_argument("--budget", type=int, default=0,
+                    help="Expert byte budget for the residency manager (0: its default).")
+    ap.add_argument("--extra", default="", help="One-off scenarios, e.g. nommap.")
+    ap.add_argument("--io-ref", default="fadvise:8,madvise:1,pread:8",
+                    help="io_bandwidth methods measured each round ('' for none).")
+    ap.add_argument("--io-gb", type=float, default=1.0)
     ap.add_argument("--lookahead", type=int, default=1)
     ap.add_argument("--method", default="fadvise")
     ap.add_argument("--queue-depth", type=int, default=8)
     ap.add_argument("--madvise-random", action="store_true")
+    ap.add_argument("--chunk-mib", type=float, default=0.0,
+                    help="Engine chunk size (0: the engine's default).")
+    ap.add_argument("--queued-demand", action="store_true",
+                    help="Demand hints through the engine's queue (inline_demand=False).")
     ap.add_argument("--min-share", type=float, default=None,
                     help="Confidence gating of predicted experts (default: the plugin's).")
     ap.add_argument("--sync-requests", action="store_true",
@@ -272,16 +480,36 @@ def main() -> None:
     ap.add_argument("--train-prompts", type=int, default=80)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, help="Write rows and summary here.")
-    a = ap.parse_args()
+    ap.add_argument("--bench-dir", type=Path, default=BENCH_DIR,
+                    help="Where widened models, traces and predictors are kept (a private "
+                         "one keeps other jobs from evicting or reading the same file).")
+    return ap.parse_args()
+
+
+def main() -> None:
+    global BENCH_DIR
+    a = parse_args()
+    BENCH_DIR = a.bench_dir
     if a.child:
+        a.budget = a.budget or None
         child(a)
         return
     logging.basicConfig(level=logging.WARNING)
     if reason := why_unavailable():
         sys.exit(f"error: {reason}")
-    model = a.model or build_model(a.source, a.total_gib)
-    predictor = a.predictor or build_predictor(a.source, a.train_prompts, a.predictor_name)
-    oracle = build_oracle(a.source, a.tokens)
+    specs = [ModeSpec.parse(m) for m in a.modes.split(",") if m]
+    a.residency_map = ({} if a.residency in ("", "none") else
+                       dict(kv.split("=", 1) for kv in a.residency.split(",")))
+    for policy in {a.residency_map.get(s.mode) for s in specs} - {None, "kernel"}:
+        residency_kwargs(policy, None, None)  # one error line now, not one per child
+    source = ROOT / "models" / a.model_name / "model.gguf"
+    if a.model:
+        model, a.ref = a.model, source
+    else:
+        model, a.ref = build_models(source, a.total_gib, a.dtype)
+    predictor = a.predictor or build_predictor(a.ref, a.model_name, a.train_prompts,
+                                               a.predictor_name)
+    oracle = build_oracle(a.ref, a.tokens)
     lay = read_layout(model)
     size = model.stat().st_size
     limit = int(size / a.size_over_limit)
@@ -289,41 +517,75 @@ def main() -> None:
     print(f"model {model}: {size / 2**30:.2f} GiB, {lay.bytes_per_expert() / 2**20:.1f} MiB "
           f"per expert, {per_tok / 2**30:.2f} GiB of experts per token; cgroup limit "
           f"{limit / 2**30:.2f} GiB; {a.tokens} tokens, lookahead {a.lookahead}, "
-          f"{a.method} qd {a.queue_depth}, madvise_random={a.madvise_random}, "
-          f"min_share={a.min_share}, sync_requests={a.sync_requests}", flush=True)
-    modes = [m for m in a.modes.split(",") if m]
+          f"{a.method} qd {a.queue_depth}, residency {a.residency_map or 'none'}, "
+          f"predictor {a.predictor_name}, min_share={a.min_share}; load average {load_avg()}",
+          flush=True)
     rows: list[dict[str, Any]] = []
+    io_rows: list[dict[str, float]] = []
+    io_methods = [m for m in a.io_ref.split(",") if m]
     for r in range(a.rounds):
-        order = modes if r % 2 == 0 else modes[::-1]  # alternate: no mode always goes first
-        for m in order:
-            row = run_one(a, m, model, limit, predictor, oracle)
+        order = specs if r % 2 == 0 else specs[::-1]  # alternate: no mode always goes first
+        if io_methods:
+            io_rows.append(io_reference(model, lay, a.io_gb, io_methods, r))
+            print(f"round {r} io reference GB/s: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in io_rows[-1].items()), flush=True)
+        for spec in order:
+            row = run_one(a, spec, model, limit, predictor, oracle)
             row["round"] = r
             rows.append(row)
             tps = row["steps"] / row["decode_s"] if "decode_s" in row else float("nan")
-            print(f"round {r} {m:9} rc={row['returncode']} {tps:7.3f} tok/s "
+            st = row.get("stats", {})
+            print(f"round {r} {spec.label:12} rc={row['returncode']} {tps:7.3f} tok/s "
                   f"read/tok {row.get('decode_read', 0) / max(1, row.get('steps', 1)) / 2**30:.2f}"
-                  f" GiB  hit {row.get('stats', {}).get('engine_hit_rate', '-')}", flush=True)
+                  f" GiB  hit {st.get('engine_hit_rate', '-')}  peak "
+                  f"{row.get('peak', 0) / 2**30:.2f} GiB  load {load_avg()}", flush=True)
             if row["returncode"] != 0:
                 print("  stderr: " + row["stderr"].replace("\n", "\n  "), flush=True)
     for m in [x for x in a.extra.split(",") if x]:
-        row = run_one(a, m, model, limit, predictor, oracle)
+        row = run_one(a, ModeSpec.parse(m), model, limit, predictor, oracle)
         rows.append(row)
         print(f"extra {m}: rc={row['returncode']} oom_killed={row.get('oom')} "
               f"peak={row.get('peak', 0) / 2**30:.2f} GiB", flush=True)
-    summary = summarize(rows, modes)
-    print(table(summary))
+    report(a, rows, io_rows, specs, lay, limit, size, oracle, model)
+
+
+def report(a: argparse.Namespace, rows: list[dict[str, Any]], io_rows: list[dict[str, float]],
+           specs: list[ModeSpec], lay: MoELayout, limit: int, size: int, oracle: Path,
+           model: Path) -> None:
+    summary = summarize(rows, specs)
+    print()
+    print(table(summary, limit))
+    if io_rows:
+        print("io reference GB/s, median [min–max] over rounds: " + ", ".join(
+            f"{k} {med_range([x[k] for x in io_rows], '{:.2f}')}" for k in io_rows[0]))
     toks = {tuple(r["tokens"]) for r in rows if "tokens" in r}
-    print(f"greedy tokens identical across all runs: {len(toks) == 1}")
-    s = summary
-    if "predictor" in s and "stock" in s:
-        print(f"(c)/(a) predictor / stock tok/s: "
-              f"{s['predictor']['tok_s'] / s['stock']['tok_s']:.2f}")
-    if "predictor" in s and "oracle" in s:
-        print(f"(c)/(d) predictor / oracle tok/s: "
-              f"{s['predictor']['tok_s'] / s['oracle']['tok_s']:.2f}")
+    print(f"greedy tokens identical across all runs: {len(toks) == 1} "
+          f"({len([r for r in rows if 'tokens' in r])} runs)")
+    ok = [r for r in rows if "steps" in r]
+    floor = {}
+    if ok:
+        anon = statistics.median(r.get("rss_anon", 0) for r in ok if r["mode"] == "stock") \
+            if any(r["mode"] == "stock" for r in ok) else 0
+        budget = max(0, limit - int(size - lay.expert_bytes) - int(anon))
+        floor = cachesim_floor(oracle, lay, ok[0]["prompt_tokens"], ok[0]["steps"],
+                               a.budget or budget)
+        print(f"cachesim at the effective expert budget {(a.budget or budget) / 2**30:.2f} GiB "
+              f"({floor['budget_experts']} of {lay.n_expert * len(lay.moe_layers)} experts; "
+              f"limit - non-expert bytes - stock RssAnon {anon / 2**20:.0f} MiB): GiB read / "
+              f"token LRU {floor['lru']:.2f}, Belady {floor['belady']:.2f}")
+        if "predictor" in summary:
+            c = statistics.median(summary["predictor"]["gib_tok"])
+            print(f"(c) GiB read / token over Belady: {c / floor['belady']:.2f} (goal <= 1.3)"
+                  if floor["belady"] > 0 else "(c) Belady floor is 0")
+    for line in ratios(summary, rows):
+        print(line)
+    bad = [r["mode"] for r in rows if r.get("unbalanced")]
+    print(f"engine ledgers balanced in every run: {not bad} {bad or ''}")
+    print(f"load average at the end: {load_avg()}")
     if a.json:
-        a.json.write_text(json.dumps({"rows": rows, "summary": summary,
-                                      "identical": len(toks) == 1}, indent=1, default=str))
+        a.json.write_text(json.dumps({"rows": rows, "summary": summary, "io": io_rows,
+                                      "cachesim": floor, "identical": len(toks) == 1},
+                                     indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -116,8 +116,8 @@ def run_method(path: Path, layout: MoELayout, fm: FileMapping, method: str, qd: 
                 time.sleep(0.002)
         dt = time.perf_counter() - t0
         st = eng.stats()
-    if st.counters.errors or not st.enabled:
-        log.warning("%s qd=%d: %d errors, enabled=%s", method, qd, st.counters.errors,
+    if st.counters.failed or not st.enabled:
+        log.warning("%s qd=%d: %d errors, enabled=%s", method, qd, st.counters.failed,
                     st.enabled)
     return nbytes / dt / 1e9, resident(fm, ranges)
 

@@ -158,7 +158,7 @@ def replay(path: Path, layout: MoELayout, traces, model, predictor, name: str,
     reader.close()
     c = st.counters
     return {"tok/s": tokens / wall, "stall ms/tok": 1e3 * stall / max(tokens, 1),
-            "hit rate": st.hit_rate, "used": c.used, "late": c.late, "wasted": c.wasted,
+            "hit rate": st.hit_rate, "used": c.hits, "late": c.late, "wasted": c.spec_unused,
             "misses": c.misses, "prefetch GB": c.bytes_read / 1e9,
             "demand GB": reader.bytes / 1e9}
 
@@ -226,7 +226,7 @@ def replay_stream(path: Path, layout: MoELayout, experts: np.ndarray, plan: np.n
     c = st.counters
     return {"replay hit": hits / max(accesses, 1), "accesses": accesses, "hits": hits,
             "timely hit": st.hit_rate, "stall ms/tok": 1e3 * stall / max(t_len, 1),
-            "tok/s": t_len / wall, "late": c.late, "wasted": c.wasted,
+            "tok/s": t_len / wall, "late": c.late, "wasted": c.spec_unused,
             "dropped": c.dropped_stale + c.dropped_full,
             "prefetch GB": c.bytes_read / 1e9, "demand GB": reader.bytes / 1e9}
 

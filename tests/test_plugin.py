@@ -102,12 +102,12 @@ def test_same_tokens_every_mode(refs: dict[str, Ref], name: str, mode: str) -> N
     assert c.d0_requests > 0 and e.requests > 0 and e.issued > 0
     assert e.bytes_read > 0
     assert e.uses == c.d0_requests  # every layer's experts accounted as used
-    assert e.used + e.late + e.misses == e.uses
+    assert e.hits + e.late + e.misses == e.uses
     if mode == "predictor":
         assert c.predictions > 0 and c.ahead_requests > 0
     if mode == "oracle":
         assert c.ahead_requests > 0 and c.oracle_misses <= 2 * len(ref.model.moe_layers)
-        assert e.used > 0
+        assert e.hits > 0
 
 
 def test_file_removed_during_inference(refs: dict[str, Ref], tmp_path: Path) -> None:

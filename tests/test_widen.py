@@ -101,9 +101,10 @@ def test_padding_is_zeros_around_the_original_weights(model, tmp_path):
     assert out_reader.fields["expertpred.widen.source_ff"].contents() == f
 
 
-@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
 def test_widened_matches_original_converted_to_same_dtype(tmp_path, dtype):
-    """f16 / q8_0 change the outputs vs an f32 original; ff=original is the reference."""
+    """f16 / q8_0 / q4_0 change the outputs vs an f32 original; ff=original is the
+    reference."""
     path = write_random_moe(tmp_path / "m.gguf", SPECS["llama"])
     ref = widen(path, tmp_path / "ref.gguf", ff=SPECS["llama"].n_ff, dtype=dtype)
     big = widen(path, tmp_path / "big.gguf", expert_mib=1, dtype=dtype)
@@ -197,7 +198,7 @@ def test_cli(tmp_path):
     assert bad.returncode == 2 and len(lines) == 1 and str(path) in lines[0]
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q4_0"])
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3moe"])
 def test_shipped_model(tmp_path, name, dtype):
     path = REPO / "models" / name / "model.gguf"
@@ -236,3 +237,32 @@ def test_merged_gate_up_experts_pad_each_half(tmp_path):
     assert np.array_equal(b[:, :ff], bias[:, :ff]) and not b[:, ff:96].any()
     assert np.array_equal(b[:, 96:96 + ff], bias[:, ff:]) and not b[:, 96 + ff:].any()
     assert out["blk.0.ffn_down_exps.weight"].shape == (e, d, 96)
+
+
+def test_q4_0_layout_ranges_hold_each_experts_blocks(tmp_path):
+    """Each expert's layout byte ranges are exactly its Q4_0 blocks: the source's values
+    (to 4-bit precision) in the first rows / columns, zeros in the padding."""
+    spec = SPECS["qwen3moe"]
+    path = write_random_moe(tmp_path / "m.gguf", spec)
+    res = widen(path, tmp_path / "w.gguf", ff=3 * spec.n_ff, dtype="q4_0")
+    lay = read_layout(res.path)
+    src = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    raw = res.path.read_bytes()
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    n_ff, new_ff, d = spec.n_ff, res.plan.new_ff, spec.n_embd
+    assert lay.bytes_per_expert() == res.plan.bytes_per_expert == 3 * d * new_ff // 32 * 18
+    for layer in lay.moe_layers:
+        for e in (0, lay.n_expert - 1):
+            for s in lay.expert_slices(layer, e):
+                w = gguf.quants.dequantize(
+                    np.frombuffer(raw, np.uint8, s.nbytes, s.offset).reshape(-1, 18), q4)
+                orig = np.asarray(src[f"blk.{layer}.{s.tensor}"].data[e], np.float32)
+                if s.tensor.startswith("ffn_down"):  # (d, new_ff): columns padded
+                    w = w.reshape(d, new_ff)
+                    got, pad = w[:, :n_ff], w[:, n_ff:]
+                else:  # (new_ff, d): rows padded
+                    w = w.reshape(new_ff, d)
+                    got, pad = w[:n_ff], w[n_ff:]
+                assert not pad.any()
+                tol = np.abs(orig).max() / 7
+                np.testing.assert_allclose(got, orig, rtol=0, atol=tol)

@@ -294,7 +294,7 @@ def widen(
     expert_mib: float = typer.Option(None, "--expert-mib", help="Target MiB per expert."),
     total_gib: float = typer.Option(None, "--total-gib", help="Target output size in GiB."),
     ff: int = typer.Option(None, "--ff", help="Target expert FFN width."),
-    dtype: str = typer.Option("f16", "--dtype", help="Expert weight dtype: f16, f32, q8_0."),
+    dtype: str = typer.Option("f16", "--dtype", help="Expert weight dtype: f16, f32, q8_0, q4_0."),
 ) -> None:
     """Zero-pad every expert's FFN width: same routing and outputs, realistic bytes per expert
     (e.g. a multi-GB model to benchmark SSD prefetching)."""
@@ -396,10 +396,13 @@ def run(
         t.add_row("method / queue depth", f"{st.engine.method} / {st.engine.queue_depth}")
         t.add_row("requests / issued / coalesced", f"{e.requests} / {e.issued} / {e.coalesced}")
         t.add_row("bytes read (or advised)", _human(e.bytes_read))
-        t.add_row("uses: hit / late / miss", f"{e.used} / {e.late} / {e.misses}")
+        t.add_row("uses: hit / late / miss", f"{e.hits} / {e.late} / {e.misses}")
         t.add_row("hit rate", f"{100 * st.engine.hit_rate:.1f}%")
-        t.add_row("wasted prefetches", str(e.wasted))
-        t.add_row("I/O errors", f"{e.errors}" + ("" if st.engine.enabled
+        t.add_row("speculative: issued / used / unused",
+                  f"{e.spec_issued} / {e.spec_used} / {e.spec_unused}")
+        t.add_row("bytes: demand / speculative / wasted",
+                  f"{_human(e.demand_bytes)} / {_human(e.spec_bytes)} / {_human(e.wasted_bytes)}")
+        t.add_row("I/O errors", f"{e.failed}" + ("" if st.engine.enabled
                                                  else f" (disabled: {st.engine.disabled_reason})"))
         if c.predictions:
             ms = 1e3 * c.predict_seconds / c.predictions

@@ -67,17 +67,20 @@ class TargetDType:
         return n // block * size
 
     def encode(self, rows: np.ndarray) -> np.ndarray:
-        """float32 (r, c) -> uint8 (r, row_bytes(c)). Zeros encode to zero bytes in every
-        registered dtype, which is what lets the padding be written as plain zero bytes."""
+        """float32 (r, c) -> uint8 (r, row_bytes(c)). Zero bytes decode to zeros in every
+        registered dtype (in the block types a zero scale makes the whole block zero), which
+        is what lets the padding be written as plain zero bytes."""
         out = gguf.quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), self.qtype)
         return out.view(np.uint8).reshape(rows.shape[0], -1)
 
 
-# Registry: name -> dtype. q8_0 rows must be a multiple of 32 elements (checked in plan).
+# Registry: name -> dtype. q8_0 / q4_0 rows must be a multiple of 32 elements (checked in
+# plan). q4_0: what users run, and where compute per byte read is highest.
 DTYPES: dict[str, TargetDType] = {
     "f32": TargetDType("f32", QT.F32, gguf.LlamaFileType.ALL_F32),
     "f16": TargetDType("f16", QT.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": TargetDType("q8_0", QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": TargetDType("q4_0", QT.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 _F32 = DTYPES["f32"]  # expert biases stay f32 whatever the weight dtype
 
@@ -366,8 +369,8 @@ def _rows_padded(src: np.ndarray, new_rows: int, dt: TargetDType) -> Iterator[me
 def _cols_padded(src: np.ndarray, new_cols: int, dt: TargetDType) -> Iterator[memoryview]:
     """(rows, cols) -> (rows, new_cols): each row is its encoded values, then zeros.
 
-    Only the first ``ceil(cols / block) * block`` columns are encoded (q8_0 blocks); the rest
-    of each row is zero bytes, which is what zeros encode to."""
+    Only the first ``ceil(cols / block) * block`` columns are encoded (q8_0 / q4_0 blocks);
+    the rest of each row is zero bytes, which decode to zeros."""
     rows, cols = src.shape
     enc_cols = -(-cols // dt.block) * dt.block
     rb_new, rb_enc = dt.row_bytes(new_cols), dt.row_bytes(enc_cols)

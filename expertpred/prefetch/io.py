@@ -12,6 +12,11 @@ name         what a worker does per chunk                                     co
              readahead and returns without waiting for the data.
 ``madvise``  ``madvise(MADV_WILLNEED)`` on the method's own read-only mapping    no (hint)
              of the file (ctypes; never dereferenced, so no SIGBUS risk).
+``populate`` ``POSIX_FADV_WILLNEED`` of the chunk, then                      yes
+             ``madvise(MADV_POPULATE_READ)`` on the method's own ``MADV_RANDOM``
+             mapping (waits for exactly those pages, no copy to user space),
+             then ``MADV_DONTNEED`` (our page-table entries go, the pages stay
+             cached and unmapped, as reclaimable as the kernel's). >= 5.14.
 ``io_uring`` ``IORING_OP_READ`` through the PyPI ``liburing`` binding           yes
              (2026.3.30): one worker keeps ``queue_depth`` chunk reads in
              flight on one ring (``IOSQE_ASYNC``) and waits on an eventfd with
@@ -23,22 +28,9 @@ name         what a worker does per chunk                                     co
 arrived in time is checked with ``mincore`` by whoever needs to know (the engine does this
 when it accounts a prefetch as used or late).
 
-io_uring notes (tried 2026-11-29, Linux 6.18): the PyPI ``liburing`` wheel works when used
-as its docs say (``io_uring_queue_init(entries, ring)`` before use, keep every buffer and
-``Timespec`` referenced until its completion is reaped); the SIGILL noted earlier was a
-misuse. ``pyuring`` needs a newer C liburing than Debian's 2.3; ``one-ring-core``,
-``rusty-ring`` (Python >= 3.14) and ``uringio`` (>= 3.12) do not install on Python 3.11.
 ``liburing`` is optional: without it ``make_method("io_uring", ...)`` raises a one-line
-:class:`ExpertPredError`.
-
-Measured with ``benchmarks/io_bandwidth.py --rounds 3 --gb 1.5`` (2026-11-29, cold page
-cache, whole 48 MiB experts in random top-2 order, 2 MiB chunks, machine shared with
-training): ``fadvise`` and ``madvise`` reach 0.8-1.05 of the median ``dd iflag=direct``
-bandwidth (~1.3-1.7 GB/s) at every queue depth — one thread can issue a whole job's hints,
-so the device queue stays deep; ``pread`` and ``io_uring`` reach 0.55-0.75 (~0.9-1.1 GB/s)
-at queue depth 4-16. A ``WILLNEED``-then-wait variant (no copy to user space) was no faster
-than ``pread``, so the gap is the per-chunk issue→wait round trip, not the copy.
-Use ``fadvise`` for bandwidth, ``pread`` when "complete" must mean "in the page cache".
+:class:`ExpertPredError`. The methods' measured bandwidth against ``dd`` O_DIRECT, and the
+binding choices, are in docs/prefetch-io.md (``benchmarks/io_bandwidth.py``).
 
 The engine hands work to a method through the small :class:`WorkSource` protocol; a method
 never decides *what* to read, only *how*.
@@ -230,6 +222,30 @@ class MadviseMethod(IOMethod, method_name="madvise", completes_reads=False):
         return nbytes
 
 
+class PopulateMethod(MadviseMethod, method_name="populate", completes_reads=True):
+    """``madvise(MADV_POPULATE_READ)``: a blocking read into the page cache without a copy."""
+
+    def open(self) -> None:
+        super().open()
+        # no fault read-around: populate must wait for the chunk's pages, never read more
+        self.mapping.madvise(0, self.mapping.size, Madvice.RANDOM)
+
+    def fetch_chunk(self, state: object, offset: int, nbytes: int) -> int:
+        self._check_size(offset, nbytes)
+        # the whole chunk in one readahead request first: MADV_RANDOM faults alone would
+        # read it a page at a time
+        os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        try:
+            self.mapping.madvise(offset, nbytes, Madvice.POPULATE_READ)
+        except OSError as exc:
+            if exc.errno == errno.EFAULT:  # SIGBUS while populating: past end of file
+                raise ShortReadError(errno.EIO, f"{self.path}: range {offset}+{nbytes} "
+                                     "not readable: file truncated?") from None
+            raise
+        self.mapping.madvise(offset, nbytes, Madvice.DONTNEED)
+        return nbytes
+
+
 class _Pending:
     """io_uring bookkeeping of one fetch: chunks left to submit / complete."""
 
@@ -299,7 +315,8 @@ class IOUringMethod(IOMethod, method_name="io_uring", completes_reads=True):
                     sqe = L.io_uring_get_sqe(ring)
                     L.io_uring_prep_read(sqe, self.fd, buf, off)
                     # IOSQE_ASYNC: straight to the kernel's blocking io-wq workers; the
-                    # inline non-blocking attempt + async page-wait path measured ~30% slower
+                    # inline non-blocking attempt + async page-wait path is slower
+                    # (docs/prefetch-io.md)
                     sqe.flags = L.IOSQE_ASYNC
                     L.io_uring_sqe_set_data64(sqe, slot)
                     slots[slot] = (p, off, n, buf)

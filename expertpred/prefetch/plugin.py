@@ -74,7 +74,7 @@ from ..features import FeatureBatch, ModelInfo, OnlineFeatures
 from ..gguf.layout import MoELayout, file_sha256, read_layout
 from ..llama import ggml
 from ..trace.record import Phase, SequenceTrace
-from .engine import PrefetchEngine, PrefetchStats
+from .engine import PrefetchEngine, PrefetchStats, Priority
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -659,7 +659,7 @@ class PrefetchPlugin:
         else:
             eng.advance(block)
             eng.on_use(block, used)
-            eng.request(block, used)
+            eng.request(block, used, priority=Priority.DEMAND)
         c.d0_requests += len(used)
         # positions of these rows: the last n rows of the ubatch (output rows at the top)
         pos0 = self._n_past + self._ub_start + self._ub_rows - n

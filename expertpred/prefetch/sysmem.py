@@ -43,6 +43,7 @@ class Madvice(enum.IntEnum):
     DONTNEED = 4
     COLD = 20  # deactivate: move to the inactive LRU, do not free (Linux >= 5.4)
     PAGEOUT = 21  # reclaim now if possible (Linux >= 5.4)
+    POPULATE_READ = 22  # fault the pages in (read them), blocking (Linux >= 5.14)
 
 
 @lru_cache(maxsize=1)

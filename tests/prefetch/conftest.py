@@ -67,8 +67,15 @@ def layout(model_file) -> MoELayout:
 
 @pytest.fixture
 def cold_model(model_file) -> Path:
-    make_cold(model_file)
+    # a hint issued by an earlier test may still be reading: pages under I/O cannot be
+    # dropped until it completes, so evict again until the file is cold (bounded)
+    deadline = time.monotonic() + 10.0
     with FileMapping(model_file) as fm:
+        while True:
+            make_cold(model_file)
+            if not fm.mincore().any() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert not fm.mincore().any(), "page cache not emptied"
     return model_file
 

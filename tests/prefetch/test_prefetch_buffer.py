@@ -124,7 +124,7 @@ def test_engine_with_buffer_stays_within_budget(cold_model, layout):
         assert buf.used_bytes <= budget
         assert buf.resident() == {(3, e) for e in range(4, 8)}
         assert (res[4:] == 1.0).all() and (res[:4] == 0.0).all()
-        assert c.evicted == 4 and c.used == 1
+        assert c.evicted == 4 and c.hits == 1
         eng.request(3, [0])  # evicted: read again, not coalesced
         assert eng.wait_idle()
         assert eng.stats().counters.issued == 9

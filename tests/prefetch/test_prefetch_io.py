@@ -34,7 +34,7 @@ def test_requested_experts_land_in_page_cache(cold_model, layout, method, queue_
             assert inner_resident(fm, layout, layer, e) == 0.0, (layer, e)
         c = eng.stats().counters
     assert c.issued == c.completed == len(REQUESTED)
-    assert c.errors == 0
+    assert c.failed == 0
     assert c.bytes_read == sum(layout.bytes_per_expert(layer) for layer, _ in REQUESTED)
 
 
