@@ -412,159 +412,20 @@ class OnlineFeatures:
         return x
 
 
-# --- dense encoding for learned models --------------------------------------------------------
+from .dense import (  # noqa: E402  (dense.py builds on the records above)
+    DENSE_PARTS,
+    EXTRA_PARTS,
+    PARTS,
+    DenseRow,
+    Part,
+    dense_features,
+    design_parts,
+    design_width,
+)
 
-DENSE_PARTS = ("layer", "logits", "current", "prev_target", "prev_source", "history",
-               "position", "hidden")
-EXTRA_PARTS = ("current_all", "prev_all")  # L·E columns each: every layer's multi-hot
-
-
-def dense_features(x: FeatureBatch, parts: tuple[str, ...] = DENSE_PARTS,
-                   layer_onehot: bool = True) -> np.ndarray:
-    """float32 (n, F) design matrix for tree / neural predictors, columns in ``parts`` order.
-
-    ``layer`` is one-hot over source layers (or one integer column with
-    ``layer_onehot=False``, for LightGBM's categorical handling); ``hidden`` is skipped when
-    the batch has no hidden states.
-    """
-    cols: list[np.ndarray] = []
-    n_l = x.model.n_moe
-    for p in parts:
-        if p == "layer":
-            if layer_onehot:
-                cols.append(np.eye(n_l, dtype=np.float32)[x.layer.astype(np.int64)])
-            else:
-                cols.append(x.layer.astype(np.float32)[:, None])
-        elif p == "logits":
-            cols.append(x.logits.astype(np.float32))
-        elif p == "current":
-            cols.append(x.current_multihot())
-        elif p == "prev_target":
-            cols.append(x.prev_multihot(x.d))
-        elif p == "prev_source":
-            cols.append(x.prev_multihot(0))
-        elif p == "history":
-            cols.append(x.history.astype(np.float32))
-        elif p == "position":
-            cols.append(np.log1p(x.position.astype(np.float32))[:, None])
-        elif p == "hidden":
-            if x.hidden is not None:
-                cols.append(x.hidden.astype(np.float32))
-        elif p in ("current_all", "prev_all"):
-            ids = x.experts if p == "current_all" else x.prev_experts
-            n, n_lay, k = ids.shape
-            flat = multihot(ids.reshape(n * n_lay, k), x.model.n_expert)
-            cols.append(flat.reshape(n, n_lay * x.model.n_expert))
-        else:
-            known = ", ".join(DENSE_PARTS + EXTRA_PARTS)
-            raise ExpertPredError(f"feature part {p!r}: expected one of {known}")
-    return np.concatenate(cols, axis=1) if cols else np.zeros((len(x), 0), np.float32)
-
-
-class DenseRow:
-    """:func:`dense_features` for one-row batches, written into one preallocated vector.
-
-    The learned models' online path: no per-part arrays, no concatenation; columns in the
-    same order with the same float32 values as :func:`dense_features` (bit for bit,
-    ``tests/test_features.py``). ``row(x)`` returns the buffer itself (overwritten by the
-    next call); ``n_hidden``: width of the ``hidden`` part when present.
-
-    Steps per row: 1. zero the buffer; 2. copy the real-valued parts (logits, history,
-    hidden, log1p(position) — cached per position); 3. set every multi-hot / one-hot 1 with
-    one fancy assignment, whose indices (per source layer and ``d``) are precomputed; padding
-    ids (-1) land in a trash slot past the end.
-    """
-
-    def __init__(self, model: ModelInfo, parts: tuple[str, ...] = DENSE_PARTS,
-                 layer_onehot: bool = True, n_hidden: int = 0) -> None:
-        known = DENSE_PARTS + EXTRA_PARTS
-        for p in parts:
-            if p not in known:
-                raise ExpertPredError(f"feature part {p!r}: expected one of {', '.join(known)}")
-        self.model, self.parts, self.layer_onehot = model, tuple(parts), layer_onehot
-        self.n_hidden = n_hidden
-        n_l, e = model.n_moe, model.n_expert
-        width = {"layer": n_l if layer_onehot else 1, "logits": e, "current": e,
-                 "prev_target": e, "prev_source": e, "history": e, "position": 1,
-                 "hidden": n_hidden, "current_all": n_l * e, "prev_all": n_l * e}
-        self.spans: dict[str, tuple[int, int]] = {}
-        o = 0
-        for p in self.parts:
-            self.spans[p] = (o, o + width[p])
-            o += width[p]
-        self.width = o
-        self._buf = np.zeros(o + 1, dtype=np.float32)  # [o] = trash slot for padding ids
-        self._row = self._buf[None, :o]
-        self._plans: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self._log1p: dict[int, np.float32] = {}
-        self._one = np.zeros(1, dtype=np.float32)
-
-    def _plan(self, li: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For source layer ``li``: which flat expert ids of (this token's | the previous
-        token's) (L·k) array feed the multi-hots, and the column offset each id adds to."""
-        n_l, k, e = self.model.n_moe, self.model.n_expert_used, self.model.n_expert
-        src: list[int] = []  # 0: this token's experts, 1: previous token's
-        pos: list[int] = []  # flat index into the (L, k) array
-        off: list[int] = []  # column of id 0
-        for p, (lo, _) in self.spans.items():
-            if p == "current":
-                rows = [(0, li, lo)]
-            elif p == "prev_target":
-                rows = [(1, min(max(li + d, 0), n_l - 1), lo)]
-            elif p == "prev_source":
-                rows = [(1, li, lo)]
-            elif p in ("current_all", "prev_all"):
-                rows = [(0 if p == "current_all" else 1, j, lo + j * e) for j in range(n_l)]
-            else:
-                continue
-            for s_, lay, col in rows:
-                src += [s_] * k
-                pos += [lay * k + j for j in range(k)]
-                off += [col] * k
-        src_a = np.asarray(src, dtype=np.intp)
-        pos_a = np.asarray(pos, dtype=np.intp) + src_a * (n_l * k)
-        fixed = []  # layer one-hot / integer column: constant per li
-        if "layer" in self.spans and self.layer_onehot:
-            fixed.append(self.spans["layer"][0] + li)
-        plan = (pos_a, np.asarray(off, dtype=np.intp), np.asarray(fixed, dtype=np.intp))
-        self._plans[(li, d)] = plan
-        return plan
-
-    def row(self, x: FeatureBatch) -> np.ndarray:
-        """float32 (1, F): the design row of the one-row batch ``x`` (a reused buffer)."""
-        buf, sp = self._buf, self.spans
-        li, d = int(x.layer[0]), x.config.d
-        pos_a, off, fixed = self._plans.get((li, d)) or self._plan(li, d)
-        # 1. zero
-        buf.fill(0.0)
-        # 2. real-valued parts
-        if "logits" in sp:
-            lo, hi = sp["logits"]
-            buf[lo:hi] = x.logits[0]
-        if "history" in sp:
-            lo, hi = sp["history"]
-            buf[lo:hi] = x.history[0]
-        if "position" in sp:
-            t = int(x.position[0])
-            v = self._log1p.get(t)
-            if v is None:  # the same ufunc on the same float32 value as the batch
-                self._one[0] = x.position[0]
-                v = self._log1p[t] = np.log1p(self._one)[0]
-            buf[sp["position"][0]] = v
-        if "hidden" in sp:
-            lo, hi = sp["hidden"]
-            n_h = 0 if x.hidden is None else x.hidden.shape[1]
-            if n_h != hi - lo:  # dense_features skips it without hidden states
-                raise ExpertPredError(f"DenseRow built for {hi - lo} hidden columns, "
-                                      f"the features have {n_h}")
-            if n_h:
-                buf[lo:hi] = x.hidden[0]
-        if "layer" in sp and not self.layer_onehot:
-            buf[sp["layer"][0]] = li
-        # 3. every 1 at once; padding (-1) goes to the trash slot
-        if len(pos_a):
-            ids = np.concatenate((x.experts[0].ravel(), x.prev_experts[0].ravel()))[pos_a]
-            buf[np.where(ids >= 0, off + ids, self.width)] = 1.0
-        if len(fixed):
-            buf[fixed] = 1.0
-        return self._row
+__all__ = [
+    "DENSE_PARTS", "EXTRA_PARTS", "NO_EXPERT", "PARTS", "DenseRow", "FeatureBatch",
+    "FeatureConfig", "ModelInfo", "OnlineFeatures", "Part", "build_features", "concat",
+    "dense_features", "design_parts", "design_width", "iter_feature_batches", "multihot",
+    "sequence_features",
+]

@@ -1,4 +1,4 @@
-"""The predictor protocol, its name → class registry, and the shared save/load format.
+"""The predictor protocol and its one name → class registry.
 
 A predictor is fitted for one target offset ``d`` over every source layer at once: rows of a
 :class:`~expertpred.features.FeatureBatch` carry their source layer, so per-layer models
@@ -9,8 +9,13 @@ A predictor is fitted for one target offset ``d`` over every source layer at onc
 - ``predict_scores(batch) -> (n, E) float32``, higher = more likely; ``predict_topk(batch, k)``
   ranks by score, ties broken by the lower expert id;
 - predicting before ``fit`` raises :class:`NotFittedError`;
-- ``save(path)`` / ``Predictor.load(path)`` round-trip to identical predictions. The file
-  is one ``.npz`` (no pickle): arrays plus a JSON ``__meta__`` entry naming the class.
+- ``to_artifact()`` / ``from_artifact()`` turn the learned state into arrays + a JSON spec and
+  back; ``save(path)`` / ``Predictor.load(path)`` write and read them as the one artifact
+  format of :mod:`expertpred.predictors.artifact`.
+
+Scoring is numpy only and written once per rung (``_scores``): evaluation, the exported
+artifact and the online plugin all call it. Rows whose scores depend on discrete inputs only
+(``_row_key``) are answered from a bounded cache on the one-row online path.
 
 Subclasses register with ``class Foo(Predictor, name="foo")``.
 """
@@ -18,9 +23,9 @@ Subclasses register with ``class Foo(Predictor, name="foo")``.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -32,7 +37,10 @@ from ..features import FeatureBatch, FeatureConfig, ModelInfo
 log = logging.getLogger(__name__)
 
 REGISTRY: dict[str, type[Predictor]] = {}
-FORMAT_VERSION = 1
+CACHE_ROWS = 1 << 16  # one-row answers cached per predictor (lookup rungs), then reset
+
+Spec = dict[str, Any]  # JSON-able description of a rung's arrays (the artifact's "spec")
+Arrays = dict[str, np.ndarray]
 
 
 class NotFittedError(ExpertPredError):
@@ -40,11 +48,11 @@ class NotFittedError(ExpertPredError):
 
 
 class Predictor:
-    """Base class: subclasses implement ``_fit`` and ``_scores`` (and state hooks if needed)."""
+    """Base class: subclasses implement ``_fit``, ``_scores`` and the artifact hooks."""
 
     name: ClassVar[str] = ""
     min_rows: ClassVar[int] = 1  # fewer training rows than this → ExpertPredError
-    needs_hidden: ClassVar[bool] = False
+    needs_hidden: ClassVar[bool] = False  # the rung cannot work without hidden states
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -80,109 +88,162 @@ class Predictor:
         self.model_ = data.model
         self.feature_config_ = data.config
         self._fit(data)
+        self._ready()
         log.debug("fitted %s on %d rows (d=%d)", self, len(data), data.d)
         return self
 
     def predict_scores(self, x: FeatureBatch) -> np.ndarray:
         """float32 (n, E) scores for the experts of layer ``l + d`` of each row."""
-        self._check_fitted()
-        self.model_.check_same(x.model, f"{self.name} predictor")
-        if x.d != self.feature_config_.d:
-            raise ExpertPredError(f"{self.name}: features built for d={x.d}, predictor trained "
-                                  f"for d={self.feature_config_.d}")
-        if x.config.history_decay != self.feature_config_.history_decay:
-            raise ExpertPredError(f"{self.name}: features built with history_decay="
-                                  f"{x.config.history_decay}, predictor trained with "
-                                  f"{self.feature_config_.history_decay}")
-        if self.needs_hidden and x.hidden is None:
-            raise ExpertPredError(f"{self.name}: needs hidden states, the features have none")
+        self._check(x)
         if len(x) == 0:
             return np.zeros((0, self.model_.n_expert), dtype=np.float32)
-        s = np.asarray(self._scores(x), dtype=np.float32)
-        return np.ascontiguousarray(s)
+        key = self._row_key(x) if len(x) == 1 else None
+        if key is None:
+            return self._scores32(x)
+        got = self._row_scores.get(key)
+        if got is None:
+            got = self._row_scores[key] = self._scores32(x)
+            if len(self._row_scores) > CACHE_ROWS:
+                self._row_scores.clear()
+        return got.copy()
 
     def predict_topk(self, x: FeatureBatch, k: int) -> np.ndarray:
         """int64 (n, k) expert ids, best first (ties: lower id first)."""
         if not 1 <= k <= getattr(self, "model_", x.model).n_expert:
             raise ExpertPredError(f"k={k}: expected 1..{x.model.n_expert}")
-        s = self.predict_scores(x)
-        return np.argsort(-s, axis=1, kind="stable")[:, :k].astype(np.int64)
+        if len(x) != 1:
+            s = self.predict_scores(x)
+            return np.argsort(-s, axis=1, kind="stable")[:, :k].astype(np.int64)
+        self._check(x)  # the online case: one row, a 1-D sort, cached when discrete
+        key = self._row_key(x)
+        got = None if key is None else self._row_topk.get((key, k))
+        if got is None:
+            s = self.predict_scores(x)[0]
+            got = np.argsort(-s, kind="stable")[None, :k].astype(np.int64, copy=False)
+            if key is not None:
+                if len(self._row_topk) > CACHE_ROWS:
+                    self._row_topk.clear()
+                self._row_topk[(key, k)] = got
+        return got.copy()
 
     @property
     def d(self) -> int:
         self._check_fitted()
         return self.feature_config_.d
 
+    @property
+    def uses_hidden(self) -> bool:
+        """Whether this fitted predictor reads hidden states (the router input) at all."""
+        return self.needs_hidden
+
     # --- hooks ---------------------------------------------------------------------------
     def _fit(self, data: FeatureBatch) -> None:
         raise NotImplementedError
 
     def _scores(self, x: FeatureBatch) -> np.ndarray:
+        """The scoring kernel (numpy only): float (n, E) for n >= 1 rows."""
         raise NotImplementedError
 
-    def _get_state(self) -> dict[str, Any]:
-        """Learned state: numpy arrays and JSON-able values (default: every ``*_`` attribute)."""
-        return {k: v for k, v in vars(self).items()
-                if k.endswith("_") and not k.startswith("_")
-                and k not in ("model_", "feature_config_")}
+    def _row_key(self, x: FeatureBatch) -> Hashable | None:
+        """For a one-row batch: a key that determines its scores (discrete inputs only), so
+        that repeated inputs are answered from a cache; None = not cacheable."""
+        return None
 
-    def _set_state(self, state: dict[str, Any]) -> None:
+    def _to_artifact(self) -> tuple[Spec, Arrays]:
+        raise NotImplementedError
+
+    def _from_artifact(self, spec: Spec, arrays: Arrays) -> None:
+        raise NotImplementedError
+
+    def _from_legacy(self, state: dict[str, Any]) -> None:
+        """Learned state of a file written by ``save`` before the one artifact format
+        (``__meta__``: every ``*_`` attribute); default: set them as they are."""
         for k, v in state.items():
             setattr(self, k, v)
 
+    def _ready(self) -> None:
+        """After fit or load: derived, non-learned buffers (caches, one-row workspaces)."""
+        self._row_scores: dict[Hashable, np.ndarray] = {}
+        self._row_topk: dict[tuple[Hashable, int], np.ndarray] = {}
+        self._seen: tuple[Any, Any] = (None, None)
+        # set by load_artifact(gguf_path=...): the identity (sha256) was checked against the
+        # model file at load, so features need only the same routing shape
+        self._identity_checked = False
+
+    # --- checks ----------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if not hasattr(self, "model_"):
             raise NotFittedError(f"{self.name} predictor is not fitted: call fit() before "
                                  "predict_scores / predict_topk / save")
 
-    # --- persistence -------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write one ``.npz`` file (atomically); returns its path."""
+    def _check(self, x: FeatureBatch) -> None:
+        """Features of this model, offset and decay (cheap when the objects repeat, as the
+        online features' model and per-d config do)."""
         self._check_fitted()
-        path = Path(path)
-        arrays: dict[str, np.ndarray] = {}
-        values: dict[str, Any] = {}
-        for k, v in self._get_state().items():
-            if isinstance(v, np.ndarray):
-                arrays[f"state.{k}"] = v
-            else:
-                values[k] = v
-        meta = {
-            "format": FORMAT_VERSION, "predictor": self.name, "params": self.get_params(),
-            "model": self.model_.to_dict(),
-            "feature_config": {"d": self.feature_config_.d,
-                               "history_decay": self.feature_config_.history_decay},
-            "values": values,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, __meta__=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)
-        return path
+        if x.model is self._seen[0] and x.config is self._seen[1]:
+            return
+        m, o = self.model_, x.model
+        if not (self._identity_checked and (m.moe_layers, m.n_expert, m.n_expert_used)
+                == (o.moe_layers, o.n_expert, o.n_expert_used)):
+            m.check_same(o, f"{self.name} predictor")
+        fc = self.feature_config_
+        if x.d != fc.d:
+            raise ExpertPredError(f"{self.name}: features built for d={x.d}, predictor trained "
+                                  f"for d={fc.d}")
+        if x.config.history_decay != fc.history_decay:
+            raise ExpertPredError(f"{self.name}: features built with history_decay="
+                                  f"{x.config.history_decay}, predictor trained with "
+                                  f"{fc.history_decay}")
+        if self.uses_hidden and x.hidden is None:
+            raise ExpertPredError(f"{self.name}: needs hidden states, the features have none")
+        if x.hidden is not None or not self.uses_hidden:
+            self._seen = (x.model, x.config)
+
+    def _scores32(self, x: FeatureBatch) -> np.ndarray:
+        s = self._scores(x)
+        if s.dtype != np.float32 or not s.flags.c_contiguous:
+            s = np.ascontiguousarray(s, dtype=np.float32)
+        return s
+
+    # --- the artifact ------------------------------------------------------------------------
+    def to_artifact(self) -> tuple[Spec, Arrays]:
+        """(spec, arrays): the learned state as a JSON-able spec and numpy arrays."""
+        self._check_fitted()
+        return self._to_artifact()
+
+    @classmethod
+    def from_artifact(cls, params: dict[str, Any], model: ModelInfo, config: FeatureConfig,
+                      spec: Spec, arrays: Arrays) -> Self:
+        """A fitted predictor from :meth:`to_artifact`'s output (numpy only)."""
+        obj = cls(**params)
+        obj.model_, obj.feature_config_ = model, config
+        obj._from_artifact(spec, arrays)
+        obj._ready()
+        return obj
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write this predictor (one offset) as an artifact file (atomically)."""
+        from .artifact import PredictorSet
+
+        self._check_fitted()
+        return PredictorSet.from_predictors({self.d: self}).save(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Predictor:
-        """Read a file written by :meth:`save`; the class comes from the file."""
-        path = Path(path)
+        """Read one predictor (a one-offset artifact, or a legacy saved ``.npz``)."""
+        from .artifact import load_artifact
+
         try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["__meta__"]))
-                arrays = {k[len("state."):]: z[k] for k in z.files if k.startswith("state.")}
-        except (OSError, ValueError, KeyError) as exc:
-            raise ExpertPredError(f"{path}: not a saved expertpred predictor ({exc})") from None
-        if meta.get("format") != FORMAT_VERSION:
-            raise ExpertPredError(f"{path}: predictor format {meta.get('format')}, "
-                                  f"expected {FORMAT_VERSION}")
-        klass = get_predictor_class(meta["predictor"])
-        if not issubclass(klass, cls):
-            raise ExpertPredError(f"{path}: holds a {klass.name!r} predictor, "
-                                  f"expected {cls.name!r}")
-        obj = klass(**meta["params"])
-        obj.model_ = ModelInfo.from_manifest(meta["model"])
-        obj.feature_config_ = FeatureConfig(**meta["feature_config"])
-        obj._set_state({**meta["values"], **arrays})
-        return obj
+            pset = load_artifact(path)
+        except ExpertPredError as exc:
+            raise ExpertPredError(f"not a saved expertpred predictor: {exc}") from None
+        if len(pset.by_d) != 1:
+            raise ExpertPredError(f"{path}: holds offsets {list(pset.offsets)}, expected one "
+                                  "(use load_artifact for a set)")
+        p = next(iter(pset.by_d.values()))
+        if not isinstance(p, cls):
+            raise ExpertPredError(f"{path}: holds a {p.name!r} predictor, expected {cls.name!r}")
+        return p
 
 
 def get_predictor_class(name: str) -> type[Predictor]:

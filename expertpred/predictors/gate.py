@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..features import FeatureBatch
-from .base import Predictor
+from .base import Arrays, Predictor, Spec
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ class GateLookaheadPredictor(Predictor, name="gate-lookahead"):
 
     def _scores(self, x: FeatureBatch) -> np.ndarray:
         return gate_scores(x, self.routers_, self.norms_)
+
+    def _to_artifact(self) -> tuple[Spec, Arrays]:
+        return {}, {"routers": self.routers_, "norms": self.norms_}
+
+    def _from_artifact(self, spec: Spec, arrays: Arrays) -> None:
+        self.routers_, self.norms_ = arrays["routers"], arrays["norms"]
 
 
 def load_gate(gguf_path: str, data: FeatureBatch,
@@ -75,6 +81,9 @@ def load_gate(gguf_path: str, data: FeatureBatch,
 
 def gate_scores(x: FeatureBatch, routers: np.ndarray, norms: np.ndarray) -> np.ndarray:
     """float32 (n, E): ``(hidden_l / g_l * g_(l+d)) @ W_(l+d)ᵀ`` for every row."""
+    if x.hidden is None:
+        raise ExpertPredError("gate look-ahead: the features have no hidden states "
+                              "(router input)")
     h = x.hidden.astype(np.float32)
     sl, tl = x.layer.astype(np.int64), x.target_layer
     out = np.empty((len(x), routers.shape[1]), dtype=np.float32)
@@ -84,31 +93,3 @@ def gate_scores(x: FeatureBatch, routers: np.ndarray, norms: np.ndarray) -> np.n
             scale = norms[tgt] / np.where(norms[src] == 0, 1, norms[src])
             out[rows] = (h[rows] * scale) @ routers[tgt].T
     return out
-
-
-class GateFeatures:
-    """Mixin for learned predictors: gate look-ahead scores as E extra input columns.
-
-    Uses ``self.gguf_path`` (a constructor argument of the subclass); with no path or no
-    hidden states in the training data, no columns are added.
-    """
-
-    gguf_path: str
-
-    def _fit_gate(self, data: FeatureBatch) -> None:
-        if self.gguf_path and data.hidden is not None:
-            self.gate_routers_, self.gate_norms_ = load_gate(self.gguf_path, data)
-        else:
-            self.gate_routers_ = np.zeros((0, 0, 0), np.float32)
-            self.gate_norms_ = np.zeros((0, 0), np.float32)
-
-    def _gate_columns(self, x: FeatureBatch) -> list[np.ndarray]:
-        if self.gate_routers_.size == 0:
-            return []
-        if x.hidden is None:
-            raise ExpertPredError("trained with gate look-ahead features, but these features "
-                                  "have no hidden states")
-        return [gate_scores(x, self.gate_routers_, self.gate_norms_)]
-
-    def _gate_state(self) -> dict[str, np.ndarray]:
-        return {"gate_routers_": self.gate_routers_, "gate_norms_": self.gate_norms_}

@@ -1,5 +1,9 @@
 """LightGBM: one binary booster per expert (one-vs-rest multi-label), shared or per layer.
 
+Trained with lightgbm; scored with numpy only (:mod:`expertpred.predictors.forest`: the
+boosters flattened to node arrays right after fitting), so evaluation, the artifact and the
+online plugin run the same code.
+
 ``shared=True`` fits one booster per expert over all source layers, with the layer as a
 categorical feature; ``shared=False`` fits one per (source layer, expert). One binned
 ``lgb.Dataset`` is built per group and only its labels change between experts, so binning
@@ -14,14 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from ..features import DENSE_PARTS, EXTRA_PARTS, FeatureBatch, dense_features, multihot
-from .base import Predictor
-from .gate import GateFeatures
+from ..features import FeatureBatch, design_parts, multihot
+from .base import Arrays, Predictor, Spec
+from .design import Design
+from .forest import Forest, flatten_boosters, group_forests
 
 log = logging.getLogger(__name__)
 
 
-class LightGBMPredictor(GateFeatures, Predictor, name="lightgbm"):
+class LightGBMPredictor(Predictor, name="lightgbm"):
     """Gradient-boosted trees over :func:`~expertpred.features.dense_features`."""
 
     min_rows = 50
@@ -42,13 +47,9 @@ class LightGBMPredictor(GateFeatures, Predictor, name="lightgbm"):
         self.seed = seed
         self.n_jobs = n_jobs  # 1: fastest for small data, no spin-waiting on a busy box
 
-    def _parts(self) -> tuple[str, ...]:
-        base = tuple(p for p in DENSE_PARTS if self.use_hidden or p != "hidden")
-        return base + (EXTRA_PARTS if self.all_layers else ())
-
-    def _design(self, x: FeatureBatch) -> np.ndarray:
-        return np.concatenate([dense_features(x, self._parts(), layer_onehot=False),
-                               *self._gate_columns(x)], axis=1)
+    @property
+    def uses_hidden(self) -> bool:
+        return self.design_.needs_hidden
 
     def _params(self) -> dict[str, Any]:
         return {"objective": "binary", "num_leaves": self.num_leaves,
@@ -65,8 +66,9 @@ class LightGBMPredictor(GateFeatures, Predictor, name="lightgbm"):
         if len(data) > self.max_rows:
             data = data.take(np.sort(rng.permutation(len(data))[: self.max_rows]))
         e = data.model.n_expert
-        self._fit_gate(data)
-        x_all = self._design(data)
+        self.design_ = Design.fit(data, design_parts(self.use_hidden, self.all_layers), False,
+                                  self.gguf_path, "lightgbm")
+        x_all = self.design_.matrix(data)
         y_all = multihot(data.targets, e)
         groups = [-1] if self.shared else sorted(int(v) for v in np.unique(data.layer))
         models: list[str] = []
@@ -88,45 +90,69 @@ class LightGBMPredictor(GateFeatures, Predictor, name="lightgbm"):
                 models.append(b.model_to_string())
         self.groups_ = np.asarray(groups, dtype=np.int64)
         self.constants_ = consts
-        self.models_ = models
-        self._boosters = None
+        self.trees_, self.depths_, _ = flatten_boosters(models, len(groups), e)
 
-    def _live(self) -> list[Any]:
-        import lightgbm as lgb
+    # --- scoring: numpy only ----------------------------------------------------------------
+    def _ready(self) -> None:
+        super()._ready()
+        self._forests: list[Forest | None] = group_forests(self.trees_, self.depths_,
+                                                           self.model_.n_expert)
+        self._constants64 = self.constants_.astype(np.float64)
+        self._max_rows = 256  # rows per chunk: bounds the (rows, nodes) work arrays
 
-        if getattr(self, "_boosters", None) is None:
-            self._boosters = [lgb.Booster(model_str=s) if s else None for s in self.models_]
-        return self._boosters
-
-    def _scores(self, x: FeatureBatch) -> np.ndarray:
-        e = self.model_.n_expert
-        boosters = self._live()
-        feats = self._design(x)
-        out = np.zeros((len(x), e), dtype=np.float32)
-        for gi, g in enumerate(self.groups_.tolist()):
-            rows = np.ones(len(x), bool) if g < 0 else x.layer == g
-            if not rows.any():
-                continue
-            xr = feats[rows]
-            for j in range(e):
-                b = boosters[gi * e + j]
-                if b is None:
-                    out[rows, j] = self.constants_[gi, j]
-                else:
-                    out[rows, j] = b.predict(xr, raw_score=True, num_threads=self.n_jobs)
-        if not self.shared:  # rows of a layer never seen in training: popularity-free zero
-            seen = np.isin(x.layer, self.groups_)
-            out[~seen] = 0.0
+    def _group_scores(self, gi: int, feats: np.ndarray) -> np.ndarray:
+        forest = self._forests[gi]
+        out = np.broadcast_to(self._constants64[gi], (len(feats), self.model_.n_expert)).copy()
+        if forest is None:
+            return out
+        trees = self.trees_["has_trees"][gi]
+        for i in range(0, len(feats), self._max_rows):
+            raw = forest.raw_scores(feats[i:i + self._max_rows])
+            out[i:i + self._max_rows, trees] = raw[:, trees]
         return out
 
-    def _get_state(self) -> dict[str, Any]:
-        blob = "\x00".join(self.models_).encode()
-        return {"groups_": self.groups_, "constants_": self.constants_, **self._gate_state(),
-                "models_blob_": np.frombuffer(blob, dtype=np.uint8).copy()}
+    def _scores(self, x: FeatureBatch) -> np.ndarray:
+        feats = self.design_.matrix(x)
+        if self.shared:
+            return self._group_scores(0, feats).astype(np.float32)
+        # rows of a layer never seen in training: popularity-free zero
+        out = np.zeros((len(x), self.model_.n_expert), dtype=np.float32)
+        if len(x) == 1:
+            gi = np.flatnonzero(self.groups_ == int(x.layer[0]))
+            if len(gi):
+                out[:] = self._group_scores(int(gi[0]), feats)
+            return out
+        for gi, g in enumerate(self.groups_.tolist()):
+            rows = x.layer == g
+            if rows.any():
+                out[rows] = self._group_scores(gi, feats[rows])
+        return out
 
-    def _set_state(self, state: dict[str, Any]) -> None:
-        self.groups_ = state["groups_"]
-        self.constants_ = state["constants_"]
-        self.gate_routers_, self.gate_norms_ = state["gate_routers_"], state["gate_norms_"]
-        self.models_ = bytes(state["models_blob_"]).decode().split("\x00")
-        self._boosters = None
+    # --- the artifact ------------------------------------------------------------------------
+    def _to_artifact(self) -> tuple[Spec, Arrays]:
+        spec = {**self.design_.spec(), "shared": bool(self.shared), "depth": self.depths_,
+                "objective": "binary",
+                "score": "raw (sum of leaf values, float64, cast to float32)"}
+        arrays = {**self.design_.arrays(), **self.trees_, "groups": self.groups_,
+                  "constants": self.constants_}
+        return spec, arrays
+
+    def _from_artifact(self, spec: Spec, arrays: Arrays) -> None:
+        self.design_ = Design.from_artifact(self.model_, spec, arrays, "lightgbm")
+        self.groups_, self.constants_ = arrays["groups"], arrays["constants"]
+        self.depths_ = [int(v) for v in spec["depth"]]
+        self.trees_ = {k: v for k, v in arrays.items()
+                       if k.startswith(("node_", "tree_")) or k in ("has_trees", "group_nodes")}
+
+    def _from_legacy(self, state: dict[str, Any]) -> None:
+        models = bytes(state["models_blob_"]).decode().split("\x00")
+        trees, depths, n_features = flatten_boosters(models, len(state["groups_"]),
+                                                     self.model_.n_expert)
+        parts = design_parts(self.use_hidden, self.all_layers)
+        gate = {"gate_routers": state["gate_routers_"], "gate_norms": state["gate_norms_"]}
+        if n_features < 0:  # every booster constant: the width without hidden columns
+            n_features = Design(self.model_, parts, False, 0, **gate).n_features_without_hidden
+        spec = {"parts": list(parts), "layer_onehot": False, "depth": depths,
+                "n_features": n_features}
+        self._from_artifact(spec, {**gate, **trees, "groups": state["groups_"],
+                                   "constants": state["constants_"]})

@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import DENSE_PARTS, EXTRA_PARTS, FeatureBatch, dense_features, multihot
-from .base import Predictor
-from .gate import GateFeatures
+from ..features import FeatureBatch, design_parts, multihot
+from .base import Arrays, Predictor, Spec
+from .design import Design
 
 log = logging.getLogger(__name__)
 
 
-class MLPPredictor(GateFeatures, Predictor, name="mlp"):
+class MLPPredictor(Predictor, name="mlp"):
     """Two hidden layers, per-layer heads; seeded, CPU, a few seconds to train."""
 
     min_rows = 50
@@ -44,11 +44,9 @@ class MLPPredictor(GateFeatures, Predictor, name="mlp"):
         self.gguf_path = gguf_path  # model file: gate look-ahead scores become inputs too
         self.seed = seed
 
-    def _design(self, x: FeatureBatch) -> np.ndarray:
-        parts = tuple(p for p in DENSE_PARTS if self.use_hidden or p != "hidden")
-        parts += EXTRA_PARTS if self.all_layers else ()
-        return np.concatenate([dense_features(x, parts, layer_onehot=True),
-                               *self._gate_columns(x)], axis=1)
+    @property
+    def uses_hidden(self) -> bool:
+        return self.design_.needs_hidden
 
     def _fit(self, data: FeatureBatch) -> None:
         import torch
@@ -59,11 +57,11 @@ class MLPPredictor(GateFeatures, Predictor, name="mlp"):
         if len(data) > self.max_rows:
             data = data.take(np.sort(rng.permutation(len(data))[: self.max_rows]))
         n_l, e = data.model.n_moe, data.model.n_expert
-        self._fit_gate(data)
-        x = self._design(data)
+        self.design_ = Design.fit(data, design_parts(self.use_hidden, self.all_layers), True,
+                                  self.gguf_path, "mlp")
+        x = self.design_.matrix(data)
         self.mean_ = x.mean(axis=0).astype(np.float32)
         self.std_ = (x.std(axis=0) + 1e-3).astype(np.float32)
-        self.n_features_ = int(x.shape[1])
         xs = torch.from_numpy((x - self.mean_) / self.std_)
         y = multihot(data.targets, e)
         if self.loss == "softmax":
@@ -110,30 +108,73 @@ class MLPPredictor(GateFeatures, Predictor, name="mlp"):
         self.weights_ = [p.detach().numpy().astype(np.float32).copy()
                          for p in net.parameters()]
 
-    def _scores(self, x: FeatureBatch) -> np.ndarray:
-        z = (self._design(x) - self.mean_) / self.std_
-        if z.shape[1] != self.n_features_:
-            raise ExpertPredError(f"mlp: {z.shape[1]} input features, trained with "
-                                  f"{self.n_features_} (hidden states present in one and "
-                                  "not the other?)")
+    # --- scoring: numpy only, one kernel for batches and the online row ---------------------
+    def _ready(self) -> None:
+        super()._ready()
+        e = self.model_.n_expert
         w0, b0, w1, b1, w2, b2 = self.weights_
+        self._w2l = w2.reshape(-1, e, w2.shape[1])  # (L, E, H): one head per source layer
+        self._b2l = b2.reshape(-1, e)
+        # one-row path: transposed weights made contiguous once, preallocated activations
+        self._w0t = np.ascontiguousarray(w0.T)
+        self._w1t = np.ascontiguousarray(w1.T)
+        self._w2t = np.ascontiguousarray(self._w2l.transpose(0, 2, 1))  # (L, H, E)
+        self._z = np.empty((1, w0.shape[1]), dtype=np.float32)
+        self._a0 = np.empty((1, w0.shape[0]), dtype=np.float32)
+        self._a1 = np.empty((1, w1.shape[0]), dtype=np.float32)
+
+    def _scores(self, x: FeatureBatch) -> np.ndarray:
+        """Standardise, ``relu(W0 z + b0)``, ``relu(W1 a + b1)``, the source layer's head."""
+        if len(x) == 1:
+            return self._scores_row(x)
+        w0, b0, w1, b1, _, _ = self.weights_
+        z = (self.design_.matrix(x) - self.mean_) / self.std_
         a = np.maximum(z @ w0.T + b0, 0.0)
         a = np.maximum(a @ w1.T + b1, 0.0)
-        e = self.model_.n_expert
         lay = x.layer.astype(np.int64)
-        w2l = w2.reshape(-1, e, w2.shape[1])[lay]  # (n, E, H)
-        b2l = b2.reshape(-1, e)[lay]
-        return (np.einsum("nh,neh->ne", a, w2l) + b2l).astype(np.float32)
+        return (np.einsum("nh,neh->ne", a, self._w2l[lay]) + self._b2l[lay]).astype(np.float32)
 
-    def _get_state(self) -> dict[str, Any]:
-        st: dict[str, Any] = {"mean_": self.mean_, "std_": self.std_,
-                              "n_features_": self.n_features_, **self._gate_state()}
+    def _scores_row(self, x: FeatureBatch) -> np.ndarray:
+        """The same operations on one row, into preallocated buffers (no temporaries)."""
+        z = self.design_.matrix(x)
+        _, b0, _, b1, _, _ = self.weights_
+        np.subtract(z, self.mean_, out=self._z)
+        np.divide(self._z, self.std_, out=self._z)
+        a0, a1 = self._a0, self._a1
+        np.matmul(self._z, self._w0t, out=a0)
+        np.add(a0, b0, out=a0)
+        np.maximum(a0, 0.0, out=a0)
+        np.matmul(a0, self._w1t, out=a1)
+        np.add(a1, b1, out=a1)
+        np.maximum(a1, 0.0, out=a1)
+        li = int(x.layer[0])
+        out = a1 @ self._w2t[li]
+        out += self._b2l[li]
+        return out
+
+    # --- the artifact ------------------------------------------------------------------------
+    def _to_artifact(self) -> tuple[Spec, Arrays]:
+        spec = {**self.design_.spec(), "activations": ["relu", "relu", "linear"],
+                "head": "per source layer: rows l*E..(l+1)*E of the last Linear"}
+        arrays = {**self.design_.arrays(), "mean": self.mean_, "std": self.std_}
         for i, w in enumerate(self.weights_):
-            st[f"w{i}_"] = w
-        return st
+            arrays[f"{'wb'[i % 2]}{i // 2}"] = w
+        return spec, arrays
 
-    def _set_state(self, state: dict[str, Any]) -> None:
-        self.mean_, self.std_ = state["mean_"], state["std_"]
-        self.n_features_ = int(state["n_features_"])
-        self.gate_routers_, self.gate_norms_ = state["gate_routers_"], state["gate_norms_"]
-        self.weights_ = [state[f"w{i}_"] for i in range(6)]
+    def _from_artifact(self, spec: Spec, arrays: Arrays) -> None:
+        acts = tuple(spec["activations"])
+        if acts != ("relu", "relu", "linear"):
+            raise ExpertPredError(f"mlp artifact: activations {list(acts)}, this loader "
+                                  "knows relu, relu, linear")
+        self.design_ = Design.from_artifact(self.model_, spec, arrays, "mlp")
+        self.mean_, self.std_ = arrays["mean"], arrays["std"]
+        self.weights_ = [arrays[f"{'wb'[i % 2]}{i // 2}"] for i in range(6)]
+
+    def _from_legacy(self, state: dict[str, Any]) -> None:
+        spec = {"parts": design_parts(self.use_hidden, self.all_layers), "layer_onehot": True,
+                "n_features": int(state["n_features_"]),
+                "activations": ["relu", "relu", "linear"]}
+        arrays = {"gate_routers": state["gate_routers_"], "gate_norms": state["gate_norms_"],
+                  "mean": state["mean_"], "std": state["std_"],
+                  **{f"{'wb'[i % 2]}{i // 2}": state[f"w{i}_"] for i in range(6)}}
+        self._from_artifact(spec, arrays)

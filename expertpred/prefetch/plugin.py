@@ -73,6 +73,7 @@ from ..errors import ExpertPredError
 from ..features import FeatureBatch, ModelInfo, OnlineFeatures
 from ..gguf.layout import MoELayout, file_sha256, read_layout
 from ..llama import ggml
+from ..predictors.artifact import PredictorSet, load_artifact
 from ..trace.record import Phase, SequenceTrace
 from .engine import PrefetchEngine, PrefetchStats, Priority
 
@@ -148,11 +149,9 @@ class Mode(enum.StrEnum):
 
 
 class PredictorProvider(Protocol):
-    """What the plugin needs from a predictor: per-offset top-k on one feature row.
-
-    Implemented by :class:`PredictorSet` (saved predictors from ``expertpred train`` or an
-    exported artifact: anything with ``predict_topk(features, k)`` per offset ``d``).
-    """
+    """What the plugin needs from a predictor: per-offset top-k (and score shares, for
+    confidence gating) on one feature row. Implemented by
+    :class:`~expertpred.predictors.artifact.PredictorSet`."""
 
     model: ModelInfo  # the model the predictor was trained on
     history_decay: float  # feature config the predictor expects
@@ -163,60 +162,8 @@ class PredictorProvider(Protocol):
 
     def topk(self, d: int, x: FeatureBatch, k: int) -> np.ndarray: ...
 
-
-@dataclass
-class PredictorSet:
-    """Predictors by offset ``d`` behind :class:`PredictorProvider`."""
-
-    by_d: Mapping[int, Any]  # d -> object with predict_topk(FeatureBatch, k)
-    model: ModelInfo
-    history_decay: float = 0.5
-    needs_hidden: bool = False
-    source: str = ""  # where they were loaded from (for messages)
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        return tuple(sorted(self.by_d))
-
-    def topk(self, d: int, x: FeatureBatch, k: int) -> np.ndarray:
-        """int64 (k,) experts of layer ``l + d`` for the one row of ``x``, best first."""
-        return np.asarray(self.by_d[d].predict_topk(x, k)).reshape(-1)[:k]
-
-    def topk_shares(self, d: int, x: FeatureBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(experts, shares): the top ``k`` experts as :meth:`topk` and each one's share of
-        the row's (non-negative) score mass, in [0, 1]; shares are all 1 when the predictor
-        exposes no scores (``predict_scores`` / ``scores``)."""
-        p = self.by_d[d]
-        fn = getattr(p, "predict_scores", None) or getattr(p, "scores", None)
-        if fn is None:
-            ex = self.topk(d, x, k)
-            return ex, np.ones(len(ex), np.float32)
-        s = np.asarray(fn(x), np.float32).reshape(-1)
-        top = np.argsort(-s, kind="stable")[:k]
-        pos = np.maximum(s, 0.0)
-        tot = float(pos.sum())
-        share = pos[top] / tot if tot > 0 else np.ones(len(top), np.float32)
-        return top.astype(np.int64), share
-
-    @classmethod
-    def from_predictors(cls, by_d: Mapping[int, Any], source: str = "") -> PredictorSet:
-        """From fitted :class:`~expertpred.predictors.Predictor` objects (``train.load_all``)
-        or exported ones exposing ``model_`` / ``feature_config_`` (or ``model`` /
-        ``history_decay``)."""
-        if not by_d:
-            raise ExpertPredError(f"{source or 'predictors'}: no predictor for any offset d")
-        first = by_d[min(by_d)]
-        model = getattr(first, "model_", None) or getattr(first, "model", None)
-        if not isinstance(model, ModelInfo):
-            raise ExpertPredError(f"{source or type(first).__name__}: predictor does not say "
-                                  "which model it was trained on (no model_ / model)")
-        fc = getattr(first, "feature_config_", None)
-        decay = float(fc.history_decay if fc is not None
-                      else getattr(first, "history_decay", 0.5))
-        hidden = any(bool(getattr(p, "needs_hidden", False))
-                     or getattr(getattr(p, "gate_routers_", None), "size", 0) > 0
-                     or bool(getattr(p, "use_hidden", False)) for p in by_d.values())
-        return cls(dict(by_d), model, decay, hidden, source)
+    def topk_shares(self, d: int, x: FeatureBatch,
+                    k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def load_predictors(path: str | os.PathLike[str], gguf_path: str | os.PathLike[str],
@@ -243,14 +190,7 @@ def load_predictors(path: str | os.PathLike[str], gguf_path: str | os.PathLike[s
                                   f"{name}-d<d>.npz for d in {list(offsets)})")
         pset = PredictorSet.from_predictors(by_name[name], source=str(p))
     else:
-        try:
-            from ..predictors import export  # type: ignore[attr-defined]
-        except ImportError:
-            raise ExpertPredError(f"{p}: not a directory of saved predictors (*-d<d>.npz) "
-                                  "and this expertpred has no export module") from None
-        art = export.load_artifact(p, gguf_path=str(gguf_path))
-        by_d = getattr(art, "by_d", None) or getattr(art, "predictors", None) or art
-        pset = PredictorSet.from_predictors(dict(by_d), source=str(p))
+        pset = load_artifact(p, gguf_path=str(gguf_path))
     check_predictor_model(pset, gguf_path, source_model=source_model, layout=lay)
     return pset
 
@@ -749,7 +689,7 @@ class PrefetchPlugin:
                 if x is None:
                     continue
                 self._c.predictions += 1
-                if self.min_share > 0 and hasattr(self.predictor, "topk_shares"):
+                if self.min_share > 0:
                     top, share = self.predictor.topk_shares(d, x, self.pk_)
                     ex = top[share >= self.min_share].tolist()
                     self._c.gated += len(top) - len(ex)

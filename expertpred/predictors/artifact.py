@@ -1,0 +1,291 @@
+"""The one artifact format of fitted predictors, and the one set class that holds them.
+
+An artifact is one NumPy ``.npz`` (a zip of ``.npy`` members, read with
+``allow_pickle=False``) holding one rung of the ladder for one or more offsets ``d``:
+
+- ``__header__``: a JSON string — ``format`` (:data:`FORMAT`), ``format_version``,
+  ``predictor`` (registry name), ``params`` (constructor arguments), ``model``
+  (:class:`~expertpred.features.ModelInfo`: arch, n_layer, moe_layers, n_expert,
+  n_expert_used, n_embd, GGUF sha256), ``features`` (``history_decay``), ``needs_hidden``,
+  ``source``, and ``offsets``: for each ``d`` its ``kind`` (the registry name), ``spec``
+  (the rung's JSON-able description) and the dtype / shape of every array it owns;
+- ``d<d>.<array>``: those arrays (:meth:`Predictor.to_artifact`).
+
+``Predictor.save`` writes a one-offset artifact, :func:`~expertpred.predictors.export.export_saved`
+merges offsets into one file, :func:`load_artifact` reads either — numpy only: every rung
+scores with numpy, so neither torch nor lightgbm is imported. Files of the two earlier
+formats still load: ``__header__`` artifacts of ``expertpred export`` are this format, and
+saved predictors with a ``__meta__`` entry are converted on load (a LightGBM one needs
+lightgbm installed for that). Every loaded artifact passes :func:`validate` first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ExpertPredError
+from ..features import FeatureBatch, FeatureConfig, ModelInfo
+from .base import Predictor, get_predictor_class
+
+log = logging.getLogger(__name__)
+
+FORMAT = "expertpred.predictor-artifact"
+FORMAT_VERSION = 1
+HEADER = "__header__"
+LEGACY_META = "__meta__"  # saved predictors before the one format (``Predictor.save``)
+SUFFIX = ".artifact"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A read artifact before it becomes predictors: what :func:`validate` checks."""
+
+    path: Path  # where it was read from (for messages)
+    header: dict[str, Any]  # the JSON header
+    arrays: dict[str, np.ndarray]  # ``d<d>.<name>`` → array
+
+
+def validate(art: Artifact) -> None:
+    """Structural checks of a read artifact; one-line :class:`ExpertPredError` on failure.
+
+    Header fields present, every ``kind`` registered, every array the header declares present
+    with its declared dtype and shape, nothing undeclared.
+    """
+    h, path = art.header, art.path
+    if not isinstance(h, dict) or h.get("format") != FORMAT:
+        got = h.get("format") if isinstance(h, dict) else h
+        raise ExpertPredError(f"{path}: header format {got!r}, expected {FORMAT!r}")
+    if h.get("format_version") != FORMAT_VERSION:
+        raise ExpertPredError(f"{path}: artifact format_version {h.get('format_version')!r}, "
+                              f"this expertpred reads {FORMAT_VERSION}")
+    offsets = h.get("offsets")
+    if not isinstance(offsets, dict) or not offsets:
+        raise ExpertPredError(f"{path}: artifact holds no offset d")
+    declared_keys = set()
+    for d, entry in offsets.items():
+        kind = entry.get("kind") if isinstance(entry, dict) else None
+        try:
+            get_predictor_class(str(kind))
+        except ExpertPredError as exc:
+            raise ExpertPredError(f"{path}: d={d} scorer kind {kind!r}; {exc}") from None
+        for name, want in (entry.get("arrays") or {}).items():
+            key = f"d{d}.{name}"
+            declared_keys.add(key)
+            v = art.arrays.get(key)
+            if v is None:
+                raise ExpertPredError(f"{path}: missing array {key!r} ({kind} d={d})")
+            if v.dtype.str != want.get("dtype") or list(v.shape) != want.get("shape"):
+                raise ExpertPredError(f"{path}: array {key!r} is {v.dtype.str} {list(v.shape)}"
+                                      f", header declares {want}")
+    extra = sorted(set(art.arrays) - declared_keys)
+    if extra:
+        raise ExpertPredError(f"{path}: array {extra[0]!r} is not declared in the header")
+
+
+@dataclass
+class PredictorSet:
+    """Fitted predictors of one rung by offset ``d``: what the plugin asks (``topk``,
+    ``topk_shares``), what evaluation scores and what :meth:`save` writes."""
+
+    by_d: dict[int, Predictor]  # d → fitted predictor (registry class, numpy scoring)
+    model: ModelInfo  # the model to run on (the GGUF's after an allowed sha mismatch)
+    history_decay: float  # feature config every offset was trained with
+    needs_hidden: bool  # features must carry the router input
+    name: str  # registry name of the rung
+    source: str = ""  # where it was loaded from (for messages)
+    header: dict[str, Any] = field(default_factory=dict)  # the artifact header, if loaded
+    trained_model: ModelInfo | None = None  # the model it was trained on
+
+    @classmethod
+    def from_predictors(cls, by_d: Mapping[int, Predictor], source: str = "") -> PredictorSet:
+        """From fitted predictors of one name, model and history decay."""
+        if not by_d:
+            raise ExpertPredError(f"{source or 'predictors'}: no predictor for any offset d")
+        first = by_d[min(by_d)]
+        for d, p in by_d.items():
+            p._check_fitted()
+            if p.d != d:
+                raise ExpertPredError(f"{source or p.name}: predictor for d={p.d} given as d={d}")
+            if p.name != first.name:
+                raise ExpertPredError(f"export: mixes predictors {first.name!r} and {p.name!r}")
+            if p.model_ != first.model_:
+                raise ExpertPredError(f"export: {p.name} d={p.d} was trained on another model")
+            if p.feature_config_.history_decay != first.feature_config_.history_decay:
+                raise ExpertPredError(f"export: {p.name} offsets use different history_decay")
+        return cls(dict(sorted(by_d.items())), first.model_,
+                   first.feature_config_.history_decay,
+                   any(p.uses_hidden for p in by_d.values()), first.name, source,
+                   trained_model=first.model_)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(sorted(self.by_d))
+
+    def __getitem__(self, d: int) -> Predictor:
+        return self.by_d[d]
+
+    def keys(self) -> Any:
+        return self.by_d.keys()
+
+    def topk(self, d: int, x: FeatureBatch, k: int) -> np.ndarray:
+        """int64 (k,) experts of layer ``l + d`` for the one row of ``x``, best first."""
+        return self.by_d[d].predict_topk(x, k).reshape(-1)[:k]
+
+    def topk_shares(self, d: int, x: FeatureBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(experts, shares): the top ``k`` experts as :meth:`topk` and each one's share of
+        the row's non-negative score mass, in [0, 1] (all 1 when no score is positive)."""
+        s = self.by_d[d].predict_scores(x).reshape(-1)
+        top = np.argsort(-s, kind="stable")[:k]
+        pos = np.maximum(s, 0.0)
+        tot = float(pos.sum())
+        share = pos[top] / tot if tot > 0 else np.ones(len(top), np.float32)
+        return top.astype(np.int64), share
+
+    def pack(self) -> Artifact:
+        """This set in the artifact format (header + arrays), not yet written."""
+        arrays: dict[str, np.ndarray] = {}
+        offsets: dict[str, Any] = {}
+        first = self.by_d[min(self.by_d)]
+        for d, p in sorted(self.by_d.items()):
+            spec, arrs = p.to_artifact()
+            arrs = {k: np.ascontiguousarray(v) for k, v in arrs.items()}
+            offsets[str(d)] = {"kind": p.name, "spec": spec, "arrays": {
+                k: {"dtype": v.dtype.str, "shape": list(v.shape)} for k, v in arrs.items()}}
+            arrays.update({f"d{d}.{k}": v for k, v in arrs.items()})
+        header = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "predictor": self.name,
+            "params": first.get_params(), "model": first.model_.to_dict(),
+            "features": {"history_decay": self.history_decay,
+                         "builder": "expertpred.features.OnlineFeatures / iter_feature_batches"},
+            "needs_hidden": self.needs_hidden, "offsets": offsets, "source": self.source,
+        }
+        return Artifact(Path(self.source), header, arrays)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write every offset as one artifact (atomically); returns its path."""
+        art = self.pack()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **{HEADER: np.array(json.dumps(art.header))}, **art.arrays)
+        os.replace(tmp, out)
+        log.info("wrote %s (d=%s) to %s", self.name, list(self.offsets), out)
+        return out
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON header of an artifact (one-line error if it is not one)."""
+    return read(Path(path)).header
+
+
+def read(path: Path) -> Artifact:
+    """Read and :func:`validate` an artifact (a legacy ``__meta__`` file is converted)."""
+    bad = f"{path}: not a readable expertpred artifact"
+    if not path.is_file():
+        raise ExpertPredError(f"{path}: no such artifact file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ExpertPredError(f"{bad} (a bare .npy, expected an .npz artifact)")
+            if LEGACY_META in z.files and HEADER not in z.files:
+                from .legacy import from_meta
+
+                return from_meta(path, json.loads(str(z[LEGACY_META])),
+                                 {k: z[k] for k in z.files if k != LEGACY_META})
+            if HEADER not in z.files:
+                raise ExpertPredError(f"{bad} (no {HEADER} entry)")
+            header = json.loads(str(z[HEADER]))
+            arrays = {k: z[k] for k in z.files if k != HEADER}
+    except ExpertPredError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise ExpertPredError(f"{path}: artifact header is not valid JSON ({exc})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile,
+            zipfile.LargeZipFile) as exc:
+        raise ExpertPredError(f"{bad} (truncated or corrupt: "
+                              f"{type(exc).__name__}: {exc})") from None
+    art = Artifact(path, header, arrays)
+    validate(art)
+    return art
+
+
+def _check_model(path: Path, trained: ModelInfo, gguf_path: str | os.PathLike[str],
+                 allow_sha_mismatch: bool) -> ModelInfo:
+    """The model to run on: ``trained`` or, after an allowed sha mismatch, the GGUF's."""
+    from ..gguf.layout import file_sha256, read_layout
+
+    lay = read_layout(gguf_path)
+    mine = (trained.n_layer, tuple(trained.moe_layers), trained.n_expert,
+            trained.n_expert_used, trained.n_embd)
+    theirs = (lay.n_layer, tuple(lay.moe_layers), lay.n_expert, lay.n_expert_used, lay.n_embd)
+    if mine != theirs:
+        keys = ("n_layer", "moe_layers", "n_expert", "n_expert_used", "n_embd")
+        diff = ", ".join(f"{k} {a} vs {b}" for k, a, b in zip(keys, mine, theirs) if a != b)
+        raise ExpertPredError(f"{path}: trained for another model shape than {gguf_path} "
+                              f"(artifact vs GGUF: {diff}); not overridable")
+    sha = file_sha256(gguf_path)
+    if not trained.sha256:
+        log.warning("%s: artifact records no model sha256 (synthetic training data?); "
+                    "accepted for %s on shapes alone", path, gguf_path)
+        return trained
+    if sha == trained.sha256:
+        return trained
+    if not allow_sha_mismatch:
+        raise ExpertPredError(f"{path}: trained for model sha256 {trained.sha256[:12]}…, "
+                              f"{gguf_path} has sha256 {sha[:12]}… (same shapes: "
+                              "--allow-sha-mismatch to use it anyway)")
+    log.warning("%s: trained for sha256 %s…, used with %s (sha256 %s…): allowed", path,
+                trained.sha256[:12], gguf_path, sha[:12])
+    return ModelInfo(sha256=sha, arch=lay.arch, n_layer=lay.n_layer,
+                     moe_layers=tuple(lay.moe_layers), n_expert=lay.n_expert,
+                     n_expert_used=lay.n_expert_used, n_embd=lay.n_embd)
+
+
+def load_artifact(path: str | os.PathLike[str], gguf_path: str | os.PathLike[str] | None = None,
+                  allow_sha_mismatch: bool = False) -> PredictorSet:
+    """Load an artifact (numpy only); with ``gguf_path`` check it was trained for that model.
+
+    Errors are one-line :class:`ExpertPredError`: not a file / truncated / bad JSON / missing
+    or malformed array / unknown kind / another model (shape: always; sha256: unless
+    ``allow_sha_mismatch``).
+    """
+    art = read(Path(path))
+    h = art.header
+    try:
+        trained = ModelInfo.from_manifest(h["model"])
+        decay = float(h["features"]["history_decay"])
+        offsets = {int(d): v for d, v in h["offsets"].items()}
+        name, params = str(h["predictor"]), dict(h.get("params") or {})
+    except (KeyError, TypeError, ValueError, AttributeError, ExpertPredError) as exc:
+        raise ExpertPredError(f"{art.path}: artifact header lacks or mangles a field ({exc})") \
+            from None
+    model = trained
+    if gguf_path is not None:
+        model = _check_model(art.path, trained, gguf_path, allow_sha_mismatch)
+    by_d: dict[int, Predictor] = {}
+    for d, entry in sorted(offsets.items()):
+        kind = str(entry["kind"])
+        own = {a: art.arrays[f"d{d}.{a}"] for a in entry.get("arrays", {})}
+        try:
+            by_d[d] = get_predictor_class(kind).from_artifact(
+                params if kind == name else {}, model, FeatureConfig(d=d, history_decay=decay),
+                entry.get("spec", {}), own)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ExpertPredError(f"{art.path}: d={d} {kind} spec or arrays inconsistent "
+                                  f"({type(exc).__name__}: {exc})") from None
+        by_d[d]._identity_checked = gguf_path is not None
+    return PredictorSet(by_d=by_d, model=model, history_decay=decay,
+                        needs_hidden=any(p.uses_hidden for p in by_d.values()), name=name,
+                        source=str(art.path), header=h, trained_model=trained)
