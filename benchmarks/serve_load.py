@@ -44,8 +44,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_prefetch as e2e  # noqa: E402 - the widened model and predictor are built there
 
-from expertpred.cgroup import MemoryCgroup, evict_file, why_unavailable  # noqa: E402
-from expertpred.plugin import DEFAULT_PREDICTOR  # noqa: E402
+from expertpred.lab.cgroup import MemoryCgroup, evict_file, why_unavailable  # noqa: E402
+from expertpred.prefetch.plugin import DEFAULT_PREDICTOR  # noqa: E402
 
 ROOT = e2e.ROOT
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
