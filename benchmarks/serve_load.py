@@ -221,7 +221,7 @@ def _metric(text: str, name: str) -> float:
 
 def direct_child(a: argparse.Namespace) -> None:
     """PrefetchLlama called directly, the options ``expertpred serve`` uses by default."""
-    from expertpred.plugin import PrefetchLlama, load_predictors
+    from expertpred.prefetch.plugin import PrefetchLlama, load_predictors
 
     preds = load_predictors(a.predictor, a.model, name=a.predictor_name, source_model=a.source)
     texts = prompts(a.requests)
