@@ -385,7 +385,9 @@ def run(
                           **st.as_dict()}, default=str))
         return
     console.print(f"[dim]prompt:[/] {prompt!r}")
-    console.print(f"[dim]generation ({len(toks)} tokens):[/] {text!r}", highlight=False)
+    stop = (f"; stopped: context full (n_ctx {n_ctx}, prompt {n_prompt} tokens)"
+            if len(toks) < max_tokens and n_prompt + len(toks) > n_ctx else "")
+    console.print(f"[dim]generation ({len(toks)} tokens{stop}):[/] {text!r}", highlight=False)
     t = Table(title=f"prefetch ({st.mode}, lookahead {st.lookahead})", show_header=False)
     t.add_row("decode tokens/s", f"{tps:.2f} ({t_decode:.2f} s; prompt {t_prompt:.2f} s)")
     c = st.counters
@@ -497,6 +499,16 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise ExpertPredError(f"{what} {text!r}: expected comma-separated numbers") from None
+
+
+def _ints(text: str, what: str, lo: int | None = None) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ExpertPredError(f"{what} {text!r}: expected comma-separated integers") from None
+    if not values or (lo is not None and min(values) < lo):
+        raise ExpertPredError(f"{what} {text!r}: expected integers >= {lo}")
+    return values
 
 
 @app.command()
@@ -643,7 +655,7 @@ def export_cmd(
     """Export a trained predictor (every offset d) as one numpy-only artifact file."""
     from ..predictors.export import export_saved, load_artifact
 
-    ds = None if offsets is None else [int(v) for v in offsets.split(",") if v.strip()]
+    ds = None if offsets is None else _ints(offsets, "--offsets", lo=1)
     path = export_saved(predictor, out, name=name, offsets=ds)
     art = load_artifact(path, gguf_path=model, allow_sha_mismatch=allow_sha_mismatch)
     m = art.trained_model or art.model
@@ -674,12 +686,36 @@ def iotrace(
                   f"{', '.join(Path(p).name for p in res['figures'])}", highlight=False)
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors — ours and click's usage/range errors — become one line
+    ``error: ...`` on stderr and exit code 2."""
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app()  # standalone: click reports usage errors itself (exit 2)
-    except ExpertPredError as exc:
-        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        # not standalone: click raises its usage errors here instead of printing a usage box
+        rc = app(args=argv, standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        exc.show()  # the help text, as click prints it
         sys.exit(2)
+    except UsageError as exc:  # bad option value, out of range, missing option, no such command
+        where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+        err_console.print(f"error: {where}{_one_line(exc.format_message())}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
+    except typer.TyperException as exc:  # any other click error (e.g. FileError)
+        err_console.print(f"error: {_one_line(exc.format_message())}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except ExpertPredError as exc:
+        err_console.print(f"error: {_one_line(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    sys.exit(rc if isinstance(rc, int) else 0)
 

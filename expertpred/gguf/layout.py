@@ -21,11 +21,22 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import GGUFError
+from .header import (
+    INTEGER_TYPES,
+    GGUFHeader,
+    SkippedArray,
+    TensorInfo,
+    read_header,
+    tensor_data,
+)
 
 log = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
-
+# Bounds far above any real model, low enough that arrays sized by them stay small.
+MAX_EXPERTS = 1 << 16
+MAX_LAYERS = 1 << 12
+_ARCH = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
 # blk.<layer>.<role>.<weight|bias|...>: stacked per-expert tensors end in "_exps";
 # some archs merge gate and up ("ffn_gate_up_exps").
 _EXPS = re.compile(r"^blk\.(\d+)\.(ffn_\w+_exps)\.(\w+)$")
@@ -74,6 +85,8 @@ class MoELayout:
     routers: dict[int, tuple[TensorRange, ...]]  # layer -> router weight (+ bias / selection bias)
     shared: dict[int, tuple[TensorRange, ...]]  # layer -> shared-expert tensors
     metadata: dict[str, object] = field(default_factory=dict, repr=False)
+    # where the last tensor ends: the least size the file must keep while llama.cpp maps it
+    tensor_end: int = 0
 
     # --- lookups -------------------------------------------------------------------
     def layer_index(self, layer: int) -> int:
@@ -126,77 +139,101 @@ class MoELayout:
         }
 
 
-def _field(reader, key: str, default: object = None) -> object:
-    f = reader.fields.get(key)
-    if f is None:
+def _int_field(hdr: GGUFHeader, key: str, lo: int, hi: int | None = None,
+               default: int | None = None) -> int:
+    """An integer hparam, checked for type and range (``default`` when absent; required when
+    ``default`` is None)."""
+    if key not in hdr.fields:
+        if default is None:
+            raise GGUFError(f"{hdr.path}: GGUF without {key}; expected an integer")
         return default
-    value = f.contents()
+    value, vt = hdr.fields[key], hdr.field_types[key]
+    if vt not in INTEGER_TYPES:
+        raise GGUFError(f"{hdr.path}: {key} is {value!r} ({vt.name}), expected an integer")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        want = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise GGUFError(f"{hdr.path}: {key} is {value}, expected {want}")
     return value
 
 
-def _check_header(path: Path) -> int:
-    if not path.exists():
-        raise GGUFError(f"{path}: no such file")
-    if not path.is_file():
-        raise GGUFError(f"{path}: not a regular file (expected a .gguf model file)")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    return size
+def _arch(hdr: GGUFHeader) -> str:
+    arch = hdr.fields.get("general.architecture")
+    if arch is None:
+        raise GGUFError(f"{hdr.path}: GGUF without general.architecture")
+    if not isinstance(arch, str) or not _ARCH.match(arch):
+        raise GGUFError(f"{hdr.path}: general.architecture is {arch!r}, expected a name "
+                        "like 'llama' or 'qwen3moe'")
+    return arch
+
+
+def _check_shape(path: Path, t: TensorInfo, want: tuple[int | None, ...], why: str) -> None:
+    """``want`` in ggml order; None = any size."""
+    if len(t.shape) != len(want) or any(w is not None and s != w
+                                        for s, w in zip(t.shape, want)):
+        shown = ["*" if w is None else w for w in want]
+        raise GGUFError(f"{path}: tensor {t.name} has ggml shape {list(t.shape)}, expected "
+                        f"{shown} ({why})")
+
+
+def _check_expert_tensor(path: Path, t: TensorInfo, role: str, kind: str, n_embd: int,
+                         n_expert: int) -> None:
+    why = f"embedding_length={n_embd}, expert_count={n_expert}"
+    if role == "ffn_down_exps" and kind == "weight":
+        _check_shape(path, t, (None, n_embd, n_expert), why)
+    elif role in ("ffn_gate_exps", "ffn_up_exps", "ffn_gate_up_exps") and kind == "weight":
+        _check_shape(path, t, (n_embd, None, n_expert), why)
+    else:  # biases, scales, arch-specific stacked tensors: only the expert dim is known
+        if t.shape[-1] != n_expert:
+            raise GGUFError(f"{path}: tensor {t.name} has outer dim {t.shape[-1]}, "
+                            f"expected expert_count={n_expert}")
+
+
+def _check_router(path: Path, t: TensorInfo, role: str, kind: str, n_embd: int,
+                  n_expert: int) -> None:
+    why = f"embedding_length={n_embd}, expert_count={n_expert}"
+    if role == "ffn_gate_inp" and kind == "weight":
+        _check_shape(path, t, (n_embd, n_expert), why)
+    elif t.shape[-1] != n_expert and t.shape[0] != n_expert:
+        raise GGUFError(f"{path}: tensor {t.name} has shape {list(t.shape)}, expected a "
+                        f"dimension of expert_count={n_expert}")
 
 
 def read_layout(path: str | os.PathLike[str]) -> MoELayout:
     """Parse ``path`` and return its expert layout.
 
-    Raises :class:`GGUFError` (one line, names the file) for a missing path, a file that is
-    not GGUF, a truncated GGUF, or a dense model without routed experts.
+    Raises :class:`GGUFError` (one line, names the file and value) for a missing path, a
+    file that is not GGUF, a truncated or damaged GGUF, a dense model without routed
+    experts, or hparams that disagree with each other or with the tensor shapes.
     """
-    import gguf  # local: keeps `import expertpred.gguf.layout` cheap for the prefetch thread
-
     path = Path(path)
-    size = _check_header(path)
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as exc:  # gguf raises ValueError/IndexError/... on damaged headers
-        why = f"{type(exc).__name__}: {exc}"
-        raise GGUFError(f"{path}: truncated or damaged GGUF ({why})") from None
-
-    arch = str(_field(reader, "general.architecture", ""))
-    if not arch:
-        raise GGUFError(f"{path}: GGUF without general.architecture")
-    n_layer = int(_field(reader, f"{arch}.block_count", 0) or 0)
-    n_expert = int(_field(reader, f"{arch}.expert_count", 0) or 0)
-    n_used = int(_field(reader, f"{arch}.expert_used_count", 0) or 0)
-    n_embd = int(_field(reader, f"{arch}.embedding_length", 0) or 0)
+    hdr = read_header(path)
+    arch = _arch(hdr)
+    n_expert = _int_field(hdr, f"{arch}.expert_count", lo=0, hi=MAX_EXPERTS, default=0)
     if n_expert <= 0:
         raise GGUFError(
             f"{path}: dense model (arch {arch!r} has no {arch}.expert_count); "
             "expected a Mixture-of-Experts GGUF"
         )
+    n_layer = _int_field(hdr, f"{arch}.block_count", lo=1, hi=MAX_LAYERS)
+    n_used = _int_field(hdr, f"{arch}.expert_used_count", lo=1, hi=n_expert)
+    n_embd = _int_field(hdr, f"{arch}.embedding_length", lo=1, hi=1 << 20)
 
     stacked: dict[int, dict[str, TensorRange]] = {}
     routers: dict[int, list[TensorRange]] = {}
     shared: dict[int, list[TensorRange]] = {}
-    for t in reader.tensors:
-        tr = TensorRange(t.name, int(t.data_offset), int(t.n_bytes))
-        if tr.offset + tr.nbytes > size:
-            raise GGUFError(
-                f"{path}: truncated GGUF (tensor {t.name} ends at byte {tr.offset + tr.nbytes}, "
-                f"file has {size})"
-            )
+    for t in hdr.tensors:
+        tr = TensorRange(t.name, t.offset, t.nbytes)
+        if (m := _BLOCK.match(t.name)) and int(m[1]) >= n_layer:
+            raise GGUFError(f"{path}: tensor {t.name} belongs to block {int(m[1])}, but "
+                            f"{arch}.block_count is {n_layer}; expected blocks 0..{n_layer - 1}")
         if m := _EXPS.match(t.name):
-            layer, role, kind = int(m[1]), m[2], m[3]
-            if int(t.shape[-1]) != n_expert:
-                raise GGUFError(
-                    f"{path}: tensor {t.name} has outer dim {int(t.shape[-1])}, "
-                    f"expected expert_count={n_expert}"
-                )
-            stacked.setdefault(layer, {})[f"{role}.{kind}"] = tr
+            _check_expert_tensor(path, t, m[2], m[3], n_embd, n_expert)
+            stacked.setdefault(int(m[1]), {})[f"{m[2]}.{m[3]}"] = tr
         elif m := _SHEXP.match(t.name):
             shared.setdefault(int(m[1]), []).append(tr)
         elif m := _ROUTER.match(t.name):
+            _check_router(path, t, m[2], m[3], n_embd, n_expert)
             routers.setdefault(int(m[1]), []).append(tr)
     if not stacked:
         raise GGUFError(
@@ -211,6 +248,9 @@ def read_layout(path: str | os.PathLike[str]) -> MoELayout:
         if tuple(sorted(stacked[layer])) != parts:
             raise GGUFError(f"{path}: layer {layer} has expert tensors {sorted(stacked[layer])}, "
                             f"expected {list(parts)} like layer {moe_layers[0]}")
+        if not any(r.name == f"blk.{layer}.ffn_gate_inp.weight" for r in routers.get(layer, ())):
+            raise GGUFError(f"{path}: layer {layer} has expert tensors but no "
+                            f"blk.{layer}.ffn_gate_inp.weight router; expected one")
         for p, part in enumerate(parts):
             tr = stacked[layer][part]
             if tr.nbytes % n_expert:
@@ -220,16 +260,30 @@ def read_layout(path: str | os.PathLike[str]) -> MoELayout:
             offsets[li, :, p] = tr.offset + per * np.arange(n_expert, dtype=np.int64)
             nbytes[li, :, p] = per
 
-    meta = {k: _field(reader, k) for k in reader.fields
-            if k.startswith(f"{arch}.") or k.startswith("general.")}
+    meta = {k: v for k, v in hdr.fields.items()
+            if (k.startswith(f"{arch}.") or k.startswith("general."))
+            and not isinstance(v, SkippedArray)}
     return MoELayout(
         path=path, arch=arch, n_layer=n_layer, n_expert=n_expert, n_expert_used=n_used,
-        n_embd=n_embd, file_size=size, moe_layers=moe_layers, parts=parts,
+        n_embd=n_embd, file_size=hdr.file_size, moe_layers=moe_layers, parts=parts,
         offsets=offsets, nbytes=nbytes,
         routers={k: tuple(v) for k, v in routers.items()},
         shared={k: tuple(v) for k, v in shared.items()},
-        metadata=meta,
+        metadata=meta, tensor_end=hdr.tensor_end,
     )
+
+
+def check_file_complete(path: str | os.PathLike[str], layout: MoELayout) -> None:
+    """Refuse a file that is now shorter than its tensors reach (it was truncated or replaced
+    after ``layout`` was read): llama.cpp maps the file, and touching a mapped page past the
+    end of the file kills the whole process with SIGBUS."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise GGUFError(f"{path}: cannot stat ({exc.strerror})") from None
+    if size < layout.tensor_end:
+        raise GGUFError(f"{path}: truncated GGUF ({size} bytes, its tensors reach byte "
+                        f"{layout.tensor_end}); expected the whole file")
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -246,11 +300,13 @@ def read_tensors(path: str | os.PathLike[str], names: list[str]) -> dict[str, np
     shape — one pass over the GGUF header however many names are asked for."""
     import gguf
 
+    hdr = read_header(path)
     want = set(names)
     out: dict[str, np.ndarray] = {}
-    for t in gguf.GGUFReader(str(path), "r").tensors:
+    for t in hdr.tensors:
         if t.name in want:
-            data = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            qtype = gguf.GGMLQuantizationType(t.ggml_type)
+            data = np.asarray(gguf.dequantize(tensor_data(hdr, t), qtype), dtype=np.float32)
             out[t.name] = data.reshape([int(x) for x in reversed(t.shape)])
     return out
 

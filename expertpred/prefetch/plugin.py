@@ -71,7 +71,8 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..features import FeatureBatch, ModelInfo, OnlineFeatures
-from ..gguf.layout import MoELayout, file_sha256, read_layout
+from ..gguf.header import read_header
+from ..gguf.layout import MoELayout, check_file_complete, file_sha256, read_layout
 from ..llama import ggml
 from ..predictors.artifact import PredictorSet, load_artifact
 from ..trace.record import Phase, SequenceTrace
@@ -205,16 +206,17 @@ def routing_fingerprint(path: str | os.PathLike[str], layout: MoELayout | None =
     """sha256 over every tensor that is not a stacked expert tensor (name, type, shape,
     bytes): everything routing depends on. A widened copy (``expertpred widen``) has the
     fingerprint of its source; reading it costs the non-expert bytes only."""
-    import gguf
-
     lay = layout or read_layout(path)
     experts = {f"blk.{b}.{part}" for b in lay.moe_layers for part in lay.parts}
     h = hashlib.sha256()
-    for t in gguf.GGUFReader(str(path)).tensors:
-        if t.name in experts:
-            continue
-        h.update(f"{t.name}|{int(t.tensor_type)}|{tuple(int(x) for x in t.shape)}|".encode())
-        h.update(np.ascontiguousarray(t.data).view(np.uint8).tobytes())
+    hdr = read_header(path)
+    with open(path, "rb") as f:
+        for t in hdr.tensors:
+            if t.name in experts:
+                continue
+            h.update(f"{t.name}|{t.ggml_type}|{t.shape}|".encode())
+            f.seek(t.offset)
+            h.update(f.read(t.nbytes))
     return h.hexdigest()
 
 
@@ -412,10 +414,14 @@ class PrefetchPlugin:
             default_d = 1
         else:
             default_d = 0
-        d = default_d if self.lookahead is None or self.mode in (Mode.OFF, Mode.D0) \
-            else self.lookahead
-        if d < 0:
-            raise ExpertPredError(f"lookahead {d}: expected >= 0")
+        if self.lookahead is not None and self.mode in (Mode.OFF, Mode.D0):
+            raise ExpertPredError(f"lookahead {self.lookahead}: mode {self.mode.value!r} does "
+                                  "not look ahead; expected a lookahead only with mode "
+                                  "'predictor' or 'oracle'")
+        d = default_d if self.lookahead is None else self.lookahead
+        if not 0 <= d <= self.n_moe_:
+            raise ExpertPredError(f"lookahead {d}: expected 0..{self.n_moe_} (the MoE layers "
+                                  f"of {self.gguf_path})")
         if self.mode is Mode.PREDICTOR and d:
             missing = [x for x in range(1, d + 1) if x not in self.predictor.offsets]
             if missing:
@@ -802,6 +808,8 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
         self._closed = False
         self.plugin.start()
         try:
+            # llama.cpp maps the file: a page past a shortened file's end is a SIGBUS
+            check_file_complete(model_path, self.plugin.layout_)
             llama_kwargs.setdefault("verbose", False)
             super().__init__(model_path=str(model_path), **llama_kwargs)
             if self.plugin.enabled:
@@ -890,10 +898,19 @@ def generate_greedy(llm: Any, prompt: str, max_tokens: int,
                     on_token: Any = None) -> tuple[list[int], int, float, float]:
     """Greedy decode with ``Llama.eval`` / ``Llama.sample(top_k=1)``-equivalent argmax over
     llama.cpp's sampler: returns (generated ids, prompt length, prompt s, decode s). Stops
-    before an end-of-generation token. The same loop with and without the plugin."""
+    before an end-of-generation token or when the context (n_ctx) is full, so fewer than
+    ``max_tokens`` may come back. The same loop with and without the plugin."""
     import llama_cpp
 
     ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
+    # llama.cpp pads its context (8 -> 256), but Llama.eval keeps token ids in an array of
+    # the requested n_ctx and silently drops ids past it: the smaller one is the real limit
+    n_ctx = min(int(llm.n_ctx()), len(llm.input_ids))
+    if not ids:  # llama_decode of an empty batch aborts the process (GGML_ASSERT)
+        raise ExpertPredError(f"prompt {prompt!r} has no tokens; expected a non-empty prompt")
+    if len(ids) > n_ctx:
+        raise ExpertPredError(f"prompt has {len(ids)} tokens; expected at most n_ctx={n_ctx} "
+                              "(raise --n-ctx or shorten the prompt)")
     t0 = time.perf_counter()
     llm.reset()
     llm.eval(ids)
@@ -909,8 +926,8 @@ def generate_greedy(llm: Any, prompt: str, max_tokens: int,
             out.append(tok)
             if on_token is not None:
                 on_token(tok)
-            if len(out) == max_tokens:
-                break
+            if len(out) == max_tokens or len(ids) + len(out) > n_ctx:
+                break  # the context is full: this token's eval would not fit
             llm.eval([tok])
     finally:
         llama_cpp.llama_sampler_free(smpl)
