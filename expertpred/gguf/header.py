@@ -33,9 +33,16 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 # llama.cpp's own guards; a key longer than this is damage, not a name.
 MAX_KEY_BYTES = 65535
+# ggml's GGML_MAX_NAME (64, with the terminating NUL): the longest tensor name.
+MAX_TENSOR_NAME = 63
+# A metadata string (chat templates are the longest, tens of KB): read into memory, so
+# bounded well below what a damaged length could ask for.
+MAX_STRING_BYTES = 16 << 20
 # Numeric metadata arrays up to this many items are kept (per-layer hparams such as
 # head_count lists); longer ones (token scores, token types) are skipped unread.
 MAX_KEPT_ARRAY = 65536
+# Bytes read at a time while skipping string arrays.
+_CHUNK = 1 << 20
 # One tensor's element count must fit ggml's int64 arithmetic.
 MAX_ELEMENTS = 2**62
 
@@ -167,8 +174,27 @@ class _Cursor:
             raise GGUFError(f"{self.path}: {what} is not UTF-8 (byte {exc.start} of {n}: "
                             f"{bad!r}); expected UTF-8 text") from None
 
-    def skip_string(self, what: str) -> None:
-        self.skip(self.u64(f"length of {what}"), what)
+    def skip_strings(self, count: int, what: str) -> None:
+        """Skip ``count`` length-prefixed strings (a tokenizer array) without a read per
+        string: walk lengths in chunks of the file, checking each against the file size."""
+        unpack = struct.Struct("<Q").unpack_from
+        start, p = self.pos, 0
+        buf = self.f.read(min(_CHUNK, self.left()))
+        for i in range(count):
+            if p + 8 > len(buf):  # refill from the current string on
+                start, p = start + p, 0
+                self.f.seek(start)
+                buf = self.f.read(min(_CHUNK, self.size - start))
+                if len(buf) < 8:
+                    self.pos = start
+                    self.need(8, f"length of {what}[{i}]")
+            n = unpack(buf, p)[0]
+            if n > self.size - (start + p + 8):
+                self.pos = start + p + 8
+                self.need(n, f"{what}[{i}]")
+            p += 8 + n
+        self.pos = start + p
+        self.f.seek(self.pos)
 
 
 def _value_type(cur: _Cursor, key: str) -> ValueType:
@@ -189,11 +215,11 @@ def _read_array(cur: _Cursor, key: str) -> object:
     # the smallest an item can be: a string is at least its 8-byte length
     least = 8 if item == ValueType.STRING else _SIZE[item]
     if count > cur.left() // least:
-        raise GGUFError(f"{cur.path}: metadata array {key!r} claims {count} items of "
-                        f"{item.name}, more than the {cur.left()} bytes left in the file hold")
+        raise GGUFError(f"{cur.path}: truncated or damaged GGUF (metadata array {key!r} claims "
+                        f"{count} items of {item.name}, more than the {cur.left()} bytes left "
+                        "in the file hold)")
     if item == ValueType.STRING:
-        for i in range(count):
-            cur.skip_string(f"{key}[{i}]")
+        cur.skip_strings(count, key)
         return SkippedArray(item, count)
     if count > MAX_KEPT_ARRAY:
         cur.skip(count * least, f"array {key!r}")
@@ -212,7 +238,7 @@ def _read_fields(cur: _Cursor, n_kv: int) -> tuple[dict[str, object], dict[str, 
             raise GGUFError(f"{cur.path}: metadata key {key!r} appears twice; expected unique keys")
         vt = _value_type(cur, key)
         if vt == ValueType.STRING:
-            value: object = cur.string(f"metadata {key!r}")
+            value: object = cur.string(f"metadata {key!r}", limit=MAX_STRING_BYTES)
         elif vt == ValueType.ARRAY:
             value = _read_array(cur, key)
         else:
@@ -242,7 +268,7 @@ def _read_tensor_infos(cur: _Cursor, n_tensors: int) -> list[tuple[str, int, tup
     infos = []
     names: set[str] = set()
     for i in range(n_tensors):
-        name = cur.string(f"name of tensor #{i}")
+        name = cur.string(f"name of tensor #{i}", limit=MAX_TENSOR_NAME)
         if name in names:
             raise GGUFError(f"{cur.path}: tensor {name!r} appears twice; expected unique names")
         names.add(name)
