@@ -15,4 +15,8 @@ def make_target(fmt: str) -> FuzzTarget:
 
         return GGUFTarget([root / "models" / m / "model.gguf"
                            for m in ("tiny-mixtral", "tiny-qwen3moe")])
+    if fmt == "artifact":
+        from .artifact import ArtifactTarget
+
+        return ArtifactTarget()
     raise ValueError(f"format {fmt!r}: expected one of {FORMATS}")

@@ -281,11 +281,13 @@ def validate_artifact(path: str | Path, header: Mapping[str, Any],
         model = ModelInfo.from_manifest(c.typed(header, "model", dict, "header"))
     except (KeyError, TypeError, ValueError, ExpertPredError) as exc:
         raise c.fail(f"artifact header: model is malformed ({exc})") from None
+    layers = list(model.moe_layers)
     if not (model.n_moe > 0 and 0 < model.n_expert_used <= model.n_expert <= 1 << 16
-            and model.n_embd > 0):
-        raise c.fail(f"artifact header: model {model.n_moe} MoE layers, {model.n_expert} "
-                     f"experts, top-{model.n_expert_used}, n_embd {model.n_embd}: expected a "
-                     "consistent MoE shape")
+            and model.n_embd > 0 and layers == sorted(set(layers))
+            and 0 <= layers[0] and layers[-1] < model.n_layer):
+        raise c.fail(f"artifact header: model of {model.n_layer} layers, MoE layers "
+                     f"{layers[:4]}…, {model.n_expert} experts, top-{model.n_expert_used}, "
+                     f"n_embd {model.n_embd}: expected a consistent MoE shape")
     decay = c.typed(c.typed(header, "features", dict, "header"), "history_decay",
                     (int, float), "header.features")
     if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
