@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from expertpred.fuzz.core import CaseResult, Limits, Outcome, run_one
-from expertpred.fuzz.targets import FORMATS, make_target
+from expertpred.lab.fuzz.core import CaseResult, Limits, Outcome, run_one
+from expertpred.lab.fuzz.targets import FORMATS, make_target
 
 
 def _worker(fmt: str, workdir: str, limits: Limits, seed: int, conn) -> None:

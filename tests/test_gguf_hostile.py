@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from expertpred.errors import GGUFError
-from expertpred.fuzz.gguf import header_slots
-from expertpred.layout import read_layout
+from expertpred.gguf.layout import read_layout
+from expertpred.lab.fuzz.gguf import header_slots
 from expertpred.shipped import model_gguf
 
 SEED = model_gguf("tiny-mixtral")

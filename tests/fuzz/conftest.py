@@ -9,7 +9,7 @@ import random
 
 from hypothesis import HealthCheck, settings
 
-from expertpred.fuzz.core import FuzzTarget, Limits, Outcome, run_one
+from expertpred.lab.fuzz.core import FuzzTarget, Limits, Outcome, run_one
 
 # Time is bounded by the case count; the 1 s per-input limit is checked by the campaign
 # (benchmarks/fuzz.py) — CI here only guards against hangs with a generous kill limit.

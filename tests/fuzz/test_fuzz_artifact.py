@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from expertpred.fuzz.targets import make_target
+from expertpred.lab.fuzz.targets import make_target
 
 from .conftest import check_case
 

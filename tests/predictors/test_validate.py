@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from expertpred.errors import ExpertPredError
-from expertpred.export import HEADER, load_artifact
-from expertpred.fuzz.artifact import build_seed_artifacts
+from expertpred.lab.fuzz.artifact import build_seed_artifacts
+from expertpred.predictors.export import HEADER, load_artifact
 from expertpred.predictors.validate import CHECKSUM_KEY, artifact_checksum
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..shipped import repo_root
+from ...shipped import repo_root
 from .core import FuzzTarget
 
 FORMATS = ("gguf", "manifest", "shard", "artifact")

@@ -22,7 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import ExpertPredError
+from ...errors import ExpertPredError
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export import HEADER, export_predictors, load_artifact
-from ..features import FeatureBatch, FeatureConfig, ModelInfo, build_features
-from ..layout import file_sha256, read_layout, router_weight
-from ..predictors.validate import CHECKSUM_KEY, artifact_checksum
-from ..shipped import model_gguf
+from ...features import FeatureBatch, FeatureConfig, ModelInfo, build_features
+from ...gguf.layout import file_sha256, read_layout, router_weight
+from ...predictors.export import HEADER, export_predictors, load_artifact
+from ...predictors.validate import CHECKSUM_KEY, artifact_checksum
+from ...shipped import model_gguf
 from .core import Edit, flip_bytes, truncate
 
 # (registry name, constructor params): small but real fits of every numpy-exportable rung
@@ -38,7 +38,7 @@ _ODD_VALUES = [None, [], {}, "x", -1, 0, 1e308, True, [1, 2], "eight", 2**70]
 
 
 def _seed_data(gguf: Path) -> tuple[ModelInfo, dict[int, FeatureBatch]]:
-    from ..predictors.synthetic import SyntheticTraceSpec, synthetic_traces
+    from ...predictors.synthetic import SyntheticTraceSpec, synthetic_traces
 
     lay = read_layout(gguf)
     model = ModelInfo(sha256=file_sha256(gguf), arch=lay.arch, n_layer=lay.n_layer,
@@ -55,7 +55,7 @@ def _seed_data(gguf: Path) -> tuple[ModelInfo, dict[int, FeatureBatch]]:
 
 def build_seed_artifacts(out: Path) -> tuple[list[Path], dict[int, FeatureBatch]]:
     """Fit and export every seed predictor into ``out``; return the files and the features."""
-    from ..predictors import make_predictor
+    from ...predictors import make_predictor
 
     gguf = model_gguf("tiny-mixtral")
     _, feats = _seed_data(gguf)

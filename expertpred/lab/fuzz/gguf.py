@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..layout import MoELayout, read_layout
+from ...gguf.layout import MoELayout, read_layout
 from .core import Edit, MutableFile, flip_bytes, insert_delete, interesting_ints, truncate
 
 _HPARAMS = ("expert_count", "expert_used_count", "block_count", "embedding_length")
