@@ -80,7 +80,7 @@ def refs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Ref]:
 
 def run(ref: Ref, mode: str, path: Path | None = None, **kw: object):
     with PrefetchLlama(path or ref.path, mode=mode, predictor=ref.predictors,
-                       oracle=ref.oracle, lookahead=None if mode == "d0" else 2,
+                       oracle=ref.oracle, lookahead=None if mode in ("off", "d0") else 2,
                        **kw, **LLAMA) as llm:
         toks, n_prompt, _, _ = generate_greedy(llm, PROMPT, N_TOKENS)
         return toks, llm.prefetch_stats(), llm

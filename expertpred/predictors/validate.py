@@ -65,7 +65,7 @@ class _Check:
         v = obj[key]
         if not isinstance(v, types) or (isinstance(v, bool) and bool not in _tuple(types)):
             names = "/".join(t.__name__ for t in _tuple(types))
-            raise self.fail(f"artifact header: {where}.{key} is {v!r}, expected {names}")
+            raise self.fail(f"artifact header: {where}.{key} is {v!r:.80}, expected {names}")
         return v
 
     def array(self, arrays: Mapping[str, np.ndarray], key: str, kind: str,
@@ -277,8 +277,14 @@ def validate_artifact(path: str | Path, header: Mapping[str, Any],
         raise c.fail(f"artifact header is {type(header).__name__}, expected a JSON object")
     c.typed(header, "predictor", str, "header")
     c.typed(header, "params", dict, "header")
+    raw_model = c.typed(header, "model", dict, "header")
+    for key in ("n_layer", "n_expert", "n_expert_used", "n_embd"):
+        c.typed(raw_model, key, int, "header.model")
+    layers = c.typed(raw_model, "moe_layers", list, "header.model")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        raise c.fail(f"artifact header: model.moe_layers {layers!r:.80}, expected integers")
     try:
-        model = ModelInfo.from_manifest(c.typed(header, "model", dict, "header"))
+        model = ModelInfo.from_manifest(raw_model)
     except (KeyError, TypeError, ValueError, ExpertPredError) as exc:
         raise c.fail(f"artifact header: model is malformed ({exc})") from None
     layers = list(model.moe_layers)
