@@ -63,6 +63,7 @@ import pyarrow.parquet as pq
 
 from ..errors import ExpertPredError
 from .record import SequenceTrace
+from .validate import ShardBytes, TraceDatasetError, check_manifest, check_shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,6 @@ _NUMPY_DTYPES = {
 
 class TraceWriteError(ExpertPredError):
     """Writing a trace dataset failed (disk full, permission, wrong directory)."""
-
-
-class TraceDatasetError(ExpertPredError):
-    """A directory is not a readable trace dataset."""
 
 
 # --- manifest records ----------------------------------------------------------------
@@ -363,7 +360,10 @@ def _describe_oserror(exc: OSError) -> str:
 def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST_NAME
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise TraceDatasetError(f"{path}: not a JSON text ({type(exc).__name__}); expected an "
+                                "expertpred trace manifest") from None
     except json.JSONDecodeError as exc:
         raise TraceDatasetError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); "
                                 "expected an expertpred trace manifest") from None
@@ -375,6 +375,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     if ver != FORMAT_VERSION:
         raise TraceDatasetError(f"{path}: format_version {ver!r}, this expertpred reads "
                                 f"version {FORMAT_VERSION}")
+    check_manifest(path, m)
     return m
 
 
@@ -512,6 +513,16 @@ class TraceWriter:
             m = _read_manifest(d)
         except TraceDatasetError as exc:
             raise TraceWriteError(str(exc)) from None
+        others = [p.name for p in d.iterdir()
+                  if p.name != MANIFEST_NAME and not p.name.endswith(TMP_SUFFIX)]
+        if not m["shards"] and not m["complete"] and not others:
+            # a run that failed before its first shard (llama.cpp refused the model, Ctrl-C
+            # while loading): nothing to keep, and it must not block a corrected rerun
+            log.info("%s: replacing an empty, unfinished dataset", d)
+            self._remove_tmp()
+            self._manifest = self._new_manifest()
+            self._write_manifest()
+            return
         old_sha = m["model"]["sha256"]
         new = self.info.model
         if old_sha != new.sha256:
@@ -825,6 +836,49 @@ class TraceDataset:
                                     self.hidden_dim)
         for s in self.shards:
             self._check_shard(s)
+        self._check_model_file()
+
+    def _check_model_file(self) -> None:
+        """If the manifest's model.path names a file here, it must be the traced model's
+        shape and arch (a manifest edited to name another model would size caches from the
+        wrong layout). Hashing it is left to the commands that use the file."""
+        from ..gguf.layout import read_layout
+
+        p = Path(self.model.path)
+        if not p.is_file():
+            return  # datasets move between machines: the path is a record, not a promise
+        lay = read_layout(p)
+        m = self.model
+        got = (lay.arch, lay.n_layer, tuple(lay.moe_layers), lay.n_expert, lay.n_expert_used,
+               lay.n_embd)
+        want = (m.arch, m.n_layer, tuple(m.moe_layers), m.n_expert, m.n_expert_used, m.n_embd)
+        if got != want:
+            keys = ("arch", "n_layer", "moe_layers", "n_expert", "n_expert_used", "n_embd")
+            diff = ", ".join(f"{k} {a} vs {b}" for k, a, b in zip(keys, want, got) if a != b)
+            raise TraceDatasetError(f"{self.path / MANIFEST_NAME}: model.path {p} is another "
+                                    f"model (manifest vs file: {diff})")
+
+    def _open_shard(self, s: ShardInfo) -> pq.ParquetFile:
+        """The shard's bytes, read once: sha256 and size checked against the manifest, its
+        seq_id column against the listed sequences."""
+        p = self.path / s.name
+        data = ShardBytes.read(p, s.bytes, s.sha256)
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data))
+            seq_id = pf.read(columns=["seq_id"]).column(0).to_numpy()
+        except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+            raise TraceDatasetError(f"{p}: not a readable Parquet shard "
+                                    f"({type(exc).__name__}: {exc})"[:300]) from None
+        check_shard_rows(p, seq_id, s.seq_ids, s.rows)
+        return pf
+
+    def _read(self, s: ShardInfo, columns: Sequence[str] | None,
+              pf: pq.ParquetFile | None = None) -> pa.Table:
+        try:
+            return (pf or self._open_shard(s)).read(columns=columns)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise TraceDatasetError(f"{self.path / s.name}: not a readable Parquet shard "
+                                    f"({type(exc).__name__}: {exc})"[:300]) from None
 
     def _check_shard(self, s: ShardInfo) -> None:
         p = self.path / s.name
@@ -894,10 +948,21 @@ class TraceDataset:
     def sequence_info(self) -> list[dict[str, Any]]:
         """Per-sequence facts (seq_id, prompt_id, domain, split, n_tokens, n_prompt, text)."""
         out: list[dict[str, Any]] = []
-        for p in self.files:
-            meta = pq.read_schema(p).metadata or {}
-            out.extend(json.loads(meta.get(META_SEQUENCES, b"[]")))
+        for s in self.shards:
+            out.extend(self._sequence_records(s, self._open_shard(s)))
         return out
+
+    def _sequence_records(self, s: ShardInfo, pf: pq.ParquetFile) -> list[dict[str, Any]]:
+        meta = pf.schema_arrow.metadata or {}
+        try:
+            recs = json.loads(meta.get(META_SEQUENCES, b"[]"))
+        except (ValueError, RecursionError):
+            recs = None
+        if not isinstance(recs, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("seq_id"), int) for r in recs):
+            raise TraceDatasetError(f"{self.path / s.name}: sequence records in its metadata "
+                                    "are not a JSON list of objects with a seq_id")
+        return recs
 
     # -- bulk reads -------------------------------------------------------------------
     def _columns(self, columns: Sequence[str] | None) -> list[str]:
@@ -914,9 +979,13 @@ class TraceDataset:
                      batch_rows: int = 16384) -> Iterator[pa.RecordBatch]:
         """Record batches of at most ``batch_rows`` rows, shard by shard (bounded memory)."""
         cols = self._columns(columns)
-        for p in self.files:
-            pf = pq.ParquetFile(p)
-            yield from pf.iter_batches(batch_size=batch_rows, columns=cols)
+        for s in self.shards:
+            pf = self._open_shard(s)
+            try:
+                yield from pf.iter_batches(batch_size=batch_rows, columns=cols)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise TraceDatasetError(f"{self.path / s.name}: not a readable Parquet shard "
+                                        f"({type(exc).__name__}: {exc})"[:300]) from None
 
     def _mask(self, batch: pa.RecordBatch, split: str | None, domain: str | None,
               seq_ids: set[int] | None) -> np.ndarray | None:
@@ -985,20 +1054,19 @@ class TraceDataset:
                 f"{max_bytes / 2**30:.1f} GiB; use iter_batches() or to_numpy(columns=...)")
         if not self.shards:
             return self._schema.empty_table().select(cols)
-        tables = [pq.read_table(p, columns=cols).replace_schema_metadata(None)
-                  for p in self.files]
+        tables = [self._read(s, cols).replace_schema_metadata(None) for s in self.shards]
         return pa.concat_tables(tables, promote_options="permissive")
 
     def sequences(self, *, split: str | None = None, domain: str | None = None,
                   seq_ids: Sequence[int] | None = None) -> Iterator[SequenceTrace]:
         """Yield SequenceTraces in (shard, seq_id) order; one shard in memory at a time."""
         want = set(int(i) for i in seq_ids) if seq_ids is not None else None
-        for s, p in zip(self.shards, self.files):
+        for s in self.shards:
             if want is not None and not want.intersection(s.seq_ids):
                 continue
-            info = {r["seq_id"]: r for r in
-                    json.loads((pq.read_schema(p).metadata or {}).get(META_SEQUENCES, b"[]"))}
-            t = pq.read_table(p)
+            pf = self._open_shard(s)
+            info = {r["seq_id"]: r for r in self._sequence_records(s, pf)}
+            t = self._read(s, None, pf)
             sid = t.column("seq_id").to_numpy()
             bounds = np.flatnonzero(np.diff(sid)) + 1
             starts = np.concatenate([[0], bounds])
