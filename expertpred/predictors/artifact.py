@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,8 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..features import FeatureBatch, FeatureConfig, ModelInfo
-from .base import Predictor, get_predictor_class
+from .base import Predictor, available, get_predictor_class
+from .validate import CHECKSUM_KEY, artifact_checksum, read_npz_bounded, validate_artifact
 
 log = logging.getLogger(__name__)
 
@@ -55,40 +55,23 @@ class Artifact:
 
 
 def validate(art: Artifact) -> None:
-    """Structural checks of a read artifact; one-line :class:`ExpertPredError` on failure.
+    """Full structural checks of a read artifact (:mod:`.validate`); one-line
+    :class:`ExpertPredError` on failure.
 
-    Header fields present, every ``kind`` registered, every array the header declares present
-    with its declared dtype and shape, nothing undeclared.
+    Format and version, every header key and its type, every ``kind`` registered, every
+    array present with the dtype and shape its rung and the model imply, indices in range,
+    values finite, tree structure walkable, nothing undeclared, and the checksum: what
+    loads cannot fail at predict time.
     """
     h, path = art.header, art.path
     if not isinstance(h, dict) or h.get("format") != FORMAT:
         got = h.get("format") if isinstance(h, dict) else h
-        raise ExpertPredError(f"{path}: header format {got!r}, expected {FORMAT!r}")
+        raise ExpertPredError(f"{path}: header format {str(got)[:80]!r}, expected {FORMAT!r}")
     if h.get("format_version") != FORMAT_VERSION:
-        raise ExpertPredError(f"{path}: artifact format_version {h.get('format_version')!r}, "
-                              f"this expertpred reads {FORMAT_VERSION}")
-    offsets = h.get("offsets")
-    if not isinstance(offsets, dict) or not offsets:
-        raise ExpertPredError(f"{path}: artifact holds no offset d")
-    declared_keys = set()
-    for d, entry in offsets.items():
-        kind = entry.get("kind") if isinstance(entry, dict) else None
-        try:
-            get_predictor_class(str(kind))
-        except ExpertPredError as exc:
-            raise ExpertPredError(f"{path}: d={d} scorer kind {kind!r}; {exc}") from None
-        for name, want in (entry.get("arrays") or {}).items():
-            key = f"d{d}.{name}"
-            declared_keys.add(key)
-            v = art.arrays.get(key)
-            if v is None:
-                raise ExpertPredError(f"{path}: missing array {key!r} ({kind} d={d})")
-            if v.dtype.str != want.get("dtype") or list(v.shape) != want.get("shape"):
-                raise ExpertPredError(f"{path}: array {key!r} is {v.dtype.str} {list(v.shape)}"
-                                      f", header declares {want}")
-    extra = sorted(set(art.arrays) - declared_keys)
-    if extra:
-        raise ExpertPredError(f"{path}: array {extra[0]!r} is not declared in the header")
+        raise ExpertPredError(f"{path}: artifact format_version "
+                              f"{str(h.get('format_version'))[:20]}, this expertpred reads "
+                              f"{FORMAT_VERSION}")
+    validate_artifact(path, h, art.arrays, known_kinds=set(available()))
 
 
 @dataclass
@@ -168,6 +151,7 @@ class PredictorSet:
                          "builder": "expertpred.features.OnlineFeatures / iter_feature_batches"},
             "needs_hidden": self.needs_hidden, "offsets": offsets, "source": self.source,
         }
+        header[CHECKSUM_KEY] = artifact_checksum(header, arrays)
         return Artifact(Path(self.source), header, arrays)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -195,28 +179,24 @@ def read(path: Path) -> Artifact:
     bad = f"{path}: not a readable expertpred artifact"
     if not path.is_file():
         raise ExpertPredError(f"{path}: no such artifact file")
+    arrays = read_npz_bounded(path)  # bounded: declared shapes must match the bytes
+    key = HEADER if HEADER in arrays else LEGACY_META if LEGACY_META in arrays else None
+    if key is None:
+        raise ExpertPredError(f"{bad} (no {HEADER} entry)")
+    raw = arrays.pop(key)
+    if raw.dtype.kind != "U" or raw.shape != ():
+        raise ExpertPredError(f"{path}: artifact {key} is {raw.dtype.str} {list(raw.shape)}, "
+                              "expected a JSON string")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise ExpertPredError(f"{bad} (a bare .npy, expected an .npz artifact)")
-            if LEGACY_META in z.files and HEADER not in z.files:
-                from .legacy import from_meta
-
-                return from_meta(path, json.loads(str(z[LEGACY_META])),
-                                 {k: z[k] for k in z.files if k != LEGACY_META})
-            if HEADER not in z.files:
-                raise ExpertPredError(f"{bad} (no {HEADER} entry)")
-            header = json.loads(str(z[HEADER]))
-            arrays = {k: z[k] for k in z.files if k != HEADER}
-    except ExpertPredError:
-        raise
-    except json.JSONDecodeError as exc:
+        header = json.loads(str(raw))
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ExpertPredError(f"{path}: artifact header is not valid JSON ({exc})") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile,
-            zipfile.LargeZipFile) as exc:
-        raise ExpertPredError(f"{bad} (truncated or corrupt: "
-                              f"{type(exc).__name__}: {exc})") from None
-    art = Artifact(path, header, arrays)
+    if key == LEGACY_META:
+        from .legacy import from_meta
+
+        art = from_meta(path, header, arrays)
+    else:
+        art = Artifact(path, header, arrays)
     validate(art)
     return art
 

@@ -11,7 +11,7 @@ import pytest
 
 from expertpred.errors import ExpertPredError
 from expertpred.lab.fuzz.artifact import build_seed_artifacts
-from expertpred.predictors.export import HEADER, load_artifact
+from expertpred.predictors.artifact import HEADER, load_artifact
 from expertpred.predictors.validate import CHECKSUM_KEY, artifact_checksum
 
 

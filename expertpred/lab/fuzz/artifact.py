@@ -23,7 +23,8 @@ import numpy as np
 
 from ...features import FeatureBatch, FeatureConfig, ModelInfo, build_features
 from ...gguf.layout import file_sha256, read_layout, router_weight
-from ...predictors.export import HEADER, export_predictors, load_artifact
+from ...predictors.artifact import HEADER
+from ...predictors.export import export_predictors, load_artifact
 from ...predictors.validate import CHECKSUM_KEY, artifact_checksum
 from ...shipped import model_gguf
 from .core import Edit, flip_bytes, truncate
