@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from expertpred.features import FeatureConfig, build_features
-from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 from expertpred.gguf.layout import router_weight
+from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 from expertpred.predictors import make_predictor
 from expertpred.predictors.export import export_predictors
 from expertpred.predictors.synthetic import SyntheticTraceSpec, synthetic_model, synthetic_traces
