@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from expertpred.features import ModelInfo, OnlineFeatures  # noqa: E402
-from expertpred.predictors.export import ExportedPredictorSet, export_saved, load_artifact  # noqa: E402
+from expertpred.predictors.export import PredictorSet, export_saved, load_artifact  # noqa: E402
 from expertpred.trace.record import Phase  # noqa: E402
 
 log = logging.getLogger("predict_latency")
@@ -145,7 +145,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - a missing rung is reported, not fatal
             print(f"{name}: skipped ({exc})", flush=True)
             continue
-        art: ExportedPredictorSet = load_artifact(art_path, gguf_path=args.gguf)
+        art: PredictorSet = load_artifact(art_path, gguf_path=args.gguf)
         if art.needs_hidden and seqs[0].hidden is None:
             print(f"{name}: skipped (needs hidden states; the trace has none)", flush=True)
             continue

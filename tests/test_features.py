@@ -94,6 +94,7 @@ def test_online_rows_stay_valid_after_later_steps(traces, d):
 @pytest.mark.parametrize("parts,onehot,hidden", [
     (DENSE_PARTS, True, True), (DENSE_PARTS, False, True), (DENSE_PARTS, True, False),
     (DENSE_PARTS + EXTRA_PARTS, True, True), (("prev_all", "position", "layer"), False, False),
+    (("layer_logits", "logits", "current_all"), True, False),
 ])
 @pytest.mark.parametrize("d", [1, 2])
 def test_dense_row_equals_dense_features(traces, parts, onehot, hidden, d):

@@ -125,9 +125,13 @@ class FeatureBatch:
     history: np.ndarray  # float32 (n, E) decayed history of earlier tokens at layer l + d
     hidden: np.ndarray | None = None  # float16 (n, D) router input at l, when traced
     targets: np.ndarray | None = None  # int16 (n, k) experts chosen at l + d (labels)
+    # float16 (n, L, E) this token's router logits at every layer <= l, 0 above: the
+    # residual stream seen through every router so far (half precision: a feature, not a
+    # score); None in batches built by hand before it existed
+    layer_logits: np.ndarray | None = None
 
     FEATURE_FIELDS = ("position", "token", "phase", "layer", "logits", "experts",
-                      "prev_experts", "history", "hidden")
+                      "prev_experts", "history", "hidden", "layer_logits")
 
     def __len__(self) -> int:
         return int(len(self.layer))
@@ -183,7 +187,7 @@ def concat(batches: list[FeatureBatch]) -> FeatureBatch:
         v = getattr(first, f.name)
         if isinstance(v, np.ndarray):
             kw[f.name] = np.concatenate([getattr(b, f.name) for b in batches])
-        elif f.name in ("hidden", "targets"):
+        elif f.name in ("hidden", "targets", "layer_logits"):
             vals = [getattr(b, f.name) for b in batches]
             kw[f.name] = None if any(x is None for x in vals) else np.concatenate(vals)
     return replace(first, **kw)
@@ -237,6 +241,8 @@ def sequence_features(trace: SequenceTrace, model: ModelInfo, config: FeatureCon
     if trace.hidden is not None:
         hidden = trace.hidden[t_idx, l_idx].astype(np.float16, copy=False)
     targets = ex[t_idx, l_idx + d].copy() if with_targets else None
+    # 5. this token's router logits at layers <= l (same mask as the experts)
+    layer_logits = np.where(visible, trace.logits[t_idx], 0).astype(np.float16)
     return FeatureBatch(
         model=model, config=config,
         seq=np.full(len(t_idx), trace.seq_id, dtype=np.int64),
@@ -244,7 +250,7 @@ def sequence_features(trace: SequenceTrace, model: ModelInfo, config: FeatureCon
         phase=trace.phase[t_idx].astype(np.int8), layer=l_idx.astype(np.int16),
         logits=trace.logits[t_idx, l_idx].astype(np.float32, copy=False),
         experts=cur, prev_experts=prev_all[t_idx], history=hist,
-        hidden=hidden, targets=targets,
+        hidden=hidden, targets=targets, layer_logits=layer_logits,
     )
 
 
@@ -334,6 +340,7 @@ class OnlineFeatures:
         self._prev = np.full((n_l, k), NO_EXPERT, dtype=np.int16)
         self._hist = np.zeros((n_l, e), dtype=np.float32)
         self._logits = np.zeros((n_l, e), dtype=np.float32)
+        self._logits16 = np.zeros((n_l, e), dtype=np.float16)  # layer_logits' source
         self._hidden: list[np.ndarray | None] = [None] * n_l
         self._position = -1
         self._token = 0
@@ -364,6 +371,7 @@ class OnlineFeatures:
         if not 0 <= layer < self.model.n_moe:
             raise ExpertPredError(f"layer {layer}: expected 0..{self.model.n_moe - 1}")
         self._logits[layer] = np.asarray(logits, dtype=np.float32).reshape(-1)
+        self._logits16[layer] = self._logits[layer]
         self._cur[layer] = np.asarray(experts, dtype=np.int16).reshape(-1)
         self._hidden[layer] = None if hidden is None else np.asarray(hidden, np.float16)
         self._layer = layer
@@ -378,6 +386,8 @@ class OnlineFeatures:
         l_ = self._layer
         cur = self._cur.copy()
         cur[l_ + 1:] = NO_EXPERT  # layers not routed yet (same values as the batch mask)
+        lg = self._logits16.copy()
+        lg[l_ + 1:] = 0
         h = self._hidden[l_]
         self._seq_arr[0] = self.seq_id
         self._step = {
@@ -389,6 +399,7 @@ class OnlineFeatures:
             "logits": self._logits[l_][None].copy(),
             "experts": cur[None], "prev_experts": self._prev[None],
             "hidden": None if h is None else h[None].copy(), "targets": None,
+            "layer_logits": lg[None],
         }
         return self._step
 

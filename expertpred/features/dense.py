@@ -59,6 +59,12 @@ def _hidden(x: FeatureBatch, onehot: bool) -> np.ndarray | None:
     return None if x.hidden is None else x.hidden.astype(np.float32)
 
 
+def _layer_logits(x: FeatureBatch, onehot: bool) -> np.ndarray | None:
+    if x.layer_logits is None:
+        return None
+    return x.layer_logits.reshape(len(x), -1).astype(np.float32)
+
+
 def _experts(m: ModelInfo, onehot: bool, n_hidden: int) -> int:
     return m.n_expert
 
@@ -80,6 +86,8 @@ PARTS: dict[str, Part] = {
     "position": Part(lambda m, oh, nh: 1,
                      lambda x, oh: np.log1p(x.position.astype(np.float32))[:, None]),
     "hidden": Part(lambda m, oh, nh: nh, _hidden),  # skipped when the batch has none
+    # this token's router logits at every layer <= l (0 above): L·E columns
+    "layer_logits": Part(_every_layer, _layer_logits),
     # every layer's experts, this and the previous token: L·E columns each
     "current_all": Part(_every_layer, _all_layers("current"),
                         lambda li, d, m: [(0, j, j * m.n_expert) for j in range(m.n_moe)]),
@@ -207,6 +215,12 @@ class DenseRow:
                                       f"the features have {n_h}")
             if n_h:
                 buf[lo:hi] = x.hidden[0]
+        if "layer_logits" in sp:
+            lo, hi = sp["layer_logits"]
+            if x.layer_logits is None:
+                raise ExpertPredError("features without layer_logits: expected a batch of "
+                                      "sequence_features / OnlineFeatures")
+            buf[lo:hi] = x.layer_logits[0].reshape(-1)
         if "layer" in sp and not self.layer_onehot:
             buf[sp["layer"][0]] = li
         # 3. every 1 at once; padding (-1) goes to the trash slot

@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 
 from expertpred.errors import ExpertPredError
-from expertpred.features import FeatureConfig, build_features
+from expertpred.features import FeatureConfig, OnlineFeatures, build_features
 from expertpred.gguf.layout import router_weight
 from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 from expertpred.predictors import (
+    REGISTRY,
     NotFittedError,
     Predictor,
     available,
     get_predictor_class,
     make_predictor,
 )
+from expertpred.predictors.artifact import PredictorSet, load_artifact
 from expertpred.predictors.synthetic import (
     SyntheticTraceSpec,
     split_of,
@@ -40,9 +42,13 @@ def gguf_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(gguf_path):
+def traces(gguf_path):
     routers = np.stack([router_weight(gguf_path, i) for i in range(SPEC.n_layer)])
-    traces = synthetic_traces(SPEC, routers=routers)
+    return synthetic_traces(SPEC, routers=routers)
+
+
+@pytest.fixture(scope="module")
+def data(traces):
     model = synthetic_model(SPEC)
     cfg = FeatureConfig(d=1)
     train = build_features([t for t in traces if split_of(t.seq_id) != "test"], model, cfg)
@@ -162,3 +168,52 @@ def test_load_rejects_garbage(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(ExpertPredError, match="not a saved expertpred predictor"):
         Predictor.load(bad)
+
+
+def _online_rows(traces, model, decay: float):
+    """(row, batch row index) pairs: a test sequence replayed through OnlineFeatures, the
+    plugin's path, one layer-step at a time."""
+    seq = next(t for t in traces if split_of(t.seq_id) == "test")
+    f = OnlineFeatures(model, history_decay=decay)
+    for t in range(seq.n_tokens):
+        f.next_token(int(seq.tokens[t]), int(seq.phase[t]))
+        for li in range(model.n_moe):
+            f.update(li, seq.logits[t, li], seq.experts[t, li], seq.hidden[t, li])
+            x = f.features(1)
+            if x is not None:
+                yield x
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_artifact_contract(name, data, traces, gguf_path, tmp_path):
+    """fit -> save -> load_artifact: equal predict_scores and topk_shares, in batches and on
+    the online one-row path; the loaded rung is the registered class, not a copy of it."""
+    train, test = data
+    k = SPEC.n_expert_used
+    # 1. a set of an unfitted predictor cannot be built or saved
+    with pytest.raises(NotFittedError):
+        PredictorSet.from_predictors({1: _make(name, gguf_path)})
+    p = _make(name, gguf_path).fit(train)
+    mem = PredictorSet.from_predictors({1: p})
+    # 2. fit -> save -> load_artifact: the same class, parameters and batch scores
+    art = load_artifact(mem.save(tmp_path / f"{name}.artifact"))
+    q = art.by_d[1]
+    assert type(q) is REGISTRY[name] and q.get_params() == p.get_params()
+    assert (art.name, art.offsets, art.model, art.needs_hidden) == \
+        (name, (1,), mem.model, mem.needs_hidden)
+    np.testing.assert_array_equal(q.predict_scores(test), p.predict_scores(test))
+    np.testing.assert_array_equal(q.predict_topk(test, k), p.predict_topk(test, k))
+    # 3. the online path: one row at a time, scores as in the batch, topk / topk_shares equal
+    rows = list(_online_rows(traces, train.model, art.history_decay))
+    if name == "oracle":  # reads the labels: online it has nothing to read
+        with pytest.raises(ExpertPredError, match="offline only"):
+            art.topk_shares(1, rows[0], k)
+        return
+    for x in rows:
+        a_top, a_share = art.topk_shares(1, x, k)
+        m_top, m_share = mem.topk_shares(1, x, k)
+        np.testing.assert_array_equal(a_top, m_top)
+        np.testing.assert_array_equal(a_share, m_share)
+        assert ((a_share >= 0) & (a_share <= 1)).all()
+        np.testing.assert_array_equal(art.topk(1, x, k), a_top)
+        np.testing.assert_allclose(q.predict_scores(x), p.predict_scores(x), rtol=1e-6)
