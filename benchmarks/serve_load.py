@@ -44,8 +44,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_prefetch as e2e  # noqa: E402 - the widened model and predictor are built there
 
-from expertpred.cgroup import MemoryCgroup, evict_file, why_unavailable  # noqa: E402
-from expertpred.plugin import DEFAULT_PREDICTOR  # noqa: E402
+from expertpred.lab.cgroup import MemoryCgroup, evict_file, why_unavailable  # noqa: E402
+from expertpred.prefetch.plugin import DEFAULT_PREDICTOR  # noqa: E402
 
 ROOT = e2e.ROOT
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -221,7 +221,7 @@ def _metric(text: str, name: str) -> float:
 
 def direct_child(a: argparse.Namespace) -> None:
     """PrefetchLlama called directly, the options ``expertpred serve`` uses by default."""
-    from expertpred.plugin import PrefetchLlama, load_predictors
+    from expertpred.prefetch.plugin import PrefetchLlama, load_predictors
 
     preds = load_predictors(a.predictor, a.model, name=a.predictor_name, source_model=a.source)
     texts = prompts(a.requests)

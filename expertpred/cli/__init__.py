@@ -451,8 +451,8 @@ def serve(
     """Serve the prefetching model behind an OpenAI-compatible API (llama_cpp.server):
     /v1/completions, /v1/chat/completions, /v1/models, plus Prometheus /metrics."""
     from ..prefetch.plugin import DEFAULT_PREDICTOR, load_predictors
-    from ..prefetch.serve import ServeConfig
-    from ..prefetch.serve import serve as run_server
+    from ..serve import ServeConfig
+    from ..serve import serve as run_server
 
     if not model.is_file():
         raise ExpertPredError(f"{model}: no such model file (expected a MoE GGUF)")

@@ -2,7 +2,7 @@
 
 The endpoints are llama-cpp-python's own (``llama_cpp.server.app.router``:
 ``/v1/completions`` and ``/v1/chat/completions`` with SSE streaming, ``/v1/models``, ...);
-this module only puts a :class:`ServedLlama` (a :class:`~expertpred.plugin.PrefetchLlama`)
+this module only puts a :class:`ServedLlama` (a :class:`~expertpred.prefetch.plugin.PrefetchLlama`)
 behind them and adds ``/metrics``:
 
 - ``llama_cpp.server.app.create_app`` would load a plain ``Llama`` through ``LlamaProxy``;
@@ -23,7 +23,7 @@ Request boundaries come from ``create_completion``, which both routes reach (the
 handlers call it). With ``trace_out`` every batch is evaluated with every token an
 output, so that the last layer routes every prompt token (llama.cpp otherwise computes
 it only for output rows); the routing is recorded by the plugin's callback
-(:class:`~expertpred.prefetch.served_trace.ContextRouting`).
+(:class:`~expertpred.serve.trace.ContextRouting`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExpertPredError
-from .plugin import PrefetchLlama
-from .serve_metrics import ServeCollector, ServeStats
+from ..prefetch.plugin import PrefetchLlama
+from .metrics import ServeCollector, ServeStats
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def build_model(cfg: ServeConfig, stats: ServeStats) -> ServedLlama:
     routing = sink = None
     if cfg.trace_out is not None:
         from ..gguf.layout import read_layout
-        from .served_trace import ContextRouting, ServedTraceSink
+        from .trace import ContextRouting, ServedTraceSink
 
         if str(cfg.plugin.get("mode", "d0")) == "off":
             raise ExpertPredError("--trace-out needs the plugin's callback: not with --mode off")
