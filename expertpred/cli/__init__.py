@@ -473,7 +473,8 @@ def serve(
         plugin["budget"] = _bytes(budget, "--budget")
     cfg = ServeConfig(model=model, alias=alias, host=host, port=port, n_ctx=n_ctx,
                       n_batch=n_batch, n_threads=threads, api_key=api_key, trace_out=trace_out,
-                      trace_text=trace_text, trace_shard_rows=trace_shard_rows, plugin=plugin)
+                      trace_text=trace_text, trace_shard_rows=trace_shard_rows,
+                      plugin_kwargs=plugin)
     run_server(cfg, on_ready=lambda c: err_console.print(
         f"serving {model} ({mode}) on http://{c.host}:{c.port}/v1", highlight=False))
 
