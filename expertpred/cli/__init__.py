@@ -456,8 +456,8 @@ def serve(
     """Serve the prefetching model behind an OpenAI-compatible API (llama_cpp.server):
     /v1/completions, /v1/chat/completions, /v1/models, plus Prometheus /metrics."""
     from ..prefetch.plugin import DEFAULT_PREDICTOR, load_predictors
-    from ..prefetch.serve import ServeConfig
-    from ..prefetch.serve import serve as run_server
+    from ..serve import ServeConfig
+    from ..serve import serve as run_server
 
     if not model.is_file():
         raise ExpertPredError(f"{model}: no such model file (expected a MoE GGUF)")
@@ -478,7 +478,8 @@ def serve(
         plugin["budget"] = _bytes(budget, "--budget")
     cfg = ServeConfig(model=model, alias=alias, host=host, port=port, n_ctx=n_ctx,
                       n_batch=n_batch, n_threads=threads, api_key=api_key, trace_out=trace_out,
-                      trace_text=trace_text, trace_shard_rows=trace_shard_rows, plugin=plugin)
+                      trace_text=trace_text, trace_shard_rows=trace_shard_rows,
+                      plugin_kwargs=plugin)
     run_server(cfg, on_ready=lambda c: err_console.print(
         f"serving {model} ({mode}) on http://{c.host}:{c.port}/v1", highlight=False))
 

@@ -1,15 +1,16 @@
 """Routing of served requests, appended to a trace dataset (``expertpred serve --trace-out``).
 
-:class:`ContextRouting` is the plugin's :class:`~expertpred.plugin.RoutingRecorder`: it keeps
-the routing of every position of the one sequence the llama.cpp context holds, like the KV
-cache does. A request that reuses a cached prompt prefix (llama-cpp-python evaluates only
-the new suffix) still gets the prefix's routing: the rows of those positions were recorded
-when the prefix was evaluated, and a token's routing depends only on the tokens before it.
+:class:`ContextRouting` is the plugin's
+:class:`~expertpred.prefetch.plugin.RoutingRecorder`: it keeps the routing of every position
+of the one sequence the llama.cpp context holds, like the KV cache does. A request that
+reuses a cached prompt prefix (llama-cpp-python evaluates only the new suffix) still gets
+the prefix's routing: the rows of those positions were recorded when the prefix was
+evaluated, and a token's routing depends only on the tokens before it.
 
 :class:`ServedTraceSink` turns a finished request (the context's tokens, how many were
 prompt) into a :class:`~expertpred.trace.record.SequenceTrace` and hands it to the one
 trace writer (:class:`~expertpred.trace.dataset.TraceWriter`): same format, same crash
-safety (finished shards are fsynced and renamed before the manifest names them). Served
+safety (finished shards are fsynced and renamed before the manifest names it). Served
 traffic is private: ``prompt_id`` is a hash of the prompt's tokens and no text is kept,
 unless ``keep_text`` (then ``prompt_id`` is the prompt text and ``text`` the completion).
 The token ids themselves are stored: predictors need them.

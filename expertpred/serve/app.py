@@ -2,7 +2,7 @@
 
 The endpoints are llama-cpp-python's own (``llama_cpp.server.app.router``:
 ``/v1/completions`` and ``/v1/chat/completions`` with SSE streaming, ``/v1/models``, ...);
-this module only puts a :class:`ServedLlama` (a :class:`~expertpred.plugin.PrefetchLlama`)
+this module only puts a :class:`ServedLlama` (a :class:`~expertpred.prefetch.plugin.PrefetchLlama`)
 behind them and adds ``/metrics``:
 
 - ``llama_cpp.server.app.create_app`` would load a plain ``Llama`` through ``LlamaProxy``;
@@ -23,7 +23,7 @@ Request boundaries come from ``create_completion``, which both routes reach (the
 handlers call it). With ``trace_out`` every batch is evaluated with every token an
 output, so that the last layer routes every prompt token (llama.cpp otherwise computes
 it only for output rows); the routing is recorded by the plugin's callback
-(:class:`~expertpred.prefetch.served_trace.ContextRouting`).
+(:class:`~expertpred.serve.trace.ContextRouting`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExpertPredError
-from .plugin import PrefetchLlama
-from .serve_metrics import ServeCollector, ServeStats
+from ..prefetch.plugin import PrefetchLlama
+from .metrics import ServeCollector, ServeStats
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ServeConfig:
     trace_shard_rows: int = 4096  # rows per trace shard: what a crash can lose at most
     # PrefetchLlama keywords (mode, predictor, lookahead, method, queue_depth, min_share,
     # madvise_random, budget, ...): checked against its signature by build_model
-    plugin: dict[str, Any] = field(default_factory=dict)
+    plugin_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class ServedLlama(PrefetchLlama):
@@ -173,18 +173,18 @@ def build_model(cfg: ServeConfig, stats: ServeStats) -> ServedLlama:
     if not cfg.model.is_file():
         raise ExpertPredError(f"{cfg.model}: no such model file (expected a MoE GGUF)")
     known = set(inspect.signature(PrefetchLlama.__init__).parameters)
-    unknown = sorted(k for k in cfg.plugin if k not in known)
+    unknown = sorted(k for k in cfg.plugin_kwargs if k not in known)
     if unknown:
         k = unknown[0]
-        raise ExpertPredError(f"plugin option {k}={cfg.plugin[k]!r}: this build's "
+        raise ExpertPredError(f"plugin option {k}={cfg.plugin_kwargs[k]!r}: this build's "
                               "PrefetchLlama has no such option"
                               + (" (the residency manager, issue 11)" if k == "budget" else ""))
     routing = sink = None
     if cfg.trace_out is not None:
         from ..gguf.layout import read_layout
-        from .served_trace import ContextRouting, ServedTraceSink
+        from .trace import ContextRouting, ServedTraceSink
 
-        if str(cfg.plugin.get("mode", "d0")) == "off":
+        if str(cfg.plugin_kwargs.get("mode", "d0")) == "off":
             raise ExpertPredError("--trace-out needs the plugin's callback: not with --mode off")
         lay = read_layout(cfg.model)
         routing = ContextRouting(cfg.n_ctx, len(lay.moe_layers), lay.n_expert,
@@ -195,7 +195,7 @@ def build_model(cfg: ServeConfig, stats: ServeStats) -> ServedLlama:
     try:
         return ServedLlama(cfg.model, stats=stats, routing=routing, sink=sink,
                            n_ctx=cfg.n_ctx, n_batch=min(cfg.n_batch, cfg.n_ctx),
-                           n_threads=cfg.n_threads, seed=0, **cfg.plugin)
+                           n_threads=cfg.n_threads, seed=0, **cfg.plugin_kwargs)
     except ValueError as exc:  # llama-cpp-python: "Failed to load model from file: ..."
         if sink is not None:
             sink.close()
