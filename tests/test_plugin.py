@@ -100,8 +100,7 @@ def test_same_tokens_every_mode(refs: dict[str, Ref], name: str, mode: str) -> N
     c, e = st.counters, st.engine.counters
     assert c.tokens == ref.n_prompt + N_TOKENS - 1  # every evaluated token was routed
     assert c.d0_requests > 0 and e.requests > 0
-    # the tiny model is cached: demand hints on the callback's thread find it so (cached)
-    assert e.issued + e.cached > 0 and (e.bytes_read > 0 or e.cached > 0)
+    assert e.issued > 0 and e.bytes_read > 0
     assert not st.engine.unbalanced(), st.engine.ledgers()
     assert e.uses == c.d0_requests  # every layer's experts accounted as used
     assert e.hits + e.late + e.misses == e.uses
