@@ -442,7 +442,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="stock", help=argparse.SUPPRESS)
     ap.add_argument("--oracle", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--source", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--source", type=Path,
+                    help="Model to widen (default: models/<--model-name>/model.gguf).")
     ap.add_argument("--model", type=Path, help="Use this widened GGUF as it is.")
     ap.add_argument("--model-name", default="tiny-mixtral",
                     help="Shipped model (models/<name>/model.gguf) to widen.")
@@ -502,7 +503,9 @@ def main() -> None:
                        dict(kv.split("=", 1) for kv in a.residency.split(",")))
     for policy in {a.residency_map.get(s.mode) for s in specs} - {None, "kernel"}:
         residency_kwargs(policy, None, None)  # one error line now, not one per child
-    source = ROOT / "models" / a.model_name / "model.gguf"
+    source = a.source or ROOT / "models" / a.model_name / "model.gguf"
+    if a.source:
+        a.model_name = a.source.parent.name
     if a.model:
         model, a.ref = a.model, source
     else:

@@ -99,8 +99,9 @@ def test_same_tokens_every_mode(refs: dict[str, Ref], name: str, mode: str) -> N
         return
     c, e = st.counters, st.engine.counters
     assert c.tokens == ref.n_prompt + N_TOKENS - 1  # every evaluated token was routed
-    assert c.d0_requests > 0 and e.requests > 0 and e.issued > 0
-    assert e.bytes_read > 0
+    assert c.d0_requests > 0 and e.requests > 0
+    assert e.issued > 0 and e.bytes_read > 0
+    assert not st.engine.unbalanced(), st.engine.ledgers()
     assert e.uses == c.d0_requests  # every layer's experts accounted as used
     assert e.hits + e.late + e.misses == e.uses
     if mode == "predictor":
@@ -191,6 +192,7 @@ def test_e2e_benchmark_small(refs: dict[str, Ref], tmp_path: Path) -> None:
         [sys.executable, "benchmarks/e2e_prefetch.py", "--source", str(ref.path),
          "--total-gib", "0.25", "--size-over-limit", "1.6", "--tokens", "4", "--rounds", "1",
          "--predictor", str(pdir), "--predictor-name", "previous-token", "--extra", "",
+         "--residency", "none", "--io-ref", "", "--bench-dir", str(tmp_path / "bench"),
          "--json", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT)})

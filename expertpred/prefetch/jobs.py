@@ -7,7 +7,7 @@ The engine (:mod:`.engine`) calls it under its lock; tests can drive it directly
 Every counter belongs to exactly one ledger, and each ledger balances at any snapshot
 (:meth:`PrefetchStats.ledgers`):
 
-- requests: ``requests = issued + coalesced + cached + refused_stale + refused_failed +
+- requests: ``requests = issued + coalesced + refused_stale + refused_failed +
   refused_disabled + refused_full + invalid`` (what happened to each (layer, expert) pair
   passed to ``request``);
 - jobs: ``issued = completed + failed + cancelled + dropped_stale + dropped_full +
@@ -101,7 +101,6 @@ class PrefetchCounters:
     requests: int = 0  # (layer, expert) pairs passed to request()
     issued: int = 0  # new jobs
     coalesced: int = 0  # merged into a queued / in-flight / resident job (no new I/O)
-    cached: int = 0  # demand the caller found in the page cache (mincore): no job, no I/O
     promoted: int = 0  # of coalesced: a demand request that raised a speculative job
     refused_stale: int = 0  # requested layer already passed in this token
     refused_failed: int = 0  # expert whose read failed before
@@ -156,7 +155,7 @@ class PrefetchStats:
         """Each ledger's (left side, sum of the right side); equal when it balances."""
         c = self.counters
         return {
-            "requests": (c.requests, c.issued + c.coalesced + c.cached + c.refused_stale
+            "requests": (c.requests, c.issued + c.coalesced + c.refused_stale
                          + c.refused_failed + c.refused_disabled + c.refused_full + c.invalid),
             "jobs": (c.issued, c.completed + c.failed + c.cancelled + c.dropped_stale
                      + c.dropped_full + c.dropped_disabled + self.pending),
@@ -286,11 +285,12 @@ class JobBook:
             elif (job := self.queued(key) or self.inflight.get(key)) is not None:
                 c.coalesced += 1
                 self._retarget(job, target, priority)
-            elif (job := self.resident.get(key)) is not None and looks_resident(job):
-                c.coalesced += 1
+            elif (priority is Priority.SPECULATIVE and (job := self.resident.get(key))
+                  is not None and looks_resident(job)):
+                c.coalesced += 1  # demand never trusts the sampled check: read it again
                 self._retarget(job, target, priority)
             else:
-                if job is not None:  # completed once, evicted since: read it again
+                if key in self.resident:  # completed once, evicted (maybe in part) since
                     self._unresident(key)
                 new += self._issue(Job(key, ranges, target, priority, now_ns,
                                        Outcome.PENDING if priority is Priority.SPECULATIVE
@@ -299,9 +299,9 @@ class JobBook:
 
     def hinted(self, layer: int, experts: Sequence[int], cached: Sequence[bool],
                t_post: int, t_done: int) -> list[Job]:
-        """The caller already issued hint reads for the experts of the current layer that
-        were not ``cached``: account them as demand jobs issued and completed (no queue).
-        Returns the new jobs."""
+        """The caller already hinted the experts of the current layer: account them as
+        demand jobs issued and completed (no queue), except those that looked ``cached``
+        and were resident from an earlier job (coalesced). Returns the new jobs."""
         c, target, new = self.c, (self.token, layer), []
         c.requests += len(experts)
         for e, was_cached in zip(experts, cached):
@@ -314,11 +314,8 @@ class JobBook:
             elif (job := self.queued(key) or self.inflight.get(key)) is not None:
                 c.coalesced += 1  # being read anyway; the hint only doubled the request
                 self._retarget(job, target, Priority.DEMAND)
-            elif was_cached:
-                if key in self.resident:
-                    c.coalesced += 1
-                else:
-                    c.cached += 1
+            elif was_cached and key in self.resident:
+                c.coalesced += 1
             else:
                 if key in self.resident:  # completed once, evicted since: read again
                     self._unresident(key)

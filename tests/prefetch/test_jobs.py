@@ -108,7 +108,8 @@ def test_d0_demand_reads_are_never_wasted():
                     b.finish_chunk(job, CHUNK, None, False)
     st = snapshot(b)
     assert st.counters.spec_issued == 0 and st.counters.wasted_bytes == 0
-    assert st.counters.issued == 8 and st.counters.hits == 16  # resident after token 0
+    # hits after token 0; demand re-reads what looks resident (the kernel skips cached pages)
+    assert st.counters.issued == 24 and st.counters.hits == 16
     assert not st.unbalanced(), st.ledgers()
 
 
@@ -158,7 +159,9 @@ def test_demand_hints_on_the_callers_thread(cold_model, layout, inline):
         st = eng.stats()
     c = st.counters
     assert (c.uses, c.misses, c.hits) == (5, 3, 2)
-    assert c.issued == c.completed == 3 and c.demand_bytes == 3 * layout.bytes_per_expert()
+    # inline: resident and cached -> coalesced; queued: demand re-reads (kernel skips pages)
+    n = 3 if inline else 5
+    assert c.issued == c.completed == n and c.demand_bytes == n * layout.bytes_per_expert()
     assert c.spec_issued == 0 and not st.unbalanced(), st.ledgers()
     lat = st.latency_percentiles(priority=Priority.DEMAND)
     assert lat and lat["p50"] >= 0
