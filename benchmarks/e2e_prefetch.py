@@ -230,12 +230,12 @@ def build_predictor(ref: Path, model_name: str, n_prompts: int, name: str) -> Pa
         return models
     shipped = ROOT / "datasets" / "traces" / model_name
     cfg = ROOT / "training" / "configs" / f"predictors-{model_name}.toml"
-    manifest = shipped / "manifest.json"
+    manifest = shipped / "_manifest.json"
     if manifest.exists() and json.loads(manifest.read_text())["model"]["sha256"] == sha:
         dataset = shipped
     else:
         dataset = BENCH_DIR / "traces" / sha[:12]
-        if not (dataset / "manifest.json").exists():
+        if not (dataset / "_manifest.json").exists():
             sh(sys.executable, "-m", "expertpred.cli", "trace", "--model", str(ref),
                "--prompts", str(ROOT / "datasets" / "prompts" / "heldout.jsonl"),
                "--split", "train", "--limit", str(n_prompts), "--max-tokens", "32",

@@ -98,7 +98,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     datasets = args.dataset or sorted(p.parent for p in
-                                      (ROOT / "datasets" / "traces").glob("*/manifest.json"))
+                                      (ROOT / "datasets" / "traces").glob("*/_manifest.json"))
     base = PredictorsConfig()
     cfgs = [replace(base, dataset=str(d)) for d in datasets] or [base]  # base = synthetic
     rows = []

@@ -168,7 +168,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "datasets" / "traces"
 
 def _shipped(name: str) -> Path:
     path = SHIPPED / name
-    if not (path / "manifest.json").is_file():
+    if not (path / "_manifest.json").is_file():
         pytest.skip(f"no shipped trace {path}")
     return path
 

@@ -169,7 +169,7 @@ def trace(
 
 @app.command()
 def analyze(
-    trace_dir: Path = typer.Argument(..., help="A trace dataset directory (manifest.json)."),
+    trace_dir: Path = typer.Argument(..., help="A trace dataset directory (_manifest.json)."),
     out: Path = typer.Option(..., "--out", help="Report directory (replaced atomically)."),
     max_distance: int = typer.Option(64, "--max-distance",
                                      help="Longest reuse distance binned separately."),

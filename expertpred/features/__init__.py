@@ -55,7 +55,7 @@ class ModelInfo:
 
     @classmethod
     def from_manifest(cls, model: Mapping[str, Any]) -> ModelInfo:
-        """From the ``model`` object of a trace dataset's manifest.json."""
+        """From the ``model`` object of a trace dataset's _manifest.json."""
         try:
             return cls(
                 sha256=str(model.get("sha256", "")),

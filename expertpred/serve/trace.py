@@ -90,7 +90,13 @@ class ServedTraceSink:
     def __init__(self, out_dir: str | os.PathLike[str], model_path: str | os.PathLike[str],
                  *, n_ctx: int, n_threads: int, keep_text: bool = False,
                  shard_rows: int = 4096) -> None:
-        from ..trace.dataset import DecodingInfo, ManifestInfo, ModelInfo, TraceWriter
+        from ..trace.dataset import (
+            DecodingInfo,
+            ManifestInfo,
+            ModelInfo,
+            TraceWriter,
+            find_manifest,
+        )
 
         self.out_dir = Path(out_dir)
         self.keep_text = keep_text
@@ -99,7 +105,7 @@ class ServedTraceSink:
                             decoding=DecodingInfo(mode="served", temperature=0.0,
                                                   max_tokens=0, n_ctx=n_ctx,
                                                   n_threads=n_threads))
-        resume = (self.out_dir / "manifest.json").exists()
+        resume = find_manifest(self.out_dir) is not None
         self._writer = TraceWriter(self.out_dir, info, shard_rows=shard_rows, resume=resume)
         self._next_id = max(self._writer.done_seq_ids, default=-1) + 1
         self._lock = threading.Lock()

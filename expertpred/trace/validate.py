@@ -1,8 +1,9 @@
 """Checks of a trace dataset at its boundary: the manifest's schema, shard names, and each
 shard's bytes and sequence ids as they are read.
 
-``check_manifest`` checks every key and type of ``manifest.json`` and that its parts agree
-(columns vs model, n_sequences vs seq_ids, totals vs shards, no shard or seq_id twice).
+``check_manifest`` checks every key and type of the manifest (``_manifest.json``) and that
+its parts agree (columns vs model, n_sequences vs seq_ids, totals vs shards, no shard or
+seq_id twice).
 ``ShardBytes`` reads a shard's bytes once, hashing them as they come, so the sha256 the
 manifest lists is checked on every read at the cost of one hash pass over bytes already in
 memory (no second read of the file). ``check_shard_rows`` checks a shard's ``seq_id``
@@ -166,7 +167,7 @@ def _check_shards(s: _Schema, m: Mapping[str, Any]) -> None:
 
 
 def check_manifest(path: Path, m: Mapping[str, Any]) -> None:
-    """Every key and type of a parsed ``manifest.json`` (format/version checked before)."""
+    """Every key and type of a parsed manifest (format/version checked before)."""
     s = _Schema(path)
     _check_model(s, s.get(m, "model", dict, "manifest"))
     _check_sections(s, m)

@@ -178,19 +178,19 @@ def test_bad_trace_dir(case: str, message: str, structured: Path, tmp_path: Path
         _copy(structured, d / "trace")
     elif case == "bad_manifest":
         _copy(structured, d)
-        (d / "manifest.json").write_text("{")
+        (d / "_manifest.json").write_text("{")
     elif case == "no_sequences":
         write_dataset(d, [], make_model())
     elif case == "mixed_listed":
         _copy(structured, d)
-        m = json.loads((d / "manifest.json").read_text())
+        m = json.loads((d / "_manifest.json").read_text())
         m["model"]["sha256"] = "b" * 64
-        (d / "manifest.json").write_text(json.dumps(m))
+        (d / "_manifest.json").write_text(json.dumps(m))
     elif case == "mixed_unlisted":
         _copy(structured, d)
         other = write_dataset(tmp_path / "other", [make_sequence(np.zeros((5, 4, 2)) + [0, 1])],
                               make_model(sha="c" * 64))  # a run of another model ...
-        shard = json.loads((other / "manifest.json").read_text())["shards"][0]["name"]
+        shard = json.loads((other / "_manifest.json").read_text())["shards"][0]["name"]
         shutil.copy(other / shard, d / "shard-00099.parquet")  # ... copied in, not listed
     with pytest.raises(ExpertPredError, match=message) as exc:
         analyze_trace(d, tmp_path / "out")

@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from expertpred.trace import dataset as dsmod
 from expertpred.trace.dataset import (
     DecodingInfo,
     ManifestInfo,
@@ -27,6 +26,7 @@ from expertpred.trace.dataset import (
     TraceWriteError,
     TraceWriter,
 )
+from expertpred.trace.dataset import writer as dsmod
 from expertpred.trace.record import SequenceTrace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -197,11 +197,11 @@ def test_resume_adopts_orphan_shard_and_removes_tmp(tmp_path):
     """A kill between the shard rename and the manifest rewrite leaves an unlisted shard."""
     out = tmp_path / "ds"
     write(out, range(12), shard_rows=40)
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / "_manifest.json").read_text())
     orphan = m["shards"].pop()
-    (out / "manifest.json").write_text(json.dumps(m))
+    (out / "_manifest.json").write_text(json.dumps(m))
     (out / "shard-00099.parquet.tmp").write_bytes(b"PAR1 half a shard")
-    (out / "manifest.json.tmp").write_text("{")
+    (out / "_manifest.json.tmp").write_text("{")
     with TraceWriter(out, info(), shard_rows=40, resume=True) as w:
         assert set(orphan["seq_ids"]) <= w.done_seq_ids == frozenset(range(12))
     assert not list(out.glob("*.tmp"))
@@ -263,7 +263,7 @@ def test_sigkill_keeps_finished_shards_and_resume_completes(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 3:
+                if len(json.loads((out / "_manifest.json").read_text())["shards"]) >= 3:
                     break
             except (FileNotFoundError, json.JSONDecodeError, KeyError):
                 pass
@@ -359,7 +359,7 @@ def test_reader_errors(tmp_path):
     with pytest.raises(TraceDatasetError, match="not a trace dataset"):
         TraceDataset(tmp_path / "empty")
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "manifest.json").write_text("{oops")
+    (tmp_path / "bad" / "_manifest.json").write_text("{oops")
     with pytest.raises(TraceDatasetError, match="not valid JSON"):
         TraceDataset(tmp_path / "bad")
 
@@ -370,9 +370,9 @@ def test_reader_errors(tmp_path):
             w.write(make_seq(i))
     # A shard of model b copied over a shard of model a (manifest sizes patched to match).
     shutil.copy(b / "shard-00000.parquet", a / "shard-00000.parquet")
-    m = json.loads((a / "manifest.json").read_text())
+    m = json.loads((a / "_manifest.json").read_text())
     m["shards"][0]["bytes"] = (a / "shard-00000.parquet").stat().st_size
-    (a / "manifest.json").write_text(json.dumps(m))
+    (a / "_manifest.json").write_text(json.dumps(m))
     with pytest.raises(TraceDatasetError, match="mixed models"):
         TraceDataset(a)
     (b / "shard-00001.parquet").unlink()
@@ -432,7 +432,7 @@ def test_readable_with_polars(sample):
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3moe"])
 def test_shipped_sample_trace(name):
     path = REPO / "datasets" / "traces" / name
-    if not (path / "manifest.json").exists():
+    if not (path / "_manifest.json").exists():
         pytest.skip(f"{path} not generated yet")
     ds = TraceDataset(path)
     ds.verify()
@@ -445,3 +445,39 @@ def test_shipped_sample_trace(name):
         from expertpred.gguf.layout import file_sha256
 
         assert file_sha256(model) == ds.model.sha256, f"{path} was traced from another {model}"
+
+
+# --- the directory as a Parquet dataset; the manifest's old name ----------------------------
+
+
+def test_directory_reads_as_parquet_dataset(sample):
+    """`_manifest.json` is a metadata file by the Hive convention, so tools read the dir."""
+    pd = pytest.importorskip("pandas")
+    pl = pytest.importorskip("polars")
+    import pyarrow.dataset as pads
+
+    rows = sum(seq_len(i) for i in range(12))
+    assert (sample / "_manifest.json").is_file() and not (sample / "manifest.json").exists()
+    assert len(pd.read_parquet(sample)) == rows
+    assert pq.read_table(sample).num_rows == rows
+    assert pads.dataset(sample, format="parquet").count_rows() == rows
+    # polars lists every file of a directory unless told which prefix marks metadata
+    assert pl.scan_parquet(sample, hidden_file_prefix="_").collect().height == rows
+
+
+def test_legacy_manifest_name_is_read_and_moved_on_resume(tmp_path):
+    out = tmp_path / "ds"
+    write(out, range(6), shard_rows=40)
+    (out / "_manifest.json").rename(out / "manifest.json")  # a dataset from before the rename
+    ds = TraceDataset(out)
+    ds.verify()
+    assert ds.manifest_path.name == "manifest.json" and ds.seq_ids.tolist() == list(range(6))
+    with TraceWriter(out, info(), shard_rows=40, resume=True) as w:
+        assert w.done_seq_ids == frozenset(range(6))
+        for i in range(6, 9):
+            w.write(make_seq(i), split=split_of(i))
+    assert sorted(p.name for p in out.glob("*.json")) == ["_manifest.json"]
+    ds = TraceDataset(out)
+    assert ds.seq_ids.tolist() == list(range(9))
+    for s in ds.sequences(seq_ids=[2, 7]):
+        assert_same(s, make_seq(s.seq_id))

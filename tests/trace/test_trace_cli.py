@@ -167,7 +167,7 @@ def test_trace_sigkill_then_resume_gives_exact_seq_ids(tmp_path, model, prompts,
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 2:
+                if len(json.loads((out / "_manifest.json").read_text())["shards"]) >= 2:
                     break
             except (FileNotFoundError, json.JSONDecodeError, KeyError):
                 pass

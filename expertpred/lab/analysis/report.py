@@ -33,6 +33,7 @@ from ...trace.dataset import (
     SHARD_RE,
     ModelInfo,
     TraceDataset,
+    find_manifest,
 )
 from .routing import RoutingData, summarize
 
@@ -95,8 +96,8 @@ class Analysis:
 def load_routing(trace_dir: str | os.PathLike[str]) -> tuple[RoutingData, TraceDataset]:
     """Open a trace dataset and read the routing columns (raises AnalysisError on bad input)."""
     d = Path(trace_dir)
-    if d.is_dir() and not (d / MANIFEST_NAME).exists():
-        inner = sorted(p.name for p in d.iterdir() if (p / MANIFEST_NAME).is_file())
+    if d.is_dir() and find_manifest(d) is None:
+        inner = sorted(p.name for p in d.iterdir() if p.is_dir() and find_manifest(p))
         if inner:
             raise AnalysisError(f"{d}: not a trace dataset but a directory holding "
                                 f"{len(inner)} ({', '.join(inner[:4])}); expected one "
@@ -107,7 +108,7 @@ def load_routing(trace_dir: str | os.PathLike[str]) -> tuple[RoutingData, TraceD
     if (m.n_expert, m.n_expert_used, len(m.moe_layers)) != (
             ds.n_expert, ds.n_expert_used, ds.n_moe_layer):
         raise AnalysisError(
-            f"{d / MANIFEST_NAME}: model has E={m.n_expert}, k={m.n_expert_used}, "
+            f"{ds.manifest_path}: model has E={m.n_expert}, k={m.n_expert_used}, "
             f"L={len(m.moe_layers)} but the columns have E={ds.n_expert}, "
             f"k={ds.n_expert_used}, L={ds.n_moe_layer}; expected them to agree")
     if ds.n_rows == 0:

@@ -1,0 +1,253 @@
+"""The dataset manifest: what was traced, with what, and which shards are finished.
+
+The manifest is ``_manifest.json``: the leading underscore is the Hive/Spark convention for
+metadata files, so ``pd.read_parquet(dir)``, ``pyarrow.dataset`` and polars read the
+directory's shards and skip it. Datasets written before that change name it
+``manifest.json``; readers still find it there, and a writer that resumes such a dataset
+moves it to the new name.
+
+It is rewritten whole after every finished shard (tmp file + fsync + ``os.replace`` +
+directory fsync), so it always names a subset of the shards that are on disk.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..validate import TraceDatasetError, check_manifest
+from .schema import FORMAT_NAME, FORMAT_VERSION
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "_manifest.json"
+# The name before the Hive convention; read, never written.
+LEGACY_MANIFEST_NAME = "manifest.json"
+TMP_SUFFIX = ".tmp"
+
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The traced model: identity (sha256) and the routing geometry the columns depend on."""
+
+    path: str
+    sha256: str
+    arch: str
+    n_layer: int
+    moe_layers: tuple[int, ...]  # block index of each of the L layers in the nested columns
+    n_expert: int
+    n_expert_used: int
+    n_embd: int
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str]) -> ModelInfo:
+        """Read the layout and hash the file (raises GGUFError for a dense / bad model)."""
+        from ...gguf.layout import file_sha256, read_layout
+
+        lay = read_layout(path)
+        return cls(path=str(path), sha256=file_sha256(path), arch=lay.arch,
+                   n_layer=lay.n_layer, moe_layers=tuple(lay.moe_layers),
+                   n_expert=lay.n_expert, n_expert_used=lay.n_expert_used, n_embd=lay.n_embd)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
+        return cls(path=str(d["path"]), sha256=str(d["sha256"]), arch=str(d["arch"]),
+                   n_layer=int(d["n_layer"]), moe_layers=tuple(int(x) for x in d["moe_layers"]),
+                   n_expert=int(d["n_expert"]), n_expert_used=int(d["n_expert_used"]),
+                   n_embd=int(d["n_embd"]))
+
+
+
+@dataclass(frozen=True)
+class PromptSetInfo:
+    """The prompt file and the selection of it that this run traces."""
+
+    path: str
+    sha256: str
+    n_prompts: int  # prompts in the whole file
+    split: str | None = None  # selection filters (None = all)
+    domain: str | None = None
+    limit: int | None = None
+    n_selected: int | None = None  # prompts left after the filters
+
+
+
+@dataclass(frozen=True)
+class DecodingInfo:
+    """How tokens after the prompt were produced; everything but n_threads must match on resume."""
+
+    mode: str = "greedy"  # "greedy" or "sampled"
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = disabled
+    top_p: float = 1.0
+    seed: int = 0
+    max_tokens: int = 32  # decode tokens per prompt
+    n_ctx: int = 512
+    n_threads: int = 2
+
+    def comparable(self) -> dict[str, Any]:
+        """The fields that change the traced data (thread count does not)."""
+        d = asdict(self)
+        d.pop("n_threads")
+        return d
+
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """Everything the caller knows about a run before the first sequence is traced."""
+
+    model: ModelInfo
+    decoding: DecodingInfo = field(default_factory=DecodingInfo)
+    prompts: PromptSetInfo | None = None
+    capture_hidden: bool = False
+    hidden_dim: int | None = None  # D of the hidden column; default model.n_embd
+
+    @property
+    def hidden_size(self) -> int | None:
+        if not self.capture_hidden:
+            return None
+        return self.hidden_dim or self.model.n_embd
+
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One finished shard as listed in the manifest."""
+
+    name: str
+    rows: int
+    seq_ids: tuple[int, ...]
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "rows": self.rows, "n_sequences": len(self.seq_ids),
+                "seq_ids": list(self.seq_ids), "bytes": self.bytes, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardInfo:
+        return cls(name=str(d["name"]), rows=int(d["rows"]),
+                   seq_ids=tuple(int(s) for s in d["seq_ids"]), bytes=int(d["bytes"]),
+                   sha256=str(d["sha256"]))
+
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions of the packages that produce a trace (None = not installed)."""
+    from importlib import metadata
+
+    from ... import __version__
+
+    def ver(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"expertpred": __version__, "llama-cpp-python": ver("llama_cpp_python"),
+            "numpy": np.__version__, "pyarrow": pa.__version__,
+            "python": platform.python_version()}
+
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via ``path.tmp`` + fsync + os.replace; tmp removed on error."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+
+def manifest_json(m: dict[str, Any]) -> str:
+    """Indented JSON, but one compact line per shard (seq_id lists stay readable)."""
+    head = json.dumps({k: v for k, v in m.items() if k != "shards"}, indent=1,
+                      ensure_ascii=False)
+    shards = ",\n".join("  " + json.dumps(s, ensure_ascii=False) for s in m["shards"])
+    return head[:-2] + ',\n "shards": [\n' + shards + "\n ]\n}\n"
+
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 22):
+            h.update(b)
+    return h.hexdigest()
+
+
+
+def find_manifest(directory: Path) -> Path | None:
+    """The manifest file of a dataset directory (new name first), or None."""
+    for name in (MANIFEST_NAME, LEGACY_MANIFEST_NAME):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = find_manifest(directory) or directory / MANIFEST_NAME
+    try:
+        m = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise TraceDatasetError(f"{path}: not a JSON text ({type(exc).__name__}); expected an "
+                                "expertpred trace manifest") from None
+    except json.JSONDecodeError as exc:
+        raise TraceDatasetError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); "
+                                "expected an expertpred trace manifest") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise TraceDatasetError(f"{path}: not an expertpred trace manifest "
+                                f"(format {m.get('format') if isinstance(m, dict) else None!r}, "
+                                f"expected {FORMAT_NAME!r})")
+    ver = m.get("format_version")
+    if ver != FORMAT_VERSION:
+        raise TraceDatasetError(f"{path}: format_version {ver!r}, this expertpred reads "
+                                f"version {FORMAT_VERSION}")
+    check_manifest(path, m)
+    return m
+
+
+
+def write_manifest(directory: Path, m: dict[str, Any]) -> None:
+    """Atomically write ``m`` as the manifest, then drop a legacy-named one it replaces.
+
+    A kill between the two steps leaves both files; readers take the new name first."""
+    atomic_write_bytes(directory / MANIFEST_NAME, manifest_json(m).encode())
+    legacy = directory / LEGACY_MANIFEST_NAME
+    if legacy.exists():
+        legacy.unlink()
+        fsync_dir(directory)
+        log.info("%s: manifest renamed to %s", directory, MANIFEST_NAME)
