@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from expertpred.errors import ExpertPredError
+from expertpred.lab.analysis import figures
 from expertpred.lab.analysis import report as rep
 from expertpred.lab.analysis.report import AnalysisError, Thresholds, analyze_trace
 
@@ -140,7 +141,7 @@ def test_failure_while_writing_leaves_old_report_and_no_temp(
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(rep, "fig_reuse", broken)
+    monkeypatch.setattr(figures, "fig_reuse", broken)
     with pytest.raises(AnalysisError, match="No space left"):
         analyze_trace(structured, out)
     assert (out / "report.md").read_text() == before

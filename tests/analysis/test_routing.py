@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from expertpred.lab.analysis import baselines
 from expertpred.lab.analysis import routing as r
 from expertpred.lab.analysis.routing import RoutingData
 
@@ -288,7 +289,7 @@ def test_shuffled_any_baseline_is_exact_across_chunks(monkeypatch: pytest.Monkey
     x = sticky_sets(rng, 400, 1, 8, 2, keep=0.5)
     seq = np.repeat(np.arange(8), 50)
     whole = r.shuffled_any_baseline(x, seq, 8)
-    monkeypatch.setattr(r, "MAX_SUBSET_KEYS", 120)  # 40 tokens per chunk: one sequence each
+    monkeypatch.setattr(baselines, "MAX_SUBSET_KEYS", 120)  # 40 tokens per chunk: one sequence each
     np.testing.assert_allclose(r.shuffled_any_baseline(x, seq, 8), whole)
 
 

@@ -31,12 +31,26 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ...trace.record import Phase, SequenceTrace
+from .baselines import (
+    independent_any_baseline,
+    independent_first_baseline,
+    independent_overlap_baseline,
+    shuffled_any_baseline,
+    shuffled_first_baseline,
+    uniform_any_baseline,
+    uniform_first_baseline,
+)
+from .popularity import (
+    dead_experts,
+    expert_counts,
+    gini,
+    hot_experts,
+    topn_coverage,
+    usage_shares,
+    zipf_slope,
+)
 
 log = logging.getLogger(__name__)
-
-# independent_any_baseline counts every subset of every token's top-k set; above this many
-# (token, subset) keys per layer it works on an evenly strided sample of tokens instead.
-MAX_SUBSET_KEYS = 20_000_000
 
 
 # --- the data ----------------------------------------------------------------------------
@@ -142,96 +156,6 @@ def consecutive_pairs(seq_id: np.ndarray, pos: np.ndarray) -> np.ndarray:
 # --- popularity ----------------------------------------------------------------------
 
 
-def expert_counts(experts: np.ndarray, n_expert: int, first_only: bool = False) -> np.ndarray:
-    """(L, E) int: how often each expert was selected at each layer (or chosen first).
-
-    >>> x = np.array([[[0, 1]], [[0, 2]], [[1, 0]]])  # N=3 tokens, L=1, k=2
-    >>> expert_counts(x, 3)
-    array([[3, 2, 1]])
-    >>> expert_counts(x, 3, first_only=True)
-    array([[2, 1, 0]])
-    """
-    x = experts[:, :, :1] if first_only else experts
-    n_layer = x.shape[1]
-    flat = (x.astype(np.int64) + (np.arange(n_layer) * n_expert)[None, :, None]).ravel()
-    return np.bincount(flat, minlength=n_layer * n_expert).reshape(n_layer, n_expert)
-
-
-def usage_shares(counts: np.ndarray) -> np.ndarray:
-    """Counts normalised to shares along the last axis (NaN where a row is all zero).
-
-    >>> usage_shares(np.array([[3, 1], [0, 0]]))
-    array([[0.75, 0.25],
-           [ nan,  nan]])
-    """
-    c = np.asarray(counts, dtype=np.float64)
-    tot = c.sum(axis=-1, keepdims=True)
-    return np.divide(c, tot, out=np.full_like(c, np.nan), where=tot > 0)
-
-
-def zipf_slope(counts: np.ndarray) -> np.ndarray:
-    """(L,) slope of log(count) against log(rank) over the used experts of each layer.
-
-    0 is uniform; -1 is Zipf's law; NaN when fewer than two experts were used.
-
-    >>> zipf_slope(np.array([[12, 6, 4, 3], [5, 5, 5, 5], [7, 0, 0, 0]])).round(6)
-    array([-1.,  0., nan])
-    """
-    c = np.atleast_2d(counts)
-    out = np.full(len(c), np.nan)
-    for i, row in enumerate(c):
-        used = np.sort(row[row > 0])[::-1].astype(np.float64)
-        if len(used) >= 2:
-            rank = np.arange(1, len(used) + 1, dtype=np.float64)
-            out[i] = np.polyfit(np.log(rank), np.log(used), 1)[0]
-    return out
-
-
-def gini(counts: np.ndarray) -> np.ndarray:
-    """(L,) Gini coefficient of expert usage: 0 uniform, (E-1)/E when one expert takes all.
-
-    >>> gini(np.array([[1, 1, 1, 1], [0, 0, 0, 4]]))
-    array([0.  , 0.75])
-    """
-    c = np.sort(np.atleast_2d(counts).astype(np.float64), axis=-1)
-    n = c.shape[-1]
-    weight = 2 * np.arange(1, n + 1) - n - 1
-    tot = c.sum(axis=-1)
-    return np.divide((c * weight).sum(axis=-1), n * tot, out=np.full(len(c), np.nan),
-                     where=tot > 0)
-
-
-def dead_experts(counts: np.ndarray) -> np.ndarray:
-    """(L, E) bool: experts never selected at that layer.
-
-    >>> dead_experts(np.array([[3, 0, 1]]))
-    array([[False,  True, False]])
-    """
-    return np.asarray(counts) == 0
-
-
-def hot_experts(counts: np.ndarray, factor: float = 2.0) -> np.ndarray:
-    """(L, E) bool: experts whose share of a layer's selections is >= factor x uniform (1/E).
-
-    >>> hot_experts(np.array([[6, 1, 1, 0]]))
-    array([[ True, False, False, False]])
-    """
-    c = np.asarray(counts)
-    return usage_shares(c) >= factor / c.shape[-1]
-
-
-def topn_coverage(counts: np.ndarray, n: int) -> np.ndarray:
-    """(L,) share of selections that went to the n most used experts of each layer.
-
-    With n = k this is the top-k recall of always predicting the most popular experts.
-
-    >>> topn_coverage(np.array([[6, 2, 1, 1]]), 2)
-    array([0.8])
-    """
-    c = np.sort(np.atleast_2d(counts), axis=-1)[:, ::-1]
-    return usage_shares(c)[:, :n].sum(axis=-1)
-
-
 # --- temporal locality ---------------------------------------------------------------
 
 
@@ -276,163 +200,6 @@ def temporal_locality(experts: np.ndarray, pairs: np.ndarray) -> Locality:
     ov = overlap_counts(prev, cur)
     return Locality(first=first, any=(ov > 0).mean(axis=0), overlap=ov.mean(axis=0) / k,
                     n_pairs=int(len(idx)))
-
-
-def uniform_first_baseline(n_expert: int) -> float:
-    """P(two independent uniform tokens share their first choice) = 1/E.
-
-    >>> uniform_first_baseline(8)
-    0.125
-    """
-    return 1.0 / n_expert
-
-
-def uniform_any_baseline(n_expert: int, k: int) -> float:
-    """P(two independent uniform top-k sets share an expert) = 1 - C(E-k, k) / C(E, k).
-
-    >>> round(uniform_any_baseline(8, 2), 4)  # Mixtral: 8 experts, top-2
-    0.4643
-    """
-    return 1.0 - math.comb(n_expert - k, k) / math.comb(n_expert, k)
-
-
-def independent_first_baseline(first_counts: np.ndarray) -> np.ndarray:
-    """(L,) P(two independent tokens share the first choice) given first-choice counts: sum p^2.
-
-    >>> independent_first_baseline(np.array([[1, 1], [3, 1]]))
-    array([0.5  , 0.625])
-    """
-    p = usage_shares(np.atleast_2d(first_counts))
-    return (p * p).sum(axis=-1)
-
-
-def independent_overlap_baseline(counts: np.ndarray, n_tokens: int, k: int) -> np.ndarray:
-    """(L,) mean |S & S'| / k of independent tokens with the observed per-expert usage.
-
-    Expert e is in a token's set with probability counts_e / N, so E|S & S'| = sum_e q_e^2.
-
-    >>> independent_overlap_baseline(np.array([[2, 2, 2, 2]]), 4, 2)  # uniform: k / E
-    array([0.5])
-    """
-    q = np.atleast_2d(counts).astype(np.float64) / max(n_tokens, 1)
-    return (q * q).sum(axis=-1) / k
-
-
-def _subset_keys(sets: np.ndarray, cols: np.ndarray, base: int) -> np.ndarray:
-    """Distinct int64 key per (sorted) subset: digits expert+1 in base E+1."""
-    key = np.zeros(len(sets), dtype=np.int64)
-    for j, c in enumerate(cols):
-        key += (sets[:, c] + 1) * base ** j
-    return key
-
-
-def _containing(sets: np.ndarray, group: np.ndarray, n_expert: int) -> np.ndarray:
-    """(2^k - 1, m) int: for each token and each non-empty subset A of its top-k set, how
-    many tokens of the same group have a set that contains A, times (-1)^|A|.
-
-    Summed over A this is the inclusion-exclusion count of tokens of the group whose set
-    meets the token's set, negated: sum_A (-1)^|A| c(A) = -(tokens meeting it).
-    """
-    m, k = sets.shape
-    base = n_expert + 1
-    n_group = int(group.max()) + 1 if m else 1
-    if k * math.log2(base) + math.log2(n_group) > 62:
-        raise ValueError(f"E={n_expert}, k={k}, {n_group} groups: keys do not fit in int64")
-    sets = np.sort(sets.astype(np.int64), axis=1)
-    subsets = [np.array([j for j in range(k) if mask >> j & 1]) for mask in range(1, 2 ** k)]
-    keys = np.stack([_subset_keys(sets, cols, base) * n_group + group for cols in subsets])
-    _, inv, cnt = np.unique(keys.ravel(), return_inverse=True, return_counts=True)
-    signs = np.array([(-1) ** len(c) for c in subsets], dtype=np.int64)[:, None]
-    return signs * cnt[inv].reshape(keys.shape)
-
-
-def independent_any_baseline(experts: np.ndarray, n_expert: int) -> np.ndarray:
-    """(L,) P(two independent tokens' top-k sets share an expert), sets drawn from the trace.
-
-    Exact by inclusion-exclusion: P(S' misses S) = sum over A subset of S of
-    (-1)^|A| P(A subset of S'), where P(A subset of S') is the share of tokens whose set
-    contains A. Pairs are drawn with replacement (a token may meet itself).
-
-    >>> independent_any_baseline(np.array([[[0, 1]], [[2, 3]]]), 4)  # {0,1} vs {2,3}
-    array([0.5])
-    """
-    n, n_layer, k = experts.shape
-    if n == 0:
-        return np.full(n_layer, np.nan)
-    n_sub = 2 ** k - 1
-    step = max(1, -(-n * n_sub // MAX_SUBSET_KEYS))
-    if step > 1:
-        log.info("independent_any_baseline: %d tokens x %d subsets; using every %d-th token",
-                 n, n_sub, step)
-    out = np.empty(n_layer)
-    for layer in range(n_layer):
-        sets = experts[::step, layer, :]
-        signed = _containing(sets, np.zeros(len(sets), dtype=np.int64), n_expert)
-        out[layer] = -signed.sum(axis=0).mean() / len(sets)  # mean share of tokens met
-    return out
-
-
-def shuffled_first_baseline(experts: np.ndarray, seq_id: np.ndarray) -> np.ndarray:
-    """(L,) expected first-choice keep rate if every sequence's tokens were shuffled.
-
-    A consecutive pair of a shuffled sequence is a random pair of two of its distinct
-    tokens: P(keep) = sum_e c_e (c_e - 1) / (n (n - 1)) for a sequence of n tokens that
-    chose e first c_e times, averaged over sequences with weight n - 1 (their pairs).
-    The observed rate's excess over this baseline is due to token order; this baseline's
-    excess over the independent one is due to each sequence's own working set.
-
-    >>> x = np.array([[[0]], [[0]], [[1]], [[2]], [[2]], [[2]]])  # seq 0: 0 0 1, seq 1: 2 2 2
-    >>> shuffled_first_baseline(x, np.array([0, 0, 0, 1, 1, 1])).round(4)  # (1/3*2 + 1*2) / 4
-    array([0.6667])
-    """
-    n, n_layer = experts.shape[:2]
-    if n == 0:
-        return np.full(n_layer, np.nan)
-    _, seq_rank, n_s = np.unique(seq_id, return_inverse=True, return_counts=True)
-    n_pairs = float((n_s - 1).sum())
-    if n_pairs == 0:
-        return np.full(n_layer, np.nan)
-    e = int(experts.max()) + 1
-    out = np.empty(n_layer)
-    for layer in range(n_layer):
-        c = np.bincount(seq_rank * e + experts[:, layer, 0], minlength=len(n_s) * e)
-        c = c.reshape(len(n_s), e).astype(np.float64)
-        out[layer] = ((c * (c - 1)).sum(axis=1) / n_s).sum() / n_pairs
-    return out
-
-
-def shuffled_any_baseline(experts: np.ndarray, seq_id: np.ndarray,
-                          n_expert: int) -> np.ndarray:
-    """(L,) expected share of consecutive pairs whose top-k sets meet, if every sequence's
-    tokens were shuffled: two distinct random tokens of the same sequence (exact, by
-    inclusion-exclusion per sequence; weighted like :func:`shuffled_first_baseline`).
-
-    >>> x = np.array([[[0, 1]], [[2, 3]], [[0, 2]]])  # pairs ab: no, ac: yes, bc: yes
-    >>> shuffled_any_baseline(x, np.zeros(3, int), 4).round(4)
-    array([0.6667])
-    """
-    n, n_layer, k = experts.shape
-    _, seq_rank, n_s = np.unique(seq_id, return_inverse=True, return_counts=True)
-    n_pairs = float((n_s - 1).sum())
-    if n == 0 or n_pairs == 0:
-        return np.full(n_layer, np.nan)
-    # whole sequences per chunk keep every count exact and memory bounded
-    per_chunk = max(1, MAX_SUBSET_KEYS // (2 ** k - 1))
-    ends = np.cumsum(n_s)
-    out = np.zeros(n_layer)
-    start_seq = 0
-    while start_seq < len(n_s):
-        lo = int(ends[start_seq - 1]) if start_seq else 0
-        stop_seq = max(start_seq + 1,
-                       int(np.searchsorted(ends, lo + per_chunk, side="right")))
-        hi = int(ends[stop_seq - 1])
-        group = seq_rank[lo:hi] - start_seq
-        n_tok = n_s[seq_rank[lo:hi]].astype(np.float64)  # length of each token's sequence
-        for layer in range(n_layer):
-            met = -_containing(experts[lo:hi, layer, :], group, n_expert).sum(axis=0)
-            out[layer] += ((met - 1) / n_tok).sum()  # others met, weighted (n-1)/(n(n-1))
-        start_seq = stop_seq
-    return out / n_pairs
 
 
 # --- reuse distance ------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""``run`` and ``serve``: generate with the prefetch plugin, or serve it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.table import Table
+
+from ..errors import ExpertPredError
+from .app import app, console, err_console, human, parse_bytes
+
+if TYPE_CHECKING:
+    from ..prefetch.run import RunConfig, RunResult
+
+
+@app.command()
+def run(
+    model: Path = typer.Option(..., "--model", help="MoE GGUF to run."),
+    prompt: str = typer.Option(..., "--prompt", help="Prompt text."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Greedy tokens to generate."),
+    mode: str = typer.Option(None, "--mode",
+                             help="off | d0 | predictor | oracle (default: predictor with "
+                                  "--predictor, oracle with --oracle-trace, else d0)."),
+    predictor: Path = typer.Option(None, "--predictor",
+                                   help="Saved predictors (expertpred train's <out>/models) "
+                                        "or an exported artifact."),
+    predictor_name: str = typer.Option(None, "--predictor-name",
+                                       help="Which saved predictor (files <name>-d<d>.npz; "
+                                            "default: plugin.DEFAULT_PREDICTOR)."),
+    source_model: Path = typer.Option(None, "--source-model",
+                                      help="The model --model was widened from (the predictor "
+                                           "was trained on it)."),
+    oracle_trace: Path = typer.Option(None, "--oracle-trace",
+                                      help="Recorded trace of the same greedy run (trace "
+                                           "dataset directory or oracle .npz)."),
+    method: str = typer.Option("fadvise", "--method", help="pread | fadvise | madvise | io_uring"),
+    queue_depth: int = typer.Option(8, "--queue-depth", min=1, help="Prefetch queue depth."),
+    lookahead: int = typer.Option(None, "--lookahead", min=0,
+                                  help="Prefetch layers l+1..l+D (default: "
+                                       "plugin.DEFAULT_LOOKAHEAD; 1 for the oracle)."),
+    madvise_random: bool = typer.Option(False, "--madvise-random",
+                                        help="madvise(MADV_RANDOM) llama.cpp's mapping: no "
+                                             "fault read-around."),
+    threads: int = typer.Option(2, "--threads", min=1, help="llama.cpp threads."),
+    n_ctx: int = typer.Option(512, "--n-ctx", min=8, help="llama.cpp context size."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line."),
+) -> None:
+    """Generate greedily with the online prefetch plugin and print prefetch statistics."""
+    from ..prefetch.run import RunConfig, run_prompt
+
+    cfg = RunConfig(
+        model=model, prompt=prompt, max_tokens=max_tokens, mode=mode, predictor=predictor,
+        predictor_name=predictor_name, source_model=source_model, oracle_trace=oracle_trace,
+        method=method, queue_depth=queue_depth, lookahead=lookahead,
+        madvise_random=madvise_random, threads=threads, n_ctx=n_ctx)
+    res = run_prompt(cfg)
+    if as_json:
+        print(json.dumps(res.as_dict(), default=str))
+        return
+    _print_run(cfg, res)
+
+
+def _print_run(cfg: RunConfig, res: RunResult) -> None:
+    prompt, max_tokens, n_ctx, n_prompt = cfg.prompt, cfg.max_tokens, cfg.n_ctx, res.n_prompt
+    toks, st, t_decode, t_prompt, tps = (res.tokens, res.stats, res.decode_s, res.prompt_s,
+                                         res.tokens_per_s)
+    text = res.text
+    console.print(f"[dim]prompt:[/] {prompt!r}")
+    stop = (f"; stopped: context full (n_ctx {n_ctx}, prompt {n_prompt} tokens)"
+            if len(toks) < max_tokens and n_prompt + len(toks) > n_ctx else "")
+    console.print(f"[dim]generation ({len(toks)} tokens{stop}):[/] {text!r}", highlight=False)
+    t = Table(title=f"prefetch ({st.mode}, lookahead {st.lookahead})", show_header=False)
+    t.add_row("decode tokens/s", f"{tps:.2f} ({t_decode:.2f} s; prompt {t_prompt:.2f} s)")
+    c = st.counters
+    t.add_row("callback errors", str(c.callback_errors) + (f" ({st.first_error})"
+                                                            if st.first_error else ""))
+    if st.engine is not None:
+        e = st.engine.counters
+        t.add_row("method / queue depth", f"{st.engine.method} / {st.engine.queue_depth}")
+        t.add_row("requests / issued / coalesced", f"{e.requests} / {e.issued} / {e.coalesced}")
+        t.add_row("bytes read (or advised)", human(e.bytes_read))
+        t.add_row("uses: hit / late / miss", f"{e.hits} / {e.late} / {e.misses}")
+        t.add_row("hit rate", f"{100 * st.engine.hit_rate:.1f}%")
+        t.add_row("speculative: issued / used / unused",
+                  f"{e.spec_issued} / {e.spec_used} / {e.spec_unused}")
+        t.add_row("bytes: demand / speculative / wasted",
+                  f"{human(e.demand_bytes)} / {human(e.spec_bytes)} / {human(e.wasted_bytes)}")
+        t.add_row("I/O errors", f"{e.failed}" + ("" if st.engine.enabled
+                                                 else f" (disabled: {st.engine.disabled_reason})"))
+        if c.predictions:
+            ms = 1e3 * c.predict_seconds / c.predictions
+            t.add_row("predictions", f"{c.predictions} ({ms:.1f} ms each)")
+    console.print(t)
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", help="MoE GGUF to serve."),
+    predictor: Path = typer.Option(None, "--predictor",
+                                   help="Saved predictors or an exported artifact (mode "
+                                        "predictor)."),
+    predictor_name: str = typer.Option(None, "--predictor-name", help="Which saved predictor."),
+    source_model: Path = typer.Option(None, "--source-model",
+                                      help="The model --model was widened from."),
+    mode: str = typer.Option(None, "--mode",
+                             help="off | d0 | predictor (default: predictor with --predictor, "
+                                  "else d0)."),
+    budget: str = typer.Option(None, "--budget",
+                               help="Resident expert bytes (e.g. 2GiB); needs the residency "
+                                    "manager."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Listen address."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Listen port."),
+    alias: str = typer.Option("", "--alias", help="Model name for clients (default: stem)."),
+    api_key: str = typer.Option(None, "--api-key", help="Require this bearer token."),
+    trace_out: Path = typer.Option(None, "--trace-out",
+                                   help="Append the routing of served requests to this trace "
+                                        "dataset."),
+    trace_text: bool = typer.Option(False, "--trace-text",
+                                    help="Keep prompt and completion text in the trace."),
+    trace_shard_rows: int = typer.Option(4096, "--trace-shard-rows", min=1,
+                                         help="Rows per trace shard (a crash loses < this)."),
+    method: str = typer.Option("fadvise", "--method", help="pread | fadvise | madvise | io_uring"),
+    queue_depth: int = typer.Option(8, "--queue-depth", min=1, help="Prefetch queue depth."),
+    lookahead: int = typer.Option(None, "--lookahead", min=0, help="Prefetch layers l+1..l+D."),
+    min_share: float = typer.Option(None, "--min-share", min=0.0, max=1.0,
+                                    help="Confidence gate on predicted experts."),
+    prefetch_k: int = typer.Option(None, "--prefetch-k", min=1,
+                                   help="Experts prefetched per look-ahead layer."),
+    madvise_random: bool = typer.Option(False, "--madvise-random",
+                                        help="madvise(MADV_RANDOM) llama.cpp's mapping."),
+    sync_requests: bool = typer.Option(False, "--sync-requests",
+                                       help="Engine calls on the inference thread."),
+    threads: int = typer.Option(2, "--threads", min=1, help="llama.cpp threads."),
+    n_ctx: int = typer.Option(2048, "--n-ctx", min=8, help="llama.cpp context size."),
+    n_batch: int = typer.Option(512, "--n-batch", min=1, help="Prompt tokens per decode."),
+) -> None:
+    """Serve the prefetching model behind an OpenAI-compatible API (llama_cpp.server):
+    /v1/completions, /v1/chat/completions, /v1/models, plus Prometheus /metrics."""
+    from ..prefetch.plugin import DEFAULT_PREDICTOR, load_predictors
+    from ..serve import ServeConfig
+    from ..serve import serve as run_server
+
+    if not model.is_file():
+        raise ExpertPredError(f"{model}: no such model file (expected a MoE GGUF)")
+    mode = mode or ("predictor" if predictor else "d0")
+    if mode == "oracle":
+        raise ExpertPredError("--mode oracle: not served (an oracle trace is one prompt's "
+                              "greedy run); expected off, d0 or predictor")
+    plugin: dict = {"mode": mode, "method": method, "queue_depth": queue_depth,
+                    "lookahead": lookahead, "min_share": min_share, "prefetch_k": prefetch_k,
+                    "madvise_random": madvise_random, "async_requests": not sync_requests}
+    if mode == "predictor":
+        if predictor is None:
+            raise ExpertPredError("--mode predictor needs --predictor DIR_OR_ARTIFACT")
+        plugin["predictor"] = load_predictors(predictor, model,
+                                              name=predictor_name or DEFAULT_PREDICTOR,
+                                              source_model=source_model)
+    if budget is not None:
+        plugin["budget"] = parse_bytes(budget, "--budget")
+    cfg = ServeConfig(model=model, alias=alias, host=host, port=port, n_ctx=n_ctx,
+                      n_batch=n_batch, n_threads=threads, api_key=api_key, trace_out=trace_out,
+                      trace_text=trace_text, trace_shard_rows=trace_shard_rows,
+                      plugin_kwargs=plugin)
+    run_server(cfg, on_ready=lambda c: err_console.print(
+        f"serving {model} ({mode}) on http://{c.host}:{c.port}/v1", highlight=False))
+

@@ -1,0 +1,130 @@
+"""Trace a prompt set into a dataset directory: the loop behind ``expertpred trace`` and ``demo``.
+
+One function, :func:`trace_prompts`: select prompts, describe the run in the manifest
+(model and prompt-file sha256, decoding settings), skip sequences a resumed dataset already
+holds, trace the rest with :class:`~expertpred.trace.llama_tracer.LlamaTracer` and stream
+them into a :class:`~expertpred.trace.dataset.TraceWriter`. Progress goes to an optional
+:class:`TraceProgress`, so the caller decides how (or whether) to show it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import ExpertPredError
+from ..gguf.layout import file_sha256
+from .dataset import (
+    DecodingInfo,
+    ManifestInfo,
+    ModelInfo,
+    PromptSetInfo,
+    TraceDataset,
+    TraceWriter,
+)
+from .prompts import Prompt, load_prompts, read_prompt_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TraceRunConfig:
+    """One tracing run; the defaults are the CLI's."""
+
+    model: Path  # MoE GGUF to trace
+    prompts: Path  # prompt file (JSONL or plain text); seq_id = a prompt's index in it
+    out: Path  # dataset directory, created (or continued with resume)
+    split: str | None = None  # only prompts of this split
+    domain: str | None = None  # only prompts of this domain
+    limit: int | None = None  # only the first N selected prompts
+    max_tokens: int = 32  # decode tokens per prompt after the prompt itself
+    n_ctx: int = 512  # llama.cpp context: prompt + max_tokens must fit
+    threads: int = 2  # llama.cpp threads; not part of the data, so may change on resume
+    hidden: bool = False  # also store router inputs (~n_embd float16 per token and layer)
+    sampled: bool = False  # sample instead of greedy decoding
+    temperature: float = 0.8  # with sampled
+    top_k: int = 40  # with sampled; 0 = off
+    top_p: float = 0.95  # with sampled
+    seed: int = 0  # sequence i samples with seed + i, so a resumed run draws the same tokens
+    resume: bool = False  # continue a dataset of the same model and settings
+    shard_rows: int = 32768  # rows per Parquet shard: bounds the writer's memory
+
+    def decoding(self) -> DecodingInfo:
+        s = self.sampled
+        return DecodingInfo(mode="sampled" if s else "greedy",
+                            temperature=self.temperature if s else 0.0,
+                            top_k=self.top_k if s else 0, top_p=self.top_p if s else 1.0,
+                            seed=self.seed, max_tokens=self.max_tokens, n_ctx=self.n_ctx,
+                            n_threads=self.threads)
+
+
+@dataclass(frozen=True)
+class TraceRunResult:
+    """What a run did, and the dataset it left."""
+
+    dataset: TraceDataset  # the whole directory after the run (earlier runs included)
+    n_selected: int  # prompts the selection named
+    n_skipped: int  # of those, already in the dataset (resume)
+    n_traced: int  # sequences this run wrote
+    tokens: int  # tokens this run traced (prompt + generated)
+    seconds: float  # wall time of the whole run, hashing included
+
+
+class TraceProgress(Protocol):
+    """Where :func:`trace_prompts` reports progress (a CLI progress bar, a log, nothing)."""
+
+    def start(self, todo: int, selected: int) -> None:
+        """Hashing is done; ``todo`` of the ``selected`` prompts are left to trace."""
+
+    def advance(self, tokens: int, seconds: float) -> None:
+        """One more sequence written; ``tokens`` traced in ``seconds`` so far by this run."""
+
+
+def manifest_info(cfg: TraceRunConfig, selection: list[Prompt]) -> ManifestInfo:
+    """Describe the run for the manifest (hashes the model and the prompt file)."""
+    prompts = PromptSetInfo(path=str(cfg.prompts), sha256=file_sha256(cfg.prompts),
+                            n_prompts=len(read_prompt_file(cfg.prompts)), split=cfg.split,
+                            domain=cfg.domain, limit=cfg.limit, n_selected=len(selection))
+    return ManifestInfo(model=ModelInfo.from_gguf(cfg.model), prompts=prompts,
+                        decoding=cfg.decoding(), capture_hidden=cfg.hidden)
+
+
+def trace_prompts(cfg: TraceRunConfig, progress: TraceProgress | None = None) -> TraceRunResult:
+    """Trace every selected prompt not yet in ``cfg.out``; see the module docstring."""
+    start = time.perf_counter()
+    selection = load_prompts(cfg.prompts, split=cfg.split, domain=cfg.domain)[:cfg.limit]
+    info = manifest_info(cfg, selection)  # one-line GGUFError for a dense / bad model
+    tokens = n_done = 0
+    with TraceWriter(cfg.out, info, shard_rows=cfg.shard_rows, resume=cfg.resume) as writer:
+        todo = [p for p in selection if p.index not in writer.done_seq_ids]
+        if progress is not None:
+            progress.start(len(todo), len(selection))
+        if todo:
+            from .llama_tracer import LlamaTracer
+
+            tracer = LlamaTracer(str(cfg.model), n_ctx=cfg.n_ctx, n_threads=cfg.threads,
+                                 capture_hidden=cfg.hidden, seed=cfg.seed)
+            t_trace = time.perf_counter()
+            try:
+                for p in todo:
+                    try:
+                        seq = tracer.trace(p.text, cfg.max_tokens, greedy=not cfg.sampled,
+                                           temperature=cfg.temperature, top_k=cfg.top_k,
+                                           top_p=cfg.top_p, seed=cfg.seed + p.index,
+                                           seq_id=p.index, prompt_id=p.id, domain=p.domain)
+                    except ExpertPredError as exc:
+                        raise ExpertPredError(f"{cfg.prompts}: prompt {p.id!r}: {exc}") from None
+                    writer.write(seq, split=p.split)
+                    tokens += seq.n_tokens
+                    n_done += 1
+                    if progress is not None:
+                        progress.advance(tokens, time.perf_counter() - t_trace)
+            finally:
+                tracer.close()
+    log.info("%s: traced %d sequences, %d tokens", cfg.out, n_done, tokens)
+    return TraceRunResult(dataset=TraceDataset(cfg.out), n_selected=len(selection),
+                          n_skipped=len(selection) - len(todo), n_traced=n_done, tokens=tokens,
+                          seconds=time.perf_counter() - start)
