@@ -32,10 +32,13 @@ import sys
 import time
 from pathlib import Path
 
+from pagecache import warm
+
 from expertpred.gguf.layout import read_layout
 from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
 from expertpred.gguf.widen import widen
 from expertpred.lab.cgroup import MemoryCgroup, evict_file, proc_io, residency, why_unavailable
+from expertpred.prefetch.sysmem import madvise_file_mappings
 
 log = logging.getLogger("cgroup_llama")
 
@@ -49,23 +52,6 @@ MADV_RANDOM = 1
 # --- child: runs inside the cgroup ---------------------------------------------------------
 
 
-def madvise_mapping(model: str, advice: int) -> int:
-    """madvise every mapping of ``model`` in this process; returns the bytes advised."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    real, done = str(Path(model).resolve()), 0
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == real:
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if libc.madvise(lo, hi - lo, advice) != 0:
-                raise OSError(ctypes.get_errno(), "madvise")
-            done += hi - lo
-    return done
-
-
 def child(model: str, use_mmap: bool, tokens: int, advice: int | None) -> None:
     """Load, decode ``tokens`` greedy tokens, print one JSON line with phase counters."""
     from llama_cpp import Llama
@@ -73,7 +59,7 @@ def child(model: str, use_mmap: bool, tokens: int, advice: int | None) -> None:
     io0, t0 = proc_io(), time.perf_counter()
     llm = Llama(model_path=model, n_ctx=256, n_threads=2, use_mmap=use_mmap, verbose=False,
                 seed=0)
-    if advice is not None and madvise_mapping(model, advice) == 0:
+    if advice is not None and madvise_file_mappings(model, advice) == 0:
         raise RuntimeError(f"{model} is not mapped in this process")
     io1, t1 = proc_io(), time.perf_counter()
     ids = llm.tokenize(PROMPT.encode(), add_bos=False)
@@ -116,12 +102,6 @@ def bench_model(total_gib: float, source: Path | None) -> Path:
               f"{res.seconds:.1f} s ({res.mb_per_s:.0f} MB/s), "
               f"{res.plan.bytes_per_expert / 2**20:.1f} MiB per expert", flush=True)
     return out
-
-
-def warm(path: Path) -> None:
-    with open(path, "rb") as f:
-        while f.read(64 << 20):
-            pass
 
 
 def run_scenario(name: str, model: Path, limit: int, tokens: int) -> dict[str, object]:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pagecache import warm
 
 from expertpred.gguf.layout import MoELayout, file_sha256, read_layout
 from expertpred.lab.cgroup import MemoryCgroup, evict_file, proc_io, residency, why_unavailable
@@ -257,12 +258,6 @@ def build_oracle(ref: Path, tokens: int) -> Path:
         with LlamaTracer(ref, n_ctx=256, n_threads=2) as tr:
             OracleTrace.from_sequence(tr.trace(ids, tokens)).save(out)
     return out
-
-
-def warm(path: Path) -> None:
-    with open(path, "rb") as f:
-        while f.read(64 << 20):
-            pass
 
 
 def load_avg() -> str:

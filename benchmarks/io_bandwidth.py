@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pagecache import evict
 
 from expertpred.gguf.layout import MoELayout, read_layout
 from expertpred.gguf.random_models import SyntheticSpec, write_random_moe
@@ -50,17 +51,6 @@ def ensure_file(path: Path) -> Path:
         sys.exit(f"{path.parent}: {free / 1e9:.1f} GB free, the benchmark file needs ~7 GB")
     print(f"writing {path} (~6.8 GB, a few minutes) ...", flush=True)
     return write_random_moe(path, BENCH_SPEC)
-
-
-def evict(path: Path, drop_caches: bool) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    if drop_caches:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
 
 
 def workload(layout: MoELayout, budget: int, seed: int, k: int) -> list[tuple[int, int]]:

@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pagecache import evict
 
 from expertpred.features import FeatureConfig, ModelInfo, OnlineFeatures, build_features
 from expertpred.gguf.layout import MoELayout, read_layout
@@ -97,12 +98,6 @@ class DemandReader:
     def close(self) -> None:
         self.map.close()
         os.close(self.fd)
-
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
 
 
 def replay(path: Path, layout: MoELayout, traces, model, predictor, name: str,

@@ -43,7 +43,7 @@ def test_config_from_toml_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("text,overrides,match", [
     ("bogus = 1\n", [], "unknown key 'bogus'; known: "),
-    ("mlp_epochs = 'many'\n", [], "key 'mlp_epochs' = 'many': expected int"),
+    ("mlp_epochs = 'many'\n", [], "mlp_epochs: expected int, got 'many'"),
     ("offsets = 1\n", [], "expected a list of int"),
     ("plots = 1\n", [], "expected bool"),
     ("", ["--mlp_lr=fast"], "expected float"),

@@ -2,13 +2,13 @@
 
 Rooms, lowest first (a room may import its own rank and any rank below it)::
 
-    0  errors, shipped, model, the package root    plain records and errors, no I/O policy
-    1  gguf, llama                                 the two external formats/APIs we speak
-    2  trace                                       routing out of llama.cpp into datasets
-    3  features                                    trace -> model inputs
-    4  predictors, learn                           fit, judge and export predictors
-    5  prefetch                                    runtime: I/O engine, buffer, plugin
-    6  lab, cli, serve                             research harnesses and front ends
+    0  errors, units, shipped, model, root plain records, errors, formatting; no I/O policy
+    1  gguf, llama                         the two external formats/APIs we speak
+    2  trace                               routing out of llama.cpp into datasets
+    3  features                            trace -> model inputs
+    4  predictors, learn                   fit, judge and export predictors
+    5  prefetch                            runtime: I/O engine, buffer, plugin
+    6  lab, cli, serve                     research harnesses and front ends
 
 ``learn`` sits *beside* ``predictors`` (same rank), not above it: ``learn.train`` fits
 predictors, and predictors use the pure-numpy ``learn.metrics`` to pick their settings,
@@ -30,7 +30,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "expertpred"
 
 RANK = {
-    "": 0, "errors": 0, "shipped": 0, "model": 0,
+    "": 0, "errors": 0, "shipped": 0, "model": 0, "units": 0,
     "gguf": 1, "llama": 1,
     "trace": 2,
     "features": 3,

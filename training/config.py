@@ -1,23 +1,22 @@
 """The training configuration: one frozen dataclass, TOML files that change defaults, and
 ``--key=value`` overrides checked against the dataclass.
 
-Every override or TOML key is checked: an unknown key or a value of the wrong type is a
-``ConfigError`` whose one-line message names the key and the expected type.
+Loading is :func:`expertpred.learn.config.load_config`, the loader the predictor recipe
+uses too: an unknown key or a value of the wrong type is a ``ConfigError`` whose one-line
+message names the key and the expected type.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from expertpred.learn.config import ConfigError
+from expertpred.learn.config import load_config as load_dataclass_config
+
 ARCHS = ("mixtral", "qwen3moe")
-
-
-class ConfigError(ValueError):
-    """A bad config file, key or value; the message is one line meant for the user."""
 
 
 @dataclass(frozen=True)
@@ -89,60 +88,9 @@ class TrainConfig:
         return self
 
 
-def _field_types() -> dict[str, type]:
-    return typing.get_type_hints(TrainConfig)
-
-
-def _coerce_str(key: str, raw: str, typ: type) -> object:
-    """Parse a command-line string into the field's type."""
-    try:
-        if typ is bool:
-            low = raw.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        return typ(raw)
-    except ValueError:
-        raise ConfigError(f"--{key}: expected {typ.__name__}, got {raw!r}") from None
-
-
-def _check_toml_value(where: str, key: str, value: object, typ: type) -> object:
-    ok = (
-        isinstance(value, bool) if typ is bool
-        else isinstance(value, int) and not isinstance(value, bool) if typ is int
-        else isinstance(value, (int, float)) and not isinstance(value, bool) if typ is float
-        else isinstance(value, typ)
-    )
-    if not ok:
-        raise ConfigError(f"{where}: {key}: expected {typ.__name__}, got {value!r}")
-    return float(value) if typ is float else value
-
-
 def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """Defaults, then the TOML file (if any), then ``--key=value`` overrides."""
-    types = _field_types()
-    values: dict[str, object] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read config: {e}") from None
-        for key, value in data.items():
-            if key not in types:
-                raise ConfigError(f"{path}: unknown key {key!r}; valid keys: {', '.join(types)}")
-            values[key] = _check_toml_value(str(path), key, value, types[key])
-    for arg in overrides:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"{arg!r}: expected --key=value")
-        key, raw = arg[2:].split("=", 1)
-        key = key.replace("-", "_")
-        if key not in types:
-            raise ConfigError(f"--{key}: unknown config key; valid keys: {', '.join(types)}")
-        values[key] = _coerce_str(key, raw, types[key])
-    return TrainConfig(**values).validate()
+    return load_dataclass_config(TrainConfig, path, overrides).validate()
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, object]:

@@ -10,7 +10,6 @@ Steps: (1) corpus splits, (2) byte-level BPE on the training split, (3) token st
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from expertpred.gguf.convert import hf_to_gguf
+from expertpred.gguf.layout import file_sha256
 
 from .card import write_readme
 from .config import ConfigError, TrainConfig, config_dict, load_config
@@ -90,14 +90,6 @@ def eval_loss(model, windows: np.ndarray, batch: int = 16) -> float:
         total += ce.item() * len(w)
     model.train()
     return total / len(windows)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def train(cfg: TrainConfig, command: str) -> dict:
@@ -216,7 +208,7 @@ def train(cfg: TrainConfig, command: str) -> dict:
         "loss_history": history,
         "routing_stats_heldout": stats,
         "gguf": {"file": "model.gguf", "bytes": gguf_path.stat().st_size,
-                 "sha256": sha256_file(gguf_path), "dtype": "f32"},
+                 "sha256": file_sha256(gguf_path), "dtype": "f32"},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": __import__("transformers").__version__,
                         "tokenizers": __import__("tokenizers").__version__},

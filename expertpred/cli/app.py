@@ -25,14 +25,6 @@ def _root() -> None:
     """Predict and prefetch MoE experts for llama.cpp inference."""
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
 def parse_bytes(text: str, what: str) -> int:
     units = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
              "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}

@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .app import app, console, human
+from ..units import human_bytes
+from .app import app, console
 from .trace import print_trace_run, trace_prompts_with_progress
 
 
@@ -70,7 +71,7 @@ def _show_model(name: str, path: Path, max_tokens: int) -> None:
     t.add_row("file", str(path))
     t.add_row("arch / layers", f"{lay.arch} / {lay.n_layer}")
     t.add_row("experts / used", f"{lay.n_expert} / {lay.n_expert_used}")
-    t.add_row("bytes per expert", human(lay.bytes_per_expert()))
+    t.add_row("bytes per expert", human_bytes(lay.bytes_per_expert()))
     t.add_row("expert share of file", f"{100 * lay.expert_bytes / lay.file_size:.1f}%")
     console.print(t)
     prompt = "def read_config(path):\n"

@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .app import app, console, human
+from ..units import human_bytes
+from .app import app, console
 
 
 @app.command()
@@ -30,12 +31,12 @@ def inspect(
     t.add_row("experts / used per token", f"{lay.n_expert} / {lay.n_expert_used}")
     t.add_row("embedding length", str(lay.n_embd))
     t.add_row("expert tensors", ", ".join(lay.parts))
-    t.add_row("bytes per expert", human(lay.bytes_per_expert()))
-    t.add_row("expert weights", f"{human(lay.expert_bytes)} "
+    t.add_row("bytes per expert", human_bytes(lay.bytes_per_expert()))
+    t.add_row("expert weights", f"{human_bytes(lay.expert_bytes)} "
               f"({100 * lay.expert_bytes / lay.file_size:.1f}% of file)")
     if lay.shared:
-        t.add_row("shared-expert weights", human(lay.shared_bytes))
-    t.add_row("file size", human(lay.file_size))
+        t.add_row("shared-expert weights", human_bytes(lay.shared_bytes))
+    t.add_row("file size", human_bytes(lay.file_size))
     console.print(t)
 
 
@@ -57,14 +58,14 @@ def widen(
 
     plan = plan_widen(model, ff=ff, expert_mib=expert_mib, total_gib=total_gib, dtype=dtype,
                       out=out)
+    old, new = human_bytes(plan.old_bytes_per_expert), human_bytes(plan.bytes_per_expert)
     console.print(f"{model}: expert width {plan.old_ff} -> {plan.new_ff} ({plan.dtype}), "
-                  f"{human(plan.old_bytes_per_expert)} -> {human(plan.bytes_per_expert)} "
-                  f"per expert, {human(plan.data_bytes)} of tensors")
+                  f"{old} -> {new} per expert, {human_bytes(plan.data_bytes)} of tensors")
     columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(f"writing {out.name}", total=plan.data_bytes)
         res = widen_model(model, out, ff=plan.new_ff, dtype=dtype,
                           progress=lambda done, total: bar.update(task, completed=done))
-    console.print(f"wrote {res.path} ({human(res.file_size)}) in {res.seconds:.1f} s "
+    console.print(f"wrote {res.path} ({human_bytes(res.file_size)}) in {res.seconds:.1f} s "
                   f"({res.mb_per_s:.0f} MB/s)")
 

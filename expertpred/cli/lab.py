@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import ExpertPredError
-from .app import app, console, err_console, human, parse_floats
+from ..units import human_bytes
+from .app import app, console, err_console, parse_floats
 
 
 @app.command()
@@ -63,7 +64,7 @@ def experiment(
         source_model=source if predictor else None, timeout=timeout)
     command = "expertpred experiment " + " ".join(sys.argv[2:])
     n = len(cfg.fractions) * len(cfg.swappiness) * len(cfg.modes) * cfg.rounds
-    console.print(f"{gguf_path} ({human(gguf_path.stat().st_size)}): {n} runs of {tokens} "
+    console.print(f"{gguf_path} ({human_bytes(gguf_path.stat().st_size)}): {n} runs of {tokens} "
                   "tokens", highlight=False)
 
     def on_run(mode: str, frac: float, swp: int, rnd: int, row: dict) -> None:

@@ -9,7 +9,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from .app import app, console, human, parse_ints
+from ..units import human_bytes
+from .app import app, console, parse_ints
 
 _OVERRIDABLE = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -89,5 +90,5 @@ def export_cmd(
     checked = f"; loads for {model}" if model is not None else ""
     console.print(f"exported {art.name} d={list(art.offsets)} for {m.arch} "
                   f"sha256 {m.sha256[:12] or '(none)'} to {path} "
-                  f"({human(path.stat().st_size)}){checked}", soft_wrap=True, highlight=False)
+                  f"({human_bytes(path.stat().st_size)}){checked}", soft_wrap=True, highlight=False)
 

@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from ..errors import ExpertPredError
-from .app import app, console, err_console, human, parse_bytes
+from ..units import human_bytes
+from .app import app, console, err_console, parse_bytes
 
 if TYPE_CHECKING:
     from ..prefetch.run import RunConfig, RunResult
@@ -81,13 +82,14 @@ def _print_run(cfg: RunConfig, res: RunResult) -> None:
         e = st.engine.counters
         t.add_row("method / queue depth", f"{st.engine.method} / {st.engine.queue_depth}")
         t.add_row("requests / issued / coalesced", f"{e.requests} / {e.issued} / {e.coalesced}")
-        t.add_row("bytes read (or advised)", human(e.bytes_read))
+        t.add_row("bytes read (or advised)", human_bytes(e.bytes_read))
         t.add_row("uses: hit / late / miss", f"{e.hits} / {e.late} / {e.misses}")
         t.add_row("hit rate", f"{100 * st.engine.hit_rate:.1f}%")
         t.add_row("speculative: issued / used / unused",
                   f"{e.spec_issued} / {e.spec_used} / {e.spec_unused}")
         t.add_row("bytes: demand / speculative / wasted",
-                  f"{human(e.demand_bytes)} / {human(e.spec_bytes)} / {human(e.wasted_bytes)}")
+                  " / ".join(human_bytes(b) for b in (e.demand_bytes, e.spec_bytes,
+                                                      e.wasted_bytes)))
         t.add_row("I/O errors", f"{e.failed}" + ("" if st.engine.enabled
                                                  else f" (disabled: {st.engine.disabled_reason})"))
         if c.predictions:

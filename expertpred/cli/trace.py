@@ -18,7 +18,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .app import app, console, human
+from ..units import human_bytes
+from .app import app, console
 
 if TYPE_CHECKING:
     from ..trace.run import TraceRunConfig, TraceRunResult
@@ -104,7 +105,7 @@ def print_trace_run(res: TraceRunResult) -> None:
     t.add_row("sequences (this run / dataset)", f"{res.n_traced} / {ds.n_sequences}")
     t.add_row("tokens (this run / dataset)", f"{res.tokens} / {ds.n_rows}")
     t.add_row("shards", str(len(ds.shards)))
-    t.add_row("bytes", human(ds.n_bytes))
+    t.add_row("bytes", human_bytes(ds.n_bytes))
     if ds.n_rows:
         t.add_row("bytes / token / layer", f"{ds.n_bytes / ds.n_rows / n_layer:.1f}")
     wall = res.seconds

@@ -23,8 +23,6 @@ process runs in, and removed on exit.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import itertools
 import logging
@@ -40,6 +38,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import ExpertPredError
+from ..prefetch.sysmem import file_resident_bytes
 
 log = logging.getLogger(__name__)
 
@@ -124,45 +123,10 @@ class Residency(NamedTuple):
         return self.resident_bytes / self.file_bytes if self.file_bytes else 0.0
 
 
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    return libc
-
-
 def residency(path: str | os.PathLike[str]) -> Residency:
-    """Resident bytes of ``path`` per ``mincore(2)`` over a fresh read-only mapping (mapping
-    a file does not fault its pages in, so this does not change what it measures)."""
-    path = Path(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return Residency(0, 0)
-        libc = _libc()
-        addr = libc.mmap(None, size, 0x1, 0x01, fd, 0)  # PROT_READ, MAP_SHARED
-        if addr in (None, ctypes.c_void_p(-1).value):
-            e = ctypes.get_errno()
-            raise OSError(e, f"mmap {path}: {os.strerror(e)}")
-        try:
-            n_pages = (size + PAGE - 1) // PAGE
-            vec = (ctypes.c_ubyte * n_pages)()
-            if libc.mincore(addr, size, vec) != 0:
-                e = ctypes.get_errno()
-                raise OSError(e, f"mincore {path}: {os.strerror(e)}")
-            resident = sum(memoryview(vec).cast("B").tobytes().translate(_LOW_BIT))
-        finally:
-            libc.munmap(addr, size)
-        return Residency(min(resident * PAGE, size), size)
-    finally:
-        os.close(fd)
-
-
-_LOW_BIT = bytes(b & 1 for b in range(256))  # mincore sets bit 0 for resident pages
+    """Resident bytes of ``path`` in the page cache (``mincore(2)``, see
+    :func:`~expertpred.prefetch.sysmem.file_resident_bytes`)."""
+    return Residency(*file_resident_bytes(path))
 
 
 def evict_file(path: str | os.PathLike[str]) -> Residency:

@@ -41,6 +41,7 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..gguf.layout import MoELayout, read_layout
+from .analysis.popularity import gini
 
 log = logging.getLogger(__name__)
 
@@ -369,21 +370,6 @@ def sequential_share(offsets: np.ndarray, nbytes: np.ndarray, gap: int = SEQ_GAP
     return float(np.mean((d >= 0) & (d <= gap)))
 
 
-def gini(x: np.ndarray) -> float:
-    """Gini coefficient of non-negative values (0 = uniform, -> 1 = concentrated).
-
-    >>> gini(np.array([1.0, 1.0, 1.0, 1.0]))
-    0.0
-    >>> round(gini(np.array([0.0, 0.0, 0.0, 4.0])), 2)
-    0.75
-    """
-    x = np.sort(np.asarray(x, np.float64).ravel())
-    if x.size == 0 or x.sum() == 0:
-        return float("nan")
-    n = x.size
-    return float((2 * np.arange(1, n + 1) - n - 1) @ x / (n * x.sum()))
-
-
 def layer_monotone_share(layers: np.ndarray) -> float:
     """Share of consecutive pairs whose layer does not decrease (1.0 = strictly layer order).
 
@@ -447,7 +433,7 @@ def analyse(cold: dict[str, Any], warm: dict[str, Any] | None, lay: MoELayout,
     for ly, e, b in zip(ex_inf["layer"], ex_inf["expert"], ex_inf["bytes"]):
         grid[ly, e] += b
     grid = grid[list(lay.moe_layers)]
-    res["expert_gini"] = gini(grid)
+    res["expert_gini"] = float(gini(np.ravel(grid))[0])
     res["experts_never_read_share"] = float(np.mean(grid == 0))
     res["experts_routed_share"] = float(len({(ly, e) for _, ly, e in rset})
                                         / (len(lay.moe_layers) * lay.n_expert))

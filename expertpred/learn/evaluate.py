@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import ExpertPredError
 from ..features import FeatureBatch, FeatureConfig, build_features
 from ..predictors import Predictor
+from ..units import human_bytes
 from .cachesim import prefetch_plan, simulate
 from .metrics import exact_set_hit, grouped_mean, nanmean, precision_at_k, recall_at_k
 from .train import (
@@ -355,7 +356,7 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
     cell = {(r["policy"], r["budget"]): r for r in c["results"]}
     for pol in dict.fromkeys(r["policy"] for r in c["results"]):
         t.add_row(pol, *[f"{cell[(pol, b)]['hit_rate']:.3f} / "
-                         f"{_human(cell[(pol, b)]['bytes_per_token'])}" for b in budgets])
+                         f"{human_bytes(cell[(pol, b)]['bytes_per_token'])}" for b in budgets])
     tables.append(t)
     g = Table(title="goals")
     g.add_column("goal")
@@ -366,14 +367,6 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
         g.add_row(name, "yes" if v["met"] else "NO", json.dumps(_round(nums)))
     tables.append(g)
     return tables
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _round(v: Any) -> Any:

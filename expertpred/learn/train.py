@@ -15,8 +15,6 @@ import dataclasses
 import logging
 import os
 import time
-import tomllib
-import typing
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from ..errors import ExpertPredError
 from ..features import FeatureConfig, ModelInfo, build_features
 from ..predictors import Predictor, available, make_predictor
 from ..trace.record import Phase, SequenceTrace
+from . import config
 
 log = logging.getLogger(__name__)
 
@@ -90,78 +89,10 @@ class PredictorsConfig:
 
 # --- config loading ---------------------------------------------------------------------------
 
-def _hints() -> dict[str, Any]:
-    return typing.get_type_hints(PredictorsConfig)
-
-
-def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
-    """Check / convert one value to the field's type; strings (from the CLI) are parsed."""
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        inner = typing.get_args(hint)[0]
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ExpertPredError(f"{where}: key {key!r} = {value!r}: expected a list of "
-                                  f"{inner.__name__}")
-        return tuple(_coerce(key, v, inner, where) for v in value)
-    if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    name = hint.__name__ if isinstance(hint, type) else str(hint)
-    raise ExpertPredError(f"{where}: key {key!r} = {value!r}: expected {name}")
-
-
 def load_config(path: str | os.PathLike[str] | None = None,
                 overrides: Sequence[str] = ()) -> PredictorsConfig:
     """Defaults ← TOML file ← ``--key=value`` overrides, each checked against the dataclass."""
-    hints = _hints()
-    values: dict[str, Any] = {}
-
-    def put(key: str, value: Any, where: str) -> None:
-        if key not in hints:
-            raise ExpertPredError(f"{where}: unknown key {key!r}; known: "
-                                  f"{', '.join(sorted(hints))}")
-        values[key] = _coerce(key, value, hints[key], where)
-
-    if path is not None:
-        p = Path(path)
-        try:
-            doc = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ExpertPredError(f"{p}: no such config file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ExpertPredError(f"{p}: not valid TOML ({exc})") from None
-        for k, v in doc.items():
-            put(k, v, str(p))
-    for item in overrides:
-        body = item[2:] if item.startswith("--") else item
-        if "=" not in body:
-            raise ExpertPredError(f"override {item!r}: expected --key=value")
-        k, v = body.split("=", 1)
-        put(k.strip().replace("-", "_"), v, f"override {item!r}")
-    return PredictorsConfig(**values)
+    return config.load_config(PredictorsConfig, None if path is None else Path(path), overrides)
 
 
 def config_dict(cfg: PredictorsConfig) -> dict[str, Any]:

@@ -77,6 +77,7 @@ from ..llama import ggml
 from ..predictors.artifact import PredictorSet, load_artifact
 from ..trace.record import Phase, SequenceTrace
 from .engine import PrefetchEngine, PrefetchStats, Priority
+from .sysmem import madvise_file_mappings
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -743,26 +744,6 @@ class PrefetchPlugin:
         if self._features is not None:
             self._features.reset()
         self._feat_pos = -1
-
-
-def madvise_file_mappings(path: str | os.PathLike[str], advice: int) -> int:
-    """``madvise`` every mapping of ``path`` in this process (from /proc/self/maps);
-    returns the bytes advised."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise.restype = ctypes.c_int
-    real = str(Path(path).resolve())
-    done = 0
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].rstrip("\n") == real:
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                if libc.madvise(lo, hi - lo, advice) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"madvise({real}): {os.strerror(err)}")
-                done += hi - lo
-    return done
 
 
 # --- llama-cpp-python integration ---------------------------------------------------------------

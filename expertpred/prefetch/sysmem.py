@@ -1,4 +1,4 @@
-"""Thin ctypes wrappers over the libc memory calls the prefetch package needs.
+"""Thin ctypes wrappers over the libc memory calls expertpred needs: the only libc binding.
 
 Python's ``mmap`` module cannot give us what we need here: it has no ``MADV_COLD`` /
 ``MADV_PAGEOUT`` constants, no ``mincore``, and a read-only ``mmap.mmap`` does not expose
@@ -176,3 +176,30 @@ class FileMapping:
 def fadvise(fd: int, offset: int, nbytes: int, advice: int) -> None:
     """``posix_fadvise`` (raises OSError); a tiny wrapper so callers name one module."""
     os.posix_fadvise(fd, offset, nbytes, advice)
+
+
+def madvise_file_mappings(path: str | os.PathLike[str], advice: Madvice | int) -> int:
+    """``madvise`` every mapping of ``path`` in this process (found in /proc/self/maps),
+    e.g. the one llama.cpp made; returns the bytes advised (0: the file is not mapped)."""
+    real = os.path.realpath(path)
+    done = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") == real:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                _check(_libc().madvise(lo, hi - lo, int(advice)), f"madvise({real})")
+                done += hi - lo
+    return done
+
+
+def file_resident_bytes(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(resident bytes, file size)`` of ``path`` per ``mincore(2)`` over a fresh read-only
+    mapping (mapping a file does not fault its pages in, so this does not change what it
+    measures)."""
+    size = os.stat(path).st_size
+    if size == 0:
+        return 0, 0
+    with FileMapping(path) as m:
+        pages = int(m.mincore().sum())
+    return min(pages * PAGE_SIZE, size), size

@@ -42,7 +42,6 @@ class Thresholds:
     majority: float = 0.5
 
 
-
 def _verdict(hits: np.ndarray, th: Thresholds) -> str:
     n = len(hits)
     if n == 0:
@@ -53,16 +52,13 @@ def _verdict(hits: np.ndarray, th: Thresholds) -> str:
     return "partly" if share > 0 else "no"
 
 
-
 def _layers(hits: np.ndarray, blocks: Sequence[int]) -> str:
     idx = [str(blocks[i]) for i in np.flatnonzero(hits)]
     return ", ".join(idx) if idx else "none"
 
 
-
 def pct(x: float) -> str:
     return "–" if x is None or not np.isfinite(x) else f"{100 * x:.1f}%"
-
 
 
 def num(x: float, nd: int = 3) -> str:
@@ -73,7 +69,6 @@ def num(x: float, nd: int = 3) -> str:
     return f"{x:.{nd}f}"
 
 
-
 def span(a: np.ndarray, fmt: Any = pct) -> str:
     a = np.asarray(a, dtype=np.float64)
     a = a[np.isfinite(a)]
@@ -81,7 +76,6 @@ def span(a: np.ndarray, fmt: Any = pct) -> str:
         return "–"
     lo, hi = float(a.min()), float(a.max())
     return fmt(lo) if np.isclose(lo, hi) else f"{fmt(lo)} to {fmt(hi)}"
-
 
 
 @dataclass(frozen=True)

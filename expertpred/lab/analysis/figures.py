@@ -17,7 +17,6 @@ def _figure(w: float, h: float) -> Any:
     return Figure(figsize=(w, h), dpi=110, layout="constrained")
 
 
-
 def fig_popularity(path: Path, share_vs_uniform: np.ndarray, blocks: Sequence[int]) -> None:
     fig = _figure(max(6.5, 0.25 * share_vs_uniform.shape[1] + 2), 0.4 * len(blocks) + 1.8)
     ax = fig.add_subplot()
@@ -30,7 +29,6 @@ def fig_popularity(path: Path, share_vs_uniform: np.ndarray, blocks: Sequence[in
     cb = fig.colorbar(im, ax=ax)
     cb.set_ticks([-3, -2, -1, 0, 1, 2, 3], labels=["≤1/8", "1/4", "1/2", "1", "2", "4", "≥8"])
     fig.savefig(path)
-
 
 
 def fig_locality(path: Path, loc: dict[str, Any], blocks: Sequence[int], k: int) -> None:
@@ -53,7 +51,6 @@ def fig_locality(path: Path, loc: dict[str, Any], blocks: Sequence[int], k: int)
             ax.set_ylabel("P(consecutive tokens)")
             ax.legend(fontsize=7)
     fig.savefig(path)
-
 
 
 def fig_reuse(path: Path, reuse: dict[str, Any], blocks: Sequence[int]) -> None:
@@ -87,17 +84,14 @@ def fig_reuse(path: Path, reuse: dict[str, Any], blocks: Sequence[int]) -> None:
     fig.savefig(path)
 
 
-
 def _cmap(name: str) -> Any:
     from matplotlib import colormaps
 
     return colormaps[name]
 
 
-
 def _shown_pairs(n_pairs: int) -> list[int]:
     return sorted({0, n_pairs // 2, n_pairs - 1}) if n_pairs > 0 else []
-
 
 
 def fig_transitions(path: Path, trans: np.ndarray, blocks: Sequence[int]) -> None:
@@ -117,7 +111,6 @@ def fig_transitions(path: Path, trans: np.ndarray, blocks: Sequence[int]) -> Non
     fig.savefig(path)
 
 
-
 def fig_mi(path: Path, cross: dict[str, Any], blocks: Sequence[int]) -> None:
     fig = _figure(7, 3.4)
     ax = fig.add_subplot()
@@ -132,7 +125,6 @@ def fig_mi(path: Path, cross: dict[str, Any], blocks: Sequence[int]) -> None:
     ax.set_title("cross-layer mutual information")
     ax.legend(fontsize=7)
     fig.savefig(path)
-
 
 
 def fig_domains(path: Path, summary: dict[str, Any], blocks: Sequence[int]) -> None:
@@ -161,7 +153,6 @@ def fig_domains(path: Path, summary: dict[str, Any], blocks: Sequence[int]) -> N
     ax2.set_title("temporal locality per domain")
     ax2.legend(fontsize=7)
     fig.savefig(path)
-
 
 
 def write_figures(out: Path, summary: dict[str, Any], model: ModelInfo) -> dict[str, str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +37,10 @@ def locality_table(summary: dict[str, Any], blocks: Sequence[int],
     return headers, rows
 
 
-
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
-
 
 
 @dataclass(frozen=True)
@@ -67,15 +65,11 @@ class _Doc:
         return list(self.model.moe_layers)
 
 
-def _head(doc: _Doc) -> list[str]:
+def _head(doc: _Doc, add: Callable[[str], None]) -> None:
     """Title, trace facts and the worded answers."""
     o = doc.overall
-    blocks = doc.blocks
-    k = doc.model.n_expert_used
-    e = doc.model.n_expert
+    blocks, k, e = doc.blocks, doc.model.n_expert_used, doc.model.n_expert
     doms = doc.summary["by_domain"]
-    lines: list[str] = []
-    add = lines.append
     add(f"# Routing analysis: {doc.model.arch}, {e} experts, top-{k}, {len(blocks)} MoE layers")
     add("")
     add(f"- trace: `{doc.trace_dir}` — {o['n_sequences']} sequences, {o['n_tokens']} tokens "
@@ -95,32 +89,30 @@ def _head(doc: _Doc) -> list[str]:
     add("### RQ3 — Are the same experts activated repeatedly? Is there temporal locality? "
         "Can a predictor be built?")
     add("")
-    lines += [f"- {t}" for t in doc.answers["rq3"]["text"]]
+    for t in doc.answers["rq3"]["text"]:
+        add(f"- {t}")
     add("")
     add("### RQ4 — Does the assumption that parameters are accessed uniformly hold?")
     add("")
-    lines += [f"- {t}" for t in doc.answers["rq4"]["text"]]
+    for t in doc.answers["rq4"]["text"]:
+        add(f"- {t}")
     add("")
     add("### Domain dependence")
     add("")
-    lines += [f"- {t}" for t in doc.answers["domains"]["text"]]
+    for t in doc.answers["domains"]["text"]:
+        add(f"- {t}")
     add("")
     add("Thresholds (`Thresholds` in `expertpred/lab/analysis/answers.py`): " + ", ".join(
         f"`{n}={v}`" for n, v in asdict(doc.th).items()) + ". A verdict is *yes* when the "
         f"criterion holds on more than {doc.th.majority:.0%} of layers, *partly* on some, *no* on "
         "none.")
     add("")
-    return lines
 
 
-def _popularity(doc: _Doc) -> list[str]:
+def _popularity(doc: _Doc, add: Callable[[str], None]) -> None:
     """## 1: usage per expert."""
     pop = doc.overall["popularity"]
-    blocks = doc.blocks
-    k = doc.model.n_expert_used
-    e = doc.model.n_expert
-    lines: list[str] = []
-    add = lines.append
+    blocks, k, e = doc.blocks, doc.model.n_expert_used, doc.model.n_expert
     add("## 1. Expert popularity")
     add("")
     add(f"Share of a layer's selections per expert relative to uniform (1/E = {1 / e:.4f}); "
@@ -135,16 +127,13 @@ def _popularity(doc: _Doc) -> list[str]:
     add("")
     add(f"![expert popularity]({doc.figures['popularity.png']})")
     add("")
-    return lines
 
 
-def _locality(doc: _Doc) -> list[str]:
+def _locality(doc: _Doc, add: Callable[[str], None]) -> None:
     """## 2: temporal locality tables (Mixtral paper, Table 5)."""
     o = doc.overall
     blocks = doc.blocks
     k = doc.model.n_expert_used
-    lines: list[str] = []
-    add = lines.append
     add("## 2. Temporal locality (layout of Mixtral paper, Table 5)")
     add("")
     add("Share of consecutive-token pairs that keep the first-choice expert (*1st*) or whose "
@@ -164,17 +153,12 @@ def _locality(doc: _Doc) -> list[str]:
         add("")
     add(f"![temporal locality]({doc.figures['locality.png']})")
     add("")
-    return lines
 
 
-def _reuse(doc: _Doc) -> list[str]:
+def _reuse(doc: _Doc, add: Callable[[str], None]) -> None:
     """## 3: reuse distance."""
     reuse = doc.overall["reuse"]
-    blocks = doc.blocks
-    k = doc.model.n_expert_used
-    e = doc.model.n_expert
-    lines: list[str] = []
-    add = lines.append
+    blocks, k, e = doc.blocks, doc.model.n_expert_used, doc.model.n_expert
     add("## 3. Reuse distance")
     add("")
     add("Tokens since a selected expert was last selected in the same sequence. *cold* = "
@@ -190,17 +174,14 @@ def _reuse(doc: _Doc) -> list[str]:
     add("")
     add(f"![reuse distance]({doc.figures['reuse_distance.png']})")
     add("")
-    return lines
 
 
-def _cross_layer(doc: _Doc) -> list[str]:
+def _cross_layer(doc: _Doc, add: Callable[[str], None]) -> None:
     """## 4: cross-layer affinity."""
     o = doc.overall
     cross = doc.overall["cross_layer"]
     blocks = doc.blocks
     k = doc.model.n_expert_used
-    lines: list[str] = []
-    add = lines.append
     add("## 4. Cross-layer affinity")
     add("")
     if len(cross["mi_bits"]):
@@ -226,15 +207,12 @@ def _cross_layer(doc: _Doc) -> list[str]:
     else:
         add("One MoE layer: no layer pairs.")
     add("")
-    return lines
 
 
-def _domains(doc: _Doc) -> list[str]:
+def _domains(doc: _Doc, add: Callable[[str], None]) -> None:
     """## 5: domain dependence."""
     blocks = doc.blocks
     doms = doc.summary["by_domain"]
-    lines: list[str] = []
-    add = lines.append
     add("## 5. Domain dependence")
     add("")
     div = doc.summary["divergence"]
@@ -265,7 +243,6 @@ def _domains(doc: _Doc) -> list[str]:
     else:
         add(f"The trace has one domain ({', '.join(div['domains'])}); nothing to compare.")
     add("")
-    return lines
 
 
 _SECTIONS = (_head, _popularity, _locality, _reuse, _cross_layer, _domains)
@@ -275,13 +252,15 @@ def render_markdown(summary: dict[str, Any], answers: dict[str, Any], model: Mod
                     th: Thresholds, *, trace_dir: Path, n_prompt: int,
                     figures: dict[str, str], command: str | None = None) -> str:
     doc = _Doc(summary, answers, model, th, figures, trace_dir, n_prompt, command)
-    return "\n".join(line for section in _SECTIONS for line in section(doc))
+    lines: list[str] = []
+    for section in _SECTIONS:
+        section(doc, lines.append)
+    return "\n".join(lines)
 
 
 def _nanmean(a: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64)
     return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
-
 
 
 def _ids(mask: np.ndarray, limit: int = 12) -> str:
@@ -290,7 +269,6 @@ def _ids(mask: np.ndarray, limit: int = 12) -> str:
         return "–"
     s = ", ".join(map(str, idx[:limit]))
     return s + (f" (+{len(idx) - limit})" if len(idx) > limit else "")
-
 
 
 def _geo_median(p: float) -> str:

@@ -13,7 +13,6 @@ directory fsync), so it always names a subset of the shards that are on disk.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,6 @@ MANIFEST_NAME = "_manifest.json"
 # The name before the Hive convention; read, never written.
 LEGACY_MANIFEST_NAME = "manifest.json"
 TMP_SUFFIX = ".tmp"
-
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,6 @@ class ModelInfo:
                    n_embd=int(d["n_embd"]))
 
 
-
 @dataclass(frozen=True)
 class PromptSetInfo:
     """The prompt file and the selection of it that this run traces."""
@@ -80,7 +77,6 @@ class PromptSetInfo:
     domain: str | None = None
     limit: int | None = None
     n_selected: int | None = None  # prompts left after the filters
-
 
 
 @dataclass(frozen=True)
@@ -103,7 +99,6 @@ class DecodingInfo:
         return d
 
 
-
 @dataclass(frozen=True)
 class ManifestInfo:
     """Everything the caller knows about a run before the first sequence is traced."""
@@ -119,7 +114,6 @@ class ManifestInfo:
         if not self.capture_hidden:
             return None
         return self.hidden_dim or self.model.n_embd
-
 
 
 @dataclass(frozen=True)
@@ -143,7 +137,6 @@ class ShardInfo:
                    sha256=str(d["sha256"]))
 
 
-
 def software_versions() -> dict[str, str | None]:
     """Versions of the packages that produce a trace (None = not installed)."""
     from importlib import metadata
@@ -161,10 +154,8 @@ def software_versions() -> dict[str, str | None]:
             "python": platform.python_version()}
 
 
-
 def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
 
 
 def fsync_dir(path: Path) -> None:
@@ -173,7 +164,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -191,23 +181,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-
 def manifest_json(m: dict[str, Any]) -> str:
     """Indented JSON, but one compact line per shard (seq_id lists stay readable)."""
     head = json.dumps({k: v for k, v in m.items() if k != "shards"}, indent=1,
                       ensure_ascii=False)
     shards = ",\n".join("  " + json.dumps(s, ensure_ascii=False) for s in m["shards"])
     return head[:-2] + ',\n "shards": [\n' + shards + "\n ]\n}\n"
-
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
-
 
 
 def find_manifest(directory: Path) -> Path | None:
@@ -238,7 +217,6 @@ def read_manifest(directory: Path) -> dict[str, Any]:
                                 f"version {FORMAT_VERSION}")
     check_manifest(path, m)
     return m
-
 
 
 def write_manifest(directory: Path, m: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ...gguf.layout import file_sha256
 from ..record import SequenceTrace
 from ..validate import ShardBytes, TraceDatasetError, check_shard_rows
 from .manifest import (
@@ -21,7 +22,6 @@ from .manifest import (
     ShardInfo,
     find_manifest,
     read_manifest,
-    sha256_file,
 )
 from .schema import (
     META_MODEL_SHA,
@@ -170,7 +170,7 @@ class TraceDataset:
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (reads all bytes)."""
         for s in self.shards:
-            got = sha256_file(self.path / s.name)
+            got = file_sha256(self.path / s.name)
             if got != s.sha256:
                 raise TraceDatasetError(f"{self.path / s.name}: sha256 {got[:12]}…, "
                                         f"{MANIFEST_NAME} lists {s.sha256[:12]}… (corrupt shard)")

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ...errors import ExpertPredError
+from ...gguf.layout import file_sha256
 from ..record import SequenceTrace
 from ..validate import TraceDatasetError
 from .manifest import (
@@ -40,7 +41,6 @@ from .manifest import (
     fsync_dir,
     now_utc,
     read_manifest,
-    sha256_file,
     software_versions,
     write_manifest,
 )
@@ -88,7 +88,6 @@ class _HashingWriter(io.RawIOBase):
         super().close()
 
 
-
 def _describe_oserror(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return "disk full (ENOSPC)"
@@ -96,12 +95,10 @@ def _describe_oserror(exc: OSError) -> str:
     return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
 
 
-
 class WriterState(Enum):
     OPEN = "open"
     FAILED = "failed"  # a write failed; finished shards are intact, nothing more is written
     CLOSED = "closed"
-
 
 
 class TraceWriter:
@@ -320,7 +317,7 @@ class TraceWriter:
                 p.unlink()
                 continue
             info = ShardInfo(p.name, int(pf.metadata.num_rows), ids, p.stat().st_size,
-                             sha256_file(p))
+                             file_sha256(p))
             log.info("%s: adopting finished shard not yet in the manifest", p)
             self._shards.append(info)
             self._done.update(ids)

@@ -1,0 +1,16 @@
+"""Human-readable quantities for tables and messages."""
+
+from __future__ import annotations
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in binary units, one decimal.
+
+    >>> human_bytes(512), human_bytes(1536), human_bytes(3 * 2**30)
+    ('512 B', '1.5 KiB', '3.0 GiB')
+    """
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
