@@ -19,7 +19,10 @@ bounded). The inference thread only calls cheap, non-blocking methods:
 
 Bandwidth goes to demand first: workers take chunks of demand jobs (the layer being
 computed, d0) before any speculative chunk, and all workers cooperate on the oldest
-started job of the highest priority (:class:`~.jobs.JobBook`). Counters form ledgers that
+started job of the highest priority (:class:`~.jobs.JobBook`). With a hint method
+(``fadvise`` / ``madvise``) and ``inline_demand`` the demand hints do not even wait for a
+thread: ``post_use`` issues them on the caller's thread before llama.cpp can fault the
+pages (each fault would read ``read_ahead_kb`` around it). Counters form ledgers that
 balance (:meth:`PrefetchStats.ledgers`).
 
 Failure handling: an I/O error marks that expert failed (never retried), is counted and
