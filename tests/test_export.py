@@ -45,6 +45,9 @@ CASES = [
     ("mlp", "mlp", {"epochs": 2, "hidden_size": 32, "gguf": True}),
     ("mlp-no-hidden", "mlp", {"epochs": 2, "hidden_size": 16, "use_hidden": False,
                               "all_layers": False}),
+    ("fast-mlp", "fast-mlp", {"epochs": 2, "hidden_size": 16, "gguf": True}),
+    ("fast-mlp-one-layer", "fast-mlp", {"epochs": 2, "hidden_size": 16, "n_hidden": 1,
+                                        "use_hidden": False}),
     ("oracle", "oracle", {}),
 ]
 
@@ -121,7 +124,7 @@ def test_exported_equals_in_memory(case, fitted, data, gguf_path):
 
 @pytest.mark.parametrize("case", ["random", "popularity", "transition", "previous-token",
                                   "previous-token+transition", "lightgbm", "mlp",
-                                  "gate-lookahead"])
+                                  "gate-lookahead", "fast-mlp"])
 def test_online_rows_equal(case, fitted, data, gguf_path):
     """Through the plugin's path: OnlineFeatures one row at a time, topk per offset."""
     by_d, path = fitted[case]
@@ -152,7 +155,8 @@ def test_loads_and_predicts_with_numpy_only(fitted, data, tmp_path):
     test = data[2][1][1]
     np.savez(feats, **{k: getattr(test, k) for k in ("position", "token", "phase", "layer",
                                                     "logits", "experts", "prev_experts",
-                                                    "history", "hidden", "targets")})
+                                                    "history", "hidden", "targets",
+                                                    "layer_logits")})
     paths = {case: str(p) for case, (_, p) in fitted.items()}
     code = textwrap.dedent(f"""
         import sys

@@ -30,7 +30,7 @@ from . import config
 log = logging.getLogger(__name__)
 
 LADDER = ("random", "popularity", "transition", "previous-token", "previous-token+transition",
-          "gate-lookahead", "lightgbm", "mlp", "oracle")
+          "gate-lookahead", "lightgbm", "mlp", "fast-mlp", "oracle")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ class PredictorsConfig:
     mlp_lr: float = 2e-3
     mlp_loss: str = "bce"  # "bce" or "softmax"
     mlp_use_hidden: bool = True
+    fast_mlp_hidden: int = 128  # the default online predictor: width of its hidden layers
+    fast_mlp_layers: int = 2  # 1 or 2 hidden layers (each adds one gemv per online step)
+    fast_mlp_epochs: int = 20
     gate_features: bool = True  # learned models also get gate look-ahead scores (needs GGUF)
     # --- evaluation
     cross_domain: bool = True  # also train code → test prose and prose → code
@@ -199,6 +202,10 @@ def predictor_params(cfg: PredictorsConfig, name: str, gguf_path: str = "") -> d
         return {"hidden_size": cfg.mlp_hidden, "epochs": cfg.mlp_epochs, "lr": cfg.mlp_lr,
                 "loss": cfg.mlp_loss, "use_hidden": cfg.mlp_use_hidden, "seed": cfg.seed,
                 "gguf_path": gguf_path if cfg.gate_features else ""}
+    if name == "fast-mlp":
+        return {"hidden_size": cfg.fast_mlp_hidden, "n_hidden": cfg.fast_mlp_layers,
+                "epochs": cfg.fast_mlp_epochs, "use_hidden": cfg.mlp_use_hidden,
+                "seed": cfg.seed, "gguf_path": gguf_path if cfg.gate_features else ""}
     if name == "gate-lookahead":
         return {"gguf_path": gguf_path}
     if name == "random":

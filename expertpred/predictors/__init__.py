@@ -25,6 +25,7 @@ def _load_all() -> None:
     """Import every rung module so that the registry is complete (none imports torch or
     lightgbm at import time: they are imported inside ``fit``)."""
     from . import (  # noqa: F401
+        fast_mlp,
         gate,
         lgbm,
         mlp,

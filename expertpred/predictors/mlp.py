@@ -52,13 +52,12 @@ class MLPPredictor(Predictor, name="mlp"):
         import torch
 
         if self.loss not in ("bce", "softmax"):
-            raise ExpertPredError(f"mlp loss={self.loss!r}: expected bce or softmax")
+            raise ExpertPredError(f"{self.name} loss={self.loss!r}: expected bce or softmax")
         rng = np.random.default_rng(self.seed)
         if len(data) > self.max_rows:
             data = data.take(np.sort(rng.permutation(len(data))[: self.max_rows]))
         n_l, e = data.model.n_moe, data.model.n_expert
-        self.design_ = Design.fit(data, design_parts(self.use_hidden, self.all_layers), True,
-                                  self.gguf_path, "mlp")
+        self.design_ = Design.fit(data, self._parts(), True, self.gguf_path, self.name)
         x = self.design_.matrix(data)
         self.mean_ = x.mean(axis=0).astype(np.float32)
         self.std_ = (x.std(axis=0) + 1e-3).astype(np.float32)
@@ -76,15 +75,21 @@ class MLPPredictor(Predictor, name="mlp"):
         finally:
             torch.set_num_threads(threads)
 
+    def _parts(self) -> tuple[str, ...]:
+        return design_parts(self.use_hidden, self.all_layers)
+
+    def _widths(self) -> tuple[int, ...]:
+        """Hidden layer widths (each Linear + ReLU), before the per-layer heads."""
+        return (self.hidden_size, self.hidden_size)
+
     def _train(self, torch: Any, xs: Any, ys: Any, head: Any, n_l: int, e: int) -> None:
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
-        h = self.hidden_size
-        net = torch.nn.Sequential(
-            torch.nn.Linear(xs.shape[1], h), torch.nn.ReLU(),
-            torch.nn.Linear(h, h), torch.nn.ReLU(),
-            torch.nn.Linear(h, n_l * e),
-        )
+        layers, w = [], xs.shape[1]
+        for h in self._widths():
+            layers += [torch.nn.Linear(w, h), torch.nn.ReLU()]
+            w = h
+        net = torch.nn.Sequential(*layers, torch.nn.Linear(w, n_l * e))
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps = self.epochs * ((len(xs) + self.batch_size - 1) // self.batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps)
@@ -104,7 +109,7 @@ class MLPPredictor(Predictor, name="mlp"):
                 opt.step()
                 sched.step()
                 total += float(loss.detach()) * len(idx)
-            log.debug("mlp epoch %d loss %.4f", epoch, total / len(xs))
+            log.debug("%s epoch %d loss %.4f", self.name, epoch, total / len(xs))
         self.weights_ = [p.detach().numpy().astype(np.float32).copy()
                          for p in net.parameters()]
 

@@ -33,7 +33,8 @@ GGUF_SPEC = SyntheticSpec(arch="llama", n_layer=4, n_embd=32, n_head=4, n_head_k
 SPEC = SyntheticTraceSpec(n_layer=4, n_expert=8, n_expert_used=2, n_embd=32, n_seq=12,
                           seq_len=24, prompt_len=6)
 # small settings so that the whole contract runs in seconds
-FAST = {"mlp": {"epochs": 2, "hidden_size": 32}, "lightgbm": {"n_estimators": 3}}
+FAST = {"mlp": {"epochs": 2, "hidden_size": 32}, "lightgbm": {"n_estimators": 3},
+        "fast-mlp": {"epochs": 2, "hidden_size": 16}}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def data(traces):
 
 def _make(name: str, gguf_path: Path, **extra) -> Predictor:
     params = dict(FAST.get(name, {}))
-    if name in ("gate-lookahead", "mlp", "lightgbm"):
+    if name in ("gate-lookahead", "mlp", "lightgbm", "fast-mlp"):
         params["gguf_path"] = str(gguf_path)  # learned models: gate scores as inputs
     params.update(extra)
     return make_predictor(name, **params)
@@ -121,7 +122,8 @@ def test_contract(name, data, gguf_path, tmp_path):
         _make(name, gguf_path).fit(train.take(slice(0, 0)))
 
 
-@pytest.mark.parametrize("name", ["transition", "previous-token+transition", "lightgbm", "mlp"])
+@pytest.mark.parametrize("name", ["transition", "previous-token+transition", "lightgbm", "mlp",
+                                  "fast-mlp"])
 def test_learned_beat_random(name, data, gguf_path):
     train, test = data
     k = SPEC.n_expert_used
@@ -130,7 +132,7 @@ def test_learned_beat_random(name, data, gguf_path):
         top = p.predict_topk(test, k)
         return float((top[:, :, None] == test.targets[:, None, :]).any(1).mean())
 
-    extra = {"epochs": 10, "batch_size": 64} if name == "mlp" else {}
+    extra = {"epochs": 10, "batch_size": 64} if name in ("mlp", "fast-mlp") else {}
     learned = recall(_make(name, gguf_path, **extra).fit(train))
     assert learned > recall(_make("random", gguf_path).fit(train)) + 0.1
 

@@ -17,6 +17,7 @@ SPEC = SyntheticTraceSpec(n_layer=5, n_expert=8, n_expert_used=2, n_embd=16, n_s
     ("previous-token+transition", {}),
     ("lightgbm", {"n_estimators": 3}),
     ("mlp", {"epochs": 1, "hidden_size": 16}),
+    ("fast-mlp", {"epochs": 1, "hidden_size": 16}),
 ])
 def test_online_predictions_equal_batch(name, params):
     traces = synthetic_traces(SPEC)
