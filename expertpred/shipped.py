@@ -26,6 +26,6 @@ def model_dir(name: str) -> Path:
 def model_gguf(name: str) -> Path:
     path = model_dir(name) / "model.gguf"
     if not path.exists():
-        raise ExpertPredError(f"{path}: shipped model missing (rebuild it with "
-                              f"`python -m training.train --config training/configs/{name}.toml`)")
+        raise ExpertPredError(f"{path}: shipped model missing (rebuild it with `python -m "
+                              f"training.train_lm --config training/configs/{name}.toml`)")
     return path

@@ -32,7 +32,7 @@ MIN_TOP1_AGREEMENT = 0.99
 def _model_dir(name: str) -> Path:
     d = ROOT / "models" / name
     if not (d / "model.gguf").exists():
-        pytest.skip(f"{d}/model.gguf not built (python -m training.train --config "
+        pytest.skip(f"{d}/model.gguf not built (python -m training.train_lm --config "
                     f"training/configs/{name}.toml)")
     return d
 

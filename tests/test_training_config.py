@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))  # `training/` is a recipe next to the package, no
 
 from training.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from training.corpus import Split, load_corpus, split_of  # noqa: E402
-from training.train import lr_at, main  # noqa: E402
+from training.train_lm import lr_at, main  # noqa: E402
 
 SHIPPED = ("tiny-mixtral", "tiny-qwen3moe")
 CONFIGS = [ROOT / "training" / "configs" / f"{name}.toml" for name in SHIPPED]

@@ -332,10 +332,6 @@ class MemoryCgroup:
         self._write("memory.failcnt", 0)
 
     # -- running things inside --------------------------------------------------------
-    def add_pid(self, pid: int) -> None:
-        """Move an existing process in (its earlier memory stays charged where it was)."""
-        self._write("cgroup.procs", pid)
-
     def wrap(self, cmd: Sequence[str]) -> list[str]:
         """``cmd`` prefixed so it joins the group before it execs: a shell writes its own pid
         to cgroup.procs and execs ``cmd`` (same pid; safe with threads, unlike preexec_fn)."""

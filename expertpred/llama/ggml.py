@@ -82,18 +82,6 @@ def tensor_ne(t: int) -> tuple[int, int, int, int]:
     return (a[0], a[1], a[2], a[3])
 
 
-def tensor_nb(t: int) -> tuple[int, int, int, int]:
-    a = (ctypes.c_uint64 * 4).from_address(t + OFF_NB)
-    return (a[0], a[1], a[2], a[3])
-
-
-def type_size(ggml_type: int) -> int:
-    try:
-        return _TYPE_SIZE[ggml_type]
-    except KeyError:
-        raise ValueError(f"ggml type {ggml_type}: expected F32, F16 or I32") from None
-
-
 def check_layout(t: int) -> None:
     """Raise if our struct offsets disagree with the loaded ggml on tensor ``t``."""
     lib = ggml_lib()

@@ -63,7 +63,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -87,15 +87,11 @@ log = logging.getLogger(__name__)
 ARGSORT = "ffn_moe_argsort"  # I32 [n_expert, n_tokens], descending: first k = selection
 LOGITS = "ffn_moe_logits"  # F32 [n_expert, n_tokens] router logits (predictor features)
 # The default predictor and lookahead of `expertpred run`, `load_predictors` and
-# benchmarks/e2e_prefetch.py, chosen by measurement (docs/export.md, docs/e2e.md): the goal is
-# <= 20 µs median per online layer-step on the inference thread. After the one-row fast
-# paths, at D = 1 (2026-11-29, 2-core shared box): previous-token+transition 7.0 µs
-# (recall@2 0.59), MLP 31.5 µs and LightGBM 86 µs (both 0.925) — no learned model meets it,
-# so the most accurate lookup predictor is the default. D = 1: the only lookahead measured
-# end to end (D = 4: 41 µs for this predictor). End to end with confidence gating
-# (DEFAULT_MIN_SHARE) and engine calls off the inference thread: (c)/(a) 2.50, (c)/(d) 0.87
-# for this predictor; the gated MLP gave 2.16 / 0.98 in another run (docs/e2e.md). Pass
-# name="mlp" if ~30 µs per step is acceptable.
+# benchmarks/e2e_prefetch.py. An online layer-step on the inference thread has a budget of
+# ~20 µs; this lookup predictor is the most accurate one that fits it (the learned ones
+# cost several times more), and D = 1 is the lookahead validated end to end. The per-step
+# latencies and the end-to-end ratios, with the commands that measured them, are in
+# docs/export.md and docs/e2e.md. Pass name="mlp" when ~30 µs per step is acceptable.
 DEFAULT_PREDICTOR = "previous-token+transition"
 DEFAULT_LOOKAHEAD = 1
 # Confidence gating (PrefetchPlugin min_share): prefetch a predicted expert only if it holds
@@ -842,23 +838,6 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One greedy generation with the plugin: text, token ids, timings and statistics."""
-
-    text: str
-    tokens: list[int]  # generated token ids
-    n_prompt: int
-    prompt_seconds: float
-    decode_seconds: float
-    stats: PluginStats
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
 def prompt_tokens(gguf_path: str | os.PathLike[str], prompt: str) -> list[int]:

@@ -215,7 +215,7 @@ def test_llama_cpp_and_transformers_route_alike(checkpoints, family, mode, recor
 def test_shipped_models_llama_cpp_and_transformers_route_alike(name, mode, record_property):
     d = repo_root() / "models" / name
     if not (d / "model.gguf").exists() or not (d / "hf" / "config.json").exists():
-        pytest.skip(f"{d}/model.gguf or hf/ not built yet (python -m training.train "
+        pytest.skip(f"{d}/model.gguf or hf/ not built yet (python -m training.train_lm "
                     f"--config training/configs/{name}.toml)")
     _cross_check(d / "model.gguf", d / "hf", TEXT * 3, mode, record_property, name)
 

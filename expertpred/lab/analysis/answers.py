@@ -115,18 +115,18 @@ def gather_evidence(summary: dict[str, Any], model: ModelInfo, th: Thresholds) -
     blocks = list(model.moe_layers)
     rand = k / e
 
-    # RQ3a: same experts repeatedly (concentrated popularity or short-range reuse)
+    # same experts repeatedly (concentrated popularity or short-range reuse)
     concentrated = pop["top_k_coverage"] >= th.repeat_lift * rand
     reused = np.nan_to_num(reuse["within_1"]) >= th.repeat_lift * rand
     repeated = concentrated | reused
-    # RQ3b: temporal locality beyond popularity
+    # temporal locality beyond popularity
     first = np.nan_to_num(loc["first"])
     local = ((first >= th.locality_lift * loc["first_uniform"])
              & (first - loc["first_independent"] >= th.locality_margin))
     ordered = first - np.nan_to_num(loc["first_shuffled"]) >= th.locality_margin
     any_ = np.nan_to_num(loc["any"])
     local_any = (any_ > loc["any_uniform"]) & (any_ - loc["any_independent"] >= th.locality_margin)
-    # RQ3c: a simple predictor's top-k recall per layer
+    # a simple predictor's top-k recall per layer
     held = o["heldout_recall"]
     heldout = bool(np.isfinite(held["popularity"]).any())
     if heldout:
@@ -143,7 +143,7 @@ def gather_evidence(summary: dict[str, Any], model: ModelInfo, th: Thresholds) -
     best = stack.max(axis=0)
     predictable = best >= th.predictor_lift * rand
     best_names = [names[i] for i in best_idx]
-    # RQ4: uniform access
+    # uniform access
     dead = pop["dead"].sum(axis=-1)
     skewed = (pop["gini"] > th.skew_gini) | (pop["max_share_ratio"] >= th.skew_ratio) | (dead > 0)
     # cross-layer affinity
@@ -258,7 +258,9 @@ def _domain_text(summary: dict[str, Any], ev: Evidence, th: Thresholds) -> list[
 
 def derive_answers(summary: dict[str, Any], model: ModelInfo,
                    th: Thresholds) -> dict[str, Any]:
-    """Per-layer evidence and a worded answer to RQ3, RQ4 and domain dependence."""
+    """Per-layer evidence and worded answers: repeated experts, temporal locality and
+    predictability (``rq3``), uniform access (``rq4``), domain dependence (``domains``).
+    The keys are those of report.json."""
     ev = gather_evidence(summary, model, th)
     repeated, local, predictable, skewed = ev.repeated, ev.local, ev.predictable, ev.skewed
     v_rep, v_loc, v_pred = _verdict(repeated, th), _verdict(local, th), _verdict(predictable, th)

@@ -86,13 +86,13 @@ def _head(doc: _Doc, add: Callable[[str], None]) -> None:
     add("")
     add("## Answers")
     add("")
-    add("### RQ3 — Are the same experts activated repeatedly? Is there temporal locality? "
+    add("### Are the same experts activated repeatedly? Is there temporal locality? "
         "Can a predictor be built?")
     add("")
     for t in doc.answers["rq3"]["text"]:
         add(f"- {t}")
     add("")
-    add("### RQ4 — Does the assumption that parameters are accessed uniformly hold?")
+    add("### Does the assumption that parameters are accessed uniformly hold?")
     add("")
     for t in doc.answers["rq4"]["text"]:
         add(f"- {t}")

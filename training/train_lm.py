@@ -1,6 +1,6 @@
 """Train one shipped tiny MoE model end to end.
 
-    python -m training.train --config training/configs/tiny-mixtral.toml [--key=value ...]
+    python -m training.train_lm --config training/configs/tiny-mixtral.toml [--key=value ...]
 
 Steps: (1) corpus splits, (2) byte-level BPE on the training split, (3) token streams,
 (4) AdamW with linear warmup + cosine decay on LM loss + router load-balancing loss,
@@ -42,7 +42,7 @@ from .model import build_model
 from .route_stats import heldout_windows, routing_stats
 from .tokenizer import hf_fast_tokenizer, train_tokenizer
 
-log = logging.getLogger("training.train")
+log = logging.getLogger("training.train_lm")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, command: str) -> dict:
         "code_train_bytes_used": sum(len(d.text.encode()) for d in train_docs["code"]),
         "tokens_seen": cfg.max_steps * cfg.batch_size * cfg.seq_len,
         "train_stream_tokens": {d: int(len(s)) for d, s in train_streams.items()},
-        "aux_loss": "per-layer Switch load-balancing loss (training.train.load_balancing_loss)"
+        "aux_loss": "per-layer Switch load-balancing loss (training.train_lm.load_balancing_loss)"
                     f" x {cfg.router_aux_loss_coef}",
         "loss": losses,
         "loss_history": history,
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         datefmt="%H:%M:%S")
-    command = "python -m training.train " + " ".join(shlex.quote(a) for a in argv)
+    command = "python -m training.train_lm " + " ".join(shlex.quote(a) for a in argv)
     train(cfg, command)
     return 0
 
