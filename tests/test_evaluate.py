@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from expertpred.cli import app
 from expertpred.errors import ExpertPredError
-from expertpred.learn.evaluate import evaluate, report_tables, write_report
+from expertpred.learn.evaluate import evaluate, goals_table, report_tables, write_report
 from expertpred.learn.train import (
     PredictorsConfig,
     fit_all,
@@ -110,7 +110,8 @@ def test_evaluate_report_plots_and_tables(cfg, tmp_path):
     assert {p.name for p in paths} == {"report.json", "recall_vs_d.png",
                                        "recall_per_layer.png", "cache_hit_rate.png"}
     assert json.loads((tmp_path / "out" / "report.json").read_text())["model"]["n_expert"] > 0
-    assert len(report_tables(report)) == 5  # 3 scenarios + cache + goals
+    assert len(report_tables(report)) == 4  # 3 scenarios + cache (goals: benchmarks only)
+    assert goals_table(report).row_count == len(report["goals"])
 
 
 def test_train_save_load_and_model_mismatch(cfg, tmp_path):
@@ -193,3 +194,30 @@ def test_predictor_of_another_shipped_model_is_refused(tmp_path):
     train(mix)
     with pytest.raises(ExpertPredError, match="model sha256 .* trained on another model"):
         load_all(tmp_path / "models", qwen.model, ("popularity",), (1,))
+
+
+def test_tables_keep_predictor_names_whole_on_a_narrow_pipe():
+    """Not a terminal and only 60 columns: names stay whole, numbers share what is left."""
+    import io
+
+    from rich.console import Console
+
+    names = ["previous-token", "previous-token+transition", "gate-lookahead", "lightgbm"]
+    results = [{"predictor": p, "d": d, "k": k, "recall": 0.5, "precision": 0.25,
+                "exact": 0.125} for p in names for d in (1, 2) for k in (2, 4)]
+    report = {"model": {"n_expert_used": 2}, "config": {"predictors": names},
+              "scenarios": [{"name": "in-domain", "n_train_seqs": 3, "n_test_seqs": 2,
+                             "results": results}],
+              "cache": {"n_tokens": 10, "results": [
+                  {"policy": p, "budget": b, "hit_rate": 0.5, "bytes_per_token": 2048.0}
+                  for p in ("lru", "predictive:previous-token+transition")
+                  for b in (0.1, 0.25)]},
+              "goals": {"d=1 recall@k >= 0.95": {"met": False, "recall": 0.5}}}
+    out = io.StringIO()
+    console = Console(file=out, width=60, force_terminal=False, color_system=None)
+    for t in report_tables(report):
+        console.print(t)
+    text = out.getvalue()
+    for name in [*names, "predictive:previous-token+transition"]:
+        assert any(line.split()[:1] == [name] for line in text.splitlines()), name
+    assert "goals" not in text

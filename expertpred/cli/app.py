@@ -20,6 +20,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def flag(*names: str, help: str, default: bool = False) -> typer.models.OptionInfo:
+    """A boolean flag (``--json``, or ``--warm/--no-warm``) shown in --help without a type:
+    typer's rich help prints ``<bool>`` next to every bool option, which reads as if the flag
+    took a value. An empty metavar leaves the type column blank."""
+    return typer.Option(default, *names, help=help, metavar="")
+
+
 @app.callback()
 def _root() -> None:
     """Predict and prefetch MoE experts for llama.cpp inference."""

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..units import human_bytes
-from .app import app, console
+from .app import app, console, flag
 from .trace import print_trace_run, trace_prompts_with_progress
 
 
@@ -21,7 +21,7 @@ def demo(
     trace_limit: int = typer.Option(150, "--trace-limit", min=10,
                                     help="Prompts of the shipped prompt set to trace."),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Tokens generated per prompt."),
-    quick: bool = typer.Option(False, "--quick", help="Only show the models (no trace/learn)."),
+    quick: bool = flag("--quick", help="Only show the models (no trace/learn)."),
 ) -> None:
     """The main job on the shipped defaults, offline: show both shipped models in llama.cpp,
     trace the shipped held-out prompt set on one of them, train the predictor ladder on the

@@ -9,13 +9,13 @@ import typer
 from rich.table import Table
 
 from ..units import human_bytes
-from .app import app, console
+from .app import app, console, flag
 
 
 @app.command()
 def inspect(
     model: Path = typer.Argument(..., help="A MoE GGUF file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: bool = flag("--json", help="Print the summary as JSON."),
 ) -> None:
     """Print a MoE GGUF's arch, layers, experts and the share of the file that is experts."""
     from ..gguf.layout import read_layout

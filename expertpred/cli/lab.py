@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import ExpertPredError
 from ..units import human_bytes
-from .app import app, console, err_console, parse_floats
+from .app import app, console, err_console, flag, parse_floats
 
 
 @app.command()
@@ -96,8 +96,8 @@ def iotrace(
                                   help="Memory cgroup limit for the cold run (MiB)."),
     tokens: int = typer.Option(8, "--tokens", help="Greedy tokens to generate."),
     prompt: str = typer.Option("def read_config(path):", "--prompt", help="Prompt text."),
-    warm: bool = typer.Option(True, "--warm/--no-warm",
-                              help="Also run with the file cached (compute-only step times)."),
+    warm: bool = flag("--warm/--no-warm", default=True,
+                      help="Also run with the file cached (compute-only step times)."),
 ) -> None:
     """Record which GGUF byte ranges llama.cpp reads, in what order, under a memory limit."""
     from ..lab.iotrace import IOTraceConfig, run_iotrace

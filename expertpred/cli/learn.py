@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 
 from ..units import human_bytes
-from .app import app, console, parse_ints
+from .app import app, console, flag, parse_ints
 
 _OVERRIDABLE = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -45,7 +45,7 @@ def evaluate_cmd(
     config: Path = typer.Option(None, "--config", help="training/configs/predictors-*.toml"),
     models: Path = typer.Option(None, "--models",
                                 help="Saved predictors (expertpred train); default: fit here."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: bool = flag("--json", help="Print the report as JSON."),
 ) -> None:
     """Score predictors (recall / precision / exact set per d and layer, in- and cross-domain)
     and simulate an expert cache; writes report.json and plots to <out>. --key=value
@@ -76,9 +76,9 @@ def export_cmd(
     offsets: str = typer.Option(None, "--offsets", help="Only these d, e.g. 1,2 (default all)."),
     model: Path = typer.Option(None, "--model",
                                help="Check the artifact loads for this GGUF (identity, shapes)."),
-    allow_sha_mismatch: bool = typer.Option(False, "--allow-sha-mismatch",
-                                            help="With --model: accept another sha256 if the "
-                                                 "shapes match."),
+    allow_sha_mismatch: bool = flag("--allow-sha-mismatch",
+                                    help="With --model: accept another sha256 if the shapes "
+                                         "match."),
 ) -> None:
     """Export a trained predictor (every offset d) as one numpy-only artifact file."""
     from ..predictors.export import export_saved, load_artifact

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import ExpertPredError
 from ..units import human_bytes
-from .app import app, console, err_console, parse_bytes
+from .app import app, console, err_console, flag, parse_bytes
 
 if TYPE_CHECKING:
     from ..prefetch.run import RunConfig, RunResult
@@ -30,7 +30,9 @@ def run(
                                         "or an exported artifact."),
     predictor_name: str = typer.Option(None, "--predictor-name",
                                        help="Which saved predictor (files <name>-d<d>.npz; "
-                                            "default: plugin.DEFAULT_PREDICTOR)."),
+                                            "default: previous-token+transition, the most "
+                                            "accurate one fast enough for the inference "
+                                            "thread)."),
     source_model: Path = typer.Option(None, "--source-model",
                                       help="The model --model was widened from (the predictor "
                                            "was trained on it)."),
@@ -40,14 +42,14 @@ def run(
     method: str = typer.Option("fadvise", "--method", help="pread | fadvise | madvise | io_uring"),
     queue_depth: int = typer.Option(8, "--queue-depth", min=1, help="Prefetch queue depth."),
     lookahead: int = typer.Option(None, "--lookahead", min=0,
-                                  help="Prefetch layers l+1..l+D (default: "
-                                       "plugin.DEFAULT_LOOKAHEAD; 1 for the oracle)."),
-    madvise_random: bool = typer.Option(False, "--madvise-random",
-                                        help="madvise(MADV_RANDOM) llama.cpp's mapping: no "
-                                             "fault read-around."),
+                                  help="Prefetch layers l+1..l+D (default: 1, the next "
+                                       "layer only; also 1 for the oracle)."),
+    madvise_random: bool = flag("--madvise-random",
+                                help="madvise(MADV_RANDOM) llama.cpp's mapping: no fault "
+                                     "read-around."),
     threads: int = typer.Option(2, "--threads", min=1, help="llama.cpp threads."),
     n_ctx: int = typer.Option(512, "--n-ctx", min=8, help="llama.cpp context size."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line."),
+    as_json: bool = flag("--json", help="Print the result as one JSON line."),
 ) -> None:
     """Generate greedily with the online prefetch plugin and print prefetch statistics."""
     from ..prefetch.run import RunConfig, run_prompt
@@ -104,7 +106,9 @@ def serve(
     predictor: Path = typer.Option(None, "--predictor",
                                    help="Saved predictors or an exported artifact (mode "
                                         "predictor)."),
-    predictor_name: str = typer.Option(None, "--predictor-name", help="Which saved predictor."),
+    predictor_name: str = typer.Option(None, "--predictor-name",
+                                       help="Which saved predictor (default: "
+                                            "previous-token+transition)."),
     source_model: Path = typer.Option(None, "--source-model",
                                       help="The model --model was widened from."),
     mode: str = typer.Option(None, "--mode",
@@ -120,21 +124,22 @@ def serve(
     trace_out: Path = typer.Option(None, "--trace-out",
                                    help="Append the routing of served requests to this trace "
                                         "dataset."),
-    trace_text: bool = typer.Option(False, "--trace-text",
-                                    help="Keep prompt and completion text in the trace."),
+    trace_text: bool = flag("--trace-text", help="Keep prompt and completion text in the trace."),
     trace_shard_rows: int = typer.Option(4096, "--trace-shard-rows", min=1,
                                          help="Rows per trace shard (a crash loses < this)."),
     method: str = typer.Option("fadvise", "--method", help="pread | fadvise | madvise | io_uring"),
     queue_depth: int = typer.Option(8, "--queue-depth", min=1, help="Prefetch queue depth."),
-    lookahead: int = typer.Option(None, "--lookahead", min=0, help="Prefetch layers l+1..l+D."),
+    lookahead: int = typer.Option(None, "--lookahead", min=0,
+                                  help="Prefetch layers l+1..l+D (default: 1)."),
     min_share: float = typer.Option(None, "--min-share", min=0.0, max=1.0,
-                                    help="Confidence gate on predicted experts."),
+                                    help="Confidence gate: prefetch a predicted expert only "
+                                         "when its predicted share is at least this "
+                                         "(default: 0.25)."),
     prefetch_k: int = typer.Option(None, "--prefetch-k", min=1,
                                    help="Experts prefetched per look-ahead layer."),
-    madvise_random: bool = typer.Option(False, "--madvise-random",
-                                        help="madvise(MADV_RANDOM) llama.cpp's mapping."),
-    sync_requests: bool = typer.Option(False, "--sync-requests",
-                                       help="Engine calls on the inference thread."),
+    madvise_random: bool = flag("--madvise-random",
+                                help="madvise(MADV_RANDOM) llama.cpp's mapping."),
+    sync_requests: bool = flag("--sync-requests", help="Engine calls on the inference thread."),
     threads: int = typer.Option(2, "--threads", min=1, help="llama.cpp threads."),
     n_ctx: int = typer.Option(2048, "--n-ctx", min=8, help="llama.cpp context size."),
     n_batch: int = typer.Option(512, "--n-batch", min=1, help="Prompt tokens per decode."),

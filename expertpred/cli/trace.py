@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..units import human_bytes
-from .app import app, console
+from .app import app, console, flag
 
 if TYPE_CHECKING:
     from ..trace.run import TraceRunConfig, TraceRunResult
@@ -36,13 +36,13 @@ def trace(
     max_tokens: int = typer.Option(32, "--max-tokens", min=0, help="Tokens to generate."),
     n_ctx: int = typer.Option(512, "--n-ctx", min=8, help="llama.cpp context size."),
     threads: int = typer.Option(2, "--threads", min=1, help="llama.cpp threads."),
-    hidden: bool = typer.Option(False, "--hidden", help="Also store router inputs (large)."),
-    sampled: bool = typer.Option(False, "--sampled", help="Sample instead of greedy decoding."),
+    hidden: bool = flag("--hidden", help="Also store router inputs (large)."),
+    sampled: bool = flag("--sampled", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="With --sampled."),
     top_k: int = typer.Option(40, "--top-k", min=0, help="With --sampled; 0 = off."),
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="With --sampled."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (sequence i uses seed + i)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a killed or shorter run."),
+    resume: bool = flag("--resume", help="Continue a killed or shorter run."),
     shard_rows: int = typer.Option(32768, "--shard-rows", min=1, help="Rows per shard."),
 ) -> None:
     """Trace the router of every MoE layer for each prompt into a Parquet dataset directory."""

@@ -322,22 +322,34 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
 
 
 def report_tables(report: dict[str, Any]) -> list[Any]:
-    """rich Tables: accuracy (predictor × d × metric) per scenario, cache, goals."""
+    """rich Tables: accuracy (predictor × d × metric) per scenario, then the cache.
+
+    Predictor names never shrink: their column is as wide as the longest name and the
+    number columns are narrow (short headers, three decimals), so a table fits a narrow
+    terminal or a pipe (rich assumes 80 columns then) without cutting a name to "previou…".
+    The acceptance goals stay in report.json; they are not a user's output."""
+    from rich import box
     from rich.table import Table
+
+    def table(title: str, first: str, names: list[str], caption: str | None = None) -> Table:
+        t = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False,
+                  padding=(0, 1), collapse_padding=True)
+        t.add_column(first, no_wrap=True, min_width=max(map(len, [first, *names])))
+        return t
 
     k = report["model"]["n_expert_used"]
     tables = []
     for sc in report["scenarios"]:
-        t = Table(title=f"{sc['name']}: {sc['n_train_seqs']} train → {sc['n_test_seqs']} test "
-                        "sequences")
-        t.add_column("predictor")
-        t.add_column("d", justify="right")
-        for kk in (k, 2 * k):
-            for m in ("recall", "precision", "exact"):
-                t.add_column(f"{m}@{kk}", justify="right")
         by: dict[tuple[str, int], dict[int, dict]] = {}
         for r in sc["results"]:
             by.setdefault((r["predictor"], r["d"]), {})[r["k"]] = r
+        t = table(f"{sc['name']}: {sc['n_train_seqs']} train → {sc['n_test_seqs']} test "
+                  "sequences", "predictor", [p for p, _ in by],
+                  caption="R recall, P precision, E exact set, at k experts")
+        t.add_column("d", justify="right")
+        for kk in (k, 2 * k):
+            for m in ("R", "P", "E"):
+                t.add_column(f"{m}@{kk}", justify="right")
         order = {p: i for i, p in enumerate(report["config"]["predictors"])}
         for (p, d), rk in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 99),
                                                              kv[0][1])):
@@ -347,17 +359,24 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
             t.add_row(p, str(d), *cells)
         tables.append(t)
     c = report["cache"]
-    t = Table(title=f"expert cache on {c['n_tokens']} test tokens (hit rate / bytes read per "
-                    "token)")
-    t.add_column("policy")
+    policies = list(dict.fromkeys(r["policy"] for r in c["results"]))
+    t = table(f"expert cache on {c['n_tokens']} test tokens (hit rate / bytes read per "
+              "token)", "policy", policies)
     budgets = sorted({r["budget"] for r in c["results"]})
     for b in budgets:
         t.add_column(f"{100 * b:.0f}%", justify="right")
     cell = {(r["policy"], r["budget"]): r for r in c["results"]}
-    for pol in dict.fromkeys(r["policy"] for r in c["results"]):
+    for pol in policies:
         t.add_row(pol, *[f"{cell[(pol, b)]['hit_rate']:.3f} / "
                          f"{human_bytes(cell[(pol, b)]['bytes_per_token'])}" for b in budgets])
     tables.append(t)
+    return tables
+
+
+def goals_table(report: dict[str, Any]) -> Any:
+    """The acceptance goals of report.json as a rich Table (``benchmarks/goals.py``)."""
+    from rich.table import Table
+
     g = Table(title="goals")
     g.add_column("goal")
     g.add_column("met")
@@ -365,8 +384,7 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
     for name, v in report["goals"].items():
         nums = {kk: vv for kk, vv in v.items() if kk != "met"}
         g.add_row(name, "yes" if v["met"] else "NO", json.dumps(_round(nums)))
-    tables.append(g)
-    return tables
+    return g
 
 
 def _round(v: Any) -> Any:
