@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -17,6 +17,27 @@ if TYPE_CHECKING:
     from ..prefetch.run import RunConfig, RunResult
 
 
+# Options `run` and `serve` share, declared once.
+Predictor = Annotated[Path | None, typer.Option(
+    "--predictor", help="Saved predictors (expertpred train's <out>/models) or an exported "
+                        "artifact (mode predictor).")]
+PredictorName = Annotated[str | None, typer.Option(
+    "--predictor-name", help="Which saved predictor (files <name>-d<d>.npz; default: "
+                             "previous-token+transition, the most accurate one fast enough "
+                             "for the inference thread).")]
+SourceModel = Annotated[Path | None, typer.Option(
+    "--source-model", help="The model --model was widened from (the predictor was trained "
+                           "on it).")]
+Method = Annotated[str, typer.Option("--method", help="pread | fadvise | madvise | io_uring")]
+QueueDepth = Annotated[int, typer.Option("--queue-depth", min=1, help="Prefetch queue depth.")]
+Lookahead = Annotated[int | None, typer.Option(
+    "--lookahead", min=0, help="Prefetch layers l+1..l+D (default: 1, the next layer only).")]
+MadviseRandom = Annotated[bool, typer.Option(
+    "--madvise-random", metavar="",  # a flag: see app.flag
+    help="madvise(MADV_RANDOM) llama.cpp's mapping: no fault read-around.")]
+Threads = Annotated[int, typer.Option("--threads", min=1, help="llama.cpp threads.")]
+
+
 @app.command()
 def run(
     model: Path = typer.Option(..., "--model", help="MoE GGUF to run."),
@@ -25,29 +46,17 @@ def run(
     mode: str = typer.Option(None, "--mode",
                              help="off | d0 | predictor | oracle (default: predictor with "
                                   "--predictor, oracle with --oracle-trace, else d0)."),
-    predictor: Path = typer.Option(None, "--predictor",
-                                   help="Saved predictors (expertpred train's <out>/models) "
-                                        "or an exported artifact."),
-    predictor_name: str = typer.Option(None, "--predictor-name",
-                                       help="Which saved predictor (files <name>-d<d>.npz; "
-                                            "default: previous-token+transition, the most "
-                                            "accurate one fast enough for the inference "
-                                            "thread)."),
-    source_model: Path = typer.Option(None, "--source-model",
-                                      help="The model --model was widened from (the predictor "
-                                           "was trained on it)."),
+    predictor: Predictor = None,
+    predictor_name: PredictorName = None,
+    source_model: SourceModel = None,
     oracle_trace: Path = typer.Option(None, "--oracle-trace",
                                       help="Recorded trace of the same greedy run (trace "
                                            "dataset directory or oracle .npz)."),
-    method: str = typer.Option("fadvise", "--method", help="pread | fadvise | madvise | io_uring"),
-    queue_depth: int = typer.Option(8, "--queue-depth", min=1, help="Prefetch queue depth."),
-    lookahead: int = typer.Option(None, "--lookahead", min=0,
-                                  help="Prefetch layers l+1..l+D (default: 1, the next "
-                                       "layer only; also 1 for the oracle)."),
-    madvise_random: bool = flag("--madvise-random",
-                                help="madvise(MADV_RANDOM) llama.cpp's mapping: no fault "
-                                     "read-around."),
-    threads: int = typer.Option(2, "--threads", min=1, help="llama.cpp threads."),
+    method: Method = "fadvise",
+    queue_depth: QueueDepth = 8,
+    lookahead: Lookahead = None,
+    madvise_random: MadviseRandom = False,
+    threads: Threads = 2,
     n_ctx: int = typer.Option(512, "--n-ctx", min=8, help="llama.cpp context size."),
     as_json: bool = flag("--json", help="Print the result as one JSON line."),
 ) -> None:
@@ -103,14 +112,9 @@ def _print_run(cfg: RunConfig, res: RunResult) -> None:
 @app.command()
 def serve(
     model: Path = typer.Option(..., "--model", help="MoE GGUF to serve."),
-    predictor: Path = typer.Option(None, "--predictor",
-                                   help="Saved predictors or an exported artifact (mode "
-                                        "predictor)."),
-    predictor_name: str = typer.Option(None, "--predictor-name",
-                                       help="Which saved predictor (default: "
-                                            "previous-token+transition)."),
-    source_model: Path = typer.Option(None, "--source-model",
-                                      help="The model --model was widened from."),
+    predictor: Predictor = None,
+    predictor_name: PredictorName = None,
+    source_model: SourceModel = None,
     mode: str = typer.Option(None, "--mode",
                              help="off | d0 | predictor (default: predictor with --predictor, "
                                   "else d0)."),
@@ -127,20 +131,18 @@ def serve(
     trace_text: bool = flag("--trace-text", help="Keep prompt and completion text in the trace."),
     trace_shard_rows: int = typer.Option(4096, "--trace-shard-rows", min=1,
                                          help="Rows per trace shard (a crash loses < this)."),
-    method: str = typer.Option("fadvise", "--method", help="pread | fadvise | madvise | io_uring"),
-    queue_depth: int = typer.Option(8, "--queue-depth", min=1, help="Prefetch queue depth."),
-    lookahead: int = typer.Option(None, "--lookahead", min=0,
-                                  help="Prefetch layers l+1..l+D (default: 1)."),
+    method: Method = "fadvise",
+    queue_depth: QueueDepth = 8,
+    lookahead: Lookahead = None,
     min_share: float = typer.Option(None, "--min-share", min=0.0, max=1.0,
                                     help="Confidence gate: prefetch a predicted expert only "
                                          "when its predicted share is at least this "
                                          "(default: 0.25)."),
     prefetch_k: int = typer.Option(None, "--prefetch-k", min=1,
                                    help="Experts prefetched per look-ahead layer."),
-    madvise_random: bool = flag("--madvise-random",
-                                help="madvise(MADV_RANDOM) llama.cpp's mapping."),
+    madvise_random: MadviseRandom = False,
     sync_requests: bool = flag("--sync-requests", help="Engine calls on the inference thread."),
-    threads: int = typer.Option(2, "--threads", min=1, help="llama.cpp threads."),
+    threads: Threads = 2,
     n_ctx: int = typer.Option(2048, "--n-ctx", min=8, help="llama.cpp context size."),
     n_batch: int = typer.Option(512, "--n-batch", min=1, help="Prompt tokens per decode."),
 ) -> None:
