@@ -130,11 +130,11 @@ def analyze(
     if max_distance != 64:
         command += f" --max-distance {max_distance}"
     res = analyze_trace(trace_dir, out, max_distance=max_distance, command=command)
-    m, o = res.model, res.summary["overall"]
+    m, v = res.model, res.verdicts
     headers, rows = locality_table(res.summary, m.moe_layers)
     split = headers.index("top-k: all")
     console.print(f"Temporal locality: {m.arch}, {m.n_expert} experts, top-{m.n_expert_used}; "
-                  f"{o['n_sequences']} sequences, {o['locality']['n_pairs']} token pairs")
+                  f"{v.n_sequences} sequences, {v.n_pairs} token pairs")
     for title, cols in (("first choice kept by the next token (%)", [0, *range(1, split)]),
                         (f"top-{m.n_expert_used} sets share an expert (%)",
                          [0, *range(split, len(headers))])):
@@ -147,12 +147,11 @@ def analyze(
         for r in rows:
             t.add_row(*(r[c].rstrip("%") for c in cols))
         console.print(t)
-    a = res.answers
-    console.print(f"same experts repeatedly: [bold]{a['rq3']['same_experts_repeatedly']}[/]  "
-                  f"temporal locality: [bold]{a['rq3']['temporal_locality']}[/]  "
-                  f"predictor feasible: [bold]{a['rq3']['predictor_feasible']}[/]  "
-                  f"uniform access holds: [bold]{a['rq4']['uniform_access_holds']}[/]")
-    for name, v in a["domains"]["verdicts"].items():
-        console.print(f"domain dependence ({name}): [bold]{v}[/]")
+    console.print(f"same experts repeatedly: [bold]{v.same_experts_repeatedly}[/]  "
+                  f"temporal locality: [bold]{v.temporal_locality}[/]  "
+                  f"predictor feasible: [bold]{v.predictor_feasible}[/]  "
+                  f"uniform access holds: [bold]{v.uniform_access_holds}[/]")
+    for name, verdict in v.domains.items():
+        console.print(f"domain dependence ({name}): [bold]{verdict}[/]")
     console.print(f"report: {res.out_dir / 'report.md'}")
 

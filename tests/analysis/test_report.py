@@ -245,3 +245,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "no such directory" in r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_verdicts_are_the_answers(structured_report: rep.Analysis) -> None:
+    v, a = structured_report.verdicts, structured_report.answers
+    assert (v.same_experts_repeatedly, v.temporal_locality, v.predictor_feasible) == (
+        a["rq3"]["same_experts_repeatedly"], a["rq3"]["temporal_locality"],
+        a["rq3"]["predictor_feasible"])
+    assert v.uniform_access_holds == a["rq4"]["uniform_access_holds"]
+    assert v.domains == {"code vs prose": "yes"} and v.n_sequences > 0 and v.n_pairs > 0

@@ -53,14 +53,38 @@ class AnalysisError(ExpertPredError):
 
 
 @dataclass(frozen=True)
+class Verdicts:
+    """The worded answers of a report, as the CLI and other callers read them."""
+
+    same_experts_repeatedly: str  # "yes" / "partly" / "no" / "undetermined"
+    temporal_locality: str
+    predictor_feasible: str
+    uniform_access_holds: str
+    domains: dict[str, str]  # "code vs prose" -> verdict; empty with one domain
+    n_sequences: int  # sequences analysed
+    n_pairs: int  # consecutive-token pairs the locality numbers rest on
+
+
+@dataclass(frozen=True)
 class Analysis:
     """What ``analyze_trace`` computed and where it wrote it."""
 
     model: ModelInfo
     trace_dir: Path
     out_dir: Path
-    summary: dict[str, Any]  # numpy arrays (routing.summarize + answers)
-    answers: dict[str, Any]
+    summary: dict[str, Any]  # the report.json document (numpy arrays): routing.summarize
+    answers: dict[str, Any]  # report.json's "answers": answers.derive_answers
+
+    @property
+    def verdicts(self) -> Verdicts:
+        a, o = self.answers, self.summary["overall"]
+        return Verdicts(same_experts_repeatedly=a["rq3"]["same_experts_repeatedly"],
+                        temporal_locality=a["rq3"]["temporal_locality"],
+                        predictor_feasible=a["rq3"]["predictor_feasible"],
+                        uniform_access_holds=a["rq4"]["uniform_access_holds"],
+                        domains=dict(a["domains"]["verdicts"]),
+                        n_sequences=int(o["n_sequences"]),
+                        n_pairs=int(o["locality"]["n_pairs"]))
 
 
 # --- loading -------------------------------------------------------------------------
@@ -259,5 +283,5 @@ def _readable_masks(doc: dict[str, Any]) -> dict[str, Any]:
             "by_domain": {d: fix(b) for d, b in doc["by_domain"].items()}}
 
 
-__all__ = ["Analysis", "AnalysisError", "Thresholds", "analyze_trace", "derive_answers",
+__all__ = ["Analysis", "AnalysisError", "Thresholds", "Verdicts", "analyze_trace", "derive_answers",
            "load_routing", "locality_table", "render_markdown", "to_jsonable", "write_report"]
