@@ -70,7 +70,7 @@ RESIDENCY = "d0=kernel,predictor=learned,oracle=belady"
 @dataclass(frozen=True)
 class ModeSpec:
     """One column of the benchmark: a mode and its variant,
-    ``mode[@method[:qd[:chunk_mib]]][+random][+queued][^checkout]``."""
+    ``mode[@method[:qd[:chunk_mib]]][+random][+queued|+inline][^checkout]``."""
 
     label: str  # as given in --modes, e.g. "d0@pread:8"
     mode: str  # key of PLUGIN_MODE
@@ -78,7 +78,7 @@ class ModeSpec:
     queue_depth: int | None  # queue depth override
     chunk_mib: float | None  # engine chunk size override
     random: bool  # madvise(MADV_RANDOM) llama.cpp's mapping (no fault read-around)
-    queued: bool  # demand hints through the engine's queue, not on the callback's thread
+    inline: bool | None  # demand hints on the callback's thread (None: engine default)
     root: Path  # checkout whose expertpred the child imports
 
     @classmethod
@@ -88,11 +88,12 @@ class ModeSpec:
         mode, _, io = rest.partition("@")
         method, _, io = io.partition(":")
         qd, _, chunk = io.partition(":")
-        if mode not in PLUGIN_MODE or not set(flags) <= {"random", "queued"}:
+        if mode not in PLUGIN_MODE or not set(flags) <= {"random", "queued", "inline"}:
             sys.exit(f"error: --modes {label!r}: expected mode[@method[:qd[:chunk_mib]]]"
-                     f"[+random][+queued][^checkout], mode one of {', '.join(PLUGIN_MODE)}")
+                     f"[+random][+queued|+inline][^checkout], mode one of {', '.join(PLUGIN_MODE)}")
         return cls(label, mode, method or None, int(qd) if qd else None,
-                   float(chunk) if chunk else None, "random" in flags, "queued" in flags,
+                   float(chunk) if chunk else None, "random" in flags,
+                   True if "inline" in flags else False if "queued" in flags else None,
                    Path(root) if root else ROOT)
 
 
@@ -148,8 +149,8 @@ def child(a: argparse.Namespace) -> None:
     engine_kwargs: dict[str, Any] = {}
     if a.chunk_mib:
         engine_kwargs["chunk_bytes"] = int(a.chunk_mib * 2**20)
-    if a.queued_demand:
-        engine_kwargs["inline_demand"] = False
+    if a.inline_demand >= 0:
+        engine_kwargs["inline_demand"] = bool(a.inline_demand)
     if engine_kwargs:
         extra["engine_kwargs"] = engine_kwargs
     io0, t0 = proc_io(), time.perf_counter()
@@ -281,8 +282,8 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int, pred
         cmd.append("--madvise-random")
     if spec.chunk_mib:
         cmd += ["--chunk-mib", str(spec.chunk_mib)]
-    if spec.queued:
-        cmd.append("--queued-demand")
+    if spec.inline is not None:
+        cmd += ["--inline-demand", str(int(spec.inline))]
     if a.min_share is not None:
         cmd += ["--min-share", str(a.min_share)]
     if a.sync_requests:
@@ -466,8 +467,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--madvise-random", action="store_true")
     ap.add_argument("--chunk-mib", type=float, default=0.0,
                     help="Engine chunk size (0: the engine's default).")
-    ap.add_argument("--queued-demand", action="store_true",
-                    help="Demand hints through the engine's queue (inline_demand=False).")
+    ap.add_argument("--inline-demand", type=int, default=-1,
+                    help="EngineConfig.inline_demand 1/0 (-1: the engine's default).")
     ap.add_argument("--min-share", type=float, default=None,
                     help="Confidence gating of predicted experts (default: the plugin's).")
     ap.add_argument("--sync-requests", action="store_true",

@@ -20,9 +20,9 @@ bounded). The inference thread only calls cheap, non-blocking methods:
 Bandwidth goes to demand first: workers take chunks of demand jobs (the layer being
 computed, d0) before any speculative chunk, and all workers cooperate on the oldest
 started job of the highest priority (:class:`~.jobs.JobBook`). With a hint method
-(``fadvise`` / ``madvise``) and ``inline_demand`` the demand hints do not even wait for a
-thread: ``post_use`` issues them on the caller's thread before llama.cpp can fault the
-pages (each fault would read ``read_ahead_kb`` around it). Counters form ledgers that
+(``fadvise`` / ``madvise``) and ``inline_demand`` the demand hints do not wait for a
+thread: ``post_use`` issues them on the caller's thread (off by default, see
+``EngineConfig.inline_demand``). Counters form ledgers that
 balance (:meth:`PrefetchStats.ledgers`).
 
 Failure handling: an I/O error marks that expert failed (never retried), is counted and
@@ -84,9 +84,11 @@ class EngineConfig:
     history: int = 1 << 16  # latency / sample rows kept (ring buffers: bounded memory)
     max_handoff: int = 4096  # posted records held; a stalled dispatcher must not grow RAM
     close_timeout: float = 2.0  # close() waits this long for threads, then leaves them
-    # hint methods: post_use issues the current layer's hints on the caller's thread, so no
-    # thread hop (on a busy CPU: milliseconds) lets llama.cpp fault the pages first
-    inline_demand: bool = True
+    # hint methods: post_use issues the current layer's hints on the caller's thread (no
+    # thread hop before the read). Off by default: under cgroup pressure one fadvise call
+    # allocates and reclaims for the whole expert, and the 8 workers do that in parallel
+    # (docs/e2e.md: issue p50 110 ms queued vs 390 ms inline, tok/s 0.21 vs 0.17)
+    inline_demand: bool = False
 
     def __post_init__(self) -> None:
         try:

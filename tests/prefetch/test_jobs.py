@@ -140,15 +140,15 @@ def test_ledgers_balance_under_a_random_workload(cold_model, layout, method):
 
 
 @pytest.mark.parametrize("inline", [True, False])
-def test_demand_hints_on_the_callers_thread(cold_model, layout, inline):
+def test_demand_hints_on_the_callers_thread(model_copy, layout, inline):
     """fadvise + inline_demand: post_use hints the uncached experts before it returns and
     the dispatcher accounts them as demand jobs done; a second use of them is a hit."""
     from expertpred.prefetch.sysmem import FileMapping
 
     from .conftest import wait_resident
 
-    with FileMapping(cold_model) as fm, PrefetchEngine(
-            cold_model, layout, method="fadvise", queue_depth=2, inline_demand=inline) as eng:
+    with FileMapping(model_copy) as fm, PrefetchEngine(
+            model_copy, layout, method="fadvise", queue_depth=2, inline_demand=inline) as eng:
         eng.post_use(1, [2, 5])
         assert eng.flush() and eng.wait_idle()
         assert wait_resident(fm, layout, [(1, 2), (1, 5)]) == 1.0
