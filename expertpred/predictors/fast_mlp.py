@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
     """``n_hidden`` ReLU layers of ``hidden_size``, per-layer heads, folded standardisation."""
 
-    def __init__(self, hidden_size: int = 128, n_hidden: int = 2, epochs: int = 20,
+    def __init__(self, hidden_size: int = 256, n_hidden: int = 1, epochs: int = 20,
                  lr: float = 3e-3, batch_size: int = 256, weight_decay: float = 1e-5,
                  loss: str = "bce", use_hidden: bool = True, all_layers: bool = True,
                  layer_logits: bool = True, max_rows: int = 200000, gguf_path: str = "",
