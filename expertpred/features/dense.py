@@ -164,7 +164,7 @@ class DenseRow:
         self._log1p: dict[int, np.float32] = {}
         self._one = np.zeros(1, dtype=np.float32)
 
-    def _plan(self, li: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def plan(self, li: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For source layer ``li``: which flat expert ids of (this token's | the previous
         token's) (L·k) array feed the multi-hots, and the column offset each id adds to."""
         n_l, k = self.model.n_moe, self.model.n_expert_used
@@ -195,7 +195,7 @@ class DenseRow:
         """float32 (1, F): the design row of the one-row batch ``x`` (a reused buffer)."""
         buf, sp = self._buf, self.spans
         li, d = int(x.layer[0]), x.config.d
-        pos_a, off, fixed = self._plans.get((li, d)) or self._plan(li, d)
+        pos_a, off, fixed = self._plans.get((li, d)) or self.plan(li, d)
         # 1. zero
         buf.fill(0.0)
         # 2. real-valued parts

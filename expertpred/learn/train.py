@@ -60,8 +60,8 @@ class PredictorsConfig:
     mlp_lr: float = 2e-3
     mlp_loss: str = "bce"  # "bce" or "softmax"
     mlp_use_hidden: bool = True
-    fast_mlp_hidden: int = 128  # the default online predictor: width of its hidden layers
-    fast_mlp_layers: int = 2  # 1 or 2 hidden layers (each adds one gemv per online step)
+    fast_mlp_hidden: int = 256  # the default online predictor: width of its hidden layers
+    fast_mlp_layers: int = 1  # 1 or 2 hidden layers (each adds one gemv per online step)
     fast_mlp_epochs: int = 20
     gate_features: bool = True  # learned models also get gate look-ahead scores (needs GGUF)
     # --- evaluation

@@ -129,9 +129,10 @@ class PredictorSet:
         s = self.by_d[d].predict_scores(x).reshape(-1)
         top = np.argsort(-s, kind="stable")[:k]
         pos = np.maximum(s, 0.0)
-        tot = float(pos.sum())
-        share = pos[top] / tot if tot > 0 else np.ones(len(top), np.float32)
-        return top.astype(np.int64), share
+        tot = pos.sum()
+        if tot > 0:
+            return top, pos[top] / tot
+        return top, np.ones(len(top), np.float32)
 
     def pack(self) -> Artifact:
         """This set in the artifact format (header + arrays), not yet written."""

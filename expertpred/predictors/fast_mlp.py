@@ -9,8 +9,11 @@ few matrix-vector products:
    summarise poorly (tiny-qwen3moe, 32 experts: +2 points recall@4 in a 64-wide MLP);
 2. the input standardisation is folded into the first layer after training
    (``W0 / std``, ``b0 - (W0 / std) @ mean``), so a row goes into the first product raw;
-3. the one-row kernel is ``W @ x`` on 1-D vectors (BLAS gemv) into preallocated buffers:
-   for a (1, F) row times (F, H), numpy calls a matrix-matrix routine several times slower.
+3. the one-row kernel never builds the design row: the first layer is a gemv over the
+   real-valued inputs (logits, history, layer_logits, position, hidden) plus the sum of the
+   first-layer columns of the multi-hot inputs that are 1 (a gather of ~L·k rows instead
+   of a product with mostly zeros); later layers are gemvs (``W @ a`` on 1-D vectors: a
+   (1, F) @ (F, H) matmul is a slower matrix-matrix call).
 
 The batch kernel (evaluation) computes the same function on many rows.
 """
@@ -22,7 +25,7 @@ import logging
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import FeatureBatch, design_parts
+from ..features import DenseRow, FeatureBatch, design_parts
 from .base import Arrays, Spec
 from .design import Design
 from .mlp import MLPPredictor
@@ -33,7 +36,7 @@ log = logging.getLogger(__name__)
 class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
     """``n_hidden`` ReLU layers of ``hidden_size``, per-layer heads, folded standardisation."""
 
-    def __init__(self, hidden_size: int = 128, n_hidden: int = 2, epochs: int = 20,
+    def __init__(self, hidden_size: int = 256, n_hidden: int = 1, epochs: int = 20,
                  lr: float = 3e-3, batch_size: int = 256, weight_decay: float = 1e-5,
                  loss: str = "bce", use_hidden: bool = True, all_layers: bool = True,
                  layer_logits: bool = True, max_rows: int = 200000, gguf_path: str = "",
@@ -73,9 +76,10 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
         self._heads = np.ascontiguousarray(w_last.reshape(-1, e, w_last.shape[1]))  # (L, E, H)
         self._head_bias = b_last.reshape(-1, e)
         self._acts = [np.empty(w.shape[0], dtype=np.float32) for w, _ in self._hidden]
+        self._row_kernel: dict[int, _SplitFirstLayer] = {}  # by hidden width of the rows
 
     def _scores(self, x: FeatureBatch) -> np.ndarray:
-        if len(x) == 1:
+        if len(x) == 1 and not self.design_.uses_gate:
             return self._scores_row(x)
         a = self.design_.matrix(x)
         for w, b in self._hidden:
@@ -84,9 +88,15 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
         return np.einsum("nh,neh->ne", a, self._heads[lay]) + self._head_bias[lay]
 
     def _scores_row(self, x: FeatureBatch) -> np.ndarray:
-        """One row: gemv per layer into preallocated activations, then its layer's head."""
-        a = self.design_.matrix(x)[0]
-        for (w, b), out in zip(self._hidden, self._acts):
+        """One row: the split first layer, then a gemv per layer into preallocated
+        activations, then its source layer's head."""
+        n_h = 0 if x.hidden is None or "hidden" not in self.design_.parts else x.hidden.shape[1]
+        first = self._row_kernel.get(n_h)
+        if first is None:
+            first = self._row_kernel[n_h] = _SplitFirstLayer(self.design_, self._hidden[0],
+                                                             n_h)
+        a = first(x, self._acts[0])
+        for (w, b), out in zip(self._hidden[1:], self._acts[1:]):
             np.dot(w, a, out=out)
             out += b
             np.maximum(out, 0.0, out=out)
@@ -114,3 +124,72 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
                                   "relu (1 or 2 times), linear")
         self.design_ = Design.from_artifact(self.model_, spec, arrays, self.name)
         self.weights_ = [arrays[f"{'wb'[i % 2]}{i // 2}"] for i in range(2 * n + 2)]
+
+
+class _SplitFirstLayer:
+    """``relu(W0 x + b0)`` for one design row ``x`` without building it: a gemv over the
+    real-valued columns plus a gather-sum of the columns whose multi-hot input is 1 (the
+    layer one-hot folded into a per-layer bias). Same function as the dense product, summed
+    in another order (float32 rounding differs in the last bits)."""
+
+    REAL = ("logits", "history", "layer_logits", "position", "hidden")
+
+    def __init__(self, design: Design, first: tuple[np.ndarray, np.ndarray], n_hidden: int):
+        w0, b0 = first
+        self.enc = DenseRow(design.model, design.parts, design.layer_onehot, n_hidden)
+        if self.enc.width != design.n_features:
+            raise ExpertPredError(f"{design.owner}: {self.enc.width} input features, trained "
+                                  f"with {design.n_features} (hidden states present in one "
+                                  "and not the other?)")
+        spans = self.enc.spans
+        self.real = [p for p in self.REAL if p in spans and spans[p][1] > spans[p][0]]
+        cols = np.concatenate([np.arange(*spans[p]) for p in self.real]) if self.real \
+            else np.zeros(0, np.intp)
+        self.w_real = np.ascontiguousarray(w0[:, cols])
+        # rows = input columns, plus a zero row for padding ids (the DenseRow trash slot)
+        self.w_cols = np.zeros((w0.shape[1] + 1, w0.shape[0]), dtype=np.float32)
+        self.w_cols[:-1] = w0.T
+        lo = spans["layer"][0] if "layer" in spans and design.layer_onehot else None
+        n_l = design.model.n_moe
+        self.bias = [b0 + (w0[:, lo + li] if lo is not None else 0.0) for li in range(n_l)]
+        self.bias = [np.ascontiguousarray(b, dtype=np.float32) for b in self.bias]
+        self.layer_int = spans["layer"][0] if "layer" in spans and not design.layer_onehot \
+            else None
+        self._log1p: dict[int, np.ndarray] = {}
+        self._ones = np.ones(n_l * design.model.n_expert_used * 4 + 8, dtype=np.float32)
+
+    def _real(self, x: FeatureBatch) -> np.ndarray:
+        vals = []
+        for p in self.real:
+            if p == "logits":
+                vals.append(x.logits[0])
+            elif p == "history":
+                vals.append(x.history[0])
+            elif p == "layer_logits":
+                vals.append(x.layer_logits[0].reshape(-1))
+            elif p == "hidden":
+                vals.append(x.hidden[0])
+            else:  # position: the same float32 log1p as the batch encoder
+                t = int(x.position[0])
+                v = self._log1p.get(t)
+                if v is None:
+                    v = self._log1p[t] = np.log1p(x.position[:1].astype(np.float32))
+                vals.append(v)
+        return np.concatenate(vals).astype(np.float32, copy=False)
+
+    def __call__(self, x: FeatureBatch, out: np.ndarray) -> np.ndarray:
+        li = int(x.layer[0])
+        pos_a, off, _ = self.enc._plans.get((li, x.config.d)) or self.enc.plan(li, x.config.d)
+        if self.real:
+            np.dot(self.w_real, self._real(x), out=out)
+        else:
+            out.fill(0.0)
+        if len(pos_a):
+            ids = np.concatenate((x.experts[0].ravel(), x.prev_experts[0].ravel()))[pos_a]
+            rows = self.w_cols.take(np.where(ids >= 0, off + ids, self.enc.width), axis=0)
+            out += np.dot(self._ones[:len(rows)], rows)  # a gemv: faster than .sum(axis=0)
+        if self.layer_int is not None:
+            out += self.w_cols[self.layer_int] * np.float32(li)
+        out += self.bias[li]
+        np.maximum(out, 0.0, out=out)
+        return out

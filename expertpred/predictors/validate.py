@@ -25,15 +25,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import ModelInfo
+from ..features import PARTS, ModelInfo
 
 log = logging.getLogger(__name__)
 
 CHECKSUM_KEY = "checksum"
 # header fields that decide what an artifact predicts (the checksum covers them)
 _CHECKED_FIELDS = ("predictor", "params", "model", "features", "needs_hidden", "offsets")
-_DESIGN_PARTS = frozenset({"layer", "logits", "current", "prev_target", "prev_source",
-                           "history", "position", "hidden", "current_all", "prev_all"})
+_DESIGN_PARTS = frozenset(PARTS)  # the one feature-part table
 
 
 def artifact_checksum(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> str:
@@ -183,6 +182,23 @@ def _mlp(c: _Check, m: ModelInfo, spec: Mapping[str, Any], a: Mapping[str, np.nd
     c.array(a, "b1", "f", (h1,))
     c.array(a, "w2", "f", (m.n_moe * m.n_expert, h1))
     c.array(a, "b2", "f", (m.n_moe * m.n_expert,))
+
+
+@_rule("fast-mlp")
+def _fast_mlp(c: _Check, m: ModelInfo, spec: Mapping[str, Any],
+              a: Mapping[str, np.ndarray]) -> None:
+    f = _design(c, m, spec, a)
+    acts = c.typed(spec, "activations", list, "spec")
+    n = len(acts) - 1
+    if n not in (1, 2) or acts != ["relu"] * n + ["linear"]:
+        raise c.fail(f"spec.activations {acts!r}, expected relu (once or twice), linear")
+    width = f
+    for i in range(n):
+        width_next = c.array(a, f"w{i}", "f", (None, width)).shape[0]
+        c.array(a, f"b{i}", "f", (width_next,))
+        width = width_next
+    c.array(a, f"w{n}", "f", (m.n_moe * m.n_expert, width))
+    c.array(a, f"b{n}", "f", (m.n_moe * m.n_expert,))
 
 
 @_rule("lightgbm")
