@@ -180,8 +180,9 @@ def test_four_concurrent_clients_get_their_own_output(server: Server,
 
 def test_queued_requests_are_served_in_arrival_order(server: Server,
                                                     expected: dict[str, str]) -> None:
-    """A long stream holds the context; three more requests arrive one after another (each
-    seen queued in /metrics before the next is sent); they start in that order."""
+    """A long stream holds the context; three more requests are sent one after another,
+    each once the server has admitted the one before (/metrics); they start in that order,
+    and the first of them had to wait in the queue."""
     first_token: dict[int, float] = {}
     texts: dict[int, str] = {}
     errors: list[BaseException] = []
@@ -189,10 +190,11 @@ def test_queued_requests_are_served_in_arrival_order(server: Server,
 
     def one(i: int) -> None:
         try:
-            prompt = "Long ago" if i == 0 else PROMPTS[i]
-            r = server.client.completions.create(model="tiny-mixtral", prompt=prompt,
-                                                 max_tokens=48 if i == 0 else 12,
-                                                 stream=True, **GREEDY)
+            long = {"min_tokens": 96, "repeat_penalty": 1.0}  # no early end of text
+            r = server.client.completions.create(
+                model="tiny-mixtral", prompt="Long ago" if i == 0 else PROMPTS[i],
+                max_tokens=96 if i == 0 else 12, stream=True, temperature=0.0,
+                extra_body=long if i == 0 else GREEDY["extra_body"])
             parts = []
             for c in r:
                 first_token.setdefault(i, time.monotonic())
@@ -202,20 +204,27 @@ def test_queued_requests_are_served_in_arrival_order(server: Server,
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
+    base = server.metrics()["expertpred_requests_admitted_total"]
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
     threads[0].start()
     assert running.wait(60)
+    queued = 0.0
     for i in (1, 2, 3):
         threads[i].start()
-        deadline = time.monotonic() + 30
-        while server.metrics()["expertpred_requests_queued"] < i:
-            assert time.monotonic() < deadline and not errors, f"request {i} never queued"
+        deadline = time.monotonic() + 60
+        while True:
+            m = server.metrics()
+            queued = max(queued, m["expertpred_requests_queued"])
+            if m["expertpred_requests_admitted_total"] >= base + i + 1:
+                break
+            assert time.monotonic() < deadline and not errors, f"request {i} not admitted"
             time.sleep(0.02)
     for t in threads:
         t.join(120)
     assert not errors, errors
     assert first_token[0] < first_token[1] < first_token[2] < first_token[3]
     assert [texts[i] for i in (1, 2, 3)] == [expected[p] for p in PROMPTS[1:]]
+    assert queued >= 1  # request 1 was admitted while request 0 held the context
 
 
 def test_client_disconnecting_mid_stream_leaves_server_serving(

@@ -37,6 +37,7 @@ _ENGINE_HELP = {
 class ServeSnapshot:
     """The serving counters at one instant."""
 
+    admitted: int  # completion requests that passed the checks (queued or served since)
     requests: int  # completions finished (streamed or not, cut short or not)
     in_flight: int  # requests being generated now (0 or 1: one context)
     queued: int  # admitted completion requests waiting for the context
@@ -53,6 +54,7 @@ class ServeStats:
         self._lock = threading.Lock()
         self._requests = self._in_flight = self._prompt = self._generated = 0
         self._admitted = 0  # checked completion requests not yet answered in full
+        self._admitted_total = 0
         self._decode_s = 0.0
         self._last_tps = 0.0
 
@@ -60,6 +62,7 @@ class ServeStats:
         """A completion request passed the checks (+1) or its response ended (-1)."""
         with self._lock:
             self._admitted += delta
+            self._admitted_total += max(0, delta)
 
     def started(self) -> None:
         with self._lock:
@@ -81,8 +84,9 @@ class ServeStats:
     def snapshot(self) -> ServeSnapshot:
         with self._lock:
             queued = max(0, self._admitted - self._in_flight)
-            return ServeSnapshot(self._requests, self._in_flight, queued, self._prompt,
-                                 self._generated, self._decode_s, self._last_tps)
+            return ServeSnapshot(self._admitted_total, self._requests, self._in_flight, queued,
+                                 self._prompt, self._generated, self._decode_s,
+                                 self._last_tps)
 
 
 def process_io() -> dict[str, int]:
@@ -132,6 +136,8 @@ class ServeCollector:
             return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
         s = self.serve_stats.snapshot()
+        yield counter("requests_admitted", "completion requests that passed the checks",
+                      s.admitted)
         yield counter("requests", "completion requests finished", s.requests)
         yield gauge("requests_in_flight", "requests being generated", s.in_flight)
         yield gauge("requests_queued", "requests waiting for the context", s.queued)
