@@ -2,12 +2,18 @@
 
 The cache holds whole experts (all parts of expert ``e`` of MoE layer ``l``); the access
 stream is token-major, layer-minor — the order llama.cpp executes a decode: token ``t``
-routes layer 0, loads its ``k`` experts, then layer 1, ... Policies:
+routes layer 0, loads its ``k`` experts, then layer 1, ... A layer's ``k`` experts are one
+step: all of them are needed at once. ``lru``, ``lfu``, ``belady`` and ``learned`` are the
+residency policies of :mod:`expertpred.learn.residency_policy`, the same objects the
+plugin's residency manager runs inside llama.cpp. Policies:
 
 - ``lru``: evict the least recently used expert;
 - ``lfu``: evict the least frequently used (counts over the whole stream; ties → LRU);
-- ``belady``: evict the expert whose next use is farthest (MIN: the offline optimum for
-  demand paging when experts have equal sizes, a near-optimum otherwise);
+- ``belady``: evict the expert whose next use is farthest, bypassing a just-used expert
+  when that is it (MIN with bypass: the offline optimum for demand paging when experts have
+  equal sizes, a near-optimum otherwise);
+- ``learned``: evict the expert a next-use model rates least likely to be used soon
+  (bypassing too);
 - ``predictive``: LRU, and after each layer ``l`` routes, prefetch the predicted experts of
   the next layers (inserted as most recently used). Prefetches are assumed to arrive in time;
   the simulation counts bytes, not latency.
@@ -18,15 +24,19 @@ counts demand misses plus prefetch loads.
 
 from __future__ import annotations
 
-import heapq
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ExpertPredError
+from .residency_policy import make_policy, simulate_steps
+
+if TYPE_CHECKING:
+    from ..predictors.nextuse import NextUseModel
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +45,7 @@ class Policy(StrEnum):
     LRU = "lru"
     LFU = "lfu"
     BELADY = "belady"
+    LEARNED = "learned"
     PREDICTIVE = "predictive"
 
 
@@ -74,12 +85,15 @@ def _sizes(expert_bytes: int | np.ndarray, n_layer: int) -> np.ndarray:
 
 def simulate(experts: np.ndarray, policy: str | Policy, capacity_bytes: int,
              expert_bytes: int | np.ndarray = 1, n_expert: int | None = None,
-             prefetch: np.ndarray | None = None) -> CacheResult:
+             prefetch: np.ndarray | None = None, model: NextUseModel | None = None,
+             ) -> CacheResult:
     """Run ``policy`` over the accesses ``experts`` (int (T, L, k), -1 = none).
 
-    ``expert_bytes``: size of one expert, scalar or per layer (L,). ``prefetch`` (predictive
-    only): int (T, L, P) flat keys ``layer * n_expert + expert`` to load after layer ``l`` of
-    token ``t`` routes (-1 = none); build it with :func:`prefetch_plan`.
+    ``expert_bytes``: size of one expert, scalar or per layer (L,). ``lru``, ``lfu``,
+    ``belady`` and ``learned`` (which needs a next-use ``model``) run the residency policies
+    of :mod:`expertpred.learn.residency_policy`, the ones the plugin runs. ``prefetch``
+    (predictive only): int (T, L, P) flat keys ``layer * n_expert + expert`` to load after
+    layer ``l`` of token ``t`` routes (-1 = none); build it with :func:`prefetch_plan`.
 
     >>> acc = np.array([[[0], [0]], [[1], [0]], [[0], [0]]])  # T=3, L=2, k=1
     >>> [simulate(acc, "lru", capacity_bytes=c, n_expert=2).hits for c in (1, 2, 3)]
@@ -96,26 +110,20 @@ def simulate(experts: np.ndarray, policy: str | Policy, capacity_bytes: int,
     except ValueError:
         raise ExpertPredError(f"cache policy {policy!r}: expected one of "
                               f"{', '.join(p.value for p in Policy)}") from None
-    if policy is Policy.PREDICTIVE and prefetch is None:
+    if policy is not Policy.PREDICTIVE:
+        pol = make_policy(policy.value, future=experts, model=model)
+        c = simulate_steps(experts, pol, capacity_bytes, sizes, n_e).counters
+        return CacheResult(policy.value, capacity_bytes, t_len, c.accesses, c.hits,
+                           c.miss_bytes, 0)
+    if prefetch is None:
         raise ExpertPredError("predictive cache policy needs a prefetch plan")
     keys = np.where(experts >= 0, np.arange(n_l)[None, :, None] * n_e + experts, -1)
-    # flat stream of (key, token, layer) in execution order, -1 dropped
-    flat = keys.reshape(-1)
-    ok = flat >= 0
-    stream = flat[ok].astype(np.int64)
-    layer_of = (stream // n_e).astype(np.int64)
-    size_of = sizes[layer_of]
-    if policy is Policy.BELADY:
-        hits, demand = _belady(stream, size_of, capacity_bytes)
-        return CacheResult(policy.value, capacity_bytes, t_len, len(stream), hits, demand, 0)
-    if policy is Policy.LFU:
-        hits, demand = _lfu(stream, size_of, capacity_bytes)
-        return CacheResult(policy.value, capacity_bytes, t_len, len(stream), hits, demand, 0)
-    # LRU and predictive share one loop over (token, layer)
+    accesses = int((keys >= 0).sum())
+    # LRU with prefetch inserts, one access at a time (the replay benchmark's order)
     cache: OrderedDict[int, int] = OrderedDict()
     used = hits = demand = pre = 0
-    pf = None if policy is Policy.LRU else np.asarray(prefetch)
-    if pf is not None and pf.shape[:2] != (t_len, n_l):
+    pf = np.asarray(prefetch)
+    if pf.shape[:2] != (t_len, n_l):
         raise ExpertPredError(f"prefetch plan shape {pf.shape}, expected ({t_len}, {n_l}, P)")
 
     def load(key: int, size: int) -> None:
@@ -138,8 +146,6 @@ def simulate(experts: np.ndarray, policy: str | Policy, capacity_bytes: int,
                 else:
                     demand += int(sizes[li])
                     load(key, int(sizes[li]))
-            if pf is None:
-                continue
             for key in pf[t, li].tolist():
                 if key < 0:
                     continue
@@ -149,62 +155,7 @@ def simulate(experts: np.ndarray, policy: str | Policy, capacity_bytes: int,
                     s = int(sizes[key // n_e])
                     pre += s
                     load(key, s)
-    return CacheResult(policy.value, capacity_bytes, t_len, len(stream), hits, demand, pre)
-
-
-def _lfu(stream: np.ndarray, size_of: np.ndarray, capacity: int) -> tuple[int, int]:
-    count: dict[int, int] = {}
-    last: dict[int, int] = {}
-    resident: dict[int, int] = {}
-    heap: list[tuple[int, int, int]] = []
-    used = hits = demand = 0
-    for i, (key, size) in enumerate(zip(stream.tolist(), size_of.tolist())):
-        count[key] = count.get(key, 0) + 1
-        last[key] = i
-        if key in resident:
-            hits += 1
-        else:
-            demand += size
-            while resident and used + size > capacity:
-                c, ts, victim = heapq.heappop(heap)
-                if victim in resident and count[victim] == c and last[victim] == ts:
-                    used -= resident.pop(victim)
-            if size <= capacity:
-                resident[key] = size
-                used += size
-        if key in resident:
-            heapq.heappush(heap, (count[key], i, key))
-    return hits, demand
-
-
-def _belady(stream: np.ndarray, size_of: np.ndarray, capacity: int) -> tuple[int, int]:
-    n = len(stream)
-    nxt = np.full(n, n, dtype=np.int64)  # index of the next use of the same key (n = never)
-    seen: dict[int, int] = {}
-    keys = stream.tolist()
-    for i in range(n - 1, -1, -1):
-        nxt[i] = seen.get(keys[i], n)
-        seen[keys[i]] = i
-    next_use: dict[int, int] = {}
-    resident: dict[int, int] = {}
-    heap: list[tuple[int, int]] = []  # (-next use, key), lazily invalidated
-    used = hits = demand = 0
-    for i, (key, size, nu) in enumerate(zip(keys, size_of.tolist(), nxt.tolist())):
-        if key in resident:
-            hits += 1
-        else:
-            demand += size
-            while resident and used + size > capacity:
-                neg, victim = heapq.heappop(heap)
-                if victim in resident and next_use[victim] == -neg:
-                    used -= resident.pop(victim)
-            if size <= capacity:
-                resident[key] = size
-                used += size
-        if key in resident:
-            next_use[key] = nu
-            heapq.heappush(heap, (-nu, key))
-    return hits, demand
+    return CacheResult(policy.value, capacity_bytes, t_len, accesses, hits, demand, pre)
 
 
 def prefetch_plan(predicted: dict[int, np.ndarray], n_expert: int,

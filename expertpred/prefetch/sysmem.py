@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -178,19 +179,50 @@ def fadvise(fd: int, offset: int, nbytes: int, advice: int) -> None:
     os.posix_fadvise(fd, offset, nbytes, advice)
 
 
-def madvise_file_mappings(path: str | os.PathLike[str], advice: Madvice | int) -> int:
-    """``madvise`` every mapping of ``path`` in this process (found in /proc/self/maps),
-    e.g. the one llama.cpp made; returns the bytes advised (0: the file is not mapped)."""
+class ProcessMapping(NamedTuple):
+    """One mapping of a file in this process (a line of ``/proc/self/maps``)."""
+
+    addr: int  # start address
+    length: int  # bytes
+    file_offset: int  # file offset mapped at ``addr``
+
+
+def process_mappings(path: str | os.PathLike[str]) -> list[ProcessMapping]:
+    """Every mapping of ``path`` in this process (llama.cpp's ``mmap`` of a model, ours)."""
     real = os.path.realpath(path)
-    done = 0
+    out = []
     with open("/proc/self/maps") as f:
         for line in f:
             fields = line.split(maxsplit=5)
             if len(fields) == 6 and fields[5].rstrip("\n") == real:
                 lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                _check(_libc().madvise(lo, hi - lo, int(advice)), f"madvise({real})")
-                done += hi - lo
+                out.append(ProcessMapping(lo, hi - lo, int(fields[2], 16)))
+    return out
+
+
+def madvise_file_mappings(path: str | os.PathLike[str], advice: Madvice | int) -> int:
+    """``madvise`` every mapping of ``path`` in this process (found in /proc/self/maps),
+    e.g. the one llama.cpp made; returns the bytes advised (0: the file is not mapped)."""
+    done = 0
+    for m in process_mappings(path):
+        _check(_libc().madvise(m.addr, m.length, int(advice)),
+               f"madvise({os.path.realpath(path)})")
+        done += m.length
     return done
+
+
+def madvise_file_range(mapping: ProcessMapping, offset: int, nbytes: int,
+                       advice: Madvice | int) -> int:
+    """``madvise`` the part of file range ``[offset, offset + nbytes)`` that ``mapping``
+    covers (page-aligned inward by the caller); returns the bytes advised, raises OSError."""
+    lo = max(offset, mapping.file_offset)
+    hi = min(offset + nbytes, mapping.file_offset + mapping.length)
+    if hi <= lo:
+        return 0
+    addr = mapping.addr + (lo - mapping.file_offset)
+    _check(_libc().madvise(addr, hi - lo, int(advice)),
+           f"madvise({Madvice(advice).name}) at file offset {lo}+{hi - lo}")
+    return hi - lo
 
 
 def file_resident_bytes(path: str | os.PathLike[str]) -> tuple[int, int]:

@@ -1,0 +1,389 @@
+"""Which experts stay resident between uses: one policy implementation for the cache
+simulator and for the residency manager inside llama.cpp.
+
+The unit of work is a *step*: layer ``li`` of token ``t`` has routed and uses ``experts``
+(all of them at once, as llama.cpp's ``ffn_moe_argsort`` node reveals them).
+:meth:`ResidencySet.step` accounts hits and misses, admits the used experts, and, when the
+resident bytes exceed the budget, evicts the experts the policy values least. Policies that
+``bypass`` may pick one of the experts just used: it is dropped as soon as its matmul is
+done (Belady with bypass: admitting is a decision too). ``cachesim`` replays a trace
+through :func:`simulate_steps`, the plugin's :class:`~expertpred.prefetch.residency.
+ResidencyManager` feeds the same :class:`ResidencySet` from the eval callback: both take
+the same decisions for the same stream by construction.
+
+Policies (registry :data:`POLICIES`, filled by ``__init_subclass__``):
+
+- ``kernel``: decides nothing; the kernel's reclaim keeps what it keeps (cannot be
+  simulated: it is the behaviour we measure against);
+- ``lru``, ``lfu``: classic, never bypass;
+- ``learned``: keeps the experts a :class:`~expertpred.predictors.nextuse.NextUseModel`
+  rates most likely to be used within its horizon of tokens; bypasses;
+- ``belady``: keeps the experts whose next use in a recorded trace of the same greedy run
+  is nearest (MIN with bypass; the offline bound); bypasses.
+
+Sizes are bytes (experts of different layers may differ), the budget is bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from ..errors import ExpertPredError
+
+if TYPE_CHECKING:
+    from ..predictors.nextuse import NextUseModel
+
+log = logging.getLogger(__name__)
+
+NEVER = np.iinfo(np.int64).max  # next use of an expert the trace never uses again
+
+
+class ResidencyPolicy(ABC):
+    """Values resident experts; :class:`ResidencySet` evicts the lowest valued first.
+
+    Keys are flat ``layer * n_expert + expert`` (MoE-layer index). ``observe`` sees every
+    step after its hits were counted, ``prefetched`` every speculative admission.
+    """
+
+    name: ClassVar[str]
+    registry: ClassVar[dict[str, type[ResidencyPolicy]]] = {}
+    bypasses: ClassVar[bool] = False  # may evict an expert of the current step (bypass)
+    manages: ClassVar[bool] = True  # False: evicts nothing (the kernel decides)
+
+    def __init_subclass__(cls, *, policy_name: str, **kw: object) -> None:
+        super().__init_subclass__(**kw)
+        cls.name = policy_name
+        ResidencyPolicy.registry[policy_name] = cls
+
+    def bind(self, n_layer: int, n_expert: int) -> None:
+        """Size the policy's state for ``n_layer`` MoE layers of ``n_expert`` experts."""
+        self.n_layer_, self.n_expert_ = n_layer, n_expert
+
+    def observe(self, t: int, li: int, experts: np.ndarray, clock: int) -> None:
+        """Layer ``li`` of token ``t`` used ``experts`` (unique ids); ``clock`` = step no."""
+
+    def prefetched(self, t: int, li: int, keys: np.ndarray, clock: int) -> None:
+        """``keys`` were admitted speculatively at step ``clock`` (token ``t``, layer ``li``)."""
+
+    @abstractmethod
+    def value(self) -> np.ndarray:
+        """float64 (n_layer * n_expert,): how much keeping each expert is worth now."""
+
+
+class KernelPolicy(ResidencyPolicy, policy_name="kernel"):
+    """Decide nothing: the kernel's reclaim (about LRU within the memory cgroup) decides."""
+
+    manages = False
+
+    def value(self) -> np.ndarray:
+        return np.zeros(self.n_layer_ * self.n_expert_)
+
+
+class LRUPolicy(ResidencyPolicy, policy_name="lru"):
+    """Evict the least recently used expert (ties cannot happen: one clock per step, and
+    :class:`ResidencySet` breaks them by admission order within a step)."""
+
+    def value(self) -> np.ndarray:
+        return np.zeros(self.n_layer_ * self.n_expert_)  # ResidencySet's recency decides
+
+
+class LFUPolicy(ResidencyPolicy, policy_name="lfu"):
+    """Evict the least frequently used expert, counting every use over the whole run
+    (perfect LFU: counts survive eviction); ties go to the least recently used."""
+
+    def bind(self, n_layer: int, n_expert: int) -> None:
+        super().bind(n_layer, n_expert)
+        self.counts_ = np.zeros(n_layer * n_expert, np.float64)
+
+    def observe(self, t: int, li: int, experts: np.ndarray, clock: int) -> None:
+        self.counts_[li * self.n_expert_ + experts] += 1
+
+    def value(self) -> np.ndarray:
+        return self.counts_
+
+
+class BeladyPolicy(ResidencyPolicy, policy_name="belady"):
+    """Evict the expert whose next use is farthest in ``future`` (int (T, L, k) experts of
+    the same greedy run by token position, -1 = none); bypass when that is an expert just
+    used. Optimal for equal sizes (MIN); a near-optimum when sizes differ by layer."""
+
+    bypasses = True
+
+    def __init__(self, future: np.ndarray) -> None:
+        self.future = future
+
+    def bind(self, n_layer: int, n_expert: int) -> None:
+        super().bind(n_layer, n_expert)
+        f = np.asarray(self.future)
+        if f.ndim != 3 or f.shape[1] != n_layer:
+            raise ExpertPredError(f"belady: recorded experts of shape {f.shape}, expected "
+                                  f"(T, {n_layer}, k)")
+        t_idx, l_idx, _ = np.nonzero(f >= 0)
+        keys = l_idx.astype(np.int64) * n_expert + f[f >= 0].astype(np.int64)
+        steps = t_idx.astype(np.int64) * n_layer + l_idx  # step order: token-major
+        order = np.lexsort((steps, keys))
+        keys, steps = keys[order], steps[order]
+        bounds = np.searchsorted(keys, np.arange(n_layer * n_expert + 1))
+        self._uses = [steps[bounds[k]:bounds[k + 1]] for k in range(n_layer * n_expert)]
+        self.next_use_ = np.full(n_layer * n_expert, NEVER, np.int64)
+
+    def _after(self, keys: np.ndarray, step: int) -> None:
+        for k in keys.tolist():
+            u = self._uses[k]
+            i = int(np.searchsorted(u, step, side="right"))
+            self.next_use_[k] = u[i] if i < len(u) else NEVER
+
+    def observe(self, t: int, li: int, experts: np.ndarray, clock: int) -> None:
+        self._after(li * self.n_expert_ + experts, t * self.n_layer_ + li)
+
+    def prefetched(self, t: int, li: int, keys: np.ndarray, clock: int) -> None:
+        self._after(keys, t * self.n_layer_ + li)
+
+    def value(self) -> np.ndarray:
+        return -self.next_use_.astype(np.float64)
+
+
+class LearnedPolicy(ResidencyPolicy, policy_name="learned"):
+    """Evict the expert with the lowest predicted probability of use within the model's
+    horizon (a :class:`~expertpred.predictors.nextuse.NextUseModel`); bypass when that is
+    an expert just used. A prefetched expert is valued 1 until its layer routes again (the
+    prefetch predictor already bet on it)."""
+
+    bypasses = True
+
+    def __init__(self, model: NextUseModel, distance: bool = True) -> None:
+        self.model = model
+        self.distance = distance
+
+    def bind(self, n_layer: int, n_expert: int) -> None:
+        super().bind(n_layer, n_expert)
+        if (self.model.n_layer, self.model.n_expert) != (n_layer, n_expert):
+            raise ExpertPredError(f"learned residency: next-use model for "
+                                  f"{self.model.n_layer} x {self.model.n_expert} experts, "
+                                  f"expected {n_layer} x {n_expert}")
+        self.state_ = self.model.online()
+        self.boost_ = np.zeros(n_layer * n_expert, np.float64)
+        self.layer_ = n_layer - 1
+
+    def observe(self, t: int, li: int, experts: np.ndarray, clock: int) -> None:
+        self.state_.observe(li, experts)
+        self.layer_ = li
+        e = self.n_expert_
+        self.boost_[li * e:(li + 1) * e] = 0.0
+
+    def prefetched(self, t: int, li: int, keys: np.ndarray, clock: int) -> None:
+        self.boost_[keys] = 1.0
+
+    def value(self) -> np.ndarray:
+        p = np.maximum(self.state_.prob, self.boost_.reshape(self.state_.prob.shape))
+        if not self.distance:
+            return p.reshape(-1)
+        n_l = self.n_layer_
+        h = self.model.config.horizon
+        q = 1.0 - np.power(np.clip(1.0 - p, 0.0, 1.0), 1.0 / h)  # per-token use probability
+        steps = (np.arange(n_l) - self.layer_ - 1) % n_l + 1  # to each layer's next routing
+        return -(steps[:, None] + n_l * (1.0 / np.maximum(q, 1e-9) - 1.0)).reshape(-1)
+
+
+POLICIES: dict[str, type[ResidencyPolicy]] = ResidencyPolicy.registry
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """What one step decided; the manager executes it on the model's mappings."""
+
+    hits: int  # experts of this step resident before it
+    misses: int  # experts of this step that had to be read
+    miss_bytes: int  # their bytes
+    evict: tuple[int, ...]  # keys to evict now (none of them is used by this step)
+    bypass: tuple[int, ...]  # keys of this step to evict once their matmuls are done
+
+
+@dataclass
+class ResidencyCounters:
+    """What a :class:`ResidencySet` decided so far (bookkeeping, not page-cache truth)."""
+
+    steps: int = 0  # routed layer steps seen
+    accesses: int = 0  # expert uses (unique per step)
+    hits: int = 0  # uses of an expert resident by the bookkeeping
+    miss_bytes: int = 0  # bytes of uses that were not (what the disk must deliver)
+    prefetch_admits: int = 0  # experts admitted by a prefetch before their use
+    prefetch_bytes: int = 0  # their bytes
+    evictions: int = 0  # experts evicted (not counting bypasses)
+    evicted_bytes: int = 0  # their bytes
+    bypasses: int = 0  # just-used (or just-prefetched) experts dropped at once
+    bypassed_bytes: int = 0  # their bytes
+    resident_bytes: int = 0  # resident by the bookkeeping after the last step
+    peak_resident_bytes: int = 0  # the most the bookkeeping ever held after a step
+
+
+def expert_sizes(sizes: int | np.ndarray, n_layer: int, n_expert: int) -> np.ndarray:
+    """int64 (n_layer * n_expert,) bytes per flat key from a scalar, (L,) or (L, E)."""
+    s = np.asarray(sizes, dtype=np.int64)
+    if s.ndim <= 1:
+        s = np.broadcast_to(s.reshape(-1, 1) if s.ndim == 1 else s, (n_layer, n_expert))
+    if s.shape != (n_layer, n_expert) or (s <= 0).any():
+        raise ExpertPredError(f"expert sizes of shape {s.shape}: expected positive bytes, "
+                              f"scalar, ({n_layer},) or ({n_layer}, {n_expert})")
+    return np.ascontiguousarray(s, dtype=np.int64).reshape(-1)
+
+
+class ResidencySet:
+    """The resident experts under ``budget_bytes``, steered by ``policy``.
+
+    Not thread-safe: one owner calls :meth:`step` / :meth:`prefetch` in execution order.
+    """
+
+    def __init__(self, policy: ResidencyPolicy, n_layer: int, n_expert: int,
+                 sizes: int | np.ndarray, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise ExpertPredError(f"residency budget {budget_bytes} bytes: expected >= 0")
+        self.policy = policy
+        self.n_layer, self.n_expert = n_layer, n_expert
+        self.sizes = expert_sizes(sizes, n_layer, n_expert)
+        self.budget_bytes = int(budget_bytes)
+        policy.bind(n_layer, n_expert)
+        self.resident = np.zeros(n_layer * n_expert, bool)
+        self.last_use = np.full(n_layer * n_expert, -1, np.int64)  # clock of last use/admit
+        self.counters = ResidencyCounters()
+        self.clock = 0  # one tick per step or prefetch; ties inside a tick: key order
+
+    @property
+    def used_bytes(self) -> int:
+        return self.counters.resident_bytes
+
+    def step(self, t: int, li: int, experts: Iterable[int]) -> StepDecision:
+        """Layer ``li`` of token ``t`` uses ``experts``: count, admit, decide evictions."""
+        ex = np.unique(np.asarray(list(experts) if not isinstance(experts, np.ndarray)
+                                  else experts, dtype=np.int64))
+        ex = ex[ex >= 0]
+        keys = li * self.n_expert + ex
+        c = self.counters
+        hit = self.resident[keys]
+        miss_bytes = int(self.sizes[keys[~hit]].sum())
+        c.steps += 1
+        c.accesses += len(keys)
+        c.hits += int(hit.sum())
+        c.miss_bytes += miss_bytes
+        self.policy.observe(t, li, ex, self.clock)
+        evict, bypass = self._admit(keys)
+        return StepDecision(int(hit.sum()), int((~hit).sum()), miss_bytes, evict, bypass)
+
+    def prefetch(self, t: int, li: int, keys: Iterable[int]) -> StepDecision:
+        """Speculatively admit flat ``keys`` at token ``t``, layer ``li`` (already routed)."""
+        k = np.unique(np.asarray(list(keys), dtype=np.int64))
+        k = k[(k >= 0) & ~self.resident[k]] if k.size else k
+        if not self.policy.manages or not k.size:
+            return StepDecision(0, 0, 0, (), ())
+        self.counters.prefetch_admits += len(k)
+        self.counters.prefetch_bytes += int(self.sizes[k].sum())
+        self.policy.prefetched(t, li, k, self.clock)
+        evict, bypass = self._admit(k)
+        return StepDecision(0, 0, 0, evict, bypass)
+
+    def adopt(self, keys: Iterable[int]) -> tuple[int, ...]:
+        """Account flat ``keys`` found resident (the page cache when the manager attaches);
+        returns the keys evicted to get back within the budget."""
+        k = np.unique(np.asarray(list(keys), dtype=np.int64))
+        if not self.policy.manages or not k.size:
+            return ()
+        k = k[~self.resident[k]]
+        self.resident[k] = True
+        self.last_use[k] = self.clock
+        self.clock += 1
+        self.counters.resident_bytes += int(self.sizes[k].sum())
+        evict, _ = self._trim(np.zeros_like(self.resident))
+        return evict
+
+    def _admit(self, keys: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        if not self.policy.manages:
+            self.clock += 1
+            return (), ()
+        new = keys[~self.resident[keys]]
+        self.resident[keys] = True
+        self.last_use[keys] = self.clock
+        self.clock += 1
+        self.counters.resident_bytes += int(self.sizes[new].sum())
+        current = np.zeros_like(self.resident)
+        current[keys] = True
+        return self._trim(current)
+
+    def _trim(self, current: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Evict by policy until within the budget; ``current`` keys evicted are bypasses."""
+        c = self.counters
+        evict: list[int] = []
+        bypass: list[int] = []
+        if c.resident_bytes > self.budget_bytes:
+            for k in self._victims(current):
+                if c.resident_bytes <= self.budget_bytes:
+                    break
+                self.resident[k] = False
+                size = int(self.sizes[k])
+                c.resident_bytes -= size
+                if current[k]:
+                    bypass.append(k)
+                    c.bypasses += 1
+                    c.bypassed_bytes += size
+                else:
+                    evict.append(k)
+                    c.evictions += 1
+                    c.evicted_bytes += size
+        c.peak_resident_bytes = max(c.peak_resident_bytes, c.resident_bytes)
+        return tuple(evict), tuple(bypass)
+
+    def _victims(self, current: np.ndarray) -> list[int]:
+        """Resident keys in eviction order: lowest value first, then least recent, then
+        lowest key. Policies that do not bypass offer this step's keys last."""
+        cand = np.flatnonzero(self.resident)
+        val = self.policy.value()[cand]
+        rec = self.last_use[cand]
+        if self.policy.bypasses:
+            order = np.lexsort((cand, rec, val))
+        else:
+            order = np.lexsort((cand, rec, val, current[cand]))
+        return cand[order].tolist()
+
+
+def make_policy(name: str, *, future: np.ndarray | None = None,
+                model: NextUseModel | None = None) -> ResidencyPolicy:
+    """A policy by name; ``belady`` needs ``future`` (recorded experts), ``learned`` a
+    next-use ``model``."""
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ExpertPredError(f"residency policy {name!r}: expected one of "
+                              f"{', '.join(sorted(POLICIES))}")
+    if cls is BeladyPolicy:
+        if future is None:
+            raise ExpertPredError("residency policy 'belady' needs a recorded trace of the "
+                                  "same greedy run")
+        return BeladyPolicy(future)
+    if cls is LearnedPolicy:
+        if model is None:
+            raise ExpertPredError("residency policy 'learned' needs a next-use model")
+        return LearnedPolicy(model)
+    return cls()
+
+
+def simulate_steps(experts: np.ndarray, policy: ResidencyPolicy, budget_bytes: int,
+                   sizes: int | np.ndarray, n_expert: int) -> ResidencySet:
+    """Replay int (T, L, k) ``experts`` (-1 = none) step by step; returns the set (its
+    ``counters`` hold the outcome). Token ``t`` of the replay is row ``t``."""
+    experts = np.asarray(experts)
+    if experts.ndim != 3:
+        raise ExpertPredError(f"accesses of shape {experts.shape}: expected (T, L, k)")
+    if not policy.manages:
+        raise ExpertPredError(f"residency policy {policy.name!r} cannot be simulated: the "
+                              "kernel's reclaim decides; measure it end to end")
+    t_len, n_l, _ = experts.shape
+    rs = ResidencySet(policy, n_l, n_expert, sizes, budget_bytes)
+    rows = experts.astype(np.int64).tolist()
+    for t in range(t_len):
+        for li in range(n_l):
+            rs.step(t, li, [e for e in rows[t][li] if e >= 0])
+    return rs

@@ -1,0 +1,301 @@
+"""Next-use prediction for expert residency: will expert ``e`` of layer ``j`` be used again
+within the next ``horizon`` tokens?
+
+The ladder (``predictors``) predicts the experts of layer ``l + d`` of the *same* token. A
+residency policy needs the other direction: after layer ``j`` of token ``t`` has routed, how
+likely is each of its experts to be used by layer ``j`` of tokens ``t+1 .. t+horizon``? That
+target crosses the token boundary, and it is what decides whether keeping an expert
+resident saves a read.
+
+Features of (token ``t``, layer ``j``, expert ``e``), all known once layer ``j`` of token
+``t`` has routed (built with :mod:`expertpred.features`' ``multihot`` and decayed
+``_history``, the same history feature the ladder uses):
+
+- ``used``: ``e`` was selected at (t, j);
+- ``age``: tokens since ``e`` was last selected at layer ``j`` (bucketed; "never" last);
+- ``history``: the decayed history of layer ``j`` including token ``t``;
+- ``transition``: P(e used within the horizon | e' selected at (t, j)), a per-layer table
+  counted on the training tokens, averaged over the selected e';
+- ``popularity``: P(e used within the horizon) at layer ``j``, counted likewise.
+
+The model is a logistic regression over those columns (plus a per-layer intercept), fitted
+with a few Newton steps in numpy: small, exact to export (arrays in an ``.npz``), and
+cheap online (:class:`NextUseState` updates one layer row per step, ~E multiply-adds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+
+from ..errors import ExpertPredError
+from ..features import _history, multihot
+from .base import NotFittedError
+
+log = logging.getLogger(__name__)
+
+AGE_EDGES = (1, 2, 3, 5, 9, 17)  # bucket b holds ages in [edge[b-1], edge[b]); 0 = used now
+NEVER_AGE = 1 << 30  # age of an expert never used at its layer so far
+FORMAT = "expertpred-nextuse-1"
+
+
+@dataclass(frozen=True)
+class NextUseConfig:
+    """How the next-use model is built; stored with it so online == training."""
+
+    horizon: int = 4  # target: used within the next `horizon` tokens at its layer
+    history_decay: float = 0.5  # the ladder's history feature decay
+    alpha: float = 1.0  # additive smoothing of the transition / popularity counts
+    l2: float = 1e-3  # ridge on the logistic weights (stabilizes Newton on rare buckets)
+    max_rows: int = 1_000_000  # uniform sample of (token, layer, expert) rows to fit on
+    newton_steps: int = 12
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.horizon < 1:
+            raise ExpertPredError(f"next-use horizon {self.horizon}: expected >= 1 token")
+        if not 0.0 <= self.history_decay < 1.0:
+            raise ExpertPredError(f"history_decay={self.history_decay}: expected 0 <= x < 1")
+
+
+def _age_buckets(age: np.ndarray) -> np.ndarray:
+    """int bucket per age: 0 for 0 (used now), then by AGE_EDGES, last = never / very old.
+
+    >>> _age_buckets(np.array([0, 1, 2, 4, 8, 16, 17, NEVER_AGE])).tolist()
+    [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    b = np.searchsorted(np.asarray(AGE_EDGES), age, side="right")
+    return np.where(age >= NEVER_AGE, len(AGE_EDGES) + 1, b)
+
+
+N_BUCKETS = len(AGE_EDGES) + 2
+
+
+def _ages(used: np.ndarray) -> np.ndarray:
+    """int64 (T, L, E): tokens since last use at or before each token (0 = used then)."""
+    out = np.empty(used.shape, np.int64)
+    age = np.full(used.shape[1:], NEVER_AGE, np.int64)
+    for t in range(used.shape[0]):
+        age = np.where(used[t], 0, np.minimum(age + 1, NEVER_AGE))
+        out[t] = age
+    return out
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Per-(token, layer) state of one sequence: inputs of the features, and the target."""
+
+    used: np.ndarray  # bool (T, L, E) selected at (t, j)
+    age: np.ndarray  # int64 (T, L, E)
+    history: np.ndarray  # float32 (T, L, E) decayed history including token t
+    target: np.ndarray  # bool (T, L, E) used in t+1 .. t+horizon
+    valid: np.ndarray  # bool (T,) the whole horizon lies inside the sequence
+
+
+def sequence_rows(experts: np.ndarray, n_expert: int, config: NextUseConfig) -> _Rows:
+    """The state after each (token, layer) of one sequence's experts (T, L, k)."""
+    ex = np.asarray(experts)
+    t_len, n_l, _ = ex.shape
+    used = multihot(ex.reshape(t_len * n_l, -1), n_expert).reshape(t_len, n_l, n_expert) > 0
+    pad = np.concatenate([ex, np.full((1, *ex.shape[1:]), -1, ex.dtype)])
+    hist = _history(pad, n_expert, config.history_decay)[1:]  # h after token t
+    c = np.concatenate([np.zeros((1, n_l, n_expert), np.int32),
+                        np.cumsum(used, axis=0, dtype=np.int32)])
+    end = np.minimum(np.arange(t_len) + 1 + config.horizon, t_len)
+    target = (c[end] - c[np.arange(t_len) + 1]) > 0
+    valid = np.arange(t_len) + config.horizon < t_len
+    return _Rows(used, _ages(used), hist, target, valid)
+
+
+class NextUseModel:
+    """P(expert used within ``horizon`` tokens at its layer), per (layer, expert).
+
+    ``fit(sequences)`` takes int (T, L, k) expert arrays (one per sequence, token order).
+    """
+
+    def __init__(self, n_layer: int, n_expert: int, config: NextUseConfig | None = None,
+                 ) -> None:
+        self.n_layer = n_layer
+        self.n_expert = n_expert
+        self.config = config or NextUseConfig()
+
+    # --- features ------------------------------------------------------------------------
+    def _columns(self, used: np.ndarray, age: np.ndarray, hist: np.ndarray,
+                 layer: np.ndarray) -> np.ndarray:
+        """float64 (n, E, F) design columns for n (token, layer) rows of one layer each."""
+        n, e = used.shape
+        u = used.astype(np.float64)
+        tr = np.empty((n, e))
+        for j in np.unique(layer).tolist():  # mean over the selected e' of trans[j, e', :]
+            m = layer == j
+            tr[m] = u[m] @ self.trans_[j]
+        tr /= np.maximum(u.sum(axis=1, keepdims=True), 1.0)
+        tr = np.where(u.any(axis=1, keepdims=True), tr, self.pop_[layer])
+        cols = [u, np.log(tr), np.log(np.broadcast_to(self.pop_[layer], (n, e))),
+                hist.astype(np.float64)]
+        b = _age_buckets(age)
+        cols += [(b == i).astype(np.float64) for i in range(1, N_BUCKETS)]
+        cols += [np.broadcast_to((layer == j)[:, None], (n, e)).astype(np.float64)
+                 for j in range(self.n_layer)]
+        return np.stack(cols, axis=2)
+
+    # --- fitting -------------------------------------------------------------------------
+    def fit(self, sequences: Iterable[np.ndarray]) -> Self:
+        """Count the tables, then fit the logistic weights on a sample of rows."""
+        cfg = self.config
+        rows = [sequence_rows(np.asarray(s), self.n_expert, cfg) for s in sequences]
+        rows = [r for r in rows if r.valid.any()]
+        if not rows:
+            raise ExpertPredError(f"next-use model: no sequence longer than the horizon "
+                                  f"({cfg.horizon} tokens)")
+        l_n, e_n, a = self.n_layer, self.n_expert, cfg.alpha
+        # 1. transition and popularity tables: counts over valid (t, j) rows
+        co = np.zeros((l_n, e_n, e_n))
+        seen = np.zeros((l_n, e_n))
+        hit = np.zeros((l_n, e_n))
+        n_rows = 0
+        for r in rows:
+            u = r.used[r.valid].astype(np.float64)
+            y = r.target[r.valid].astype(np.float64)
+            co += np.einsum("tli,tle->lie", u, y)
+            seen += u.sum(axis=0)
+            hit += y.sum(axis=0)
+            n_rows += len(u)
+        self.trans_ = (co + a * (hit[:, None, :] + a) / (n_rows + 2 * a)) / (seen[:, :, None] + a)
+        self.pop_ = (hit + a) / (n_rows + 2 * a)
+        # 2. logistic weights on a uniform sample of (token, layer) rows
+        used = np.concatenate([r.used[r.valid] for r in rows]).reshape(-1, e_n)
+        age = np.concatenate([r.age[r.valid] for r in rows]).reshape(-1, e_n)
+        hist = np.concatenate([r.history[r.valid] for r in rows]).reshape(-1, e_n)
+        y = np.concatenate([r.target[r.valid] for r in rows]).reshape(-1, e_n)
+        layer = np.tile(np.arange(l_n), len(used) // l_n)
+        keep = max(1, cfg.max_rows // e_n)
+        if len(used) > keep:
+            idx = np.sort(np.random.default_rng(cfg.seed).permutation(len(used))[:keep])
+            used, age, hist, y, layer = used[idx], age[idx], hist[idx], y[idx], layer[idx]
+        x = self._columns(used, age, hist, layer).reshape(-1, self._n_features())
+        self.coef_ = _logistic(x, y.reshape(-1).astype(np.float64), cfg.l2, cfg.newton_steps)
+        self.n_train_rows_ = int(len(x))
+        return self
+
+    def _n_features(self) -> int:
+        return 4 + (N_BUCKETS - 1) + self.n_layer
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise NotFittedError("NextUseModel: call fit() (or load()) before predicting")
+
+    # --- prediction ----------------------------------------------------------------------
+    def predict_rows(self, used: np.ndarray, age: np.ndarray, hist: np.ndarray,
+                     layer: np.ndarray) -> np.ndarray:
+        """float64 (n, E) probabilities for n (token, layer) states."""
+        self._check_fitted()
+        z = self._columns(used, age, hist, np.asarray(layer, np.int64)) @ self.coef_
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def predict_sequence(self, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                             np.ndarray]:
+        """(prob, target, valid) of one sequence: float (T, L, E), bool (T, L, E), (T,)."""
+        r = sequence_rows(np.asarray(experts), self.n_expert, self.config)
+        t_len = len(r.used)
+        layer = np.tile(np.arange(self.n_layer), t_len)
+        e = self.n_expert
+        p = self.predict_rows(r.used.reshape(-1, e), r.age.reshape(-1, e),
+                              r.history.reshape(-1, e), layer)
+        return p.reshape(t_len, self.n_layer, e), r.target, r.valid
+
+    def online(self) -> NextUseState:
+        """A fresh per-run state that updates one layer row per step."""
+        self._check_fitted()
+        return NextUseState(self)
+
+    # --- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        self._check_fitted()
+        path = Path(path)
+        meta = {"format": FORMAT, "n_layer": self.n_layer, "n_expert": self.n_expert,
+                "config": asdict(self.config), "n_train_rows": self.n_train_rows_}
+        with open(path, "wb") as f:
+            np.savez(f, trans=self.trans_, pop=self.pop_, coef=self.coef_,
+                     __meta__=np.array(json.dumps(meta)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> NextUseModel:
+        p = Path(path)
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                meta = json.loads(str(z["__meta__"]))
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+                m = cls(int(meta["n_layer"]), int(meta["n_expert"]),
+                        NextUseConfig(**meta["config"]))
+                m.trans_, m.pop_, m.coef_ = z["trans"], z["pop"], z["coef"]
+                m.n_train_rows_ = int(meta["n_train_rows"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ExpertPredError(f"{p}: not a next-use model .npz ({exc})") from None
+        want = (m.n_layer, m.n_expert, m.n_expert)
+        if m.trans_.shape != want or m.coef_.shape != (m._n_features(),):
+            raise ExpertPredError(f"{p}: tables of shape {m.trans_.shape}, expected {want}")
+        return m
+
+
+class NextUseState:
+    """The online side of :class:`NextUseModel`: ``observe(layer, experts)`` after each
+    routing updates that layer's used / age / history row and its probabilities ``prob``
+    (float64 (L, E)); layers not routed yet hold the popularity prior."""
+
+    def __init__(self, model: NextUseModel) -> None:
+        self.model = model
+        l_n, e_n = model.n_layer, model.n_expert
+        self.used = np.zeros((l_n, e_n), bool)
+        self.age = np.full((l_n, e_n), NEVER_AGE, np.int64)
+        self.history = np.zeros((l_n, e_n), np.float32)
+        self.prob = model.pop_.astype(np.float64).copy()
+        d = model.config.history_decay
+        self._dec, self._inc = np.float32(d), np.float32(1.0 - d)
+
+    def observe(self, layer: int, experts: Sequence[int] | np.ndarray) -> None:
+        ex = np.asarray(experts, np.int64)
+        row = np.zeros(self.model.n_expert, bool)
+        row[ex[ex >= 0]] = True
+        self.used[layer] = row
+        self.age[layer] = np.where(row, 0, np.minimum(self.age[layer] + 1, NEVER_AGE))
+        # same float32 operations, same order as features._history
+        self.history[layer] = self._dec * self.history[layer] + self._inc * row.astype(
+            np.float32)
+        self.prob[layer] = self.model.predict_rows(
+            row[None], self.age[layer][None], self.history[layer][None],
+            np.array([layer]))[0]
+
+
+def _logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int) -> np.ndarray:
+    """Ridge-regularized logistic regression by Newton's method (x: (n, F), y in {0, 1})."""
+    w = np.zeros(x.shape[1])
+    reg = l2 * len(x) * np.eye(x.shape[1])
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        g = x.T @ (p - y) + reg @ w
+        h = (x * (p * (1 - p))[:, None]).T @ x + reg
+        step = np.linalg.solve(h, g)
+        w -= step
+        if np.abs(step).max() < 1e-6:
+            break
+    return w
+
+
+def log_loss(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean binary cross-entropy.
+
+    >>> round(log_loss(np.array([0.5, 0.5]), np.array([1, 0])), 4)
+    0.6931
+    """
+    p = np.clip(p, 1e-9, 1 - 1e-9)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
