@@ -58,16 +58,28 @@ def run(
     madvise_random: MadviseRandom = False,
     threads: Threads = 2,
     n_ctx: int = typer.Option(512, "--n-ctx", min=8, help="llama.cpp context size."),
+    residency: str = typer.Option("kernel", "--residency",
+                                  help="Expert residency policy: kernel (leave it to reclaim) "
+                                       "| lru | lfu | learned | belady (needs --oracle-trace)."),
+    budget: str = typer.Option(None, "--budget",
+                               help="Bytes of expert weights kept resident, e.g. 512MiB, 1.5GiB "
+                                    "(default: memory limit minus the rest of the process)."),
+    nextuse: Path = typer.Option(None, "--nextuse",
+                                 help="Next-use model for --residency learned (default: "
+                                      "nextuse.npz next to --predictor)."),
     as_json: bool = flag("--json", help="Print the result as one JSON line."),
 ) -> None:
     """Generate greedily with the online prefetch plugin and print prefetch statistics."""
+    from ..prefetch.residency import make_config
     from ..prefetch.run import RunConfig, run_prompt
 
+    res_cfg = make_config(residency, None if budget is None else parse_bytes(budget, "--budget"),
+                          nextuse, predictor)
     cfg = RunConfig(
         model=model, prompt=prompt, max_tokens=max_tokens, mode=mode, predictor=predictor,
         predictor_name=predictor_name, source_model=source_model, oracle_trace=oracle_trace,
         method=method, queue_depth=queue_depth, lookahead=lookahead,
-        madvise_random=madvise_random, threads=threads, n_ctx=n_ctx)
+        madvise_random=madvise_random, threads=threads, n_ctx=n_ctx, residency=res_cfg)
     res = run_prompt(cfg)
     if as_json:
         print(json.dumps(res.as_dict(), default=str))
@@ -106,6 +118,17 @@ def _print_run(cfg: RunConfig, res: RunResult) -> None:
         if c.predictions:
             ms = 1e3 * c.predict_seconds / c.predictions
             t.add_row("predictions", f"{c.predictions} ({ms:.1f} ms each)")
+    r = st.residency
+    if r is not None:
+        rc = r.counters
+        t.add_row("residency / budget", f"{r.active_policy} / {human_bytes(r.budget_bytes)}"
+                  + ("" if r.enabled else f" ({r.disabled_reason})"))
+        t.add_row("resident: bookkeeping / mincore",
+                  f"{human_bytes(rc.resident_bytes)} / {human_bytes(r.measured_resident_bytes)}")
+        t.add_row("evictions / bypasses", f"{rc.evictions} ({human_bytes(rc.evicted_bytes)}) / "
+                  f"{rc.bypasses} ({human_bytes(rc.bypassed_bytes)})")
+        hr = rc.hits / rc.accesses if rc.accesses else 0.0
+        t.add_row("residency hit rate", f"{100 * hr:.1f}%")
     console.print(t)
 
 
@@ -118,6 +141,11 @@ def serve(
     mode: str = typer.Option(None, "--mode",
                              help="off | d0 | predictor (default: predictor with --predictor, "
                                   "else d0)."),
+    residency: str = typer.Option("kernel", "--residency",
+                                  help="Expert residency policy: kernel | lru | lfu | learned."),
+    nextuse: Path = typer.Option(None, "--nextuse",
+                                 help="Next-use model for --residency learned (default: "
+                                      "nextuse.npz next to --predictor)."),
     budget: str = typer.Option(None, "--budget",
                                help="Resident expert bytes (e.g. 2GiB); needs the residency "
                                     "manager."),
@@ -167,8 +195,15 @@ def serve(
         plugin["predictor"] = load_predictors(predictor, model,
                                               name=predictor_name or DEFAULT_PREDICTOR,
                                               source_model=source_model)
-    if budget is not None:
-        plugin["budget"] = parse_bytes(budget, "--budget")
+    if residency == "belady":
+        raise ExpertPredError("--residency belady: not served (it needs a recorded trace of "
+                              "the same greedy run); expected kernel, lru, lfu or learned")
+    from ..prefetch.residency import make_config
+
+    res_cfg = make_config(residency, None if budget is None else parse_bytes(budget, "--budget"),
+                          nextuse, predictor)
+    if res_cfg is not None:
+        plugin["residency"] = res_cfg
     cfg = ServeConfig(model=model, alias=alias, host=host, port=port, n_ctx=n_ctx,
                       n_batch=n_batch, n_threads=threads, api_key=api_key, trace_out=trace_out,
                       trace_text=trace_text, trace_shard_rows=trace_shard_rows,

@@ -26,11 +26,12 @@ Sizes are bytes (experts of different layers may differ), the budget is bytes.
 
 from __future__ import annotations
 
+import enum
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -370,6 +371,39 @@ def make_policy(name: str, *, future: np.ndarray | None = None,
     return cls()
 
 
+class Event(enum.IntEnum):
+    """Kinds of :class:`Record`."""
+
+    STEP = 0  # layer `li` of token `t` used `experts` (expert ids)
+    PREFETCH = 1  # flat keys read ahead of use while layer `li` of token `t` computed
+    ADOPT = 2  # flat keys found resident when the manager attached
+
+
+class Record(NamedTuple):
+    """One event of a residency run, as the plugin's manager applies it and a replay
+    feeds it."""
+
+    event: Event
+    t: int  # token position (-1 for ADOPT)
+    li: int  # MoE layer index of the step
+    experts: tuple[int, ...]  # expert ids (STEP) or flat keys (PREFETCH, ADOPT)
+
+
+def replay(records: Iterable[Record], policy: ResidencyPolicy, budget_bytes: int,
+           n_layer: int, n_expert: int, sizes: int | np.ndarray) -> ResidencySet:
+    """Feed ``records`` in order to a fresh :class:`ResidencySet`; the plugin's manager
+    feeds its own set the same way, so both decide alike by construction."""
+    rs = ResidencySet(policy, n_layer, n_expert, sizes, budget_bytes)
+    for r in records:
+        if r.event is Event.STEP:
+            rs.step(r.t, r.li, r.experts)
+        elif r.event is Event.PREFETCH:
+            rs.prefetch(r.t, r.li, r.experts)
+        else:
+            rs.adopt(r.experts)
+    return rs
+
+
 def simulate_steps(experts: np.ndarray, policy: ResidencyPolicy, budget_bytes: int,
                    sizes: int | np.ndarray, n_expert: int) -> ResidencySet:
     """Replay int (T, L, k) ``experts`` (-1 = none) step by step; returns the set (its
@@ -381,9 +415,7 @@ def simulate_steps(experts: np.ndarray, policy: ResidencyPolicy, budget_bytes: i
         raise ExpertPredError(f"residency policy {policy.name!r} cannot be simulated: the "
                               "kernel's reclaim decides; measure it end to end")
     t_len, n_l, _ = experts.shape
-    rs = ResidencySet(policy, n_l, n_expert, sizes, budget_bytes)
     rows = experts.astype(np.int64).tolist()
-    for t in range(t_len):
-        for li in range(n_l):
-            rs.step(t, li, [e for e in rows[t][li] if e >= 0])
-    return rs
+    records = (Record(Event.STEP, t, li, tuple(e for e in rows[t][li] if e >= 0))
+               for t in range(t_len) for li in range(n_l))
+    return replay(records, policy, budget_bytes, n_l, n_expert, sizes)

@@ -77,6 +77,7 @@ from ..llama import ggml
 from ..predictors.artifact import PredictorSet, load_artifact
 from ..trace.record import Phase, SequenceTrace
 from .engine import PrefetchEngine, PrefetchStats, Priority
+from .residency import ResidencyConfig, ResidencyManager, ResidencyStats
 from .sysmem import madvise_file_mappings
 
 if TYPE_CHECKING:
@@ -319,6 +320,7 @@ class PluginStats:
     engine: PrefetchStats | None
     madvised_bytes: int = 0
     first_error: str = ""
+    residency: ResidencyStats | None = None  # the residency manager's, when one runs
 
     def as_dict(self) -> dict[str, object]:
         from dataclasses import asdict
@@ -329,6 +331,8 @@ class PluginStats:
         d.update(asdict(self.counters))
         if self.engine is not None:
             d.update({f"engine_{k}": v for k, v in self.engine.as_dict().items()})
+        if self.residency is not None:
+            d.update({f"residency_{k}": v for k, v in self.residency.as_dict().items()})
         return d
 
 
@@ -350,7 +354,10 @@ class PrefetchPlugin:
     read-around; the plugin's reads replace it) — call :meth:`advise_mapping` once the
     model is loaded (:class:`PrefetchLlama` does); ``engine_kwargs`` go to
     :class:`PrefetchEngine`; ``recorder``: a :class:`RoutingRecorder` that also gets every
-    row's scores and mixing weights (asks for those nodes too: costs graph splits).
+    row's scores and mixing weights (asks for those nodes too: costs graph splits);
+    ``residency``: a :class:`~expertpred.prefetch.residency.ResidencyConfig` (policy and
+    byte budget for the expert weights; ``belady`` uses ``oracle``), None leaves residency
+    to the kernel.
     """
 
     def __init__(
@@ -370,9 +377,11 @@ class PrefetchPlugin:
         async_requests: bool = True,
         engine_kwargs: Mapping[str, Any] | None = None,
         recorder: RoutingRecorder | None = None,
+        residency: ResidencyConfig | None = None,
     ) -> None:
         self.gguf_path = gguf_path
         self.recorder = recorder
+        self.residency = residency
         self.min_share = DEFAULT_MIN_SHARE if min_share is None else float(min_share)
         self.async_requests = async_requests
         self.mode = Mode.parse(mode)
@@ -472,6 +481,11 @@ class PrefetchPlugin:
             import llama_cpp
 
             self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
+        self.residency_: ResidencyManager | None = None
+        if self.residency is not None and self.mode is not Mode.OFF:
+            future = self.oracle.experts if self.oracle is not None else None
+            self.residency_ = ResidencyManager(self.gguf_path, lay, self.residency,
+                                               future=future).start()
         self._started = True
         return self
 
@@ -483,6 +497,10 @@ class PrefetchPlugin:
             self.engine_.flush()
             self._final_stats = self.engine_.stats()
             self.engine_.close()
+        if self.residency_ is not None:
+            self.residency_.flush()
+            self._final_residency = self.residency_.stats()
+            self.residency_.close()
         self._started = False
 
     def __enter__(self) -> PrefetchPlugin:
@@ -517,6 +535,13 @@ class PrefetchPlugin:
             log.warning("madvise(MADV_RANDOM) on %s failed: %s", self.gguf_path, exc)
         return self._madvised
 
+    def attach_residency(self) -> int:
+        """The model is mapped: start the residency manager on its mappings (llama.cpp's and
+        the engine's); returns the budget in bytes (0 without a manager)."""
+        if self.residency_ is None or self.engine_ is None:
+            return 0
+        return self.residency_.attach(extra=[self.engine_._map])
+
     def begin(self, tokens: Sequence[int], n_past: int) -> None:
         """The next ``llama_decode`` calls evaluate ``tokens`` at positions ``n_past ..``."""
         if not self.enabled:
@@ -541,9 +566,17 @@ class PrefetchPlugin:
                 eng = self.engine_.stats()
             else:
                 eng = getattr(self, "_final_stats", None)
+        res = None
+        if getattr(self, "residency_", None) is not None:
+            if self._started:
+                self.residency_.flush(0.5)
+                res = self.residency_.stats()
+            else:
+                res = getattr(self, "_final_residency", None)
         return PluginStats(mode=self.mode.value, lookahead=getattr(self, "lookahead_", 0),
                            counters=replace(self._c), engine=eng,
-                           madvised_bytes=self._madvised, first_error=self._first_error)
+                           madvised_bytes=self._madvised, first_error=self._first_error,
+                           residency=res)
 
     # --- the callback -----------------------------------------------------------------------------
     def _callback(self, t: int, ask: bool, user_data: int | None) -> bool:
@@ -612,6 +645,8 @@ class PrefetchPlugin:
             scores = self._logits[li] if scores is None else scores
             self.recorder.record(li, pos0, experts,
                                  None if scores is None else scores[-n:])
+        if self.residency_ is not None:
+            self.residency_.post_step(pos0 + n - 1, li, used)
         if self.mode is Mode.PREDICTOR:
             self._predictor_step(li, experts, pos0)
         elif self.mode is Mode.ORACLE:
@@ -706,6 +741,8 @@ class PrefetchPlugin:
 
     def _request(self, block: int, experts: list[int], next_token: bool) -> None:
         assert self.engine_ is not None
+        if self.residency_ is not None:
+            self.residency_.post_prefetch(self.blocks_.index(block), experts)
         if self.async_requests:
             self.engine_.post_request(block, experts, next_token)
         else:
@@ -771,7 +808,8 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
                  madvise_random: bool = False, min_share: float | None = None,
                  async_requests: bool = True,
                  engine_kwargs: Mapping[str, Any] | None = None,
-                 recorder: RoutingRecorder | None = None, **llama_kwargs: Any) -> None:
+                 recorder: RoutingRecorder | None = None,
+                 residency: ResidencyConfig | None = None, **llama_kwargs: Any) -> None:
         from ..trace.llama_tracer import _quiet_llama_logs
 
         _quiet_llama_logs()
@@ -780,7 +818,8 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
                                      method=method, queue_depth=queue_depth,
                                      madvise_random=madvise_random, min_share=min_share,
                                      async_requests=async_requests,
-                                     engine_kwargs=engine_kwargs, recorder=recorder)
+                                     engine_kwargs=engine_kwargs, recorder=recorder,
+                                     residency=residency)
         self._pool: ggml.Threadpool | None = None
         self._closed = False
         self.plugin.start()
@@ -792,6 +831,7 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
             if self.plugin.enabled:
                 self._swap_context()
                 self.plugin.advise_mapping()
+                self.plugin.attach_residency()
         except BaseException:
             self.plugin.close()
             raise

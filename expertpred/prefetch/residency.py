@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -45,7 +44,7 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..gguf.layout import MoELayout
-from ..learn.residency_policy import ResidencyCounters, ResidencySet, make_policy
+from ..learn.residency_policy import Event, Record, ResidencyCounters, ResidencySet, make_policy
 from .sysmem import PAGE_SIZE, FileMapping, Madvice, ProcessMapping, madvise_file_range
 from .sysmem import process_mappings as _process_mappings
 
@@ -56,21 +55,6 @@ log = logging.getLogger(__name__)
 
 CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
 NO_LIMIT = 1 << 60  # cgroup v1 reports "no limit" as a huge page-aligned number
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``512M``, ``1.5G``, ``800MiB``, ``1048576`` (binary units).
-
-    >>> parse_size("1.5G"), parse_size("512M"), parse_size("4096")
-    (1610612736, 536870912, 4096)
-    """
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ExpertPredError(f"budget {text!r}: expected a size like 512M, 1.5G or a byte "
-                              "count")
-    unit = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[m.group(2).lower()]
-    return int(float(m.group(1)) * (1024 ** unit))
 
 
 @dataclass(frozen=True)
@@ -81,6 +65,33 @@ class ResidencyConfig:
     budget_bytes: int | None = None  # expert bytes kept resident; None = derive at load
     nextuse_path: str = ""  # next-use model .npz (`expertpred train` writes nextuse.npz)
     evict_mappings: bool = True  # MADV_PAGEOUT on every mapping of the model, not only fadvise
+    evict_advice: int = int(Madvice.PAGEOUT)  # the madvise advice that evicts (tests vary it)
+    record: bool = False  # keep every applied record (`records_`) for replay checks
+
+
+def make_config(policy: str, budget_bytes: int | None = None,
+                nextuse: str | os.PathLike[str] | None = None,
+                predictor_dir: str | os.PathLike[str] | None = None) -> ResidencyConfig | None:
+    """The config for ``policy`` (None: ``kernel`` without a budget, nothing to manage).
+    ``learned`` takes ``nextuse``, else ``nextuse.npz`` in ``predictor_dir`` (where
+    ``expertpred train`` writes it)."""
+    from ..learn.residency_policy import POLICIES
+
+    if policy not in POLICIES:
+        raise ExpertPredError(f"residency policy {policy!r}: expected one of "
+                              f"{', '.join(sorted(POLICIES))}")
+    if policy == "kernel" and budget_bytes is None:
+        return None
+    path = ""
+    if policy == "learned":
+        if nextuse is None and predictor_dir is not None and Path(predictor_dir).is_dir():
+            nextuse = Path(predictor_dir) / "nextuse.npz"
+        if nextuse is None or not Path(nextuse).is_file():
+            raise ExpertPredError(f"residency 'learned': next-use model {nextuse or '(none)'} "
+                                  "not found; expected --nextuse PATH (expertpred train writes "
+                                  "<out>/models/nextuse.npz)")
+        path = str(nextuse)
+    return ResidencyConfig(policy=policy, budget_bytes=budget_bytes, nextuse_path=path)
 
 
 @dataclass(frozen=True)
@@ -237,6 +248,7 @@ class ResidencyManager:
         self._busy = False
         self._disabled = ""
         self._active = cfg.policy
+        self.records_: list[Record] = []
         self._started = True
         return self
 
@@ -344,14 +356,19 @@ class ResidencyManager:
     def _apply_step(self, t: int, li: int, experts: tuple[int, ...]) -> None:
         bypassed, self._live.pending_bypass = self._live.pending_bypass, []
         self._evict(bypassed)  # their matmuls ran before this layer routed
+        if self.config.record:
+            self.records_.append(Record(Event.STEP, t, li, experts))
         with self._lock:
             d = self.set_.step(t, li, experts)
         self._evict(d.evict)
         self._live.pending_bypass = list(d.bypass)
 
     def _apply_prefetch(self, t: int, li_now: int, li: int, experts: tuple[int, ...]) -> None:
+        keys = tuple(li * self.n_expert_ + e for e in experts)
+        if self.config.record:
+            self.records_.append(Record(Event.PREFETCH, t, li_now, keys))
         with self._lock:
-            d = self.set_.prefetch(t, li_now, [li * self.n_expert_ + e for e in experts])
+            d = self.set_.prefetch(t, li_now, keys)
         self._evict(d.evict)
         self._evict(d.bypass)  # prefetched and dropped: nothing uses it yet
 
@@ -387,11 +404,11 @@ class ResidencyManager:
     def _evict_range(self, offset: int, nbytes: int) -> None:
         if self.config.evict_mappings:
             for m in self.mappings_:
-                if madvise_file_range(m, offset, nbytes, Madvice.PAGEOUT):
+                if madvise_file_range(m, offset, nbytes, self.config.evict_advice):
                     self._live.evict_calls += 1
             for fm in self._extra:
                 if not fm.closed:
-                    fm.madvise(offset, nbytes, Madvice.PAGEOUT)
+                    fm.madvise(offset, nbytes, self.config.evict_advice)
                     self._live.evict_calls += 1
         os.posix_fadvise(self.fd_, offset, nbytes, os.POSIX_FADV_DONTNEED)
         self._live.evict_calls += 1
@@ -437,6 +454,8 @@ class ResidencyManager:
         mostly = have * 2 >= np.maximum(full, 1)
         keys = np.flatnonzero(mostly.reshape(-1))
         partial = np.flatnonzero((~mostly & (have > 0)).reshape(-1))
+        if self.config.record:
+            self.records_.append(Record(Event.ADOPT, -1, -1, tuple(keys.tolist())))
         with self._lock:
             evicted = self.set_.adopt(keys)
         self._evict(list(partial) + list(evicted))

@@ -20,6 +20,7 @@ from .plugin import (
     load_predictors,
     prompt_tokens,
 )
+from .residency import ResidencyConfig
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class RunConfig:
     madvise_random: bool = False  # MADV_RANDOM on llama.cpp's mapping: no fault read-around
     threads: int = 2  # llama.cpp threads
     n_ctx: int = 512  # llama.cpp context size
+    residency: ResidencyConfig | None = None  # expert residency policy + budget; None: kernel
 
     def resolved_mode(self) -> str:
         """predictor with a predictor, oracle with a trace, else d0 (unless set)."""
@@ -80,14 +82,17 @@ def run_prompt(cfg: RunConfig) -> RunResult:
         preds = load_predictors(cfg.predictor, cfg.model,
                                 name=cfg.predictor_name or DEFAULT_PREDICTOR,
                                 source_model=cfg.source_model)
-    if mode == "oracle":
+    belady = cfg.residency is not None and cfg.residency.policy == "belady"
+    if mode == "oracle" or belady:
         if cfg.oracle_trace is None:
-            raise ExpertPredError("--mode oracle needs --oracle-trace DIR_OR_NPZ")
+            raise ExpertPredError(f"{'--residency belady' if belady else '--mode oracle'} "
+                                  "needs --oracle-trace DIR_OR_NPZ")
         oracle = OracleTrace.load(cfg.oracle_trace, prompt_tokens(cfg.model, cfg.prompt))
     with PrefetchLlama(cfg.model, mode=mode, predictor=preds, oracle=oracle, method=cfg.method,
                        queue_depth=cfg.queue_depth, lookahead=cfg.lookahead,
                        madvise_random=cfg.madvise_random, n_ctx=cfg.n_ctx,
-                       n_threads=cfg.threads, n_batch=min(512, cfg.n_ctx), seed=0) as llm:
+                       n_threads=cfg.threads, n_batch=min(512, cfg.n_ctx), seed=0,
+                       residency=cfg.residency) as llm:
         toks, n_prompt, t_prompt, t_decode = generate_greedy(llm, cfg.prompt, cfg.max_tokens)
         text = llm.detokenize(toks).decode("utf-8", errors="replace")
         stats = llm.prefetch_stats()

@@ -63,6 +63,13 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
+def _advice_name(advice: int) -> str:
+    try:
+        return Madvice(advice).name
+    except ValueError:
+        return str(int(advice))
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         err = ctypes.get_errno()
@@ -134,7 +141,7 @@ class FileMapping:
         start, length = self._span(offset, nbytes)
         if length:
             _check(_libc().madvise(self.addr + start, length, int(advice)),
-                   f"madvise({Madvice(advice).name}) {self.path}@{offset}+{nbytes}")
+                   f"madvise({_advice_name(advice)}) {self.path}@{offset}+{nbytes}")
 
     def mincore(self, offset: int = 0, nbytes: int | None = None) -> np.ndarray:
         """Per-page residency (bool array) of the file range, from the page cache.
@@ -221,7 +228,7 @@ def madvise_file_range(mapping: ProcessMapping, offset: int, nbytes: int,
         return 0
     addr = mapping.addr + (lo - mapping.file_offset)
     _check(_libc().madvise(addr, hi - lo, int(advice)),
-           f"madvise({Madvice(advice).name}) at file offset {lo}+{hi - lo}")
+           f"madvise({_advice_name(advice)}) at file offset {lo}+{hi - lo}")
     return hi - lo
 
 

@@ -175,7 +175,9 @@ class ServeCollector:
             yield gauge("prefetch_hit_rate", "share of expert uses that were prefetch hits",
                         eng.hit_rate)
         residency = getattr(st, "residency", None) or getattr(eng, "residency", None)
-        for name, v in _numeric_fields(residency):
+        fields = [*_numeric_fields(residency),
+                  *_numeric_fields(getattr(residency, "counters", None))]
+        for name, v in fields:
             if _residency_is_gauge(name):
                 yield gauge(f"residency_{name}", f"residency {name}", v)
             else:

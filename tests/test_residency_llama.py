@@ -1,0 +1,179 @@
+"""The residency manager inside real llama.cpp: evictions verified with mincore on a widened
+model, the manager's decisions equal a replay of what it saw, a refused eviction falls back
+to the kernel, a replaced file turns it off, bad budgets are one error line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from expertpred.gguf.layout import read_layout
+from expertpred.learn.residency_policy import make_policy, replay
+from expertpred.predictors.nextuse import NextUseConfig, NextUseModel
+from expertpred.prefetch.plugin import OracleTrace, PrefetchLlama, generate_greedy, prompt_tokens
+from expertpred.prefetch.residency import ResidencyConfig, layer_selection_bytes
+from expertpred.shipped import model_gguf
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "def read_config(path):\n"
+N_TOKENS = 8
+LLAMA = dict(n_ctx=256, n_threads=2, seed=0)
+
+
+def _stock(path: Path) -> list[int]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), verbose=False, **LLAMA)
+    try:
+        return generate_greedy(llm, PROMPT, N_TOKENS)[0]
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+    """tiny-qwen3moe widened to 0.25 MiB per expert (64 MiB of experts), f32 like the
+    source so routing and tokens are the source's; its stock greedy tokens."""
+    from expertpred.gguf.widen import widen
+
+    out = tmp_path_factory.mktemp("residency") / "wide.gguf"
+    widen(model_gguf("tiny-qwen3moe"), out, expert_mib=0.25, dtype="f32")
+    return out, _stock(out)
+
+
+@pytest.fixture(scope="module")
+def nextuse_model() -> NextUseModel:
+    from expertpred.learn.train import PredictorsConfig, open_source
+
+    src = open_source(PredictorsConfig(dataset=str(ROOT / "datasets/traces/tiny-qwen3moe")))
+    seqs = [s.experts for s in src.sequences(src.select(split="train"))]
+    return NextUseModel(src.model.n_moe, src.model.n_expert, NextUseConfig(horizon=1)).fit(seqs)
+
+
+def _run(path: Path, cfg: ResidencyConfig, **kw: object):
+    """Greedy tokens, plugin stats, (measured bytes, bookkeeping) before llama closes, and
+    the manager (closed)."""
+    with PrefetchLlama(path, mode="d0", residency=cfg, madvise_random=True, **kw,
+                       **LLAMA) as llm:
+        toks = generate_greedy(llm, PROMPT, N_TOKENS)[0]
+        mgr = llm.plugin.residency_
+        assert mgr is not None and mgr.flush(5.0)
+        seen = (mgr.measured(), mgr.set_.resident.reshape(mgr.measured().shape).copy())
+        st = llm.prefetch_stats()
+    return toks, st, seen, mgr
+
+
+def test_eviction_verified_by_mincore(wide) -> None:
+    path, ref = wide
+    lay = read_layout(path)
+    experts = int(lay.nbytes.sum())
+    budget = experts // 4
+    slack = layer_selection_bytes(lay)
+    toks, st, (measured, book), _ = _run(path, ResidencyConfig("lru", budget))
+    assert toks == ref
+    r = st.residency
+    assert r.enabled and r.evict_errors == 0 and r.counters.evictions > 0
+    assert r.counters.peak_resident_bytes <= budget
+    # the page cache agrees with the bookkeeping: experts it evicted are gone (up to one
+    # layer's d0 reads the engine may still finish after an eviction), the total is in budget
+    assert measured[~book].sum() <= slack
+    assert measured.sum() <= budget + slack
+    # without the manager the model stays cached: eviction made the difference
+    toks_k, _, (measured_k, _), _ = _run(path, ResidencyConfig("kernel", budget))
+    assert toks_k == ref and measured_k.sum() > 2 * (budget + slack)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "learned", "belady"])
+def test_manager_equals_replay(wide, nextuse_model, policy: str, tmp_path: Path) -> None:
+    path, ref = wide
+    from expertpred.trace.llama_tracer import LlamaTracer
+
+    with LlamaTracer(path, n_ctx=256, n_threads=2) as tr:
+        oracle = OracleTrace.from_sequence(tr.trace(prompt_tokens(path, PROMPT), N_TOKENS))
+    lay = read_layout(path)
+    budget = int(lay.nbytes.sum()) // 5
+    cfg = ResidencyConfig(policy, budget, record=True,
+                          nextuse_path=str(nextuse_model.save(tmp_path / "nextuse.npz")))
+    with PrefetchLlama(path, mode="oracle", oracle=oracle, lookahead=1, residency=cfg,
+                       **LLAMA) as llm:
+        mgr = llm.plugin.residency_
+        toks = generate_greedy(llm, PROMPT, N_TOKENS)[0]
+        assert mgr.flush(5.0)
+        st = llm.prefetch_stats().residency
+    assert toks == ref
+    assert any(r.event == 1 for r in mgr.records_)  # prefetches were accounted too
+    pol = make_policy(policy, future=oracle.experts, model=nextuse_model)
+    again = replay(mgr.records_, pol, budget, mgr.n_layer_, mgr.n_expert_,
+                   lay.nbytes.sum(axis=2))
+    assert again.counters == st.counters
+    assert st.counters.accesses > 0 and st.counters.steps == len(
+        [r for r in mgr.records_ if r.event == 0])
+
+
+def test_refused_eviction_falls_back_to_kernel(wide, caplog) -> None:
+    path, ref = wide
+    budget = int(read_layout(path).nbytes.sum()) // 4
+    cfg = ResidencyConfig("lru", budget, evict_advice=9999)  # the kernel answers EINVAL
+    with caplog.at_level(logging.WARNING, logger="expertpred.prefetch.residency"):
+        toks, st, _, _ = _run(path, cfg)
+    assert toks == ref
+    r = st.residency
+    assert r.active_policy == "kernel" and not r.enabled and r.evict_errors == 1
+    assert "refused" in r.disabled_reason
+    assert sum("refused" in m for m in caplog.messages) == 1
+
+
+def test_replaced_file_turns_residency_off(wide, tmp_path: Path) -> None:
+    path, ref = wide
+    copy, other = tmp_path / "m.gguf", tmp_path / "other.gguf"
+    shutil.copy(path, copy)
+    shutil.copy(path, other)
+    budget = int(read_layout(path).nbytes.sum()) // 4
+    cfg = ResidencyConfig("lru", budget)
+    with PrefetchLlama(copy, mode="d0", residency=cfg, **LLAMA) as llm:
+        seen = []
+
+        def on_token(tok: int) -> None:
+            seen.append(tok)
+            if len(seen) == 3:
+                os.replace(other, copy)
+
+        toks = generate_greedy(llm, PROMPT, N_TOKENS, on_token=on_token)[0]
+        st = llm.prefetch_stats()
+    assert toks == ref
+    assert not st.residency.enabled and "replaced" in st.residency.disabled_reason
+    assert st.counters.callback_errors == 0
+
+
+def test_default_budget_is_derived(wide) -> None:
+    path, ref = wide
+    toks, st, _, _ = _run(path, ResidencyConfig("lru", None))
+    assert toks == ref
+    assert 0 < st.residency.budget_bytes <= int(read_layout(path).nbytes.sum())
+
+
+@pytest.mark.parametrize("budget,match", [("1K", "below one layer"),
+                                          ("100GiB", "above the memory limit"),
+                                          ("lots", "expected a size")])
+def test_bad_budget_is_one_error_line(budget: str, match: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "expertpred.cli", "run", "--model",
+                        str(model_gguf("tiny-qwen3moe")), "--prompt", "hi", "--residency",
+                        "lru", "--budget", budget], capture_output=True, text=True, env=env,
+                       timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert match in lines[0]
+
+
+def test_sizes_per_expert_sum(wide) -> None:
+    lay = read_layout(wide[0])
+    assert layer_selection_bytes(lay) == int(
+        np.sort(lay.nbytes.sum(axis=2), axis=1)[:, -lay.n_expert_used:].sum(axis=1).max())
