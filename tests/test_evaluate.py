@@ -117,7 +117,8 @@ def test_evaluate_report_plots_and_tables(cfg, tmp_path):
 def test_train_save_load_and_model_mismatch(cfg, tmp_path):
     cfg = replace(cfg, predictors=("popularity", "transition"), out=str(tmp_path / "run"))
     fitted, paths = train(cfg)
-    assert len(paths) == 4 and all(p.is_file() for p in paths)
+    assert len(paths) == 5 and all(p.is_file() for p in paths)  # + nextuse.npz
+    assert paths[-1].name == "nextuse.npz"
     src = open_source(cfg)
     loaded = load_all(tmp_path / "run" / "models", src.model, cfg.predictors, cfg.offsets)
     assert set(loaded) == {"popularity", "transition"} and set(loaded["popularity"]) == {1, 2}

@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import ExpertPredError
 from ..features import FeatureBatch, FeatureConfig, build_features
 from ..predictors import Predictor
+from ..predictors.nextuse import NextUseModel
 from ..units import human_bytes
 from .cachesim import prefetch_plan, simulate
 from .metrics import exact_set_hit, grouped_mean, nanmean, precision_at_k, recall_at_k
@@ -40,6 +41,7 @@ from .train import (
     TraceSource,
     config_dict,
     fit_all,
+    fit_nextuse,
     load_all,
     open_source,
     phase_value,
@@ -128,7 +130,8 @@ def evaluate(cfg: PredictorsConfig, models_dir: str | os.PathLike[str] | None = 
             "skipped": fitted.skipped, "results": rows,
         })
     assert in_domain is not None
-    report["cache"] = cache_report(cfg, source, in_domain, source.select(split="test"))
+    report["cache"] = cache_report(cfg, source, in_domain, source.select(split="test"),
+                                   fit_nextuse(cfg, source, source.select(split="train")))
     report["goals"] = goals(report, cfg)
     return report
 
@@ -144,8 +147,10 @@ def _expert_bytes(source: TraceSource) -> np.ndarray:
 
 
 def cache_report(cfg: PredictorsConfig, source: TraceSource, fitted: FitResult,
-                 test_ids: Sequence[int]) -> dict[str, Any]:
-    """Hit rate and bytes per token of each cache policy on the test tokens, per budget."""
+                 test_ids: Sequence[int], nextuse: NextUseModel | None = None,
+                 ) -> dict[str, Any]:
+    """Hit rate and bytes per token of each cache policy on the test tokens, per budget;
+    ``learned`` (the residency policy driven by the ``nextuse`` model) when given."""
     model = source.model
     keep = phase_value(cfg.eval_phase)
     # 1. the access stream: test sequences one after another, tokens in order
@@ -186,8 +191,9 @@ def cache_report(cfg: PredictorsConfig, source: TraceSource, fitted: FitResult,
     results = []
     for b in cfg.cache_budgets:
         cap = int(b * total)
-        for pol in ("lru", "lfu", "belady"):
-            r = simulate(experts, pol, cap, sizes, model.n_expert)
+        for pol in ("lru", "lfu", "belady") if nextuse is None else (
+                "lru", "lfu", "learned", "belady"):
+            r = simulate(experts, pol, cap, sizes, model.n_expert, model=nextuse)
             results.append({"budget": b, **r.to_dict()})
         for pname, plan in plans.items():
             r = simulate(experts, "predictive", cap, sizes, model.n_expert, prefetch=plan)
@@ -235,6 +241,12 @@ def goals(report: dict[str, Any], cfg: PredictorsConfig) -> dict[str, Any]:
         out["predictive hit rate at 25% >= 0.90 and >= LRU + 0.20"] = {
             "met": pred >= 0.90 and pred - lru >= 0.20, "predictive": pred, "lru": lru,
             "predictor": cfg.cache_predictor}
+    bpt = {(r["policy"], r["budget"]): r["bytes_per_token"] for r in report["cache"]["results"]}
+    ratios = {str(b): bpt[("learned", b)] / bpt[("belady", b)]
+              for (p, b) in bpt if p == "learned" and bpt.get(("belady", b))}
+    if ratios:
+        out["learned residency bytes/token <= 1.3x Belady at every budget"] = {
+            "met": all(v <= 1.3 for v in ratios.values()), "ratio_by_budget": ratios}
     return out
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import ExpertPredError
 from ..features import FeatureConfig, ModelInfo, build_features
 from ..predictors import Predictor, available, make_predictor
+from ..predictors.nextuse import NextUseConfig, NextUseModel
 from ..trace.record import Phase, SequenceTrace
 from . import config
 
@@ -70,6 +71,8 @@ class PredictorsConfig:
     cache_predictor: str = "lightgbm"  # whose top-k the predictive cache prefetches
     cache_depth: int = 1  # prefetch layers l+1 .. l+cache_depth
     cache_prefetch_k: int = 0  # experts prefetched per layer; 0 = n_expert_used
+    residency_horizon: int = 1  # next-use model target: used within this many tokens (the
+    # learned residency policy's bytes per token were lowest at 1 on both shipped traces)
     plots: bool = True
     out: str = "runs/predictors"  # models/, report.json and plots land here
 
@@ -85,6 +88,9 @@ class PredictorsConfig:
                                       f"{', '.join(known)}")
         if not self.offsets or min(self.offsets) < 1:
             raise ExpertPredError(f"config offsets={list(self.offsets)}: expected d >= 1")
+        if self.residency_horizon < 1:
+            raise ExpertPredError(f"config residency_horizon={self.residency_horizon}: "
+                                  "expected >= 1 token")
         for b in self.cache_budgets:
             if not 0 < b <= 1:
                 raise ExpertPredError(f"config cache_budgets: {b} is not a share in (0, 1]")
@@ -288,10 +294,26 @@ def load_all(models_dir: str | os.PathLike[str], model: ModelInfo,
     return out
 
 
+def fit_nextuse(cfg: PredictorsConfig, source: TraceSource,
+                train_ids: Sequence[int]) -> NextUseModel:
+    """The learned residency policy's next-use model, on the same training sequences."""
+    nc = NextUseConfig(horizon=cfg.residency_horizon, history_decay=cfg.history_decay,
+                       seed=cfg.seed)
+    seqs = (t.experts for t in source.sequences(train_ids))
+    return NextUseModel(source.model.n_moe, source.model.n_expert, nc).fit(seqs)
+
+
+NEXTUSE_FILE = "nextuse.npz"  # in <out>/models, next to the ladder's predictors
+
+
 def train(cfg: PredictorsConfig) -> tuple[FitResult, list[Path]]:
-    """Fit on the train split (all domains) and save to ``<out>/models``."""
+    """Fit on the train split (all domains) and save to ``<out>/models`` (the ladder, and
+    the next-use model of the learned residency policy as ``nextuse.npz``)."""
     source = open_source(cfg)
     train_ids = source.select(split="train")
     log.info("training on %d sequences of %s", len(train_ids), source.description)
     fitted = fit_all(cfg, source, train_ids)
-    return fitted, save_all(fitted, Path(cfg.out) / "models")
+    paths = save_all(fitted, Path(cfg.out) / "models")
+    paths.append(fit_nextuse(cfg, source, train_ids).save(
+        Path(cfg.out) / "models" / NEXTUSE_FILE))
+    return fitted, paths
