@@ -296,7 +296,7 @@ def test_served_trace_trains_a_predictor(server: Server, tmp_path: Path) -> None
              f"--gguf={MODEL}")
     assert r.returncode == 0, r.stdout + r.stderr
     saved = sorted(p.name for p in (tmp_path / "pred" / "models").glob("*.npz"))
-    assert saved == ["popularity-d1.npz", "previous-token-d1.npz"]
+    assert saved == ["nextuse.npz", "popularity-d1.npz", "previous-token-d1.npz"]
     server.alive()
 
 
