@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from expertpred.gguf.layout import model_info  # noqa: E402
 from expertpred.trace.dataset import (  # noqa: E402
     DecodingInfo,
     ManifestInfo,
@@ -102,7 +103,7 @@ def real_sequences(args: argparse.Namespace, info: ManifestInfo) -> Iterator[Seq
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     if args.model:
-        model = ModelInfo.from_gguf(args.model)
+        model = model_info(args.model)
         shape_name = f"{model.arch} ({args.model})"
     else:
         n_layer, k, e, d = SHAPES[args.shape]

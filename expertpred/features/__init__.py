@@ -22,72 +22,19 @@ numbers; :attr:`ModelInfo.moe_layers` maps one to the other.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import ExpertPredError
+from ..model import ModelInfo
 from ..trace.record import Phase, SequenceTrace
 
 log = logging.getLogger(__name__)
 
 NO_EXPERT = -1  # padding in expert-id arrays (layer not routed yet / no previous token)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Identity and routing shape of the model a trace (and a predictor) belongs to."""
-
-    sha256: str  # of the GGUF file; "" when unknown (synthetic data)
-    arch: str
-    n_layer: int  # all blocks of the model
-    moe_layers: tuple[int, ...]  # GGUF block index of each traced MoE layer
-    n_expert: int
-    n_expert_used: int
-    n_embd: int
-
-    @property
-    def n_moe(self) -> int:
-        """L: number of MoE layers (rows of a trace)."""
-        return len(self.moe_layers)
-
-    @classmethod
-    def from_manifest(cls, model: Mapping[str, Any]) -> ModelInfo:
-        """From the ``model`` object of a trace dataset's _manifest.json."""
-        try:
-            return cls(
-                sha256=str(model.get("sha256", "")),
-                arch=str(model.get("arch", "")),
-                n_layer=int(model["n_layer"]),
-                moe_layers=tuple(int(x) for x in model["moe_layers"]),
-                n_expert=int(model["n_expert"]),
-                n_expert_used=int(model["n_expert_used"]),
-                n_embd=int(model.get("n_embd", 0)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ExpertPredError(f"manifest model record {dict(model)!r}: missing or bad "
-                                  f"field ({exc}); expected n_layer, moe_layers, n_expert, "
-                                  "n_expert_used") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "arch": self.arch, "n_layer": self.n_layer,
-                "moe_layers": list(self.moe_layers), "n_expert": self.n_expert,
-                "n_expert_used": self.n_expert_used, "n_embd": self.n_embd}
-
-    def check_same(self, other: ModelInfo, what: str) -> None:
-        """Raise a one-line :class:`ExpertPredError` unless ``other`` is the same model."""
-        if self.sha256 and other.sha256 and self.sha256 != other.sha256:
-            raise ExpertPredError(f"{what}: model sha256 {other.sha256[:12]}…, expected "
-                                  f"{self.sha256[:12]}… ({self.arch}); trained on another model")
-        mine = (self.moe_layers, self.n_expert, self.n_expert_used)
-        theirs = (other.moe_layers, other.n_expert, other.n_expert_used)
-        if mine != theirs:
-            raise ExpertPredError(
-                f"{what}: model with {other.n_moe} MoE layers × {other.n_expert} experts "
-                f"(k={other.n_expert_used}), expected {self.n_moe} × {self.n_expert} "
-                f"(k={self.n_expert_used}); trained on another model")
 
 
 @dataclass(frozen=True)

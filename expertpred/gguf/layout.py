@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import GGUFError
+from ..model import ModelInfo
 from .header import (
     INTEGER_TYPES,
     GGUFHeader,
@@ -287,12 +288,60 @@ def check_file_complete(path: str | os.PathLike[str], layout: MoELayout) -> None
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """sha256 of a file, streamed (model files can be many GB)."""
+    """sha256 of a file, streamed (model files can be many GB): the one file hash of
+    expertpred (model identity, trace shards, prompt files)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def routing_fingerprint(path: str | os.PathLike[str], layout: MoELayout | None = None) -> str:
+    """sha256 over every tensor that is not a stacked expert tensor (name, type, shape,
+    bytes): everything routing depends on. A widened copy (``expertpred widen``) has the
+    fingerprint of its source; reading it costs the non-expert bytes only."""
+    lay = layout or read_layout(path)
+    experts = {f"blk.{b}.{part}" for b in lay.moe_layers for part in lay.parts}
+    h = hashlib.sha256()
+    hdr = read_header(path)
+    with open(path, "rb") as f:
+        for t in hdr.tensors:
+            if t.name in experts:
+                continue
+            h.update(f"{t.name}|{t.ggml_type}|{t.shape}|".encode())
+            f.seek(t.offset)
+            h.update(f.read(t.nbytes))
+    return h.hexdigest()
+
+
+def model_info(path: str | os.PathLike[str], layout: MoELayout | None = None) -> ModelInfo:
+    """The :class:`~expertpred.model.ModelInfo` of a GGUF file, hashed (reads the whole file;
+    raises GGUFError for a dense / bad model)."""
+    lay = layout or read_layout(path)
+    return ModelInfo.from_layout(lay, sha256=file_sha256(path), path=str(path))
+
+
+class GGUFFile:
+    """A GGUF file as :func:`expertpred.model.check_identity` asks about it; the hash and the
+    fingerprint are computed on first use and kept (each reads the file)."""
+
+    def __init__(self, path: str | os.PathLike[str], layout: MoELayout | None = None) -> None:
+        self.path = str(path)
+        self.layout = layout or read_layout(path)
+        self.info = ModelInfo.from_layout(self.layout, path=self.path)
+        self._sha256 = ""
+        self._fingerprint = ""
+
+    def sha256(self) -> str:
+        if not self._sha256:
+            self._sha256 = file_sha256(self.path)
+        return self._sha256
+
+    def routing_fingerprint(self) -> str:
+        if not self._fingerprint:
+            self._fingerprint = routing_fingerprint(self.path, self.layout)
+        return self._fingerprint
 
 
 def read_tensors(path: str | os.PathLike[str], names: list[str]) -> dict[str, np.ndarray]:

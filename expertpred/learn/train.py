@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import ExpertPredError
 from ..features import FeatureConfig, ModelInfo, build_features
 from ..predictors import Predictor, available, make_predictor
+from ..predictors.base import load_all, model_path  # noqa: F401 - load_all: re-exported
 from ..predictors.nextuse import NextUseConfig, NextUseModel
 from ..trace.record import Phase, SequenceTrace
 from . import config
@@ -266,32 +267,12 @@ def fit_all(cfg: PredictorsConfig, source: TraceSource, train_ids: Sequence[int]
     return res
 
 
-def model_path(models_dir: str | os.PathLike[str], name: str, d: int) -> Path:
-    return Path(models_dir) / f"{name.replace('+', '_plus_')}-d{d}.npz"
-
-
 def save_all(fitted: FitResult, models_dir: str | os.PathLike[str]) -> list[Path]:
     paths = []
     for name, by_d in fitted.predictors.items():
         for d, p in by_d.items():
             paths.append(p.save(model_path(models_dir, name, d)))
     return paths
-
-
-def load_all(models_dir: str | os.PathLike[str], model: ModelInfo,
-             names: Sequence[str], offsets: Sequence[int]) -> dict[str, dict[int, Predictor]]:
-    """Load saved predictors; a predictor trained on another model is a one-line error."""
-    out: dict[str, dict[int, Predictor]] = {}
-    for name in names:
-        for d in offsets:
-            path = model_path(models_dir, name, d)
-            if not path.is_file():
-                log.warning("no saved %s for d=%d in %s", name, d, models_dir)
-                continue
-            p = Predictor.load(path)
-            p.model_.check_same(model, str(path))
-            out.setdefault(name, {})[d] = p
-    return out
 
 
 def fit_nextuse(cfg: PredictorsConfig, source: TraceSource,

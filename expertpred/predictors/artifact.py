@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..features import FeatureBatch, FeatureConfig, ModelInfo
+from ..model import check_identity
 from .base import Predictor, available, get_predictor_class
 from .validate import CHECKSUM_KEY, artifact_checksum, read_npz_bounded, validate_artifact
 
@@ -202,41 +203,12 @@ def read(path: Path) -> Artifact:
     return art
 
 
-def _check_model(path: Path, trained: ModelInfo, gguf_path: str | os.PathLike[str],
-                 allow_sha_mismatch: bool) -> ModelInfo:
-    """The model to run on: ``trained`` or, after an allowed sha mismatch, the GGUF's."""
-    from ..gguf.layout import file_sha256, read_layout
-
-    lay = read_layout(gguf_path)
-    mine = (trained.n_layer, tuple(trained.moe_layers), trained.n_expert,
-            trained.n_expert_used, trained.n_embd)
-    theirs = (lay.n_layer, tuple(lay.moe_layers), lay.n_expert, lay.n_expert_used, lay.n_embd)
-    if mine != theirs:
-        keys = ("n_layer", "moe_layers", "n_expert", "n_expert_used", "n_embd")
-        diff = ", ".join(f"{k} {a} vs {b}" for k, a, b in zip(keys, mine, theirs) if a != b)
-        raise ExpertPredError(f"{path}: trained for another model shape than {gguf_path} "
-                              f"(artifact vs GGUF: {diff}); not overridable")
-    sha = file_sha256(gguf_path)
-    if not trained.sha256:
-        log.warning("%s: artifact records no model sha256 (synthetic training data?); "
-                    "accepted for %s on shapes alone", path, gguf_path)
-        return trained
-    if sha == trained.sha256:
-        return trained
-    if not allow_sha_mismatch:
-        raise ExpertPredError(f"{path}: trained for model sha256 {trained.sha256[:12]}…, "
-                              f"{gguf_path} has sha256 {sha[:12]}… (same shapes: "
-                              "--allow-sha-mismatch to use it anyway)")
-    log.warning("%s: trained for sha256 %s…, used with %s (sha256 %s…): allowed", path,
-                trained.sha256[:12], gguf_path, sha[:12])
-    return ModelInfo(sha256=sha, arch=lay.arch, n_layer=lay.n_layer,
-                     moe_layers=tuple(lay.moe_layers), n_expert=lay.n_expert,
-                     n_expert_used=lay.n_expert_used, n_embd=lay.n_embd)
-
-
 def load_artifact(path: str | os.PathLike[str], gguf_path: str | os.PathLike[str] | None = None,
-                  allow_sha_mismatch: bool = False) -> PredictorSet:
-    """Load an artifact (numpy only); with ``gguf_path`` check it was trained for that model.
+                  allow_sha_mismatch: bool = False,
+                  source_model: str | os.PathLike[str] | None = None) -> PredictorSet:
+    """Load an artifact (numpy only); with ``gguf_path`` check it was trained for that model
+    (the one identity policy, :func:`expertpred.model.check_identity`; ``source_model``: the
+    model ``gguf_path`` was widened from).
 
     Errors are one-line :class:`ExpertPredError`: not a file / truncated / bad JSON / missing
     or malformed array / unknown kind / another model (shape: always; sha256: unless
@@ -254,7 +226,11 @@ def load_artifact(path: str | os.PathLike[str], gguf_path: str | os.PathLike[str
             from None
     model = trained
     if gguf_path is not None:
-        model = _check_model(art.path, trained, gguf_path, allow_sha_mismatch)
+        from ..gguf.layout import GGUFFile
+
+        source = GGUFFile(source_model) if source_model is not None else None
+        model = check_identity(trained, GGUFFile(gguf_path), source=source, what=str(art.path),
+                               allow_sha_mismatch=allow_sha_mismatch).model
     by_d: dict[int, Predictor] = {}
     for d, entry in sorted(offsets.items()):
         kind = str(entry["kind"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -276,3 +276,24 @@ def available() -> list[str]:
 
     _load_all()
     return sorted(REGISTRY)
+
+
+def model_path(models_dir: str | os.PathLike[str], name: str, d: int) -> Path:
+    """Where ``expertpred train`` saves predictor ``name`` for offset ``d``."""
+    return Path(models_dir) / f"{name.replace('+', '_plus_')}-d{d}.npz"
+
+
+def load_all(models_dir: str | os.PathLike[str], model: ModelInfo,
+             names: Sequence[str], offsets: Sequence[int]) -> dict[str, dict[int, Predictor]]:
+    """Load saved predictors; a predictor trained on another model is a one-line error."""
+    out: dict[str, dict[int, Predictor]] = {}
+    for name in names:
+        for d in offsets:
+            path = model_path(models_dir, name, d)
+            if not path.is_file():
+                log.warning("no saved %s for d=%d in %s", name, d, models_dir)
+                continue
+            p = Predictor.load(path)
+            p.model_.check_same(model, str(path))
+            out.setdefault(name, {})[d] = p
+    return out

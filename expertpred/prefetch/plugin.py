@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import hashlib
 import logging
 import os
 import time
@@ -70,11 +69,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import FeatureBatch, ModelInfo, OnlineFeatures
-from ..gguf.header import read_header
-from ..gguf.layout import MoELayout, check_file_complete, file_sha256, read_layout
+from ..features import FeatureBatch, OnlineFeatures
+from ..gguf.layout import GGUFFile, MoELayout, check_file_complete, read_layout
 from ..llama import ggml
+from ..model import ModelInfo, check_identity
 from ..predictors.artifact import PredictorSet, load_artifact
+from ..predictors.base import load_all
 from ..trace.record import Phase, SequenceTrace
 from .engine import PrefetchEngine, PrefetchStats, Priority
 from .residency import ResidencyConfig, ResidencyManager, ResidencyStats
@@ -170,82 +170,36 @@ def load_predictors(path: str | os.PathLike[str], gguf_path: str | os.PathLike[s
                     source_model: str | os.PathLike[str] | None = None) -> PredictorSet:
     """Predictors for ``gguf_path`` from ``path``: a directory of saved predictors
     (``expertpred train``'s ``<out>/models``, files ``<name>-d<d>.npz``) or an exported
-    artifact (``expertpred.predictors.export``), checked against the model (see
-    :func:`check_predictor_model`)."""
+    artifact (``expertpred.predictors.export``), checked against the model by the one
+    identity policy (:func:`expertpred.model.check_identity`; ``source_model``: the model
+    ``gguf_path`` was widened from)."""
     p = Path(path)
     if not p.exists():
         raise ExpertPredError(f"{p}: no such predictor directory or artifact")
-    lay = read_layout(gguf_path)
-    shape_only = _model_info(lay)
-    if p.is_dir() and any(p.glob("*-d*.npz")):
-        from ..learn.train import load_all
-
-        try:
-            by_name = load_all(p, shape_only, [name], offsets)
-        except ExpertPredError as exc:
-            raise ExpertPredError(f"predictor {p} does not fit {gguf_path}: {exc}") from None
-        if name not in by_name:
-            raise ExpertPredError(f"{p}: no saved {name!r} predictor (expected files "
-                                  f"{name}-d<d>.npz for d in {list(offsets)})")
-        pset = PredictorSet.from_predictors(by_name[name], source=str(p))
-    else:
-        pset = load_artifact(p, gguf_path=str(gguf_path))
-    check_predictor_model(pset, gguf_path, source_model=source_model, layout=lay)
+    if not (p.is_dir() and any(p.glob("*-d*.npz"))):
+        return load_artifact(p, gguf_path=str(gguf_path), source_model=source_model)
+    target = GGUFFile(gguf_path)
+    try:
+        by_name = load_all(p, target.info, [name], offsets)
+    except ExpertPredError as exc:
+        raise ExpertPredError(f"predictor {p} does not fit {gguf_path}: {exc}") from None
+    if name not in by_name:
+        raise ExpertPredError(f"{p}: no saved {name!r} predictor (expected files "
+                              f"{name}-d<d>.npz for d in {list(offsets)})")
+    pset = PredictorSet.from_predictors(by_name[name], source=str(p))
+    check_predictor_model(pset, gguf_path, source_model=source_model, layout=target.layout)
     return pset
-
-
-def _model_info(lay: MoELayout, sha256: str = "") -> ModelInfo:
-    return ModelInfo(sha256=sha256, arch=lay.arch, n_layer=lay.n_layer,
-                     moe_layers=tuple(lay.moe_layers), n_expert=lay.n_expert,
-                     n_expert_used=lay.n_expert_used, n_embd=lay.n_embd)
-
-
-def routing_fingerprint(path: str | os.PathLike[str], layout: MoELayout | None = None) -> str:
-    """sha256 over every tensor that is not a stacked expert tensor (name, type, shape,
-    bytes): everything routing depends on. A widened copy (``expertpred widen``) has the
-    fingerprint of its source; reading it costs the non-expert bytes only."""
-    lay = layout or read_layout(path)
-    experts = {f"blk.{b}.{part}" for b in lay.moe_layers for part in lay.parts}
-    h = hashlib.sha256()
-    hdr = read_header(path)
-    with open(path, "rb") as f:
-        for t in hdr.tensors:
-            if t.name in experts:
-                continue
-            h.update(f"{t.name}|{t.ggml_type}|{t.shape}|".encode())
-            f.seek(t.offset)
-            h.update(f.read(t.nbytes))
-    return h.hexdigest()
 
 
 def check_predictor_model(pset: PredictorProvider, gguf_path: str | os.PathLike[str],
                           source_model: str | os.PathLike[str] | None = None,
                           layout: MoELayout | None = None) -> None:
-    """Raise a one-line :class:`ExpertPredError` unless the predictor was trained on this model.
-
-    Shapes (MoE layers, experts, k) must match. Identity: the predictor's sha256 must be the
-    file's — or, for a widened copy, ``source_model``'s, and the copy's
-    :func:`routing_fingerprint` must equal the source's. Hashing reads the whole file.
-    """
-    lay = layout or read_layout(gguf_path)
+    """Raise a one-line :class:`ExpertPredError` unless ``pset`` may run on ``gguf_path``:
+    :func:`expertpred.model.check_identity` (exact sha256, or a widened copy of
+    ``source_model`` with its routing fingerprint)."""
     what = f"predictor {getattr(pset, 'source', '') or ''} for {gguf_path}".replace("  ", " ")
-    pset.model.check_same(_model_info(lay), what)
-    if not pset.model.sha256:
-        return
-    if source_model is None:
-        sha = file_sha256(gguf_path)
-        if sha != pset.model.sha256:
-            raise ExpertPredError(f"{what}: model sha256 {sha[:12]}…, predictor trained on "
-                                  f"{pset.model.sha256[:12]}… (another model; for a widened "
-                                  "copy pass the model it was widened from as source_model)")
-        return
-    sha = file_sha256(source_model)
-    if sha != pset.model.sha256:
-        raise ExpertPredError(f"{what}: source model {source_model} has sha256 {sha[:12]}…, "
-                              f"predictor trained on {pset.model.sha256[:12]}…")
-    if routing_fingerprint(source_model) != routing_fingerprint(gguf_path, lay):
-        raise ExpertPredError(f"{gguf_path}: non-expert tensors differ from {source_model}: "
-                              "not a widened copy of it")
+    source = GGUFFile(source_model) if source_model is not None else None
+    check_identity(pset.model, GGUFFile(gguf_path, layout), source=source, what=what)
 
 
 # --- oracle -------------------------------------------------------------------------------------
@@ -408,7 +362,8 @@ class PrefetchPlugin:
         if self.mode is Mode.PREDICTOR:
             if self.predictor is None:
                 raise ExpertPredError("mode 'predictor' needs a predictor (--predictor)")
-            self.predictor.model.check_same(_model_info(lay), f"predictor for {self.gguf_path}")
+            self.predictor.model.check_same(ModelInfo.from_layout(lay),
+                                            f"predictor for {self.gguf_path}")
             default_d = min(DEFAULT_LOOKAHEAD, max(self.predictor.offsets))
         elif self.mode is Mode.ORACLE:
             if self.oracle is None:
@@ -470,7 +425,7 @@ class PrefetchPlugin:
         self._features: OnlineFeatures | None = None
         self._feat_pos = -1  # last position fed to the features
         if self.mode is Mode.PREDICTOR:
-            self._features = OnlineFeatures(_model_info(lay, self.predictor.model.sha256),
+            self._features = OnlineFeatures(ModelInfo.from_layout(lay, self.predictor.model.sha256),
                                             history_decay=self.predictor.history_decay)
         self.engine_: PrefetchEngine | None = None
         if self.mode is not Mode.OFF:

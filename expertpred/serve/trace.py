@@ -90,17 +90,17 @@ class ServedTraceSink:
     def __init__(self, out_dir: str | os.PathLike[str], model_path: str | os.PathLike[str],
                  *, n_ctx: int, n_threads: int, keep_text: bool = False,
                  shard_rows: int = 4096) -> None:
+        from ..gguf.layout import model_info
         from ..trace.dataset import (
             DecodingInfo,
             ManifestInfo,
-            ModelInfo,
             TraceWriter,
             find_manifest,
         )
 
         self.out_dir = Path(out_dir)
         self.keep_text = keep_text
-        info = ManifestInfo(model=ModelInfo.from_gguf(model_path),
+        info = ManifestInfo(model=model_info(model_path),
                             # each request brings its own sampling; "served" says so
                             decoding=DecodingInfo(mode="served", temperature=0.0,
                                                   max_tokens=0, n_ctx=n_ctx,

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import ExpertPredError
-from ..gguf.layout import file_sha256
+from ..gguf.layout import file_sha256, model_info
 from .dataset import (
     DecodingInfo,
     ManifestInfo,
-    ModelInfo,
     PromptSetInfo,
     TraceDataset,
     TraceWriter,
@@ -88,7 +87,7 @@ def manifest_info(cfg: TraceRunConfig, selection: list[Prompt]) -> ManifestInfo:
     prompts = PromptSetInfo(path=str(cfg.prompts), sha256=file_sha256(cfg.prompts),
                             n_prompts=len(read_prompt_file(cfg.prompts)), split=cfg.split,
                             domain=cfg.domain, limit=cfg.limit, n_selected=len(selection))
-    return ManifestInfo(model=ModelInfo.from_gguf(cfg.model), prompts=prompts,
+    return ManifestInfo(model=model_info(cfg.model), prompts=prompts,
                         decoding=cfg.decoding(), capture_hidden=cfg.hidden)
 
 

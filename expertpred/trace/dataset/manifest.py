@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ...model import ModelInfo
 from ..validate import TraceDatasetError, check_manifest
 from .schema import FORMAT_NAME, FORMAT_VERSION
 
@@ -33,37 +34,6 @@ MANIFEST_NAME = "_manifest.json"
 # The name before the Hive convention; read, never written.
 LEGACY_MANIFEST_NAME = "manifest.json"
 TMP_SUFFIX = ".tmp"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The traced model: identity (sha256) and the routing geometry the columns depend on."""
-
-    path: str
-    sha256: str
-    arch: str
-    n_layer: int
-    moe_layers: tuple[int, ...]  # block index of each of the L layers in the nested columns
-    n_expert: int
-    n_expert_used: int
-    n_embd: int
-
-    @classmethod
-    def from_gguf(cls, path: str | os.PathLike[str]) -> ModelInfo:
-        """Read the layout and hash the file (raises GGUFError for a dense / bad model)."""
-        from ...gguf.layout import file_sha256, read_layout
-
-        lay = read_layout(path)
-        return cls(path=str(path), sha256=file_sha256(path), arch=lay.arch,
-                   n_layer=lay.n_layer, moe_layers=tuple(lay.moe_layers),
-                   n_expert=lay.n_expert, n_expert_used=lay.n_expert_used, n_embd=lay.n_embd)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
-        return cls(path=str(d["path"]), sha256=str(d["sha256"]), arch=str(d["arch"]),
-                   n_layer=int(d["n_layer"]), moe_layers=tuple(int(x) for x in d["moe_layers"]),
-                   n_expert=int(d["n_expert"]), n_expert_used=int(d["n_expert_used"]),
-                   n_embd=int(d["n_embd"]))
 
 
 @dataclass(frozen=True)
