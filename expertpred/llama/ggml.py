@@ -14,6 +14,8 @@ import logging
 import os
 from functools import lru_cache
 
+from .nodes import BASE_NAMES, Want
+
 log = logging.getLogger(__name__)
 
 # struct ggml_tensor field offsets (bytes)
@@ -33,7 +35,7 @@ GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 GGML_TYPE_I32 = 26
 
-_TYPE_SIZE = {GGML_TYPE_F32: 4, GGML_TYPE_F16: 2, GGML_TYPE_I32: 4}
+_TYPE_SIZE = {GGML_TYPE_F32: 4, GGML_TYPE_F16: 2, GGML_TYPE_I32: 4}  # bytes per element
 
 
 class GGMLLib:
@@ -142,31 +144,40 @@ class Threadpool:
         fn(ctx, self.ptr, self.ptr)
 
     def close(self) -> None:
+        """Free the pool (idempotent); free the contexts that use it first."""
         if self.ptr:
             self._free(self.ptr)
             self.ptr = None
+
+    def __enter__(self) -> Threadpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --- the capture callback in C -----------------------------------------------------------
 # A Python eval callback costs ~0.7 µs per graph node (the scheduler asks about every node,
 # ~50 per layer) plus the copies; on small models that is more than the model's own compute.
-# This C version of LlamaTracer's callback is compiled once per machine with the system C
-# compiler (one is always present: llama-cpp-python builds from source) and cached; when no
-# compiler works, the tracer falls back to the Python callback.
+# This C version of ``hook.RoutingHook``'s callback is compiled once per machine with the
+# system C compiler (one is always present: llama-cpp-python builds from source) and cached;
+# when no compiler works, the hook falls back to its Python twin. Python code runs only in
+# ``notify``, once per MoE layer and ubatch, when the hook's owner asks for it (the plugin).
 
-CAPTURE_C = r"""
+NOTIFY_FN = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+
+_CAPTURE_C = r"""
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 
 typedef void (*tensor_get_fn)(const void *t, void *data, size_t offset, size_t size);
 typedef void (*to_fp16_fn)(const float *x, uint16_t *y, int64_t n);
+typedef void (*notify_fn)(int64_t li, int64_t row, int64_t n);
 
-enum { YES_SCORE = 1, YES_WEIGHTS = 2, REM_ARGSORT = 4, REM_ROUTER_IN = 8 };
-#define N_BASE 9
-static const char *BASE[N_BASE] = {
-    "logits", "logits_biased", "probs", "probs_biased", "argsort",
-    "weights", "weights_softmax", "weights_norm", "weights_scaled" };
+enum { @FLAGS@ };
+#define N_BASE @N_BASE@
+static const char *BASE[N_BASE] = { @BASES@ };
 
 typedef struct {
     int64_t n_layer, n_expert, k, n_embd, cap, scratch_rows;
@@ -179,7 +190,9 @@ typedef struct {
     int64_t *rows;                        /* [L] tokens captured so far per MoE layer */
     void **argsort_ptr; void **router_in_ptr;  /* [L] remembered in the ask phase */
     int64_t error;                        /* 0 ok; else 1 + reason code */
-    int64_t stop_after;                   /* MoE row after whose weights to stop, -1 never */
+    int64_t stop_after;                   /* MoE row after whose commit to stop, -1 never */
+    notify_fn notify;                     /* called after a layer's rows are committed */
+    int64_t ring;                         /* 1: every ubatch writes rows from 0 (streaming) */
 } ep_state;
 
 #define OFF_NE 16
@@ -204,6 +217,21 @@ static int parse(const char *name, int *layer) {
     return -1;
 }
 
+/* first k of each of n argsort rows (row stride E) -> experts (row stride k) */
+static void copy_experts(ep_state *s, void *a, int32_t *dst, int64_t n) {
+    const int64_t E = s->n_expert, k = s->k;
+    if (n == 1) { s->tensor_get(a, dst, 0, (size_t)(k * 4)); return; }
+    s->tensor_get(a, s->scratch_i32, 0, (size_t)(n * E * 4));
+    for (int64_t i = 0; i < n; i++)
+        memcpy(dst + i * k, s->scratch_i32 + i * E, (size_t)(k * 4));
+}
+
+static bool commit(ep_state *s, int64_t li, int64_t r, int64_t n) {
+    s->rows[li] = r + n;
+    if (s->notify) s->notify(li, r, n);
+    return li != s->stop_after;  /* false stops the compute: the rest is not needed */
+}
+
 bool ep_callback(void *t, bool ask, void *user_data) {
     ep_state *s = (ep_state *)user_data;
     int layer = 0;
@@ -213,19 +241,26 @@ bool ep_callback(void *t, bool ask, void *user_data) {
     int64_t li = s->layer_li[layer];
     if (!flags || li < 0) return !ask;
     if (ask) {
-        if (flags & REM_ARGSORT) s->argsort_ptr[li] = t;
-        if (flags & REM_ROUTER_IN) s->router_in_ptr[li] = *(void **)((char *)t + OFF_SRC + 8);
-        return (flags & (YES_SCORE | YES_WEIGHTS)) != 0;
+        if (flags & ARGSORT_PTR) s->argsort_ptr[li] = t;
+        if (flags & ROUTER_IN) s->router_in_ptr[li] = *(void **)((char *)t + OFF_SRC + 8);
+        return (flags & (SCORE | WEIGHTS | EXPERTS)) != 0;
     }
     const int64_t *ne = (const int64_t *)((char *)t + OFF_NE);
     const int64_t E = s->n_expert, k = s->k, D = s->n_embd;
-    int64_t r = s->rows[li];
-    if (flags & YES_SCORE) {
+    int64_t r = s->ring ? 0 : s->rows[li];
+    if (flags & SCORE) {
         int64_t n = ne[1];
         if (r + n > s->cap) { s->error = 2; return false; }
         s->tensor_get(t, s->scores + (li * s->cap + r) * E, 0, (size_t)(n * E * 4));
     }
-    if (flags & YES_WEIGHTS) {
+    if (flags & EXPERTS) {
+        int64_t n = ne[1];
+        if (r + n > s->cap) { s->error = 2; return false; }
+        if (n > s->scratch_rows) { s->error = 3; return false; }
+        copy_experts(s, t, s->experts + (li * s->cap + r) * k, n);
+        return commit(s, li, r, n);
+    }
+    if (flags & WEIGHTS) {
         int64_t n = ne[0] * ne[1] * ne[2] * ne[3] / k;
         if (r + n > s->cap) { s->error = 2; return false; }
         if (n > s->scratch_rows) { s->error = 3; return false; }
@@ -233,25 +268,25 @@ bool ep_callback(void *t, bool ask, void *user_data) {
         s->tensor_get(t, s->weights + off, 0, (size_t)(n * k * 4));
         void *a = s->argsort_ptr[li];
         if (!a) { s->error = 4; return false; }
-        if (n == 1) {
-            s->tensor_get(a, s->experts + off, 0, (size_t)(k * 4));
-        } else {
-            s->tensor_get(a, s->scratch_i32, 0, (size_t)(n * E * 4));
-            for (int64_t i = 0; i < n; i++)
-                memcpy(s->experts + off + i * k, s->scratch_i32 + i * E, (size_t)(k * 4));
-        }
+        copy_experts(s, a, s->experts + off, n);
         if (s->hidden) {
             void *h = s->router_in_ptr[li];
             if (!h) { s->error = 5; return false; }
             s->tensor_get(h, s->scratch_f32, 0, (size_t)(n * D * 4));
             s->to_fp16(s->scratch_f32, s->hidden + (li * s->cap + r) * D, n * D);
         }
-        s->rows[li] = r + n;
-        if (li == s->stop_after) return false;  /* the rest of the graph is not needed */
+        return commit(s, li, r, n);
     }
     return true;
 }
 """
+
+# The C source with the node table and flag values of ``nodes`` filled in (defined once).
+CAPTURE_C = (
+    _CAPTURE_C.replace("@FLAGS@", ", ".join(f"{w.name} = {int(w)}" for w in Want))
+    .replace("@N_BASE@", str(len(BASE_NAMES)))
+    .replace("@BASES@", ", ".join(f'"{b}"' for b in BASE_NAMES))
+)
 
 CAPTURE_ERRORS = {
     2: "more token rows than the capture buffer holds",
@@ -259,10 +294,6 @@ CAPTURE_ERRORS = {
     4: "weights node reached before its argsort node",
     5: "weights node reached before the router matmul (router input unknown)",
 }
-
-BASE_NAMES = ("logits", "logits_biased", "probs", "probs_biased", "argsort", "weights",
-              "weights_softmax", "weights_norm", "weights_scaled")
-
 
 class CaptureState(ctypes.Structure):
     _fields_ = [
@@ -277,7 +308,12 @@ class CaptureState(ctypes.Structure):
         ("rows", ctypes.c_void_p),
         ("argsort_ptr", ctypes.c_void_p), ("router_in_ptr", ctypes.c_void_p),
         ("error", ctypes.c_int64), ("stop_after", ctypes.c_int64),
+        ("notify", ctypes.c_void_p), ("ring", ctypes.c_int64),
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop_after = -1  # the C callback never stops unless told to
 
 
 def _cache_dir() -> str:

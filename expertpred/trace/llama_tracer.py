@@ -64,7 +64,6 @@ projection. Not thread-safe: one tracer per thread.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -75,25 +74,12 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..gguf.layout import read_layout
-from ..llama import ggml
+from ..llama import ggml, runtime
+from ..llama.hook import RoutingHook, check_node
+from ..llama.nodes import ARGSORT, CapturePlan, node_name, trace_plan
 from .record import Phase, SequenceTrace
 
 log = logging.getLogger(__name__)
-
-# Score nodes in graph order; the last one present is what the arch selects on.
-SCORE_CHAIN = ("ffn_moe_logits", "ffn_moe_logits_biased", "ffn_moe_probs_biased")
-SCORE_FALLBACK = "ffn_moe_probs"  # when the arch passes precomputed probabilities
-# Weight nodes in graph order; the last one present holds the final mixing weights.
-WEIGHT_CHAIN = ("ffn_moe_weights", "ffn_moe_weights_softmax", "ffn_moe_weights_norm",
-                "ffn_moe_weights_scaled")
-ARGSORT = "ffn_moe_argsort"
-ROUTER_MATMUL = "ffn_moe_logits"
-
-# What the callback does with a node (bit flags of the ``_want`` table).
-_YES_SCORE = 1  # say yes, copy the scores when ready
-_YES_WEIGHTS = 2  # say yes, copy weights + argsort (+ router input) when ready
-_REM_ARGSORT = 4  # remember the pointer in the ask phase
-_REM_ROUTER_IN = 8  # remember src[1] (router input) in the ask phase
 
 
 class Generation(NamedTuple):
@@ -102,33 +88,6 @@ class Generation(NamedTuple):
     tokens: np.ndarray  # int32 (T,), prompt then generated
     n_prompt: int
     text: str
-
-
-class _Buffers:
-    """Reused capture buffers, laid out (layer, token, ·) so one ubatch is one copy."""
-
-    def __init__(self, n_moe: int, n_expert: int, k: int, n_embd: int, n_batch: int,
-                 hidden: bool) -> None:
-        self.shape = (n_moe, n_expert, k, n_embd)
-        self.hidden_on = hidden
-        self.cap = 0
-        self.scratch_i32 = np.empty((n_batch, n_expert), dtype=np.int32)
-        self.scratch_f32 = np.empty((n_batch, n_embd), dtype=np.float32) if hidden else None
-        self.ensure(256)
-
-    def ensure(self, cap: int) -> None:
-        if cap <= self.cap:
-            return
-        n_moe, n_expert, k, n_embd = self.shape
-        self.cap = max(cap, 2 * self.cap)
-        self.scores = np.empty((n_moe, self.cap, n_expert), dtype=np.float32)
-        self.experts = np.empty((n_moe, self.cap, k), dtype=np.int32)
-        self.weights = np.empty((n_moe, self.cap, k), dtype=np.float32)
-        self.hidden = (np.empty((n_moe, self.cap, n_embd), dtype=np.float16)
-                       if self.hidden_on else None)
-        self.scores_addr = self.scores.ctypes.data
-        self.experts_addr = self.experts.ctypes.data
-        self.weights_addr = self.weights.ctypes.data
 
 
 class LlamaTracer:
@@ -163,321 +122,81 @@ class LlamaTracer:
                 f"{self.model_path}: {layout.arch}.expert_used_count is "
                 f"{self.n_expert_used_}, expected > 0"
             )
-
         import llama_cpp as llama
 
         self._llama = llama
-        _quiet_llama_logs()
-        llama.llama_backend_init()
-        self._model = None
-        errors = _load_errors()
-        with errors:
-            mparams = llama.llama_model_default_params()
-            self._model = llama.llama_model_load_from_file(str(self.model_path).encode(),
-                                                           mparams)
-        if not self._model:
-            why = errors.lines[0] if errors.lines else "no reason logged"
-            raise ExpertPredError(f"{self.model_path}: llama.cpp failed to load the model ({why})")
-        self._vocab = llama.llama_model_get_vocab(self._model)
-        self.n_embd_ = int(llama.llama_model_n_embd(self._model))
-        self.n_vocab_ = int(llama.llama_vocab_n_tokens(self._vocab))
-        self._ggml = ggml.ggml_lib()
-        self._tensor_get = self._ggml.tensor_get
-
-        n_moe = len(self.moe_layers_)
-        self._buf = _Buffers(n_moe, self.n_expert_, self.n_expert_used_, self.n_embd_,
-                             n_batch, capture_hidden)
-        self._rows = np.zeros(n_moe, dtype=np.int64)  # tokens captured per MoE layer
-        self._argsort_ptr = [0] * n_moe
-        self._router_in_ptr = [0] * n_moe
-        self._want: dict[bytes, tuple[int, int]] = {}
-        self._stop_after = -1  # Python callback's twin of CaptureState.stop_after
-        self._probe: dict[bytes, int] = {}
-        self._cb_error: BaseException | None = None
-        self.score_node_ = ""
-        self.weight_node_ = ""
-
-        # ctypes objects llama.cpp keeps pointers to: must live as long as the contexts.
-        self._batch = llama.llama_batch_init(n_batch, 0, 1)
-        self._batch_views()
-        self._ctx_plain: Any = None
+        self._model: Any = None
         self._ctx_traced: Any = None
-        self._pool = ggml.Threadpool(self.n_threads or os.cpu_count() or 1)
-        self._py_cb = llama.ggml_backend_sched_eval_callback(self._callback)
-        self._probe_cb = llama.ggml_backend_sched_eval_callback(self._probe_callback)
-        self._clib = ggml.capture_lib()
-        self._state: ggml.CaptureState | None = None
+        self._ctx_plain: Any = None
+        self._pool: ggml.Threadpool | None = None
+        self._batch: runtime.Batch | None = None
+        self._hook: RoutingHook | None = None
+        self._model = runtime.load_model(self.model_path)
         try:
-            self._discover_nodes()
-            if self._clib is not None:
-                self._state = self._c_state()
-                self._cb = ctypes.cast(self._clib.ep_callback,
-                                       llama.ggml_backend_sched_eval_callback)
-                self._cb_data = ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p)
-            else:
-                self._cb, self._cb_data = self._py_cb, None
-            self._ctx_traced = self._new_context(self._cb, self._cb_data)
+            self._vocab = llama.llama_model_get_vocab(self._model)
+            self.n_embd_ = int(llama.llama_model_n_embd(self._model))
+            self.n_vocab_ = int(llama.llama_vocab_n_tokens(self._vocab))
+            self._pool = ggml.Threadpool(self.n_threads or os.cpu_count() or 1)
+            self._batch = runtime.Batch(n_batch)
+            plan = self._probe_plan()
+            self.score_node_, self.weight_node_ = plan.score_node, plan.weight_node
+            self._hook = RoutingHook(
+                n_layer=layout.n_layer, moe_layers=self.moe_layers_, n_expert=self.n_expert_,
+                k=self.n_expert_used_, n_embd=self.n_embd_, n_rows=n_batch, plan=plan)
+            self._ctx_traced = runtime.new_context(self._model, self._params(), self._pool,
+                                                   hook=self._hook, what=str(self.model_path))
         except BaseException:
             self.close()
             raise
-        self.callback_ = "C" if self._state is not None else "python"
+        self.callback_ = self._hook.callback_
 
     # --- setup ---------------------------------------------------------------------------
-    def _new_context(self, cb: Any = None, cb_data: Any = None) -> Any:
-        llama = self._llama
-        cp = llama.llama_context_default_params()
-        cp.n_ctx = self.n_ctx
-        cp.n_batch = self.n_batch
-        cp.n_ubatch = self.n_batch
-        cp.n_seq_max = 1
-        cp.n_threads = self._pool.n_threads
-        cp.n_threads_batch = self._pool.n_threads
-        cp.no_perf = True
-        for key, value in self.context_params.items():
-            if not hasattr(cp, key):
-                raise ExpertPredError(f"context_params: llama_context_params has no field {key!r}")
-            setattr(cp, key, value)
-        if cb is not None:
-            cp.cb_eval = cb
-            cp.cb_eval_user_data = cb_data
-        ctx = llama.llama_init_from_model(self._model, cp)
-        if not ctx:
-            raise ExpertPredError(
-                f"{self.model_path}: llama.cpp could not create a context (n_ctx={self.n_ctx})"
-            )
-        self._pool.attach(ctx)
-        return ctx
+    def _params(self) -> Any:
+        assert self._pool is not None
+        return runtime.context_params(self.n_ctx, self.n_batch, self._pool.n_threads,
+                                      self.context_params)
 
-    def _batch_views(self) -> None:
-        b, n = self._batch, self.n_batch
-        self._b_token = np.ctypeslib.as_array(b.token, shape=(n,))
-        self._b_pos = np.ctypeslib.as_array(b.pos, shape=(n,))
-        self._b_nseq = np.ctypeslib.as_array(b.n_seq_id, shape=(n,))
-        self._b_logits = np.ctypeslib.as_array(b.logits, shape=(n,))
-        self._b_nseq[:] = 1
-        for i in range(n):
-            b.seq_id[i][0] = 0
-
-    def _discover_nodes(self) -> None:
-        """Decode one token in a throw-away context whose callback records every node name,
-        then choose the nodes to capture (``_want``) and check their types and shapes."""
-        self._probe = {}
-        ctx = self._new_context(self._probe_cb)
-        try:
-            self._decode(ctx, [self._probe_token()], 0, "all")
-            self._plan(self._probe)  # node pointers stay valid until ctx is freed
-        finally:
-            self._llama.llama_free(ctx)
-            self._probe = {}
-
-    def _plan(self, probe: dict[bytes, int]) -> None:
-        names = set(probe)
-        il0 = self.moe_layers_[0]
-        present = [s for s in SCORE_CHAIN if f"{s}-{il0}".encode() in names]
-        self.score_node_ = present[-1] if present else SCORE_FALLBACK
-        present = [w for w in WEIGHT_CHAIN if f"{w}-{il0}".encode() in names]
-        if not present:
-            raise ExpertPredError(
-                f"{self.model_path}: arch {self.layout_.arch!r}: llama.cpp graph has no "
-                f"ffn_moe_weights-{il0} node (expected build_moe_ffn routing)"
-            )
-        self.weight_node_ = present[-1]
-        want: dict[bytes, tuple[int, int]] = {}
-        for li, il in enumerate(self.moe_layers_):
-            for base, flags in self._node_flags().items():
-                name = f"{base}-{il}"
-                t = probe.get(name.encode())
-                if t is None:
-                    raise ExpertPredError(
-                        f"{self.model_path}: arch {self.layout_.arch!r}: llama.cpp graph has "
-                        f"no node {name!r} (MoE layer {il}); cannot trace this model"
-                    )
-                self._check_node(name, t, flags)
-                want[name.encode()] = (flags, li)
-        self._want = want
-        log.debug("%s: capturing %s + %s + %s at %d layers", self.model_path, self.score_node_,
-                  self.weight_node_, ARGSORT, len(self.moe_layers_))
-
-    def _node_flags(self) -> dict[str, int]:
-        """Base node name -> what the callback does with it (same at every MoE layer)."""
-        flags = {self.score_node_: _YES_SCORE, self.weight_node_: _YES_WEIGHTS,
-                 ARGSORT: _REM_ARGSORT}
-        if self.capture_hidden:
-            flags[ROUTER_MATMUL] = flags.get(ROUTER_MATMUL, 0) | _REM_ROUTER_IN
-        return flags
-
-    def _c_state(self) -> ggml.CaptureState:
-        """The C callback's state: the node plan plus pointers into our numpy buffers."""
-        st = ggml.CaptureState()
-        st.n_layer = self.layout_.n_layer
-        st.n_expert, st.k, st.n_embd = self.n_expert_, self.n_expert_used_, self.n_embd_
-        st.scratch_rows = self.n_batch
-        st.tensor_get = ggml.fn_address(self._ggml.tensor_get)
-        st.to_fp16 = ggml.fn_address(self._ggml.lib.ggml_fp32_to_fp16_row)
-        for base, flags in self._node_flags().items():
-            st.flags[ggml.BASE_NAMES.index(base.removeprefix("ffn_moe_"))] = flags
-        self._layer_li = np.full(max(self.layout_.n_layer, 1), -1, dtype=np.int32)
-        self._layer_li[list(self.moe_layers_)] = np.arange(len(self.moe_layers_))
-        n_moe = len(self.moe_layers_)
-        self._c_ptrs = np.zeros((2, n_moe), dtype=np.uint64)  # argsort, router input
-        st.layer_li = self._layer_li.ctypes.data
-        st.rows = self._rows.ctypes.data
-        st.argsort_ptr = self._c_ptrs[0].ctypes.data
-        st.router_in_ptr = self._c_ptrs[1].ctypes.data
-        b = self._buf
-        st.scratch_i32 = b.scratch_i32.ctypes.data
-        st.scratch_f32 = b.scratch_f32.ctypes.data if b.scratch_f32 is not None else None
-        self._sync_buffers(st)
-        return st
-
-    def _sync_buffers(self, st: ggml.CaptureState | None) -> None:
-        if st is None:
-            return
-        b = self._buf
-        st.cap = b.cap
-        st.scores, st.experts, st.weights = b.scores_addr, b.experts_addr, b.weights_addr
-        st.hidden = b.hidden.ctypes.data if b.hidden is not None else None
-
-    def _check_node(self, name: str, t: int, flags: int) -> None:
-        """Probe-time check that a node has the type/shape/contiguity the copies assume."""
-        g = ggml
-        ttype, ne = g.tensor_type(t), g.tensor_ne(t)
-        expect_type = g.GGML_TYPE_I32 if flags & _REM_ARGSORT else g.GGML_TYPE_F32
-        bad = ttype != expect_type or not self._ggml.is_contiguous(t)
-        if flags & (_YES_SCORE | _REM_ARGSORT):
-            bad |= ne[0] != self.n_expert_
-        if flags & _YES_WEIGHTS:
-            bad |= ne[0] * ne[1] * ne[2] * ne[3] % self.n_expert_used_ != 0
-        if flags & _REM_ROUTER_IN:
-            src1 = ctypes.c_void_p.from_address(t + g.OFF_SRC + 8).value or 0
-            bad |= (not src1 or g.tensor_type(src1) != g.GGML_TYPE_F32
-                    or g.tensor_ne(src1)[0] != self.n_embd_
-                    or not self._ggml.is_contiguous(src1))
-        if bad:
-            raise ExpertPredError(
-                f"{self.model_path}: node {name!r} has ggml type {ttype}, ne {ne}: not the "
-                "layout the tracer expects (contiguous F32 scores/weights, I32 argsort)"
-            )
-
-    def _probe_token(self) -> int:
+    def _probe_plan(self) -> CapturePlan:
+        """Decode one token in a throw-away context that records every node name, then
+        choose the nodes to capture and check their types and shapes."""
+        assert self._pool is not None
         bos = int(self._llama.llama_vocab_bos(self._vocab))
-        return bos if 0 <= bos < self.n_vocab_ else 0
-
-    # --- the eval callback (hot path) ------------------------------------------------------
-    def _probe_callback(self, t: int, ask: bool, user_data: int | None) -> bool:
-        try:
-            if not self._probe:
-                ggml.check_layout(t)
-            self._probe[ctypes.string_at(t + ggml.OFF_NAME)] = t
-            return False if ask else True
-        except BaseException as exc:  # an exception must not unwind through C
-            self._cb_error = exc
-            return False
-
-    def _callback(self, t: int, ask: bool, user_data: int | None) -> bool:
-        """Python twin of the C ``ep_callback`` (used when no C compiler is available)."""
-        try:
-            spec = self._want.get(ctypes.string_at(t + ggml.OFF_NAME))
-            if spec is None:
-                return not ask  # ask: no; a ready node we did not ask for: keep going
-            flags, li = spec
-            if ask:
-                if flags & _REM_ARGSORT:
-                    self._argsort_ptr[li] = t
-                if flags & _REM_ROUTER_IN:
-                    self._router_in_ptr[li] = ctypes.c_void_p.from_address(
-                        t + ggml.OFF_SRC + 8).value
-                return bool(flags & (_YES_SCORE | _YES_WEIGHTS))
-            if flags & _YES_SCORE:
-                self._copy_scores(t, li)
-            if flags & _YES_WEIGHTS:
-                self._copy_weights(t, li)
-                if li == self._stop_after:
-                    return False  # stop the compute: the rest of the graph is not needed
-            return True
-        except BaseException as exc:  # an exception must not unwind through C
-            self._cb_error = exc
-            return False  # aborts the compute; _decode re-raises
-
-    def _copy_scores(self, t: int, li: int) -> None:
-        buf = self._buf
-        n = ctypes.c_int64.from_address(t + ggml.OFF_NE + 8).value
-        e = self.n_expert_
-        dst = buf.scores_addr + (li * buf.cap + int(self._rows[li])) * e * 4
-        self._tensor_get(t, dst, 0, n * e * 4)
-
-    def _copy_weights(self, t: int, li: int) -> None:
-        buf = self._buf
-        k, e = self.n_expert_used_, self.n_expert_
-        r = int(self._rows[li])
-        ne = (ctypes.c_int64 * 4).from_address(t + ggml.OFF_NE)
-        n = ne[0] * ne[1] * ne[2] * ne[3] // k
-        off = (li * buf.cap + r) * k * 4
-        self._tensor_get(t, buf.weights_addr + off, 0, n * k * 4)
-        a = self._argsort_ptr[li]
-        if n == 1:
-            self._tensor_get(a, buf.experts_addr + off, 0, k * 4)
-        else:
-            s = buf.scratch_i32
-            self._tensor_get(a, s.ctypes.data, 0, n * e * 4)
-            buf.experts[li, r:r + n] = s[:n, :k]
-        if buf.hidden is not None:
-            f = buf.scratch_f32
-            d = self.n_embd_
-            self._tensor_get(self._router_in_ptr[li], f.ctypes.data, 0, n * d * 4)
-            buf.hidden[li, r:r + n] = f[:n]
-        self._rows[li] = r + n
+        token = bos if 0 <= bos < self.n_vocab_ else 0
+        arch = f"{self.model_path}: arch {self.layout_.arch!r}"
+        with runtime.probe_nodes(self._model, self._params(), self._pool, token,
+                                 str(self.model_path)) as found:
+            plan = trace_plan(found, self.moe_layers_[0], self.capture_hidden, arch)
+            for il in self.moe_layers_:
+                for base, flags in plan.flags.items():
+                    name = node_name(base, il)
+                    t = found.get(name.encode())
+                    if t is None:
+                        raise ExpertPredError(f"{arch}: llama.cpp graph has no node {name!r} "
+                                              f"(MoE layer {il}); cannot trace this model")
+                    check_node(name, t, flags, n_expert=self.n_expert_, k=self.n_expert_used_,
+                               n_embd=self.n_embd_, what=str(self.model_path))
+        log.debug("%s: capturing %s + %s + %s at %d layers", self.model_path, plan.score_node,
+                  plan.weight_node, ARGSORT, len(self.moe_layers_))
+        return plan
 
     # --- decoding ------------------------------------------------------------------------
     def _decode(self, ctx: Any, tokens: Sequence[int], pos0: int, outputs: str,
-                stop: bool = False) -> None:
-        """Decode one batch. ``outputs``: "all" (every token's last layer runs: needed for
-        its routing), "last" or "none"; ``stop``: end the compute right after the last MoE
-        layer's routing is captured (only allowed when that is the model's last block)."""
-        n = len(tokens)
-        self._b_token[:n] = tokens
-        self._b_pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
-        self._b_logits[:n] = 1 if outputs == "all" else 0
-        if outputs == "last":
-            self._b_logits[n - 1] = 1
-        self._batch.n_tokens = n
-        stop_after = len(self.moe_layers_) - 1 if stop else -1
-        self._stop_after = stop_after
-        if self._state is not None:
-            self._state.stop_after = stop_after
-        self._cb_error = None
-        rc = self._llama.llama_decode(ctx, self._batch)
-        st = self._state
-        if st is not None and st.error:
-            code, st.error = int(st.error), 0
-            raise RuntimeError(f"C capture callback failed: {ggml.CAPTURE_ERRORS.get(code, code)}")
-        if self._cb_error is not None:
-            err, self._cb_error = self._cb_error, None
-            raise RuntimeError(f"eval callback failed: {err!r}") from err
+                traced: bool, stop: bool = False) -> None:
+        """Decode one batch (``outputs`` as :meth:`runtime.Batch.decode`); ``stop``: end the
+        compute right after the last MoE layer's routing is captured (only allowed when that
+        is the model's last block)."""
+        assert self._batch is not None and self._hook is not None
+        if traced:
+            self._hook.stop_after(len(self.moe_layers_) - 1 if stop else -1)
+        rc = self._batch.decode(ctx, tokens, pos0, outputs)
+        if traced:
+            self._hook.raise_errors()
+            self._check_rows(pos0 + len(tokens))
         if rc != 0:
             raise ExpertPredError(
                 f"{self.model_path}: llama_decode returned {rc} at position {pos0} "
-                f"(n_ctx={self.n_ctx}, batch of {n} tokens)"
+                f"(n_ctx={self.n_ctx}, batch of {len(tokens)} tokens)"
             )
-
-    def _clear(self, ctx: Any) -> None:
-        self._llama.llama_memory_clear(self._llama.llama_get_memory(ctx), True)
-
-    def _sampler(self, greedy: bool, temperature: float, top_k: int, top_p: float,
-                 seed: int | None) -> Any:
-        llama = self._llama
-        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-        if greedy:
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
-        else:
-            if top_k > 0:
-                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(top_k))
-            if 0.0 < top_p < 1.0:
-                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(top_p, 1))
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(temperature))
-            s = self.seed if seed is None else seed
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(s & 0xFFFFFFFF))
-        return chain
 
     def _run(self, ctx: Any, prompt: str | Sequence[int] | np.ndarray, max_tokens: int,
              traced: bool, sampling: dict[str, Any]) -> tuple[list[int], int]:
@@ -489,10 +208,10 @@ class LlamaTracer:
                 f"n_ctx={self.n_ctx} of {self.model_path}"
             )
         if traced:
-            self._buf.ensure(n_prompt + max_tokens)
-            self._sync_buffers(self._state)
-            self._rows[:] = 0
-        self._clear(ctx)
+            assert self._hook is not None
+            self._hook.reserve(n_prompt + max_tokens)
+            self._hook.reset()
+        self._llama.llama_memory_clear(self._llama.llama_get_memory(ctx), True)
         # Decode schedule (identical traced and untraced): all prompt tokens but the last in
         # batches that need no logits, then the last prompt token alone — its logits sample
         # the first generated token — then one token per step. Traced batches request every
@@ -503,31 +222,24 @@ class LlamaTracer:
         stop = traced and self.moe_layers_[-1] == self.layout_.n_layer - 1
         for start in range(0, len(head), self.n_batch):
             chunk = head[start:start + self.n_batch]
-            self._decode(ctx, chunk, start, "all" if traced else "none", stop=stop)
-            if traced:
-                self._check_rows(start + len(chunk))
+            self._decode(ctx, chunk, start, "all" if traced else "none", traced, stop=stop)
         if max_tokens <= 0:
             return toks, n_prompt
-        self._decode(ctx, toks[-1:], n_prompt - 1, "last")
-        if traced:
-            self._check_rows(n_prompt)
-        smpl = self._sampler(**sampling)
-        try:
-            llama = self._llama
-            while len(toks) - n_prompt < max_tokens:
-                tok = int(llama.llama_sampler_sample(smpl, ctx, -1))
-                if llama.llama_vocab_is_eog(self._vocab, tok):
-                    break
-                toks.append(tok)
-                self._decode(ctx, [tok], len(toks) - 1, "last")
-                if traced:
-                    self._check_rows(len(toks))
-        finally:
-            self._llama.llama_sampler_free(smpl)
+        self._decode(ctx, toks[-1:], n_prompt - 1, "last", traced)
+
+        def step(tok: int) -> None:
+            toks.append(tok)
+            self._decode(ctx, [tok], len(toks) - 1, "last", traced)
+
+        seed = self.seed if sampling["seed"] is None else sampling["seed"]
+        smpl = runtime.sampler(sampling["greedy"], sampling["temperature"], sampling["top_k"],
+                               sampling["top_p"], seed)
+        runtime.sample_loop(ctx, self._vocab, smpl, max_tokens, step)
         return toks, n_prompt
 
     def _check_rows(self, expected: int) -> None:
-        for li, rows in enumerate(self._rows.tolist()):
+        assert self._hook is not None
+        for li, rows in enumerate(self._hook.rows.tolist()):
             if rows != expected:
                 raise RuntimeError(
                     f"captured {rows} token rows at MoE layer {self.moe_layers_[li]}, "
@@ -536,28 +248,10 @@ class LlamaTracer:
 
     # --- public --------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        n_max = len(data) + 16
-        arr = (self._llama.llama_token * n_max)()
-        n = self._llama.llama_tokenize(self._vocab, data, len(data), arr, n_max, add_special,
-                                       False)
-        if n < 0:
-            arr = (self._llama.llama_token * -n)()
-            n = self._llama.llama_tokenize(self._vocab, data, len(data), arr, -n, add_special,
-                                           False)
-        return list(arr[:n])
+        return runtime.tokenize(self._vocab, text, add_special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        out = bytearray()
-        buf = ctypes.create_string_buffer(256)
-        for t in tokens:
-            n = self._llama.llama_token_to_piece(self._vocab, int(t), buf, len(buf), 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = self._llama.llama_token_to_piece(self._vocab, int(t), buf, len(buf), 0,
-                                                     False)
-            out += buf.raw[:n]
-        return out.decode("utf-8", errors="replace")
+        return runtime.detokenize(self._vocab, tokens)
 
     def _tokens(self, prompt: str | Sequence[int] | np.ndarray) -> list[int]:
         toks = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -590,7 +284,8 @@ class LlamaTracer:
                         seed=seed)
         toks, n_prompt = self._run(self._ctx_traced, prompt, max_tokens, True, sampling)
         t = len(toks)
-        b = self._buf
+        h = self._hook
+        assert h is not None
 
         def take(a: np.ndarray) -> np.ndarray:  # (layer, token, ·) -> (token, layer, ·) copy
             return np.ascontiguousarray(a[:, :t].transpose(1, 0, 2))
@@ -600,8 +295,8 @@ class LlamaTracer:
         return SequenceTrace(
             seq_id=seq_id, prompt_id=prompt_id, domain=domain,
             tokens=np.asarray(toks, dtype=np.int32), phase=phase,
-            experts=take(b.experts).astype(np.int16), weights=take(b.weights),
-            logits=take(b.scores), hidden=take(b.hidden) if b.hidden is not None else None,
+            experts=take(h.experts).astype(np.int16), weights=take(h.weights),
+            logits=take(h.scores), hidden=take(h.hidden) if h.hidden is not None else None,
             text=self.detokenize(toks[n_prompt:]),
         )
 
@@ -619,7 +314,9 @@ class LlamaTracer:
         """The same run as :meth:`trace` on a context without the eval callback."""
         self._check_open()
         if self._ctx_plain is None:
-            self._ctx_plain = self._new_context()
+            assert self._pool is not None
+            self._ctx_plain = runtime.new_context(self._model, self._params(), self._pool,
+                                                  what=str(self.model_path))
         sampling = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed)
         toks, n_prompt = self._run(self._ctx_plain, prompt, max_tokens, False, sampling)
@@ -632,18 +329,19 @@ class LlamaTracer:
             raise RuntimeError(f"LlamaTracer({self.model_path}) is closed")
 
     def close(self) -> None:
-        """Free the contexts, the batch and the model (idempotent)."""
-        llama = getattr(self, "_llama", None)
-        if llama is None or getattr(self, "_model", None) is None:
+        """Free the contexts, the batch, the threadpool and the model (idempotent, bounded:
+        no thread to join)."""
+        if self._model is None:
             return
         for attr in ("_ctx_traced", "_ctx_plain"):
-            ctx = getattr(self, attr, None)
+            ctx = getattr(self, attr)
             if ctx is not None:
-                llama.llama_free(ctx)
+                self._llama.llama_free(ctx)
                 setattr(self, attr, None)
-        llama.llama_batch_free(self._batch)
-        self._pool.close()
-        llama.llama_model_free(self._model)
+        for res in (self._batch, self._pool, self._hook):
+            if res is not None:
+                res.close()
+        self._llama.llama_model_free(self._model)
         self._model = None
 
     def __enter__(self) -> LlamaTracer:
@@ -651,42 +349,3 @@ class LlamaTracer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: modules may be gone
-            pass
-
-
-class _load_errors:
-    """Collect llama.cpp's error log lines while loading (to name the reason in the error)."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __enter__(self) -> _load_errors:
-        import llama_cpp
-
-        def keep(level: int, text: bytes, user_data: int | None) -> None:
-            if level == 4:  # GGML_LOG_LEVEL_ERROR (ggml.h; llama_cpp._logger maps it wrong)
-                line = text.decode("utf-8", errors="replace").strip()
-                if line:
-                    self.lines.append(line)
-
-        self._cb = llama_cpp.llama_log_callback(keep)
-        llama_cpp.llama_log_set(self._cb, None)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import llama_cpp
-        from llama_cpp import _logger
-
-        llama_cpp.llama_log_set(_logger.llama_log_callback, None)
-
-
-def _quiet_llama_logs() -> None:
-    """llama-cpp-python prints every llama.cpp log line unless its logger has a level."""
-    lg = logging.getLogger("llama-cpp-python")
-    if lg.level == logging.NOTSET:
-        lg.setLevel(logging.ERROR)
