@@ -2,9 +2,9 @@
 
 ``expertpred iotrace`` answers the weight-access research questions with data:
 
-1. a child process runs greedy llama.cpp inference (``PrefetchLlama``'s context-with-callback
-   mechanism, with this module's :class:`IOTracer` as the callback instead of the prefetch
-   plugin) — inside a :class:`~expertpred.lab.cgroup.MemoryCgroup` when a limit is given, after
+1. a child process runs greedy llama.cpp inference on the one llama.cpp hook
+   (``llama.runtime.hook_llama`` + ``llama.hook.RoutingHook``, with this module's
+   :class:`IOTracer` as what it notifies) — inside a :class:`~expertpred.lab.cgroup.MemoryCgroup` when a limit is given, after
    evicting the file from the page cache;
 2. at each MoE layer's routing node (``ffn_moe_argsort-L``: attention and router of layer L
    are done, its experts not yet) and at each token boundary the tracer takes a ``mincore``
@@ -25,7 +25,6 @@ bytes), ``offsets.png``, ``per_token.png`` and ``summary.md``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -41,13 +40,14 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..gguf.layout import MoELayout, read_layout
+from ..llama.hook import RoutingHook
+from ..llama.nodes import routing_plan
 from .iotrace_report import KINDS, TOKEN_LAYER, analyse, figures, summary_md
 
 log = logging.getLogger(__name__)
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 OTHER, EXPERT, ROUTER, SHARED = range(4)
-ARGSORT = "ffn_moe_argsort"
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,8 @@ def _thread_blkio_ticks() -> int:
 
 
 class IOTracer:
-    """Eval-callback residency sampler, duck-typed to what ``PrefetchLlama`` asks of its plugin
-    (``enabled``, ``install``, ``begin``, ``close``).
+    """Residency sampler on the one llama.cpp hook (``llama.hook.RoutingHook``): ``install``
+    it on a context's params, ``begin`` each batch, ``close`` after the context.
 
     ``start()`` maps the file; ``sample(token, layer, routed)`` diffs residency against the
     previous sample and appends one row; ``arrays()`` returns everything columnar.
@@ -123,9 +123,6 @@ class IOTracer:
         self.gguf_path = Path(gguf_path)
 
     def start(self) -> IOTracer:
-        import llama_cpp
-
-        from ..llama import ggml
         from ..prefetch.sysmem import FileMapping
         from .cgroup import proc_io
 
@@ -133,27 +130,27 @@ class IOTracer:
         self.layout_ = lay = read_layout(self.gguf_path)
         self.kind_, self.layer_, self.expert_ = page_map(lay)
         self._li = {b: i for i, b in enumerate(lay.moe_layers)}
-        self._want = {f"{ARGSORT}-{b}".encode(): b for b in lay.moe_layers}
         self._map = FileMapping(self.gguf_path)
-        self._ggml = ggml.ggml_lib()
-        self._off_name, self._off_ne = ggml.OFF_NAME, ggml.OFF_NE
-        self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
+        self._hook: RoutingHook | None = None
         self._rows: list[tuple] = []
         self._runs: list[tuple[int, int, int]] = []  # (sample, first page, n pages)
         self._exp: list[tuple[int, int, int, int]] = []  # (sample, block, expert, pages)
         self._routed: list[tuple[int, int, int, int]] = []  # (sample, token, block, expert)
         self._token = -1
-        self._scratch = np.empty((512, lay.n_expert), np.int32)
         self.callback_errors = 0
         self._t0 = time.perf_counter()
         self._prev = self._map.mincore()
         self.sample(-1, TOKEN_LAYER)  # baseline (before the model is loaded)
         return self
 
-    # PrefetchLlama's plugin protocol
     def install(self, params: Any) -> None:
-        params.cb_eval = self._cb
-        params.cb_eval_user_data = None
+        """Hook the context about to be created from ``params``: experts at every argsort."""
+        lay = self.layout_
+        self._hook = RoutingHook(
+            n_layer=lay.n_layer, moe_layers=lay.moe_layers, n_expert=lay.n_expert,
+            k=lay.n_expert_used, n_embd=lay.n_embd, n_rows=int(params.n_ubatch),
+            plan=routing_plan(scores=False), ring=True, notify=self._on_layer)
+        self._hook.install(params)
 
     def begin(self, tokens: Sequence[int], n_past: int) -> None:
         self.sample(self._token, TOKEN_LAYER)  # closes the previous token (or the load)
@@ -164,22 +161,15 @@ class IOTracer:
             self._map.close()
             self._map = None
 
-    def _callback(self, t: int, ask: bool, user_data: int | None) -> bool:
+    def _on_layer(self, li: int, row: int, n: int) -> None:
+        """The hook's notify: MoE row ``li`` routed; sample residency before its matmuls."""
         try:
-            b = self._want.get(ctypes.string_at(t + self._off_name))
-            if ask or b is None:
-                return b is not None if ask else True
-            n = ctypes.c_int64.from_address(t + self._off_ne + 8).value
-            e = self.layout_.n_expert
-            if n > len(self._scratch):
-                self._scratch = np.empty((n, e), np.int32)
-            self._ggml.tensor_get(t, self._scratch.ctypes.data, 0, n * e * 4)
-            routed = np.unique(self._scratch[:n, :self.layout_.n_expert_used])
-            self.sample(self._token, b, routed)
+            assert self._hook is not None
+            routed = np.unique(self._hook.experts[li, row:row + n])
+            self.sample(self._token, self.layout_.moe_layers[li], routed)
         except Exception:  # noqa: BLE001 - an exception must not unwind through C
             self.callback_errors += 1
             log.exception("iotrace callback")
-        return True
 
     def sample(self, token: int, layer: int, routed: np.ndarray | None = None) -> None:
         """One residency snapshot: diff against the previous one and record the new pages."""
@@ -224,22 +214,30 @@ class IOTracer:
 
 def _child(model: str, out: str, tokens: int, prompt: str, n_threads: int) -> None:
     """Child process body: load, generate greedily under the tracer, save ``out`` (.npz)."""
-    from ..prefetch.plugin import PrefetchLlama, generate_greedy
+    from llama_cpp import Llama
+
+    from ..llama.runtime import generate_greedy, hook_llama, quiet_logs
 
     tracer = IOTracer(model).start()
 
-    class _TracedLlama(PrefetchLlama):  # PrefetchLlama's context swap, our callback
-        def __init__(self, path: str, **kw: Any) -> None:
-            super().__init__(path, mode="off", **kw)
-            self.plugin.close()
-            self.plugin = tracer
-            self._swap_context()
+    class _TracedLlama(Llama):  # tells the tracer where each batch starts
+        def eval(self, tokens: Sequence[int]) -> None:
+            tracer.begin(tokens, self.n_tokens)
+            return super().eval(tokens)
 
+    quiet_logs()
     t0 = time.perf_counter()
-    with _TracedLlama(model, n_ctx=256, n_threads=n_threads, n_batch=64) as llm:
+    llm = _TracedLlama(model_path=model, n_ctx=256, n_threads=n_threads, n_batch=64,
+                       verbose=False)
+    pool = hook_llama(llm, tracer.install)
+    try:
         load_s = time.perf_counter() - t0
         ids, n_prompt, p_s, d_s = generate_greedy(llm, prompt, tokens)
         tracer.sample(tracer._token, TOKEN_LAYER)  # closes the last token
+    finally:
+        llm.close()  # the context first: the hook and the pool outlive it
+        pool.close()
+        tracer.close()
     arr = tracer.arrays()
     meta = {"tokens": ids, "n_prompt": n_prompt, "prompt_seconds": p_s, "decode_seconds": d_s,
             "load_seconds": load_s, "callback_errors": tracer.callback_errors}

@@ -120,13 +120,14 @@ def new_context(model: Any, params: Any, pool: ggml.Threadpool, *, cb: Any = Non
     return ctx
 
 
-def hook_llama(llm: Any, hook: RoutingHook) -> ggml.Threadpool:
-    """Give a ``llama_cpp.Llama`` a context with ``hook`` installed: free the one
-    ``Llama.__init__`` made and create the same (same ``context_params``) with ``cb_eval``
-    set, on a new threadpool the caller closes after the Llama."""
+def hook_llama(llm: Any, install: Callable[[Any], None]) -> ggml.Threadpool:
+    """Give a ``llama_cpp.Llama`` a context with the eval callback that ``install`` sets on
+    its ``context_params`` (``RoutingHook.install``): free the context ``Llama.__init__``
+    made and create the same with ``cb_eval`` set, on a new threadpool the caller closes
+    after the Llama."""
     from llama_cpp import _internals
 
-    hook.install(llm.context_params)
+    install(llm.context_params)
     ctx = _internals.LlamaContext(model=llm._model, params=llm.context_params,
                                   verbose=llm.verbose)
     old, llm._ctx = llm._ctx, llm._stack.enter_context(contextlib.closing(ctx))
@@ -299,16 +300,27 @@ def generate_greedy(llm: Any, prompt: str, max_tokens: int,
                     on_token: Callable[[int], None] | None = None,
                     ) -> tuple[list[int], int, float, float]:
     """Greedy decode of a ``llama_cpp.Llama`` through ``Llama.eval`` and :func:`sample_loop`:
-    (generated ids, prompt length, prompt s, decode s). The same loop with and without the
-    plugin."""
+    (generated ids, prompt length, prompt s, decode s). Stops before an end-of-generation
+    token or when the context (n_ctx) is full, so fewer than ``max_tokens`` may come back.
+    The same loop with and without the plugin."""
     import llama_cpp
 
     ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
+    # llama.cpp pads its context (8 -> 256), but Llama.eval keeps token ids in an array of
+    # the requested n_ctx and silently drops ids past it: the smaller one is the real limit
+    n_ctx = min(int(llm.n_ctx()), len(llm.input_ids))
+    if not ids:  # llama_decode of an empty batch aborts the process (GGML_ASSERT)
+        raise ExpertPredError(f"prompt {prompt!r} has no tokens; expected a non-empty prompt")
+    if len(ids) > n_ctx:
+        raise ExpertPredError(f"prompt has {len(ids)} tokens; expected at most n_ctx={n_ctx} "
+                              "(raise --n-ctx or shorten the prompt)")
     t0 = time.perf_counter()
     llm.reset()
     llm.eval(ids)
     t1 = time.perf_counter()
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    out = sample_loop(llm.ctx, vocab, llama_cpp.llama_sampler_init_greedy(), max_tokens,
+    # the token that fills the context is sampled but not evaluated (its eval would not fit)
+    n_max = min(max_tokens, n_ctx - len(ids) + 1)
+    out = sample_loop(llm.ctx, vocab, llama_cpp.llama_sampler_init_greedy(), n_max,
                       lambda tok: llm.eval([tok]), decode_last=False, on_token=on_token)
     return out, len(ids), t1 - t0, time.perf_counter() - t1

@@ -56,7 +56,6 @@ to the prompt's contribution to the decayed history at the last layer.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import logging
 import os
@@ -67,11 +66,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+from llama_cpp import Llama
 
 from ..errors import ExpertPredError
 from ..features import FeatureBatch, OnlineFeatures
 from ..gguf.layout import GGUFFile, MoELayout, check_file_complete, read_layout
-from ..llama import ggml
+from ..llama import ggml, runtime
+from ..llama.hook import RoutingHook
+from ..llama.nodes import CapturePlan, routing_plan, trace_plan
 from ..model import ModelInfo, check_identity
 from ..predictors.artifact import PredictorSet, load_artifact
 from ..predictors.base import load_all
@@ -85,8 +87,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ARGSORT = "ffn_moe_argsort"  # I32 [n_expert, n_tokens], descending: first k = selection
-LOGITS = "ffn_moe_logits"  # F32 [n_expert, n_tokens] router logits (predictor features)
+# The greedy loop and prompt tokenization live with the hook; callers of the plugin use them.
+generate_greedy = runtime.generate_greedy
+prompt_tokens = runtime.prompt_tokens
+
 # The default predictor and lookahead of `expertpred run`, `load_predictors` and
 # benchmarks/e2e_prefetch.py. An online layer-step on the inference thread has a budget of
 # ~20 µs; this lookup predictor is the most accurate one that fits it (the learned ones
@@ -103,15 +107,6 @@ DEFAULT_LOOKAHEAD = 1
 DEFAULT_MIN_SHARE = 0.25
 MADV_RANDOM = 1
 MADV_NORMAL = 0
-
-
-class _Node(enum.IntEnum):
-    """What the callback does with a router node it asked for."""
-
-    ARGSORT = 0  # the selection: prefetch accounting, requests, recorder rows
-    LOGITS = 1  # router logits: predictor features (and the recorder's scores)
-    SCORES = 2  # another score node (biased logits / probs): the recorder's scores only
-    WEIGHTS = 3  # mixing weights: the recorder only
 
 
 class RoutingRecorder(Protocol):
@@ -394,26 +389,7 @@ class PrefetchPlugin:
         self._first_error = ""
         self._madvised = 0
         self._cur_experts = np.zeros((self.n_moe_, self.k_), np.int64)  # this token's
-        # node name -> (what to do with it, moe index)
-        self._want: dict[bytes, tuple[_Node, int]] = {}
-        for li, b in enumerate(self.blocks_):
-            self._want[f"{ARGSORT}-{b}".encode()] = (_Node.ARGSORT, li)
-            if self.mode is Mode.PREDICTOR or self.recorder is not None:
-                self._want[f"{LOGITS}-{b}".encode()] = (_Node.LOGITS, li)
-            if self.recorder is not None:
-                from ..trace.llama_tracer import SCORE_CHAIN, WEIGHT_CHAIN
-
-                # every node of the chains the arch may build; the last one ready wins,
-                # which is the one the tracer (LlamaTracer._plan) would have chosen
-                for name in SCORE_CHAIN[1:]:
-                    self._want[f"{name}-{b}".encode()] = (_Node.SCORES, li)
-                for name in WEIGHT_CHAIN:
-                    self._want[f"{name}-{b}".encode()] = (_Node.WEIGHTS, li)
         self._rec_pos = [0] * self.n_moe_  # recorder: first position of li's last rows
-        self._rec_scores: list[np.ndarray | None] = [None] * self.n_moe_  # biased scores
-        e = lay.n_expert
-        self._scratch_i = np.empty((512, e), np.int32)
-        self._scratch_f = np.empty((512, e), np.float32)
         self._logits: list[np.ndarray | None] = [None] * self.n_moe_
         self._rows: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # prompt stash
         self._tokens: list[int] = []
@@ -432,10 +408,6 @@ class PrefetchPlugin:
             self.engine_ = PrefetchEngine(self.gguf_path, lay, method=self.method,
                                           queue_depth=self.queue_depth, **self.engine_kwargs)
             self.engine_.start()
-            self._ggml = ggml.ggml_lib()
-            import llama_cpp
-
-            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._callback)
         self.residency_: ResidencyManager | None = None
         if self.residency is not None and self.mode is not Mode.OFF:
             future = self.oracle.experts if self.oracle is not None else None
@@ -469,15 +441,27 @@ class PrefetchPlugin:
     def enabled(self) -> bool:
         return self.mode is not Mode.OFF
 
-    def install(self, params: llama_cpp.llama_context_params) -> None:
-        """Set ``cb_eval`` on ``params`` (before ``llama_init_from_model``). Keep this plugin
-        alive as long as the context: it owns the callback object."""
+    def install(self, params: llama_cpp.llama_context_params,
+                plan: CapturePlan | None = None) -> None:
+        """Install the routing hook (``llama.hook.RoutingHook``) as ``cb_eval`` on
+        ``params``, before the context is created. ``plan``: the nodes to capture; default:
+        experts at each layer's argsort node plus router logits in predictor mode. A
+        ``recorder`` needs the arch's score and weight nodes: pass
+        ``llama.nodes.trace_plan`` of a probed graph (:class:`PrefetchLlama` does). Keep this
+        plugin alive as long as the context: it owns the hook."""
         if not self.enabled:
             return
-        if not hasattr(self, "_cb"):
+        if not self._started:
             raise RuntimeError("PrefetchPlugin.install() before start()")
-        params.cb_eval = self._cb
-        params.cb_eval_user_data = None
+        if plan is None:
+            plan = routing_plan(scores=self.mode is Mode.PREDICTOR or self.recorder is not None)
+        lay = self.layout_
+        self._plan = plan
+        self.hook_ = RoutingHook(
+            n_layer=lay.n_layer, moe_layers=self.blocks_, n_expert=lay.n_expert, k=self.k_,
+            n_embd=lay.n_embd, n_rows=int(params.n_ubatch), plan=plan, ring=True,
+            notify=self._on_layer)
+        self.hook_.install(params)
 
     def advise_mapping(self) -> int:
         """``madvise(MADV_RANDOM)`` every mapping of the model file in this process, if
@@ -534,35 +518,24 @@ class PrefetchPlugin:
                            residency=res)
 
     # --- the callback -----------------------------------------------------------------------------
-    def _callback(self, t: int, ask: bool, user_data: int | None) -> bool:
+    def _on_layer(self, li: int, row: int, n: int) -> None:
+        """The hook's notify: MoE layer ``li`` routed rows ``row .. row+n`` of this ubatch
+        (before its expert matmuls). Never raises: errors are counted."""
+        if not self._started:
+            return
         try:
-            spec = self._want.get(ctypes.string_at(t + ggml.OFF_NAME))
-            if ask:
-                return spec is not None
-            if spec is None or not self._started:
-                return True
             t0 = time.perf_counter()
-            kind, li = spec
-            if kind is _Node.WEIGHTS:
-                self._on_weights(t, li)
-                self._c.callback_seconds += time.perf_counter() - t0
-                return True
-            n = ctypes.c_int64.from_address(t + ggml.OFF_NE + 8).value
-            e = self.layout_.n_expert
-            if n > len(self._scratch_i):
-                self._scratch_i = np.empty((n, e), np.int32)
-                self._scratch_f = np.empty((n, e), np.float32)
-            if kind is _Node.ARGSORT:
-                self._ggml.tensor_get(t, self._scratch_i.ctypes.data, 0, n * e * 4)
-                self._on_routed(li, self._scratch_i[:n, :self.k_].copy())
-            else:
-                self._ggml.tensor_get(t, self._scratch_f.ctypes.data, 0, n * e * 4)
-                stash = self._logits if kind is _Node.LOGITS else self._rec_scores
-                stash[li] = self._scratch_f[:n].copy()
+            hook, plan = self.hook_, self._plan
+            scores = hook.scores[li, row:row + n].copy() if plan.score_node else None
+            if self.mode is Mode.PREDICTOR:
+                self._logits[li] = scores
+            self._on_routed(li, hook.experts[li, row:row + n].copy(), scores)
+            if self.recorder is not None and plan.weight_node:
+                self.recorder.record_weights(li, self._rec_pos[li],
+                                             hook.weights[li, row:row + n].copy())
             self._c.callback_seconds += time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - an exception must not unwind through C
             self._error(exc)
-        return True  # never abort the compute
 
     def _error(self, exc: BaseException) -> None:
         self._c.callback_errors += 1
@@ -571,8 +544,9 @@ class PrefetchPlugin:
             log.warning("prefetch plugin: callback error (counted, inference continues): %s",
                         self._first_error, exc_info=exc)
 
-    def _on_routed(self, li: int, experts: np.ndarray) -> None:
-        """Layer ``li`` (MoE index) has routed ``experts`` (n, k) for this ubatch's rows."""
+    def _on_routed(self, li: int, experts: np.ndarray, scores: np.ndarray | None) -> None:
+        """Layer ``li`` (MoE index) has routed ``experts`` (n, k) on ``scores`` (n, E; when
+        captured) for this ubatch's rows."""
         c, eng = self._c, self.engine_
         assert eng is not None
         n = len(experts)
@@ -596,25 +570,13 @@ class PrefetchPlugin:
         pos0 = self._n_past + self._ub_start + self._ub_rows - n
         if self.recorder is not None:
             self._rec_pos[li] = pos0
-            scores = self._rec_scores[li]
-            scores = self._logits[li] if scores is None else scores
-            self.recorder.record(li, pos0, experts,
-                                 None if scores is None else scores[-n:])
+            self.recorder.record(li, pos0, experts, scores)
         if self.residency_ is not None:
             self.residency_.post_step(pos0 + n - 1, li, used)
         if self.mode is Mode.PREDICTOR:
             self._predictor_step(li, experts, pos0)
         elif self.mode is Mode.ORACLE:
             self._oracle_step(li, pos0, n)
-
-    def _on_weights(self, t: int, li: int) -> None:
-        """A mixing-weights node of layer ``li`` is ready: hand its rows to the recorder."""
-        assert self.recorder is not None
-        ne = ggml.tensor_ne(t)
-        n = ne[0] * ne[1] * ne[2] * ne[3] // self.k_
-        w = np.empty((n, self.k_), np.float32)
-        self._ggml.tensor_get(t, w.ctypes.data, 0, w.nbytes)
-        self.recorder.record_weights(li, self._rec_pos[li], w)
 
     def _ahead(self, li: int, d: int) -> tuple[int, bool]:
         """(target MoE layer, next_token) of offset ``d`` from ``li``; (-1, _) if none."""
@@ -737,13 +699,7 @@ class PrefetchPlugin:
 # --- llama-cpp-python integration ---------------------------------------------------------------
 
 
-def _llama_class() -> type:
-    from llama_cpp import Llama
-
-    return Llama
-
-
-class PrefetchLlama(_llama_class()):  # type: ignore[misc]
+class PrefetchLlama(Llama):  # type: ignore[misc]
     """A ``llama_cpp.Llama`` whose context runs the prefetch plugin's eval callback.
 
     ``PrefetchLlama(model_path, mode=..., predictor=..., oracle=..., lookahead=...,
@@ -765,9 +721,7 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
                  engine_kwargs: Mapping[str, Any] | None = None,
                  recorder: RoutingRecorder | None = None,
                  residency: ResidencyConfig | None = None, **llama_kwargs: Any) -> None:
-        from ..trace.llama_tracer import _quiet_llama_logs
-
-        _quiet_llama_logs()
+        runtime.quiet_logs()
         self.plugin = PrefetchPlugin(model_path, mode=mode, predictor=predictor, oracle=oracle,
                                      lookahead=lookahead, prefetch_k=prefetch_k, wrap=wrap,
                                      method=method, queue_depth=queue_depth,
@@ -792,17 +746,19 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
             raise
 
     def _swap_context(self) -> None:
-        import contextlib
+        plan = self._probe_plan() if self.plugin.recorder is not None else None
+        self._pool = runtime.hook_llama(self, lambda params: self.plugin.install(params, plan))
 
-        from llama_cpp import _internals
-
-        self.plugin.install(self.context_params)
-        ctx = _internals.LlamaContext(model=self._model, params=self.context_params,
-                                      verbose=self.verbose)
-        old, self._ctx = self._ctx, self._stack.enter_context(contextlib.closing(ctx))
-        old.close()
-        self._pool = ggml.Threadpool(int(self.n_threads))
-        self._pool.attach(self._ctx.ctx)
+    def _probe_plan(self) -> CapturePlan:
+        """The tracer's plan (the arch's score and weight nodes) from a one-token probe of
+        this model's graph: what a recorder needs to record what the tracer would."""
+        lay = self.plugin.layout_
+        what = f"{self.model_path}: arch {lay.arch!r}"
+        params = runtime.context_params(64, 1, int(self.n_threads))
+        token = int(self.token_bos()) if 0 <= int(self.token_bos()) < self.n_vocab() else 0
+        with ggml.Threadpool(int(self.n_threads)) as pool, runtime.probe_nodes(
+                self._model.model, params, pool, token, what) as found:
+            return trace_plan(found, lay.moe_layers[0], False, what)
 
     def eval(self, tokens: Sequence[int]) -> None:
         self.plugin.begin(tokens, self.n_tokens)
@@ -829,61 +785,5 @@ class PrefetchLlama(_llama_class()):  # type: ignore[misc]
         self.close()
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-
-def prompt_tokens(gguf_path: str | os.PathLike[str], prompt: str) -> list[int]:
-    """``prompt``'s token ids as :func:`generate_greedy` evaluates them (vocab-only load)."""
-    from llama_cpp import Llama
-
-    from ..trace.llama_tracer import _quiet_llama_logs
-
-    _quiet_llama_logs()
-    llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
-    try:
-        return list(llm.tokenize(prompt.encode("utf-8"), add_bos=True))
-    finally:
-        llm.close()
-
-
-def generate_greedy(llm: Any, prompt: str, max_tokens: int,
-                    on_token: Any = None) -> tuple[list[int], int, float, float]:
-    """Greedy decode with ``Llama.eval`` / ``Llama.sample(top_k=1)``-equivalent argmax over
-    llama.cpp's sampler: returns (generated ids, prompt length, prompt s, decode s). Stops
-    before an end-of-generation token or when the context (n_ctx) is full, so fewer than
-    ``max_tokens`` may come back. The same loop with and without the plugin."""
-    import llama_cpp
-
-    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
-    # llama.cpp pads its context (8 -> 256), but Llama.eval keeps token ids in an array of
-    # the requested n_ctx and silently drops ids past it: the smaller one is the real limit
-    n_ctx = min(int(llm.n_ctx()), len(llm.input_ids))
-    if not ids:  # llama_decode of an empty batch aborts the process (GGML_ASSERT)
-        raise ExpertPredError(f"prompt {prompt!r} has no tokens; expected a non-empty prompt")
-    if len(ids) > n_ctx:
-        raise ExpertPredError(f"prompt has {len(ids)} tokens; expected at most n_ctx={n_ctx} "
-                              "(raise --n-ctx or shorten the prompt)")
-    t0 = time.perf_counter()
-    llm.reset()
-    llm.eval(ids)
-    t1 = time.perf_counter()
-    out: list[int] = []
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    smpl = llama_cpp.llama_sampler_init_greedy()
-    try:
-        while len(out) < max_tokens:
-            tok = int(llama_cpp.llama_sampler_sample(smpl, llm.ctx, -1))
-            if llama_cpp.llama_vocab_is_eog(vocab, tok):
-                break
-            out.append(tok)
-            if on_token is not None:
-                on_token(tok)
-            if len(out) == max_tokens or len(ids) + len(out) > n_ctx:
-                break  # the context is full: this token's eval would not fit
-            llm.eval([tok])
-    finally:
-        llama_cpp.llama_sampler_free(smpl)
-    return out, len(ids), t1 - t0, time.perf_counter() - t1
+        """No work here (``Llama.__del__`` would close): the one lifecycle is ``with`` /
+        :meth:`close`; a forgotten instance's llama.cpp objects free themselves."""
