@@ -88,6 +88,16 @@ def test_tracer_and_plugin_capture_identical_routing(name: str, plan: str) -> No
         np.testing.assert_allclose(rec.weights[key], seq.weights[key], atol=5e-3)
 
 
+def test_plugin_with_one_thread_runs() -> None:
+    """Llama's batch thread count defaults to the core count: the hooked context's threadpool
+    must serve it too (a one-thread pool crashed llama.cpp with SIGSEGV)."""
+    path = model_gguf(SHIPPED_MODELS[0])
+    with PrefetchLlama(path, mode="d0", n_ctx=128, n_threads=1, seed=0) as llm:
+        toks, _, _, _ = generate_greedy(llm, PROMPT, 4)
+        st = llm.prefetch_stats()
+    assert len(toks) == 4 and st.counters.layer_events > 0 and st.counters.callback_errors == 0
+
+
 def test_node_names_are_defined_once() -> None:
     """The C callback's table and flags are generated from ``llama.nodes``."""
     for base in nodes.BASE_NAMES:

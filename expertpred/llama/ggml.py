@@ -195,6 +195,9 @@ typedef struct {
     int64_t ring;                         /* 1: every ubatch writes rows from 0 (streaming) */
 } ep_state;
 
+/* record the reason; stop the compute unless streaming (ring): the plugin must never break
+   the inference it rides along with, the tracer must not write a wrong trace */
+#define FAIL(code) { s->error = (code); return s->ring != 0; }
 #define OFF_NE 16
 #define OFF_SRC 152
 #define OFF_NAME 256
@@ -250,28 +253,28 @@ bool ep_callback(void *t, bool ask, void *user_data) {
     int64_t r = s->ring ? 0 : s->rows[li];
     if (flags & SCORE) {
         int64_t n = ne[1];
-        if (r + n > s->cap) { s->error = 2; return false; }
+        if (r + n > s->cap) FAIL(2)
         s->tensor_get(t, s->scores + (li * s->cap + r) * E, 0, (size_t)(n * E * 4));
     }
     if (flags & EXPERTS) {
         int64_t n = ne[1];
-        if (r + n > s->cap) { s->error = 2; return false; }
-        if (n > s->scratch_rows) { s->error = 3; return false; }
+        if (r + n > s->cap) FAIL(2)
+        if (n > s->scratch_rows) FAIL(3)
         copy_experts(s, t, s->experts + (li * s->cap + r) * k, n);
         return commit(s, li, r, n);
     }
     if (flags & WEIGHTS) {
         int64_t n = ne[0] * ne[1] * ne[2] * ne[3] / k;
-        if (r + n > s->cap) { s->error = 2; return false; }
-        if (n > s->scratch_rows) { s->error = 3; return false; }
+        if (r + n > s->cap) FAIL(2)
+        if (n > s->scratch_rows) FAIL(3)
         int64_t off = (li * s->cap + r) * k;
         s->tensor_get(t, s->weights + off, 0, (size_t)(n * k * 4));
         void *a = s->argsort_ptr[li];
-        if (!a) { s->error = 4; return false; }
+        if (!a) FAIL(4)
         copy_experts(s, a, s->experts + off, n);
         if (s->hidden) {
             void *h = s->router_in_ptr[li];
-            if (!h) { s->error = 5; return false; }
+            if (!h) FAIL(5)
             s->tensor_get(h, s->scratch_f32, 0, (size_t)(n * D * 4));
             s->to_fp16(s->scratch_f32, s->hidden + (li * s->cap + r) * D, n * D);
         }

@@ -13,7 +13,8 @@ they are ready (observe), with ``ggml_backend_tensor_get`` straight into buffers
   ``li``'s rows ``row .. row+n`` are in the buffers and before its expert matmuls: the
   plugin's entry point. The tracer passes none;
 * ``ring=True`` writes every ubatch from row 0 (streaming, for unbounded generation: the
-  plugin); else rows accumulate per layer until :meth:`reset` (a whole sequence: the tracer);
+  plugin), and an error inside the callback lets the compute go on; else rows accumulate per
+  layer until :meth:`reset` (a whole sequence: the tracer) and an error stops the compute;
 * :meth:`stop_after` ends the compute after a layer's rows are committed (returning false
   from the callback aborts the graph; the KV cache is complete by then).
 
@@ -244,7 +245,7 @@ class RoutingHook:
             return True
         except BaseException as exc:  # an exception must not unwind through C
             self._error = exc
-            return False  # aborts the compute; raise_errors() re-raises
+            return self.ring  # as FAIL in C: streaming goes on, a trace stops; re-raised later
 
     def _copy_experts(self, a: int, li: int, r: int, n: int) -> None:
         s = self._buf.scratch_i32

@@ -132,7 +132,9 @@ def hook_llama(llm: Any, install: Callable[[Any], None]) -> ggml.Threadpool:
                                   verbose=llm.verbose)
     old, llm._ctx = llm._ctx, llm._stack.enter_context(contextlib.closing(ctx))
     old.close()
-    pool = ggml.Threadpool(int(llm.n_threads))
+    # one pool serves decode (n_threads) and batches (n_threads_batch, which Llama defaults
+    # to the core count): a pool smaller than either crashes llama.cpp (SIGSEGV)
+    pool = ggml.Threadpool(max(int(llm.n_threads), int(llm.n_threads_batch)))
     pool.attach(llm._ctx.ctx)
     return pool
 

@@ -486,6 +486,9 @@ class PrefetchPlugin:
         if not self.enabled:
             return
         try:
+            hook = getattr(self, "hook_", None)
+            if hook is not None:
+                hook.raise_errors()  # what went wrong in the last batch's callback: counted
             self._finish_ubatch()
             if n_past == 0 or n_past <= self._feat_pos:
                 self._reset_sequence()
