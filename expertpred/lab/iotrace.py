@@ -4,8 +4,9 @@
 
 1. a child process runs greedy llama.cpp inference on the one llama.cpp hook
    (``llama.runtime.hook_llama`` + ``llama.hook.RoutingHook``, with this module's
-   :class:`IOTracer` as what it notifies) — inside a :class:`~expertpred.lab.cgroup.MemoryCgroup` when a limit is given, after
-   evicting the file from the page cache;
+   :class:`IOTracer` as what it notifies) — inside a
+   :class:`~expertpred.lab.cgroup.MemoryCgroup` when a limit is given, after evicting the
+   file from the page cache;
 2. at each MoE layer's routing node (``ffn_moe_argsort-L``: attention and router of layer L
    are done, its experts not yet) and at each token boundary the tracer takes a ``mincore``
    snapshot of the whole file: pages resident now but not at the previous sample became
