@@ -1,2 +1,5 @@
-"""llama.cpp through llama-cpp-python: ``ggml`` holds the ctypes bindings to ggml's tensor
-struct and the compiled C capture callback that the tracer and the plugin hook in with."""
+"""The one llama.cpp hook, used by the tracer, the prefetch plugin and iotrace: ``nodes``
+(router node names and capture plans, written once), ``ggml`` (ctypes view of ggml tensors,
+the threadpool, the C eval callback), ``hook`` (``RoutingHook``: the callback and its
+buffers), ``runtime`` (models, contexts with ``cb_eval`` set, the graph probe, the one
+decode loop). See docs/llama-hook.md."""
