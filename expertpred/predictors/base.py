@@ -97,15 +97,9 @@ class Predictor:
         self._check(x)
         if len(x) == 0:
             return np.zeros((0, self.model_.n_expert), dtype=np.float32)
-        key = self._row_key(x) if len(x) == 1 else None
-        if key is None:
+        if len(x) != 1:
             return self._scores32(x)
-        got = self._row_scores.get(key)
-        if got is None:
-            got = self._row_scores[key] = self._scores32(x)
-            if len(self._row_scores) > CACHE_ROWS:
-                self._row_scores.clear()
-        return got.copy()
+        return self._row(x, self._row_key(x))[None].copy()
 
     def predict_topk(self, x: FeatureBatch, k: int) -> np.ndarray:
         """int64 (n, k) expert ids, best first (ties: lower id first)."""
