@@ -82,10 +82,10 @@ class PredictorSet:
 
     by_d: dict[int, Predictor]  # d → fitted predictor (registry class, numpy scoring)
     model: ModelInfo  # the model to run on (the GGUF's after an allowed sha mismatch)
-    history_decay: float  # feature config every offset was trained with
-    needs_hidden: bool  # features must carry the router input
-    name: str  # registry name of the rung
+    history_decay: float = 0.5  # feature config every offset was trained with
+    needs_hidden: bool = False  # features must carry the router input
     source: str = ""  # where it was loaded from (for messages)
+    name: str = ""  # registry name of the rung
     header: dict[str, Any] = field(default_factory=dict)  # the artifact header, if loaded
     trained_model: ModelInfo | None = None  # the model it was trained on
 
@@ -107,7 +107,7 @@ class PredictorSet:
                 raise ExpertPredError(f"export: {p.name} offsets use different history_decay")
         return cls(dict(sorted(by_d.items())), first.model_,
                    first.feature_config_.history_decay,
-                   any(p.uses_hidden for p in by_d.values()), first.name, source,
+                   any(p.uses_hidden for p in by_d.values()), source, first.name,
                    trained_model=first.model_)
 
     @property
@@ -127,7 +127,7 @@ class PredictorSet:
     def topk_shares(self, d: int, x: FeatureBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(experts, shares): the top ``k`` experts as :meth:`topk` and each one's share of
         the row's non-negative score mass, in [0, 1] (all 1 when no score is positive)."""
-        s = self.by_d[d].predict_scores(x).reshape(-1)
+        s = self.by_d[d].predict_row(x)
         top = np.argsort(-s, kind="stable")[:k]
         pos = np.maximum(s, 0.0)
         tot = pos.sum()

@@ -97,15 +97,9 @@ class Predictor:
         self._check(x)
         if len(x) == 0:
             return np.zeros((0, self.model_.n_expert), dtype=np.float32)
-        key = self._row_key(x) if len(x) == 1 else None
-        if key is None:
+        if len(x) != 1:
             return self._scores32(x)
-        got = self._row_scores.get(key)
-        if got is None:
-            got = self._row_scores[key] = self._scores32(x)
-            if len(self._row_scores) > CACHE_ROWS:
-                self._row_scores.clear()
-        return got.copy()
+        return self._row(x, self._row_key(x))[None].copy()
 
     def predict_topk(self, x: FeatureBatch, k: int) -> np.ndarray:
         """int64 (n, k) expert ids, best first (ties: lower id first)."""
@@ -118,13 +112,32 @@ class Predictor:
         key = self._row_key(x)
         got = None if key is None else self._row_topk.get((key, k))
         if got is None:
-            s = self.predict_scores(x)[0]
+            s = self._row(x, key)
             got = np.argsort(-s, kind="stable")[None, :k].astype(np.int64, copy=False)
             if key is not None:
                 if len(self._row_topk) > CACHE_ROWS:
                     self._row_topk.clear()
                 self._row_topk[(key, k)] = got
         return got.copy()
+
+    def predict_row(self, x: FeatureBatch) -> np.ndarray:
+        """float32 (E,) scores of the one row of ``x`` (the online path: one check, one
+        cache lookup); a fresh array the caller may modify."""
+        if len(x) != 1:
+            raise ExpertPredError(f"{self.name}: predict_row takes one row, got {len(x)}")
+        self._check(x)
+        return self._row(x, self._row_key(x)).copy()
+
+    def _row(self, x: FeatureBatch, key: Hashable | None) -> np.ndarray:
+        """1-D scores of one checked row: from the cache when ``key`` is set (not a copy)."""
+        if key is None:
+            return self._scores32(x)[0]
+        got = self._row_scores.get(key)
+        if got is None:
+            got = self._row_scores[key] = self._scores32(x)
+            if len(self._row_scores) > CACHE_ROWS:
+                self._row_scores.clear()
+        return got[0]
 
     @property
     def d(self) -> int:

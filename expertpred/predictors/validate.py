@@ -176,12 +176,18 @@ def _mlp(c: _Check, m: ModelInfo, spec: Mapping[str, Any], a: Mapping[str, np.nd
     std = c.array(a, "std", "f", (f,))
     if std.size and not (std > 0).all():
         raise c.fail("array 'std' has values <= 0, expected positive scales")
-    h0 = c.array(a, "w0", "f", (None, f)).shape[0]
-    c.array(a, "b0", "f", (h0,))
-    h1 = c.array(a, "w1", "f", (None, h0)).shape[0]
-    c.array(a, "b1", "f", (h1,))
-    c.array(a, "w2", "f", (m.n_moe * m.n_expert, h1))
-    c.array(a, "b2", "f", (m.n_moe * m.n_expert,))
+    _layers(c, m, a, f, 2)
+
+
+def _layers(c: _Check, m: ModelInfo, a: Mapping[str, np.ndarray], f: int, n: int) -> None:
+    """``n`` hidden Linear layers w0/b0 .. from ``f`` inputs, then the per-layer heads."""
+    width = f
+    for i in range(n):
+        width_next = c.array(a, f"w{i}", "f", (None, width)).shape[0]
+        c.array(a, f"b{i}", "f", (width_next,))
+        width = width_next
+    c.array(a, f"w{n}", "f", (m.n_moe * m.n_expert, width))
+    c.array(a, f"b{n}", "f", (m.n_moe * m.n_expert,))
 
 
 @_rule("fast-mlp")
@@ -192,13 +198,7 @@ def _fast_mlp(c: _Check, m: ModelInfo, spec: Mapping[str, Any],
     n = len(acts) - 1
     if n not in (1, 2) or acts != ["relu"] * n + ["linear"]:
         raise c.fail(f"spec.activations {acts!r}, expected relu (once or twice), linear")
-    width = f
-    for i in range(n):
-        width_next = c.array(a, f"w{i}", "f", (None, width)).shape[0]
-        c.array(a, f"b{i}", "f", (width_next,))
-        width = width_next
-    c.array(a, f"w{n}", "f", (m.n_moe * m.n_expert, width))
-    c.array(a, f"b{n}", "f", (m.n_moe * m.n_expert,))
+    _layers(c, m, a, f, n)
 
 
 @_rule("lightgbm")

@@ -93,17 +93,15 @@ prompt_tokens = runtime.prompt_tokens
 
 # The default predictor and lookahead of `expertpred run`, `load_predictors` and
 # benchmarks/e2e_prefetch.py. An online layer-step on the inference thread has a budget of
-# ~20 µs; this lookup predictor is the most accurate one that fits it (the learned ones
-# cost several times more), and D = 1 is the lookahead validated end to end. The per-step
-# latencies and the end-to-end ratios, with the commands that measured them, are in
-# docs/export.md and docs/e2e.md. Pass name="mlp" when ~30 µs per step is acceptable.
+# ~20 µs; this lookup predictor is the most accurate one that fits it (the learned ones,
+# fast-mlp the closest, cost more), and D = 1 is the lookahead validated end to end. The
+# per-step latencies and recall of each, and the end-to-end ratios, with the commands that
+# measured them, are in docs/export.md and docs/e2e.md.
 DEFAULT_PREDICTOR = "previous-token+transition"
 DEFAULT_LOOKAHEAD = 1
 # Confidence gating (PrefetchPlugin min_share): prefetch a predicted expert only if it holds
-# at least this share of the predictor's score mass for its layer (docs/e2e.md). Measured on
-# tiny-mixtral, 4 prompts x 48 greedy tokens, d = 1, share >= 0.25: previous-token+transition
-# keeps 18% of its predicted experts at 0.86 precision (all: 0.58), the MLP 81% at 0.975
-# (all: 0.92); >= 0.2 would keep 54% / 0.68 for the lookup predictor.
+# at least this share of the predictor's score mass for its layer, so that low-confidence
+# guesses do not spend disk bandwidth (precision per threshold measured in docs/e2e.md).
 DEFAULT_MIN_SHARE = 0.25
 MADV_RANDOM = 1
 MADV_NORMAL = 0
