@@ -228,8 +228,8 @@ def build_predictor(ref: Path, model_name: str, n_prompts: int, name: str) -> Pa
     sha = file_sha256(ref)
     d = BENCH_DIR / "predictors" / sha[:12]
     models = d / "models"
-    if saved_path(models, name, 1).exists():
-        return models
+    if saved_path(models, name, 1).exists() and (models / "nextuse.npz").exists():
+        return models  # train also writes the learned residency's next-use model
     shipped = ROOT / "datasets" / "traces" / model_name
     cfg = ROOT / "training" / "configs" / f"predictors-{model_name}.toml"
     manifest = shipped / "_manifest.json"
