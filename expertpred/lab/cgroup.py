@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import ExpertPredError
-from ..prefetch.sysmem import file_resident_bytes
+from ..prefetch.sysmem import file_resident_bytes, own_memory_cgroup
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class MemoryCgroup:
         path, self._path = self._path, None
         if path is None or not path.exists():
             return
-        home = self.root / own_cgroup().lstrip("/")
+        home = self.root / own_memory_cgroup().lstrip("/")
         for attempt in range(50):
             for pid in _read_pids(path):
                 try:
@@ -397,12 +397,3 @@ def _read_pids(path: Path) -> list[int]:
         return [int(x) for x in (path / "cgroup.procs").read_text().split()]
     except FileNotFoundError:
         return []
-
-
-def own_cgroup() -> str:
-    """This process's path in the v1 memory hierarchy (e.g. ``/`` or ``/some/group``)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return path
-    return "/"

@@ -45,7 +45,14 @@ import numpy as np
 from ..errors import ExpertPredError
 from ..gguf.layout import MoELayout
 from ..learn.residency_policy import Event, Record, ResidencyCounters, ResidencySet, make_policy
-from .sysmem import PAGE_SIZE, FileMapping, Madvice, ProcessMapping, madvise_file_range
+from .sysmem import (
+    PAGE_SIZE,
+    FileMapping,
+    Madvice,
+    ProcessMapping,
+    madvise_file_range,
+    own_memory_cgroup,
+)
 from .sysmem import process_mappings as _process_mappings
 
 if TYPE_CHECKING:
@@ -112,18 +119,9 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
-def _own_cgroup() -> str:
-    """This process's path in the v1 memory hierarchy (``/`` when none is listed)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return path
-    return "/"
-
-
 def memory_limit() -> MemoryLimit:
     """This process's memory limit (cgroup v1 when limited, else the machine's)."""
-    group = _own_cgroup()
+    group = own_memory_cgroup()
     d = CGROUP_MEMORY / group.lstrip("/")
     try:
         limit = int((d / "memory.limit_in_bytes").read_text())

@@ -242,3 +242,14 @@ def file_resident_bytes(path: str | os.PathLike[str]) -> tuple[int, int]:
     with FileMapping(path) as m:
         pages = int(m.mincore().sum())
     return min(pages * PAGE_SIZE, size), size
+
+
+def own_memory_cgroup() -> str:
+    """This process's path in the v1 memory hierarchy (``/`` when none is listed), from
+    /proc/self/cgroup."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if "memory" in controllers.split(","):
+                return path
+    return "/"
