@@ -286,7 +286,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child-direct", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help="Use this widened GGUF as it is.")
-    ap.add_argument("--source", type=Path, default=e2e.SOURCE, help="Model to widen.")
+    ap.add_argument("--source", type=Path, default=e2e.ROOT / "models" / "tiny-mixtral" /
+                    "model.gguf", help="Model to widen (f32: it is also the reference).")
     ap.add_argument("--predictor", type=Path, help="Saved predictors (default: train).")
     ap.add_argument("--predictor-name", default=DEFAULT_PREDICTOR)
     ap.add_argument("--total-gib", type=float, default=3.0)
@@ -307,8 +308,9 @@ def main() -> None:
         return
     if reason := why_unavailable():
         sys.exit(f"error: {reason}")
-    model = a.model or e2e.build_model(a.source, a.total_gib)
-    predictor = a.predictor or e2e.build_predictor(a.source, a.train_prompts, a.predictor_name)
+    model = a.model or e2e.build_models(a.source, a.total_gib, "f32")[0]
+    predictor = a.predictor or e2e.build_predictor(a.source, a.source.parent.name,
+                                                   a.train_prompts, a.predictor_name)
     texts = prompts(a.requests)
     size = model.stat().st_size
     limit = int(size / a.size_over_limit)

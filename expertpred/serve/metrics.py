@@ -22,9 +22,12 @@ log = logging.getLogger(__name__)
 
 PREFIX = "expertpred"
 # Engine counters under the names people look for; the other engine counters keep theirs.
-_ENGINE_NAMES = {"used": "prefetch_hits", "late": "prefetch_late", "misses": "prefetch_misses",
-                 "bytes_read": "prefetch_bytes", "evicted": "prefetch_evicted"}
+# ("used" is the older name of "hits": either engine version exports prefetch_hits)
+_ENGINE_NAMES = {"hits": "prefetch_hits", "used": "prefetch_hits", "late": "prefetch_late",
+                 "misses": "prefetch_misses", "bytes_read": "prefetch_bytes",
+                 "evicted": "prefetch_evicted"}
 _ENGINE_HELP = {
+    "hits": "expert uses served by a prefetch that completed in time",
     "used": "expert uses served by a prefetch that completed in time",
     "late": "expert uses whose prefetch was still queued or in flight",
     "misses": "expert uses never requested for prefetch",

@@ -24,6 +24,10 @@ import numpy as np
 
 from ..errors import ExpertPredError
 
+# How the tokens after the prompt were produced: "served" = traffic recorded by `expertpred
+# serve --trace-out`, where every request brings its own sampling settings.
+DECODING_MODES = ("greedy", "sampled", "served")
+
 log = logging.getLogger(__name__)
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -108,8 +112,9 @@ def _check_sections(s: _Schema, m: Mapping[str, Any]) -> None:
         for key in ("limit", "n_selected"):
             s.int_(p, key, "prompts", optional=True)
     d = s.get(m, "decoding", dict, "manifest")
-    if s.get(d, "mode", str, "decoding") not in ("greedy", "sampled"):
-        raise s.fail(f"decoding.mode {d['mode']!r:.40}, expected 'greedy' or 'sampled'")
+    if s.get(d, "mode", str, "decoding") not in DECODING_MODES:
+        raise s.fail(f"decoding.mode {d['mode']!r:.40}, expected one of "
+                     f"{', '.join(map(repr, DECODING_MODES))}")
     for key in ("temperature", "top_p"):
         s.get(d, key, (int, float), "decoding")
     for key in ("top_k", "seed", "max_tokens", "n_ctx", "n_threads"):

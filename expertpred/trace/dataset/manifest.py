@@ -53,7 +53,7 @@ class PromptSetInfo:
 class DecodingInfo:
     """How tokens after the prompt were produced; everything but n_threads must match on resume."""
 
-    mode: str = "greedy"  # "greedy" or "sampled"
+    mode: str = "greedy"  # one of validate.DECODING_MODES
     temperature: float = 0.0
     top_k: int = 0  # 0 = disabled
     top_p: float = 1.0
