@@ -368,8 +368,9 @@ def summarize(rows: list[dict[str, Any]], specs: list[ModeSpec]) -> dict[str, di
         st = [r["stats"] for r in ok]
         if all("engine_hit_rate" in x for x in st):
             s["hit"] = [x["engine_hit_rate"] for x in st]
-            s["waste_gib_tok"] = [x["engine_wasted_bytes"] / r["steps"] / 2**30
-                                  for x, r in zip(st, ok)]
+            # .get: a checkout from before the ledgers (mode^checkout) has no wasted_bytes
+            s["waste_gib_tok"] = [x.get("engine_wasted_bytes", float("nan")) / r["steps"]
+                                  / 2**30 for x, r in zip(st, ok)]
             s["unbalanced"] = sum(bool(r.get("unbalanced")) for r in ok)
             s["demand_p50_ms"] = [x.get("engine_demand_latency_p50_ms", float("nan"))
                                   for x in st]
@@ -545,6 +546,8 @@ def main() -> None:
         rows.append(row)
         print(f"extra {m}: rc={row['returncode']} oom_killed={row.get('oom')} "
               f"peak={row.get('peak', 0) / 2**30:.2f} GiB", flush=True)
+    if a.json:  # the rows first: a failing summary must not lose the runs
+        a.json.write_text(json.dumps({"rows": rows, "io": io_rows}, indent=1, default=str))
     report(a, rows, io_rows, specs, lay, limit, size, oracle, model)
 
 
