@@ -15,7 +15,7 @@ from training.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from training.corpus import Split, load_corpus, split_of  # noqa: E402
 from training.train_lm import lr_at, main  # noqa: E402
 
-SHIPPED = ("tiny-mixtral", "tiny-qwen3moe")
+SHIPPED = ("tiny-mixtral", "tiny-qwen3moe", "tiny-olmoe")
 CONFIGS = [ROOT / "training" / "configs" / f"{name}.toml" for name in SHIPPED]
 
 
@@ -61,6 +61,9 @@ def test_overrides_are_typed(override, field, value):
         (["--arch=gpt"], "arch: expected one of"),
         (["--n_expert_used=9"], "n_expert_used: expected 1..n_expert=8"),
         (["--warmup_steps=10", "--max_steps=5"], "warmup_steps: expected < max_steps=5"),
+        (["--arch=olmoe"], "n_kv_head: olmoe has no GQA, expected n_head=4, got 2"),
+        (["--arch=olmoe", "--n_kv_head=4", "--head_dim=32"],
+         "head_dim: olmoe needs n_head * head_dim == n_embd=160, got 4 * 32"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):

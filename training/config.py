@@ -16,14 +16,14 @@ from pathlib import Path
 from expertpred.learn.config import ConfigError
 from expertpred.learn.config import load_config as load_dataclass_config
 
-ARCHS = ("mixtral", "qwen3moe")
+ARCHS = ("mixtral", "qwen3moe", "olmoe")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # --- identity / output -------------------------------------------------------------
     name: str = "tiny-mixtral"  # output dir models/<name>/ and GGUF general.name
-    arch: str = "mixtral"  # HF family: "mixtral" (GGUF arch llama) or "qwen3moe"
+    arch: str = "mixtral"  # HF family: "mixtral" (GGUF arch llama), "qwen3moe" or "olmoe"
     out_root: str = "models"  # parent of the output dir; tests point it at a tmp dir
 
     # --- corpus / tokenizer ------------------------------------------------------------
@@ -82,6 +82,17 @@ class TrainConfig:
             (self.warmup_steps < self.max_steps,
              f"warmup_steps: expected < max_steps={self.max_steps}, got {self.warmup_steps}"),
         ]
+        if self.arch == "olmoe":
+            # llama.cpp's olmoe loader makes attn_q/attn_output {n_embd, n_embd} and
+            # attn_k_norm {n_embd}: the heads must tile n_embd exactly and there is no GQA.
+            checks += [
+                (self.n_head * self.head_dim == self.n_embd,
+                 f"head_dim: olmoe needs n_head * head_dim == n_embd={self.n_embd}, got "
+                 f"{self.n_head} * {self.head_dim}"),
+                (self.n_kv_head == self.n_head,
+                 f"n_kv_head: olmoe has no GQA, expected n_head={self.n_head}, "
+                 f"got {self.n_kv_head}"),
+            ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)

@@ -6,6 +6,8 @@ import torch
 from transformers import (
     MixtralConfig,
     MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     PreTrainedModel,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
@@ -13,8 +15,15 @@ from transformers import (
 
 from .config import TrainConfig
 
+_CLASSES = {
+    "mixtral": MixtralForCausalLM,
+    "qwen3moe": Qwen3MoeForCausalLM,
+    "olmoe": OlmoeForCausalLM,
+}
 
-def hf_config(cfg: TrainConfig, vocab_size: int) -> MixtralConfig | Qwen3MoeConfig:
+
+def hf_config(cfg: TrainConfig,
+              vocab_size: int) -> MixtralConfig | Qwen3MoeConfig | OlmoeConfig:
     common = dict(
         vocab_size=vocab_size,
         hidden_size=cfg.n_embd,
@@ -39,6 +48,16 @@ def hf_config(cfg: TrainConfig, vocab_size: int) -> MixtralConfig | Qwen3MoeConf
             num_experts_per_tok=cfg.n_expert_used,
             **common,
         )
+    elif cfg.arch == "olmoe":
+        hf = OlmoeConfig(
+            intermediate_size=cfg.expert_ff,
+            num_experts=cfg.n_expert,
+            num_experts_per_tok=cfg.n_expert_used,
+            norm_topk_prob=False,  # OLMoE mixes with the raw softmax top-k weights, as
+            # llama.cpp's olmoe graph does (build_moe_ffn with norm_w = false)
+            clip_qkv=None,  # llama.cpp's olmoe graph has no q/k/v clamp
+            **common,
+        )
     else:
         hf = Qwen3MoeConfig(
             moe_intermediate_size=cfg.expert_ff,
@@ -56,6 +75,5 @@ def hf_config(cfg: TrainConfig, vocab_size: int) -> MixtralConfig | Qwen3MoeConf
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> PreTrainedModel:
     torch.manual_seed(cfg.seed)
-    cls = MixtralForCausalLM if cfg.arch == "mixtral" else Qwen3MoeForCausalLM
-    model = cls(hf_config(cfg, vocab_size))
+    model = _CLASSES[cfg.arch](hf_config(cfg, vocab_size))
     return model.float()
