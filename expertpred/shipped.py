@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import ExpertPredError
 
-SHIPPED_MODELS = ("tiny-mixtral", "tiny-qwen3moe")
+SHIPPED_MODELS = ("tiny-mixtral", "tiny-qwen3moe", "tiny-olmoe")
 DEFAULT_MODEL = "tiny-mixtral"
 
 

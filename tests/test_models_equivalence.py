@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))  # `training/` is a recipe next to the package, no
 
 from training.corpus import load_corpus  # noqa: E402
 
-MODELS = ("tiny-mixtral", "tiny-qwen3moe")
+MODELS = ("tiny-mixtral", "tiny-qwen3moe", "tiny-olmoe")
 N_TOKENS = 256  # tokens per domain compared position by position
 # f32 vs f32 with |logits| up to ~16: measured per-position max |diff| median ~1e-3, 99th
 # percentile ~2.5e-3. A position whose router sees a near-tie between two experts may pick
@@ -106,7 +106,7 @@ def test_routing_is_not_random(shipped):
     from training.route_stats import layer_stats, router_topk
 
     _, tok, hf, _ = shipped
-    n_expert = hf.config.num_local_experts
+    n_expert = getattr(hf.config, "num_local_experts", None) or hf.config.num_experts
     windows = np.concatenate([
         fixed_windows(token_stream(tok, load_corpus("heldout", dom)), 128, 4 * 128)
         for dom in ("code", "prose")

@@ -199,7 +199,7 @@ def test_cli(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q4_0"])
-@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3moe"])
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3moe", "tiny-olmoe"])
 def test_shipped_model(tmp_path, name, dtype):
     path = REPO / "models" / name / "model.gguf"
     if not path.exists():
