@@ -429,14 +429,15 @@ def test_readable_with_polars(sample):
 # --- the shipped sample traces ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3moe"])
-def test_shipped_sample_trace(name):
+@pytest.mark.parametrize(("name", "hidden"),
+                         [("tiny-mixtral", False), ("tiny-qwen3moe", False), ("tiny-olmoe", True)])
+def test_shipped_sample_trace(name, hidden):
     path = REPO / "datasets" / "traces" / name
     if not (path / "_manifest.json").exists():
         pytest.skip(f"{path} not generated yet")
     ds = TraceDataset(path)
     ds.verify()
-    assert ds.complete and not ds.has_hidden and ds.n_rows > 1000
+    assert ds.complete and ds.has_hidden == hidden and ds.n_rows > 1000
     splits = ds.to_numpy(["split", "domain", "phase"])
     assert set(splits["split"]) == {"train", "validation", "test"}
     assert set(splits["domain"]) == {"code", "prose"} and set(splits["phase"]) == {0, 1}
