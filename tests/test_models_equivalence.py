@@ -20,12 +20,20 @@ from training.corpus import load_corpus  # noqa: E402
 
 MODELS = ("tiny-mixtral", "tiny-qwen3moe", "tiny-olmoe")
 N_TOKENS = 256  # tokens per domain compared position by position
-# f32 vs f32 with |logits| up to ~16: measured per-position max |diff| median ~1e-3, 99th
-# percentile ~2.5e-3. A position whose router sees a near-tie between two experts may pick
-# the other one in llama.cpp (measured up to ~0.25 at 1-2 positions in 256), hence a quantile
-# bound plus a loose bound on the worst position that still catches any systematic error.
-P99_ABS_LOGIT_DIFF = 1e-2
-WORST_ABS_LOGIT_DIFF = 1.0
+# llama.cpp context settings -> bounds on the per-position max |logit diff| (f32 weights,
+# |logits| up to ~16): (median, 99th percentile, worst position).
+# "stock" = llama.cpp's defaults, flash attention and an f16 KV cache: measured median ~1e-3
+# on all three models, p99 ~2.5e-3 on tiny-mixtral / tiny-qwen3moe but 3.3e-2 on tiny-olmoe's
+# code text. A position whose router sees a near-tie may pick the other expert in llama.cpp
+# (up to ~0.3 at a few positions); with top-8 of 64 experts and 16 layers tiny-olmoe has many
+# more near-ties (11 of 256 positions above 1e-2), and a flip propagates to later layers and
+# tokens. Hence a median bound for systematic errors plus a loose worst-position bound.
+# "exact" = no flash attention, f32 KV cache: measured p99 5e-6 and worst 5.7e-6 on
+# tiny-olmoe, so any conversion error shows there.
+MODES = {
+    "stock": ({}, (5e-3, 5e-2, 1.0)),
+    "exact": ({"flash_attn_type": 0, "type_k": 0, "type_v": 0}, (1e-4, 1e-3, 1e-2)),
+}
 MIN_TOP1_AGREEMENT = 0.99
 
 
@@ -68,23 +76,34 @@ def test_tokenization_identical(shipped, domain):
     assert cpp_ids == hf_ids
 
 
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("domain", ["code", "prose"])
-def test_logits_match_transformers(shipped, domain):
+def test_logits_match_transformers(shipped, domain, mode):
+    import llama_cpp
     import torch
 
-    _, tok, hf, llm = shipped
+    d, tok, hf, stock = shipped
+    kwargs, (median, p99, worst) = MODES[mode]
     ids = tok.encode(_heldout_text(domain), add_special_tokens=False).ids[:N_TOKENS]
     assert len(ids) == N_TOKENS
-    llm.reset()
-    llm.eval(ids)
-    cpp = np.asarray(llm.scores[:N_TOKENS], dtype=np.float32)
+    llm = stock if mode == "stock" else llama_cpp.Llama(
+        str(d / "model.gguf"), logits_all=True, n_ctx=512, n_batch=512, n_threads=2,
+        verbose=False, **kwargs)
+    try:
+        llm.reset()
+        llm.eval(ids)
+        cpp = np.asarray(llm.scores[:N_TOKENS], dtype=np.float32)
+    finally:
+        if llm is not stock:
+            llm.close()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
     agreement = float((cpp.argmax(-1) == ref.argmax(-1)).mean())
     diff = np.abs(cpp - ref).max(-1)  # per position
     assert agreement >= MIN_TOP1_AGREEMENT, f"top-1 agreement {agreement:.4f}"
-    assert np.quantile(diff, 0.99) < P99_ABS_LOGIT_DIFF, f"p99 |diff| {np.quantile(diff, 0.99)}"
-    assert diff.max() < WORST_ABS_LOGIT_DIFF, f"max |diff| {diff.max():.3g}"
+    assert np.median(diff) < median, f"median |diff| {np.median(diff):.3g}"
+    assert np.quantile(diff, 0.99) < p99, f"p99 |diff| {np.quantile(diff, 0.99):.3g}"
+    assert diff.max() < worst, f"max |diff| {diff.max():.3g}"
 
 
 def test_card_matches_files(shipped):
