@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from expertpred.cachesim import CacheResult, simulate  # noqa: E402
 from expertpred.errors import ExpertPredError  # noqa: E402
-from expertpred.layout import read_layout  # noqa: E402
+from expertpred.gguf.layout import read_layout  # noqa: E402
+from expertpred.learn.cachesim import CacheResult, simulate  # noqa: E402
 from expertpred.trace.dataset import TraceDataset  # noqa: E402
 from expertpred.trace.record import Phase  # noqa: E402
 
