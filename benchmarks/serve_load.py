@@ -121,7 +121,8 @@ def stream_one(client: httpx.Client, base: str, prompt: str, tokens: int) -> Req
             if r.status_code != 200:
                 return Req(0, time.perf_counter() - t0, 0, 0, f"HTTP {r.status_code}")
             for line in r.iter_lines():
-                if line.startswith("data: {"):
+                # a token per chunk; the last chunk only carries finish_reason
+                if line.startswith("data: {") and '"finish_reason": null' in line:
                     times.append(time.perf_counter())
     except httpx.HTTPError as exc:
         return Req(0, time.perf_counter() - t0, len(times), 0, repr(exc))
@@ -229,8 +230,9 @@ def direct_child(a: argparse.Namespace) -> None:
                        n_batch=512, n_threads=a.threads, seed=0) as llm:
         for p in texts:
             t0 = time.perf_counter()
-            times = [time.perf_counter() for _ in llm.create_completion(
-                p, max_tokens=a.tokens, temperature=0.0, repeat_penalty=1.0, stream=True)]
+            times = [time.perf_counter() for c in llm.create_completion(
+                p, max_tokens=a.tokens, temperature=0.0, repeat_penalty=1.0, stream=True)
+                if c["choices"][0]["finish_reason"] is None]
             tps = (len(times) - 1) / (times[-1] - times[0]) if len(times) >= 2 else 0.0
             r = Req(times[0] - t0 if times else 0.0, time.perf_counter() - t0, len(times), tps)
             print(json.dumps(asdict(r)), flush=True)
