@@ -7,7 +7,7 @@ Formats: gguf (layout.read_layout on the shipped models), manifest and shard (th
 dataset reader on the shipped traces), artifact (exported predictor artifacts). Each case
 runs in a worker process under a watchdog (a case that does not return is killed and
 counted as a hang); in the worker, each read runs under a time limit and tracemalloc. The
-outcomes: ok, clean error (one-line ExpertPredError), traceback, hang (> --seconds),
+outcomes: ok, clean error (one-line ExpertPredError), traceback, hang (> --seconds of CPU),
 memory (> --mib peak), silent acceptance (accepted, but the format's consistency checks
 find it inconsistent). Exit status 1 when any defect was counted.
 """
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", choices=FORMATS, required=True)
     ap.add_argument("--cases", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--seconds", type=float, default=1.0, help="Time limit per input.")
+    ap.add_argument("--seconds", type=float, default=1.0, help="CPU-time limit per input.")
     ap.add_argument("--mib", type=int, default=64, help="Peak-memory limit per input.")
     ap.add_argument("--show", type=int, default=10, help="Defects to list.")
     ap.add_argument("--json", type=Path, help="Also write counts and defects here.")
@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             camp.close()
     wall = time.perf_counter() - t0
     times.sort()
-    print(f"fuzz {a.format}: {a.cases} cases, seed {a.seed}, limits {a.seconds} s / {a.mib} "
-          f"MiB per input, {wall:.0f} s wall; read time median {1e3 * times[len(times) // 2]:.1f}"
-          f" ms, max {1e3 * times[-1]:.0f} ms")
+    med = 1e3 * times[len(times) // 2]
+    print(f"fuzz {a.format}: {a.cases} cases, seed {a.seed}, limits {a.seconds} s CPU / "
+          f"{a.mib} MiB per input, {wall:.0f} s wall; wall time per read: median {med:.1f} ms, "
+          f"max {1e3 * times[-1]:.0f} ms")
     for o in Outcome:
         print(f"  {o.value:18} {counts[o]:6d}")
     for d in defects[:a.show]:

@@ -15,6 +15,10 @@ def make_target(fmt: str) -> FuzzTarget:
 
         return GGUFTarget([root / "models" / m / "model.gguf"
                            for m in ("tiny-mixtral", "tiny-qwen3moe")])
+    if fmt in ("manifest", "shard"):
+        from .trace import ManifestTarget, ShardTarget
+
+        return ManifestTarget() if fmt == "manifest" else ShardTarget()
     if fmt == "artifact":
         from .artifact import ArtifactTarget
 
