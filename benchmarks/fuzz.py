@@ -60,15 +60,15 @@ class Campaign:
     def run(self, i: int) -> CaseResult:
         if self.proc is None or not self.proc.is_alive():
             self._start()
-        self.conn.send(i)
-        # generous: the first case also pays for preparing the seeds
-        if self.conn.poll(self.limits.kill_seconds + 60):
-            try:
+        try:
+            self.conn.send(i)
+            # generous: the first case also pays for preparing the seeds
+            if self.conn.poll(self.limits.kill_seconds + 120):
                 return self.conn.recv()
-            except EOFError:
-                pass
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            self.proc.join(5)
             code = self.proc.exitcode
-            self.proc = None
+            self.proc = None  # a native crash (e.g. SIGSEGV = exit -11) counts as a traceback
             return CaseResult(Outcome.TRACEBACK, f"case {i}", f"worker died (exit {code})",
                               0.0, 0)
         self.close()

@@ -94,6 +94,8 @@ class GGUFTarget:
         self.files = [MutableFile(s, workdir / f"seed{i}.gguf") for i, s in enumerate(self.seeds)]
         self.slots = [header_slots(s) for s in self.seeds]
         self.current: MutableFile = self.files[0]
+        for f in self.files:  # warm: first-use imports are not the reader's cost
+            read_layout(f.path)
 
     def _edit(self, i: int, rng: random.Random) -> Edit:
         data, (slots, data_start) = self.files[i].original, self.slots[i]

@@ -64,6 +64,7 @@ class _TraceTarget:
             shutil.copytree(src, dst)
             files = {p.name: p.read_bytes() for p in dst.iterdir()}
             self.pristine.append((dst, files, json.loads(files[MANIFEST_NAME])))
+            read_dataset(dst)  # warm: first-use imports are not the reader's cost
         self.i = 0
 
     def restore(self) -> None:
