@@ -189,11 +189,34 @@ def open_source(cfg: PredictorsConfig) -> TraceSource:
         log.warning("%s: %d sequences without a split; assigned by prompt-id hash",
                     cfg.dataset, n_hashed)
     gguf = cfg.gguf or str(ds.manifest["model"].get("path", ""))
+    if cfg.gguf:
+        _check_traced_model(Path(cfg.gguf), ds)
     if gguf and not Path(gguf).is_file():
         log.warning("model file %s not found: gate-lookahead will be skipped", gguf)
         gguf = ""
     return TraceSource(model=model, meta=sorted(meta, key=lambda m: m.seq_id), gguf_path=gguf,
                        description=f"{cfg.dataset} ({len(meta)} sequences)", _dataset=ds)
+
+
+def _check_traced_model(gguf: Path, ds: Any) -> None:  # ds: trace.dataset.TraceDataset
+    """``gguf=`` must be the model the dataset was traced on: gate-lookahead reads its routers
+    and the cache simulation sizes experts from its layout."""
+    from ..gguf.layout import file_sha256, read_layout
+
+    lay = read_layout(gguf)  # one-line GGUFError for a missing / bad file
+    m = ds.model
+    got = (lay.arch, lay.n_layer, tuple(lay.moe_layers), lay.n_expert, lay.n_expert_used)
+    want = (m.arch, m.n_layer, tuple(m.moe_layers), m.n_expert, m.n_expert_used)
+    if got != want:
+        raise ExpertPredError(f"gguf={gguf}: {lay.arch}, {lay.n_layer} layers, "
+                              f"{lay.n_expert} experts top-{lay.n_expert_used}; the dataset "
+                              f"{ds.path} was traced on {m.arch}, {m.n_layer} layers, "
+                              f"{m.n_expert} experts top-{m.n_expert_used} ({m.path})")
+    sha = file_sha256(gguf)
+    if sha != m.sha256:
+        raise ExpertPredError(f"gguf={gguf}: sha256 {sha[:12]}…, the dataset {ds.path} was "
+                              f"traced on {m.path} (sha256 {m.sha256[:12]}…); expected that "
+                              "model file")
 
 
 # --- fitting ----------------------------------------------------------------------------------

@@ -737,7 +737,14 @@ class PrefetchLlama(Llama):  # type: ignore[misc]
             # llama.cpp maps the file: a page past a shortened file's end is a SIGBUS
             check_file_complete(model_path, self.plugin.layout_)
             llama_kwargs.setdefault("verbose", False)
-            super().__init__(model_path=str(model_path), **llama_kwargs)
+            errors = runtime._LoadErrors()
+            try:
+                with errors:
+                    super().__init__(model_path=str(model_path), **llama_kwargs)
+            except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
+                why = errors.lines[0] if errors.lines else str(exc)
+                raise ExpertPredError(f"{model_path}: llama.cpp failed to load the model "
+                                      f"({why})") from None
             if self.plugin.enabled:
                 self._swap_context()
                 self.plugin.advise_mapping()

@@ -90,6 +90,11 @@ class Generation(NamedTuple):
     text: str
 
 
+# llama_context_params for exact numerics: flash attention off (LLAMA_FLASH_ATTN_TYPE_DISABLED)
+# and an f32 KV cache (GGML_TYPE_F32 = 0) — router logits within ~2e-5 of transformers
+# instead of ~2e-2, so near-tied experts rank as they do there (tests/trace/test_hf_tracer.py)
+EXACT_CONTEXT = {"flash_attn_type": 0, "type_k": 0, "type_v": 0}
+
 class LlamaTracer:
     """A llama.cpp model with a traced and an untraced context; see the module docstring."""
 

@@ -119,6 +119,11 @@ def _check_sections(s: _Schema, m: Mapping[str, Any]) -> None:
         s.get(d, key, (int, float), "decoding")
     for key in ("top_k", "seed", "max_tokens", "n_ctx", "n_threads"):
         s.get(d, key, int, "decoding")
+    s.get(d, "exact", bool, "decoding", optional=True)  # absent before trace --exact
+    unknown = set(d) - {"mode", "temperature", "top_p", "top_k", "seed", "max_tokens",
+                        "n_ctx", "n_threads", "exact"}
+    if unknown:
+        raise s.fail(f"decoding has unknown keys {sorted(unknown)[:3]}")
     model = m["model"]
     c = s.get(m, "columns", dict, "manifest")
     s.int_(c, "n_moe_layer", "columns", len(model["moe_layers"]), len(model["moe_layers"]))
