@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,6 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 # A shard is a plain file name inside the dataset directory: no separators, no "..", no
 # hidden or absolute names — the manifest may come from anyone.
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}\.parquet$")
-_READ_CHUNK = 1 << 22
 
 
 class TraceDatasetError(ExpertPredError):
@@ -185,29 +185,36 @@ def check_manifest(path: Path, m: Mapping[str, Any]) -> None:
 
 
 class ShardBytes:
-    """A shard's bytes read once, sha256-checked and size-checked against the manifest."""
+    """A shard's bytes, read once into memory, and their sha256 computed on a second thread
+    while Arrow decodes them (hashlib releases the GIL): the check costs the hash's wall time
+    only where it exceeds the decode's. :meth:`check` joins it and compares; callers check
+    before they return what they decoded."""
 
-    @staticmethod
-    def read(path: Path, nbytes: int, sha256: str) -> bytes:
-        h = hashlib.sha256()
-        buf = bytearray()
+    def __init__(self, path: Path, nbytes: int, sha256: str) -> None:
+        self.path, self.sha256 = path, sha256
+        buf = bytearray(nbytes + 1)  # one byte more: a longer file shows as a short read
         try:
-            with open(path, "rb") as f:
-                while chunk := f.read(_READ_CHUNK):
-                    h.update(chunk)
-                    buf += chunk
-                    if len(buf) > nbytes:
-                        break
+            with open(path, "rb", buffering=0) as f:
+                n = 0
+                while n <= nbytes and (k := f.readinto(memoryview(buf)[n:])):
+                    n += k
         except OSError as exc:
             raise TraceDatasetError(f"{path}: cannot read ({exc.strerror})") from None
-        if len(buf) != nbytes:
-            raise TraceDatasetError(f"{path}: {len(buf)}{'+' if len(buf) > nbytes else ''} "
-                                    f"bytes, the manifest lists {nbytes}")
-        got = h.hexdigest()
-        if got != sha256:
-            raise TraceDatasetError(f"{path}: sha256 {got[:12]}…, the manifest lists "
-                                    f"{sha256[:12]}… (corrupt or replaced shard)")
-        return bytes(buf)
+        if n != nbytes:
+            raise TraceDatasetError(f"{path}: {n}{'+' if n > nbytes else ''} bytes, the "
+                                    f"manifest lists {nbytes}")
+        self.data = memoryview(buf)[:nbytes]
+        self._hash = hashlib.sha256()
+        self._thread = threading.Thread(target=self._hash.update, args=(self.data,),
+                                         name="shard-sha256", daemon=True)
+        self._thread.start()
+
+    def check(self) -> None:
+        self._thread.join()
+        got = self._hash.hexdigest()
+        if got != self.sha256:
+            raise TraceDatasetError(f"{self.path}: sha256 {got[:12]}…, the manifest lists "
+                                    f"{self.sha256[:12]}… (corrupt or replaced shard)")
 
 
 def check_shard_rows(path: Path, seq_id: np.ndarray, seq_ids: tuple[int, ...],
