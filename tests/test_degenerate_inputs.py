@@ -109,3 +109,31 @@ def test_dense_first_layer(tmp_path):
     r = cli("trace", "--model", str(MODEL), "--prompts", str(prompts), "--out", str(out),
             "--max-tokens", "2")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("mode", ["d0", "off"])
+def test_run_counters_add_up(mode):
+    """The engine's ledgers (prefetch/jobs.py) hold in what `run --json` prints: every
+    request, job, use, speculative job and byte is accounted exactly once."""
+    r = cli("run", "--model", str(MODEL), "--prompt", "def f(x):", "--max-tokens", "8",
+            "--mode", mode, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    if mode == "off":
+        assert not any(k.startswith("engine_") for k in s)
+        return
+
+    def c(k: str) -> int:
+        return int(s[f"engine_{k}"])
+
+    assert c("requests") == sum(c(k) for k in (
+        "issued", "coalesced", "cached", "refused_stale", "refused_failed",
+        "refused_disabled", "refused_full", "invalid"))
+    assert c("issued") == sum(c(k) for k in (
+        "completed", "failed", "cancelled", "dropped_stale", "dropped_full",
+        "dropped_disabled", "pending"))
+    assert c("uses") == c("hits") + c("late") + c("misses") > 0
+    assert c("spec_issued") == c("spec_used") + c("spec_unused") + c("spec_pending")
+    assert c("spec_unused") <= c("spec_issued") <= c("issued")
+    assert c("bytes_read") == c("demand_bytes") + c("spec_bytes")
+    assert c("wasted_bytes") <= c("spec_bytes")
