@@ -113,6 +113,9 @@ def _print_run(cfg: RunConfig, res: RunResult) -> None:
         t.add_row("bytes: demand / speculative / wasted",
                   " / ".join(human_bytes(b) for b in (e.demand_bytes, e.spec_bytes,
                                                       e.wasted_bytes)))
+        bad = st.engine.unbalanced()
+        t.add_row("counter ledgers", "balanced" if not bad else
+                  "UNBALANCED " + ", ".join(f"{k} {a} != {b}" for k, (a, b) in bad.items()))
         t.add_row("I/O errors", f"{e.failed}" + ("" if st.engine.enabled
                                                  else f" (disabled: {st.engine.disabled_reason})"))
         if c.predictions:

@@ -44,6 +44,9 @@ def trace(
     seed: int = typer.Option(0, "--seed", help="Sampling seed (sequence i uses seed + i)."),
     resume: bool = flag("--resume", help="Continue a killed or shorter run."),
     shard_rows: int = typer.Option(32768, "--shard-rows", min=1, help="Rows per shard."),
+    exact: bool = flag("--exact", help="Exact numerics: no flash attention, f32 KV cache "
+                                       "(router top-k then matches transformers on near-ties; "
+                                       "slower)."),
 ) -> None:
     """Trace the router of every MoE layer for each prompt into a Parquet dataset directory."""
     from ..trace.run import TraceRunConfig
@@ -51,7 +54,8 @@ def trace(
     cfg = TraceRunConfig(model=model, prompts=prompts, out=out, split=split, domain=domain,
                          limit=limit, max_tokens=max_tokens, n_ctx=n_ctx, threads=threads,
                          hidden=hidden, sampled=sampled, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, resume=resume, shard_rows=shard_rows)
+                         top_p=top_p, seed=seed, resume=resume, shard_rows=shard_rows,
+                         exact=exact)
     print_trace_run(trace_prompts_with_progress(cfg))
 
 

@@ -50,6 +50,7 @@ class TraceRunConfig:
     seed: int = 0  # sequence i samples with seed + i, so a resumed run draws the same tokens
     resume: bool = False  # continue a dataset of the same model and settings
     shard_rows: int = 32768  # rows per Parquet shard: bounds the writer's memory
+    exact: bool = False  # no flash attention, f32 KV cache: router top-k as transformers ranks it
 
     def decoding(self) -> DecodingInfo:
         s = self.sampled
@@ -57,7 +58,7 @@ class TraceRunConfig:
                             temperature=self.temperature if s else 0.0,
                             top_k=self.top_k if s else 0, top_p=self.top_p if s else 1.0,
                             seed=self.seed, max_tokens=self.max_tokens, n_ctx=self.n_ctx,
-                            n_threads=self.threads)
+                            n_threads=self.threads, exact=self.exact)
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,11 @@ def trace_prompts(cfg: TraceRunConfig, progress: TraceProgress | None = None) ->
         if progress is not None:
             progress.start(len(todo), len(selection))
         if todo:
-            from .llama_tracer import LlamaTracer
+            from .llama_tracer import EXACT_CONTEXT, LlamaTracer
 
             tracer = LlamaTracer(str(cfg.model), n_ctx=cfg.n_ctx, n_threads=cfg.threads,
-                                 capture_hidden=cfg.hidden, seed=cfg.seed)
+                                 capture_hidden=cfg.hidden, seed=cfg.seed,
+                                 context_params=EXACT_CONTEXT if cfg.exact else None)
             t_trace = time.perf_counter()
             try:
                 for p in todo:

@@ -61,6 +61,7 @@ class DecodingInfo:
     max_tokens: int = 32  # decode tokens per prompt
     n_ctx: int = 512
     n_threads: int = 2
+    exact: bool = False  # flash attention off + f32 KV cache (trace --exact): other logits
 
     def comparable(self) -> dict[str, Any]:
         """The fields that change the traced data (thread count does not)."""

@@ -88,27 +88,44 @@ class TraceDataset:
             raise TraceDatasetError(f"{self.manifest_path}: model.path {p} is another "
                                     f"model (manifest vs file: {diff})")
 
-    def _open_shard(self, s: ShardInfo) -> pq.ParquetFile:
-        """The shard's bytes, read once: sha256 and size checked against the manifest, its
-        seq_id column against the listed sequences."""
+    def _open_shard(self, s: ShardInfo) -> tuple[pq.ParquetFile, ShardBytes]:
+        """The shard's bytes, read once (their sha256 is computed alongside: call
+        ``check()`` on the second value before returning anything decoded), its seq_id
+        column checked against the listed sequences."""
         p = self.path / s.name
-        data = ShardBytes.read(p, s.bytes, s.sha256)
+        data = ShardBytes(p, s.bytes, s.sha256)
         try:
-            pf = pq.ParquetFile(pa.BufferReader(data))
-            seq_id = pf.read(columns=["seq_id"]).column(0).to_numpy()
+            # single-threaded decode, page CRCs verified where the writer stored them: bytes
+            # with a valid sha256 can still be hostile (a re-signed manifest)
+            pf = pq.ParquetFile(pa.BufferReader(pa.py_buffer(data.data)), pre_buffer=False,
+                                page_checksum_verification=True)
+            seq_id = pf.read(columns=["seq_id"], use_threads=False).column(0).to_numpy()
         except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+            data.check()  # damaged bytes: say so rather than what Arrow tripped over
             raise TraceDatasetError(f"{p}: not a readable Parquet shard "
                                     f"({type(exc).__name__}: {exc})"[:300]) from None
         check_shard_rows(p, seq_id, s.seq_ids, s.rows)
-        return pf
+        return pf, data
 
-    def _read(self, s: ShardInfo, columns: Sequence[str] | None,
-              pf: pq.ParquetFile | None = None) -> pa.Table:
+    def _read(self, s: ShardInfo,
+              columns: Sequence[str] | None) -> tuple[pa.Table, pq.ParquetFile]:
+        """A whole shard (these columns), sha256-checked before it is returned."""
+        pf, data = self._open_shard(s)
         try:
-            return (pf or self._open_shard(s)).read(columns=columns)
+            table = pf.read(columns=columns, use_threads=False)
         except (pa.ArrowException, OSError, ValueError) as exc:
+            data.check()
             raise TraceDatasetError(f"{self.path / s.name}: not a readable Parquet shard "
                                     f"({type(exc).__name__}: {exc})"[:300]) from None
+        data.check()
+        return table, pf
+
+    def _check_experts(self, experts: np.ndarray) -> None:
+        """Expert ids index tables downstream: an id outside 0..n_expert-1 is damage."""
+        if experts.size and (int(experts.min()) < 0 or int(experts.max()) >= self.n_expert):
+            raise TraceDatasetError(f"{self.path}: expert ids {int(experts.min())}.."
+                                    f"{int(experts.max())} in the experts column, expected "
+                                    f"0..{self.n_expert - 1}")
 
     def _check_shard(self, s: ShardInfo) -> None:
         p = self.path / s.name
@@ -179,7 +196,9 @@ class TraceDataset:
         """Per-sequence facts (seq_id, prompt_id, domain, split, n_tokens, n_prompt, text)."""
         out: list[dict[str, Any]] = []
         for s in self.shards:
-            out.extend(self._sequence_records(s, self._open_shard(s)))
+            pf, data = self._open_shard(s)
+            data.check()
+            out.extend(self._sequence_records(s, pf))
         return out
 
     def _sequence_records(self, s: ShardInfo, pf: pq.ParquetFile) -> list[dict[str, Any]]:
@@ -210,12 +229,17 @@ class TraceDataset:
         """Record batches of at most ``batch_rows`` rows, shard by shard (bounded memory)."""
         cols = self._columns(columns)
         for s in self.shards:
-            pf = self._open_shard(s)
+            pf, data = self._open_shard(s)
             try:
-                yield from pf.iter_batches(batch_size=batch_rows, columns=cols)
+                yield from pf.iter_batches(batch_size=batch_rows, columns=cols,
+                                           use_threads=False)
             except (pa.ArrowException, OSError, ValueError) as exc:
+                data.check()
                 raise TraceDatasetError(f"{self.path / s.name}: not a readable Parquet shard "
                                         f"({type(exc).__name__}: {exc})"[:300]) from None
+            # streaming keeps memory at one batch, so a damaged shard is reported at its
+            # end: to_numpy() and the other bulk reads then return nothing
+            data.check()
 
     def _mask(self, batch: pa.RecordBatch, split: str | None, domain: str | None,
               seq_ids: set[int] | None) -> np.ndarray | None:
@@ -268,6 +292,8 @@ class TraceDataset:
                 continue
             for c in cols:
                 arr = column_to_numpy(c, b.column(c))
+                if c == "experts":
+                    self._check_experts(arr)
                 out[c][at:at + n] = arr[mask] if mask is not None else arr
             at += n
         assert at == total
@@ -284,7 +310,7 @@ class TraceDataset:
                 f"{max_bytes / 2**30:.1f} GiB; use iter_batches() or to_numpy(columns=...)")
         if not self.shards:
             return self._schema.empty_table().select(cols)
-        tables = [self._read(s, cols).replace_schema_metadata(None) for s in self.shards]
+        tables = [self._read(s, cols)[0].replace_schema_metadata(None) for s in self.shards]
         return pa.concat_tables(tables, promote_options="permissive")
 
     def sequences(self, *, split: str | None = None, domain: str | None = None,
@@ -294,9 +320,8 @@ class TraceDataset:
         for s in self.shards:
             if want is not None and not want.intersection(s.seq_ids):
                 continue
-            pf = self._open_shard(s)
+            t, pf = self._read(s, None)
             info = {r["seq_id"]: r for r in self._sequence_records(s, pf)}
-            t = self._read(s, None, pf)
             sid = t.column("seq_id").to_numpy()
             bounds = np.flatnonzero(np.diff(sid)) + 1
             starts = np.concatenate([[0], bounds])
@@ -312,13 +337,15 @@ class TraceDataset:
                 dom = str(part.column("domain")[0].as_py())
                 if domain is not None and dom != domain:
                     continue
+                experts = column_to_numpy("experts", part.column("experts"))
+                self._check_experts(experts)
                 yield SequenceTrace(
                     seq_id=seq_id,
                     prompt_id=str(part.column("prompt_id")[0].as_py()),
                     domain=dom,
                     tokens=column_to_numpy("token", part.column("token")),
                     phase=column_to_numpy("phase", part.column("phase")),
-                    experts=column_to_numpy("experts", part.column("experts")),
+                    experts=experts,
                     weights=column_to_numpy("weights", part.column("weights")),
                     logits=column_to_numpy("logits", part.column("logits")),
                     hidden=(column_to_numpy("hidden", part.column("hidden"))

@@ -488,7 +488,10 @@ class TraceWriter:
                                row_group_size=self._row_group_rows(table),
                                use_dictionary=["prompt_id", "domain", "split"],
                                use_byte_stream_split=[leaf_path(n) for n in FLOAT_COLUMNS
-                                                      if n in table.column_names])
+                                                      if n in table.column_names],
+                               # CRC32 per page: the reader rejects a damaged page before
+                               # Arrow's decoders see it
+                               write_page_checksum=True)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
