@@ -1,18 +1,19 @@
 """Fuzz targets: the trace dataset reader on mutations of the shipped trace datasets.
 
-``manifest``: edits of ``manifest.json`` — keys deleted or retyped, numbers changed, shard
-names with traversal, shards listed twice, seq_ids duplicated or swapped, another model's
-path or arch, byte flips and truncation of the JSON text.
+``manifest``: edits of the manifest (``_manifest.json``) — keys deleted or retyped, numbers
+changed, shard names with traversal, shards listed twice, seq_ids duplicated or swapped,
+another model's path or arch, byte flips and truncation of the JSON text.
 ``shard``: edits of one shard file — byte flips and truncation (with the manifest's sha256
 and size kept, or re-signed to match the damaged bytes), and shards rewritten with pyarrow
 with duplicated or swapped seq_ids, out-of-range expert ids, a dropped column or corrupt
 sequence records, re-signed in the manifest (a deliberate, consistent-looking edit).
 
-The read: open the dataset, ``to_numpy`` of seq_id/pos/experts, ``sequence_info`` and
-every ``SequenceTrace``. An accepted dataset must satisfy the format's invariants, checked
-independently of the reader: listed shards are plain files inside the directory with the
-listed sha256; each listed seq_id appears once, as one run in its shard; expert ids are in
-range with the model's shape; the model record equals the traced model's.
+The read: open the dataset, ``sequence_info``, then (chosen per case) ``to_numpy`` of
+seq_id/pos/experts or every ``SequenceTrace``. An accepted dataset must satisfy the
+format's invariants, checked independently of the reader: listed shards are plain files
+inside the directory with the listed sha256; each listed seq_id appears once, as one run in
+its shard; expert ids are in range with the model's shape; the model record equals the
+traced model's.
 """
 
 from __future__ import annotations
@@ -38,12 +39,21 @@ _ODD = [None, [], {}, "x", -1, 0, 1.5, True, "eight", 2**70, [0], {"a": 1}]
 SEEDS = ("tiny-mixtral", "tiny-qwen3moe")
 
 
-def read_dataset(path: Path) -> tuple[TraceDataset, dict[str, np.ndarray], list, int]:
+def read_dataset(path: Path, via: str = "numpy"
+                 ) -> tuple[TraceDataset, dict[str, np.ndarray], list, int]:
+    """Open and read everything the way a consumer does: ``via`` "numpy" (``to_numpy``, what
+    train/evaluate/analyze stream) or "sequences" (``SequenceTrace`` objects, every column)."""
     ds = TraceDataset(path)
-    arrays = ds.to_numpy(["seq_id", "pos", "experts"])
     info = ds.sequence_info()
-    n = sum(1 for _ in ds.sequences())
-    return ds, arrays, info, n
+    if via == "numpy":
+        arrays = ds.to_numpy(["seq_id", "pos", "experts"])
+        return ds, arrays, info, len(np.unique(arrays["seq_id"]))
+    seqs = list(ds.sequences())
+    e0 = np.zeros((0, ds.n_moe_layer, ds.n_expert_used), np.int16)
+    arrays = {"seq_id": np.concatenate([np.full(s.n_tokens, s.seq_id, np.int32) for s in seqs]
+                                       or [np.zeros(0, np.int32)]),
+              "experts": np.concatenate([s.experts for s in seqs] or [e0])}
+    return ds, arrays, info, len(seqs)
 
 
 def _sha(data: bytes) -> str:
@@ -64,8 +74,10 @@ class _TraceTarget:
             shutil.copytree(src, dst)
             files = {p.name: p.read_bytes() for p in dst.iterdir()}
             self.pristine.append((dst, files, json.loads(files[MANIFEST_NAME])))
-            read_dataset(dst)  # warm: first-use imports are not the reader's cost
+            for via in ("numpy", "sequences"):  # warm: first-use imports are not the reader's
+                read_dataset(dst, via)
         self.i = 0
+        self.via = "numpy"
 
     def restore(self) -> None:
         d, files, _ = self.pristine[self.i]
@@ -80,7 +92,7 @@ class _TraceTarget:
         (self.pristine[self.i][0] / MANIFEST_NAME).write_text(json.dumps(m, indent=1))
 
     def read(self) -> object:
-        return read_dataset(self.pristine[self.i][0])
+        return read_dataset(self.pristine[self.i][0], self.via)
 
     def inconsistencies(self, result: object) -> list[str]:
         ds, arrays, info, n_seq = result
@@ -182,6 +194,7 @@ class ManifestTarget(_TraceTarget):
 
     def case(self, rng: random.Random) -> str:
         self.i = rng.randrange(len(self.pristine))
+        self.via = rng.choice(("numpy", "sequences"))
         d, files, m0 = self.pristine[self.i]
         raw = files[MANIFEST_NAME]
         kind = rng.choices(["json", "semantic", "flip", "truncate"], weights=[45, 35, 12, 8])[0]
@@ -238,6 +251,7 @@ class ShardTarget(_TraceTarget):
 
     def case(self, rng: random.Random) -> str:
         self.i = rng.randrange(len(self.pristine))
+        self.via = rng.choice(("numpy", "sequences"))
         d, files, m0 = self.pristine[self.i]
         m = copy.deepcopy(m0)
         j = rng.randrange(len(m["shards"]))
