@@ -41,6 +41,11 @@ class TraceDatasetError(ExpertPredError):
     """A directory is not a readable trace dataset."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's text on one line (Arrow's messages span several)."""
+    return " ".join(str(exc).split())
+
+
 class _Schema:
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -81,3 +81,12 @@ def test_analyze_of_a_duplicated_shard_is_one_line(ds, tmp_path):
                         str(tmp_path / "rep")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: ") \
         and r.stderr.count("\n") == 1, r.stderr[-1500:]
+
+
+def test_wrapped_multi_line_messages_become_one_line():
+    """Arrow's messages span lines ("Couldn't deserialize thrift: ...\\nDeserializing page
+    header failed."); a user error is one line whatever it wraps (found by the shard fuzz)."""
+    from expertpred.trace.validate import TraceDatasetError
+
+    assert str(TraceDatasetError("shard.parquet: (OSError: a\nb.\n)")) == \
+        "shard.parquet: (OSError: a b. )"

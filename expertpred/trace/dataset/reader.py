@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from ...gguf.layout import file_sha256
 from ..record import SequenceTrace
-from ..validate import ShardBytes, TraceDatasetError, check_shard_rows
+from ..validate import ShardBytes, TraceDatasetError, check_shard_rows, one_line
 from .manifest import (
     MANIFEST_NAME,
     ModelInfo,
@@ -103,7 +103,7 @@ class TraceDataset:
         except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
             data.check()  # damaged bytes: say so rather than what Arrow tripped over
             raise TraceDatasetError(f"{p}: not a readable Parquet shard "
-                                    f"({type(exc).__name__}: {exc})"[:300]) from None
+                                    f"({type(exc).__name__}: {one_line(exc)})"[:300]) from None
         check_shard_rows(p, seq_id, s.seq_ids, s.rows)
         return pf, data
 
@@ -116,7 +116,7 @@ class TraceDataset:
         except (pa.ArrowException, OSError, ValueError) as exc:
             data.check()
             raise TraceDatasetError(f"{self.path / s.name}: not a readable Parquet shard "
-                                    f"({type(exc).__name__}: {exc})"[:300]) from None
+                                    f"({type(exc).__name__}: {one_line(exc)})"[:300]) from None
         data.check()
         return table, pf
 
@@ -138,7 +138,7 @@ class TraceDataset:
         try:
             schema = pq.read_schema(p)
         except Exception as exc:
-            raise TraceDatasetError(f"{p}: not a readable Parquet file ({exc})") from None
+            raise TraceDatasetError(f"{p}: not a readable Parquet file ({one_line(exc)})") from None
         sha = (schema.metadata or {}).get(META_MODEL_SHA, b"").decode()
         if sha != self.model.sha256:
             raise TraceDatasetError(
@@ -236,7 +236,7 @@ class TraceDataset:
             except (pa.ArrowException, OSError, ValueError) as exc:
                 data.check()
                 raise TraceDatasetError(f"{self.path / s.name}: not a readable Parquet shard "
-                                        f"({type(exc).__name__}: {exc})"[:300]) from None
+                                        f"({type(exc).__name__}: {one_line(exc)})"[:300]) from None
             # streaming keeps memory at one batch, so a damaged shard is reported at its
             # end: to_numpy() and the other bulk reads then return nothing
             data.check()
