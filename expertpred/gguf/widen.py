@@ -39,6 +39,7 @@ from gguf import GGMLQuantizationType as QT
 
 from ..errors import ExpertPredError
 from .layout import MoELayout, read_layout
+from .writer import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -468,9 +469,7 @@ def widen(model: str | os.PathLike[str], out: str | os.PathLike[str], *, ff: int
              plan.old_ff, plan.new_ff, plan.dtype, plan.bytes_per_expert)
 
     reader = gguf.GGUFReader(str(plan.source), "r")
-    tmp = out.with_name(out.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), plan.arch)
-    try:
+    with atomic_writer(out, plan.arch) as (w, tmp):
         _copy_metadata(reader, w, plan)
         for o in plan.tensors:
             w.add_tensor_info(o.name, o.shape, np.dtype(np.float32), o.nbytes, raw_dtype=o.qtype)
@@ -501,11 +500,6 @@ def widen(model: str | os.PathLike[str], out: str | os.PathLike[str], *, ff: int
         if got.bytes_per_expert() != plan.bytes_per_expert:
             raise RuntimeError(f"{tmp}: {got.bytes_per_expert()} bytes per expert after "
                                f"writing, planned {plan.bytes_per_expert}")
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     if progress is not None:
         progress(plan.data_bytes, plan.data_bytes)
     dt = time.perf_counter() - t0
