@@ -21,7 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", type=Path, help="report.json written by expertpred evaluate")
     args = ap.parse_args()
-    Console(width=160).print(goals_table(json.loads(args.report.read_text())))
+    Console(width=160).print(goals_table(json.loads(args.report.read_text())["goals"]))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,17 @@ from typer.testing import CliRunner
 
 from expertpred.cli import app
 from expertpred.errors import ExpertPredError
-from expertpred.learn.evaluate import evaluate, goals_table, report_tables, write_report
+from expertpred.learn.evaluate import (
+    CacheReport,
+    CacheRow,
+    EvaluationReport,
+    Scenario,
+    ScoreRow,
+    evaluate,
+    goals_table,
+    report_tables,
+    write_report,
+)
 from expertpred.learn.train import (
     PredictorsConfig,
     fit_all,
@@ -86,32 +96,32 @@ def test_splits_are_by_prompt(cfg):
 
 def test_evaluate_report_plots_and_tables(cfg, tmp_path):
     report = evaluate(cfg)
-    names = [s["name"] for s in report["scenarios"]]
+    names = [s.name for s in report.scenarios]
     assert names == ["in-domain", "code→prose", "prose→code"]
-    sc = report["scenarios"][0]
-    k = report["model"]["n_expert_used"]
-    got = {(r["predictor"], r["d"], r["k"]) for r in sc["results"]}
+    sc = report.scenarios[0]
+    k = report.model["n_expert_used"]
+    got = {(r.predictor, r.d, r.k) for r in sc.results}
     for p in ("random", "mlp", "oracle"):
         for d in (1, 2):
             assert {(p, d, k), (p, d, 2 * k)} <= got
-    oracle = [r for r in sc["results"] if r["predictor"] == "oracle"]
-    assert all(r["recall"] == 1.0 and r["exact"] == 1.0 for r in oracle)
-    row = next(r for r in sc["results"] if r["predictor"] == "mlp" and r["d"] == 2)
-    assert len(row["recall_per_layer"]) == report["model"]["n_layer"]
-    assert row["recall_per_layer"][:2] == [None, None]  # no target layer below d
-    pols = {r["policy"] for r in report["cache"]["results"]}
+    oracle = [r for r in sc.results if r.predictor == "oracle"]
+    assert all(r.recall == 1.0 and r.exact == 1.0 for r in oracle)
+    row = next(r for r in sc.results if r.predictor == "mlp" and r.d == 2)
+    assert len(row.recall_per_layer) == report.model["n_layer"]
+    assert row.recall_per_layer[:2] == [None, None]  # no target layer below d
+    pols = {r.policy for r in report.cache.results}
     assert {"lru", "lfu", "belady", "predictive:previous-token+transition",
             "predictive:oracle"} <= pols
-    by = {r["policy"]: r for r in report["cache"]["results"]}
-    assert by["belady"]["hit_rate"] >= by["lru"]["hit_rate"]
-    assert by["predictive:oracle"]["hit_rate"] >= by["lru"]["hit_rate"]
-    assert "d=1 recall@k >= 0.95" in report["goals"]
+    by = {r.policy: r for r in report.cache.results}
+    assert by["belady"].hit_rate >= by["lru"].hit_rate
+    assert by["predictive:oracle"].hit_rate >= by["lru"].hit_rate
+    assert "d=1 recall@k >= 0.95" in report.goals
     paths = write_report(report, tmp_path / "out")
     assert {p.name for p in paths} == {"report.json", "recall_vs_d.png",
                                        "recall_per_layer.png", "cache_hit_rate.png"}
     assert json.loads((tmp_path / "out" / "report.json").read_text())["model"]["n_expert"] > 0
     assert len(report_tables(report)) == 4  # 3 scenarios + cache (goals: benchmarks only)
-    assert goals_table(report).row_count == len(report["goals"])
+    assert goals_table(report.goals).row_count == len(report.goals)
 
 
 def test_train_save_load_and_model_mismatch(cfg, tmp_path):
@@ -126,8 +136,7 @@ def test_train_save_load_and_model_mismatch(cfg, tmp_path):
     with pytest.raises(ExpertPredError, match="trained on another model"):
         load_all(tmp_path / "run" / "models", other, cfg.predictors, cfg.offsets)
     report = evaluate(replace(cfg, cross_domain=False), models_dir=tmp_path / "run" / "models")
-    assert {r["predictor"] for r in report["scenarios"][0]["results"]} == {"popularity",
-                                                                           "transition"}
+    assert {r.predictor for r in report.scenarios[0].results} == {"popularity", "transition"}
 
 
 def test_too_few_examples(cfg):
@@ -183,8 +192,8 @@ def test_shipped_traces_open_and_rank(tmp_path):
     assert src.select("train") and src.select("test") and src.select("validation")
     assert not set(src.select("train")) & set(src.select("test"))
     report = evaluate(replace(cfg, cross_domain=False, cache_predictor="transition"))
-    rec = {r["predictor"]: r["recall"] for r in report["scenarios"][0]["results"]
-           if r["k"] == src.model.n_expert_used}
+    rec = {r.predictor: r.recall for r in report.scenarios[0].results
+           if r.k == src.model.n_expert_used}
     assert rec["random"] < rec["popularity"] < rec["transition"]
 
 
@@ -204,16 +213,19 @@ def test_tables_keep_predictor_names_whole_on_a_narrow_pipe():
     from rich.console import Console
 
     names = ["previous-token", "previous-token+transition", "gate-lookahead", "lightgbm"]
-    results = [{"predictor": p, "d": d, "k": k, "recall": 0.5, "precision": 0.25,
-                "exact": 0.125} for p in names for d in (1, 2) for k in (2, 4)]
-    report = {"model": {"n_expert_used": 2}, "config": {"predictors": names},
-              "scenarios": [{"name": "in-domain", "n_train_seqs": 3, "n_test_seqs": 2,
-                             "results": results}],
-              "cache": {"n_tokens": 10, "results": [
-                  {"policy": p, "budget": b, "hit_rate": 0.5, "bytes_per_token": 2048.0}
-                  for p in ("lru", "predictive:previous-token+transition")
-                  for b in (0.1, 0.25)]},
-              "goals": {"d=1 recall@k >= 0.95": {"met": False, "recall": 0.5}}}
+    results = [ScoreRow(predictor=p, d=d, k=k, n_rows=1, recall=0.5, precision=0.25,
+                        exact=0.125, recall_per_layer=[]) for p in names for d in (1, 2)
+               for k in (2, 4)]
+    rows = [CacheRow(budget=b, policy=p, capacity_bytes=1, n_tokens=10, accesses=1, hits=1,
+                     hit_rate=0.5, demand_bytes=1, prefetch_bytes=0, bytes_per_token=2048.0)
+            for p in ("lru", "predictive:previous-token+transition") for b in (0.1, 0.25)]
+    report = EvaluationReport(
+        model={"n_expert_used": 2}, config={"predictors": names}, source="",
+        scenarios=[Scenario(name="in-domain", n_train_seqs=3, n_test_seqs=2, train_rows={},
+                            fit_seconds={}, skipped={}, results=results)],
+        cache=CacheReport(n_tokens=10, expert_bytes_total=1, prefetch_k=2, depth=1,
+                          results=rows),
+        goals={"d=1 recall@k >= 0.95": {"met": False, "recall": 0.5}})
     out = io.StringIO()
     console = Console(file=out, width=60, force_terminal=False, color_system=None)
     for t in report_tables(report):

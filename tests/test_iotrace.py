@@ -54,7 +54,7 @@ def test_iotrace_outputs_without_limit(wide, tmp_path):
     assert set(s["run"]) == {"cold"}
     _check_samples(s, wide)
     assert "## Q1" in (tmp_path / "summary.md").read_text()
-    assert res["n_decode_tokens"] == N_TOKENS - 1
+    assert res.n_decode_tokens == N_TOKENS - 1
 
 
 def test_iotrace_under_cgroup_attributes_reads_to_routed_layers(wide, tmp_path):
@@ -67,14 +67,14 @@ def test_iotrace_under_cgroup_attributes_reads_to_routed_layers(wide, tmp_path):
     cold = s[s["run"] == "cold"]
     _check_samples(cold, wide)
     _check_samples(s[s["run"] == "warm"], wide)
-    assert not res["info"]["oom_killed"]
+    assert not res.cold_run.oom_killed
     # under the limit, decoding reads expert pages again, in the layer step that uses them:
     # after the layer's routing node, or just before it (fault read-around from the layer's
     # attention / router tensors, which sit next to its experts in the file)
-    assert res["inference_new_by_kind"]["expert"] > 0
-    assert res["expert_bytes_after_routing_share"] > 0
-    assert (res["expert_bytes_after_routing_share"]
-            + res["expert_bytes_before_routing_share"]) >= 0.8
+    assert res.inference_new_by_kind["expert"] > 0
+    assert res.expert_bytes_after_routing_share > 0
+    assert (res.expert_bytes_after_routing_share
+            + res.expert_bytes_before_routing_share) >= 0.8
     ex = pd.read_parquet(tmp_path / "expert_reads.parquet")
     ex = ex[(ex["run"] == "cold") & (ex["token"] >= 1)]
     assert len(ex) and ex["layer"].isin(read_layout(wide).moe_layers).all()

@@ -106,5 +106,5 @@ def iotrace(
                                     prompt=prompt, warm=warm))
     console.print((out / "summary.md").read_text(), highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/summary.md, samples/reads/expert_reads.parquet, "
-                  f"{', '.join(Path(p).name for p in res['figures'])}", highlight=False)
+                  f"{', '.join(Path(p).name for p in res.figures)}", highlight=False)
 

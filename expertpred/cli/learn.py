@@ -57,7 +57,7 @@ def evaluate_cmd(
     report = evaluate(cfg, models_dir=models)
     paths = write_report(report, cfg.out, plots=cfg.plots)
     if as_json:
-        console.print_json(json.dumps(report))
+        console.print_json(json.dumps(report.to_json()))
         return
     for t in report_tables(report):
         console.print(t)

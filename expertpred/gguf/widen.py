@@ -39,6 +39,7 @@ from gguf import GGMLQuantizationType as QT
 
 from ..errors import ExpertPredError
 from .layout import MoELayout, read_layout
+from .writer import atomic_writer
 
 log = logging.getLogger(__name__)
 
@@ -251,58 +252,17 @@ def plan_widen(model: str | os.PathLike[str], *, ff: int | None = None,
     lay = read_layout(path)  # refuses non-GGUF and dense models in one line
     reader = gguf.GGUFReader(str(path), "r")
     old_ff = _source_ff(lay, reader)
-
-    # Classify every source tensor; unknown per-expert tensors are refused, not guessed.
-    classified: list[tuple[gguf.ReaderTensor, str | None, str]] = []
-    for t in reader.tensors:
-        if m := _EXPS.match(t.name):
-            _check_ff_shape(m[2], m[3], _np_shape(t), old_ff, path, t.name)
-            classified.append((t, m[2], m[3]))
-        elif _ANY_EXPS.match(t.name):
-            raise ExpertPredError(f"{path}: expert tensor {t.name} is not one of ffn_gate/up/"
-                                  "down/gate_up_exps.weight|bias; cannot widen it")
-        else:
-            classified.append((t, None, ""))
-
-    def build(new_ff: int) -> tuple[_OutTensor, ...]:
-        out = []
-        for t, role, kind in classified:
-            shape = _np_shape(t)
-            if role is None:
-                out.append(_OutTensor(t.name, shape, QT(t.tensor_type), int(t.n_bytes), t,
-                                      None, ""))
-                continue
-            oshape = _out_shape(role, kind, shape, new_ff)
-            qt = target.qtype if kind == "weight" else QT.F32
-            out.append(_OutTensor(t.name, oshape, qt, _tensor_bytes(oshape, qt), t, role, kind))
-        return tuple(out)
+    classified = _classify(reader, path, old_ff)
 
     def sizes(new_ff: int) -> tuple[int, int, tuple[_OutTensor, ...]]:
-        ts = build(new_ff)
-        first = f"blk.{lay.moe_layers[0]}."
-        per_expert = sum(o.nbytes // o.shape[0] for o in ts
-                         if o.role is not None and o.name.startswith(first))
-        data = sum(gguf.GGUFWriter.ggml_pad(o.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for o in ts)
-        return per_expert, data, ts
+        return _sizes(classified, target, f"blk.{lay.moe_layers[0]}.", new_ff)
 
-    # Resolve the target to a width.
     if ff is not None:
         new_ff = int(ff)
     else:
         want = (expert_mib * (1 << 20)) if expert_mib is not None else (total_gib * (1 << 30))
-        pick = 0 if expert_mib is not None else 1
-        lo, hi = 1, 32
-        while sizes(hi * 32)[pick] < want:  # exponential then binary search over multiples of 32
-            lo, hi = hi, hi * 2
-            if hi > 1 << 26:
-                raise ExpertPredError(f"target {given[0]}={want / (1 << 30):.1f} GiB is absurd")
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if sizes(mid * 32)[pick] >= want:
-                hi = mid
-            else:
-                lo = mid + 1
-        new_ff = hi * 32
+        new_ff = _smallest_width(lambda w: sizes(w)[0 if expert_mib is not None else 1],
+                                 want, given[0])
     old_bpe = lay.bytes_per_expert()
     if new_ff < old_ff:
         what = f"--ff {new_ff}" if ff is not None else f"{given[0]} (width {new_ff})"
@@ -323,6 +283,62 @@ def plan_widen(model: str | os.PathLike[str], *, ff: int | None = None,
         old_bytes_per_expert=old_bpe, bytes_per_expert=per_expert, data_bytes=data,
         metadata_updates=_ff_metadata(lay, reader, old_ff, new_ff), tensors=tensors,
     )
+
+
+# tensor, expert role (None: copied as is), kind ("weight" or "bias")
+_Classified = list[tuple[gguf.ReaderTensor, "str | None", str]]
+
+
+def _classify(reader: gguf.GGUFReader, path: Path, old_ff: int) -> _Classified:
+    """Every source tensor with its expert role (None: copied as is); unknown per-expert
+    tensors are refused, not guessed."""
+    classified: _Classified = []
+    for t in reader.tensors:
+        if m := _EXPS.match(t.name):
+            _check_ff_shape(m[2], m[3], _np_shape(t), old_ff, path, t.name)
+            classified.append((t, m[2], m[3]))
+        elif _ANY_EXPS.match(t.name):
+            raise ExpertPredError(f"{path}: expert tensor {t.name} is not one of ffn_gate/up/"
+                                  "down/gate_up_exps.weight|bias; cannot widen it")
+        else:
+            classified.append((t, None, ""))
+    return classified
+
+
+def _sizes(classified: _Classified, target: TargetDType, first_moe_prefix: str,
+           new_ff: int) -> tuple[int, int, tuple[_OutTensor, ...]]:
+    """(bytes per expert of the first MoE layer, padded data bytes, output tensors) at
+    width ``new_ff``; expert weights take the target dtype, expert biases stay F32."""
+    ts = []
+    for t, role, kind in classified:
+        shape = _np_shape(t)
+        if role is None:
+            ts.append(_OutTensor(t.name, shape, QT(t.tensor_type), int(t.n_bytes), t, None, ""))
+            continue
+        oshape = _out_shape(role, kind, shape, new_ff)
+        qt = target.qtype if kind == "weight" else QT.F32
+        ts.append(_OutTensor(t.name, oshape, qt, _tensor_bytes(oshape, qt), t, role, kind))
+    per_expert = sum(o.nbytes // o.shape[0] for o in ts
+                     if o.role is not None and o.name.startswith(first_moe_prefix))
+    data = sum(gguf.GGUFWriter.ggml_pad(o.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for o in ts)
+    return per_expert, data, tuple(ts)
+
+
+def _smallest_width(size_at: Callable[[int], int], want: float, flag: str) -> int:
+    """The smallest multiple of 32 whose size reaches ``want`` (size grows with width):
+    exponential then binary search over multiples of 32."""
+    lo, hi = 1, 32
+    while size_at(hi * 32) < want:
+        lo, hi = hi, hi * 2
+        if hi > 1 << 26:
+            raise ExpertPredError(f"target {flag}={want / (1 << 30):.1f} GiB is absurd")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if size_at(mid * 32) >= want:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi * 32
 
 
 def _check_out(source: Path, out: Path, nbytes: int) -> None:
@@ -453,9 +469,7 @@ def widen(model: str | os.PathLike[str], out: str | os.PathLike[str], *, ff: int
              plan.old_ff, plan.new_ff, plan.dtype, plan.bytes_per_expert)
 
     reader = gguf.GGUFReader(str(plan.source), "r")
-    tmp = out.with_name(out.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), plan.arch)
-    try:
+    with atomic_writer(out, plan.arch) as (w, tmp):
         _copy_metadata(reader, w, plan)
         for o in plan.tensors:
             w.add_tensor_info(o.name, o.shape, np.dtype(np.float32), o.nbytes, raw_dtype=o.qtype)
@@ -486,11 +500,6 @@ def widen(model: str | os.PathLike[str], out: str | os.PathLike[str], *, ff: int
         if got.bytes_per_expert() != plan.bytes_per_expert:
             raise RuntimeError(f"{tmp}: {got.bytes_per_expert()} bytes per expert after "
                                f"writing, planned {plan.bytes_per_expert}")
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     if progress is not None:
         progress(plan.data_bytes, plan.data_bytes)
     dt = time.perf_counter() - t0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +80,23 @@ def _add_hparam(w: gguf.GGUFWriter, key: str, value: HParam) -> None:
         raise TypeError(f"hparam {key!r}: expected int, float, str or bool, got {type(value)}")
 
 
+@contextmanager
+def atomic_writer(path: Path, arch: str) -> Iterator[tuple[gguf.GGUFWriter, Path]]:
+    """A ``GGUFWriter`` on ``path.tmp`` (yielded with that path), renamed to ``path`` when the
+    block ends; on any error it is closed and the partial file removed, so ``path`` never
+    holds half a GGUF."""
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        yield w, tmp
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_gguf(
     path: Path,
     arch: str,
@@ -95,9 +114,7 @@ def write_gguf(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), arch)
-    try:
+    with atomic_writer(path, arch) as (w, _):
         w.add_name(name)
         for key, value in hparams.items():
             _add_hparam(w, f"{arch}.{key}", value)
@@ -119,11 +136,5 @@ def write_gguf(
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=False)
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     log.info("wrote %s (%d tensors, %d bytes)", path, len(tensors), path.stat().st_size)
     return path

@@ -43,7 +43,15 @@ from ..errors import ExpertPredError
 from ..gguf.layout import MoELayout, read_layout
 from ..llama.hook import RoutingHook
 from ..llama.nodes import routing_plan
-from .iotrace_report import KINDS, TOKEN_LAYER, analyse, figures, summary_md
+from .iotrace_report import (
+    KINDS,
+    TOKEN_LAYER,
+    ChildRun,
+    IOTraceResult,
+    analyse,
+    figures,
+    summary_md,
+)
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +275,7 @@ def _check_inputs(cfg: IOTraceConfig) -> MoELayout:
     return lay
 
 
-def _run_child(cfg: IOTraceConfig, dest: Path, cold: bool) -> dict[str, Any]:
+def _run_child(cfg: IOTraceConfig, dest: Path, cold: bool) -> ChildRun:
     """Run the traced child: ``cold`` evicts the file first and runs inside a memory cgroup
     when ``cfg.limit_mib`` is set; warm reads the whole file into the page cache first."""
     from .cgroup import MemoryCgroup, evict_file
@@ -276,22 +284,23 @@ def _run_child(cfg: IOTraceConfig, dest: Path, cold: bool) -> dict[str, Any]:
            "--npz", str(dest), "--tokens", str(cfg.tokens), "--prompt", cfg.prompt,
            "--threads", str(cfg.n_threads)]
     limit_mib = cfg.limit_mib if cold else None
-    info: dict[str, Any] = {"limit_mib": limit_mib}
-    if cold:
-        info["left_resident_after_evict"] = evict_file(cfg.model).resident_bytes
+    left = evict_file(cfg.model).resident_bytes if cold else None
     if limit_mib is None:
         if not cold:
             _read_whole(cfg.model)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        rc, stderr, info["seconds"] = proc.returncode, proc.stderr, time.perf_counter() - t0
+        rc, stderr = proc.returncode, proc.stderr
+        info = ChildRun(limit_mib=None, seconds=time.perf_counter() - t0,
+                        left_resident_after_evict=left)
     else:
         with MemoryCgroup("iotrace", limit_mib << 20) as cg:
             res = cg.run(cmd)
         rc, stderr = res.returncode, res.stderr
-        info.update(seconds=res.seconds, read_bytes=res.io.read_bytes, majflt=res.io.majflt,
-                    max_usage=res.after.max_usage, failcnt=res.after.failcnt,
-                    oom_killed=res.oom_killed)
+        info = ChildRun(limit_mib=limit_mib, seconds=res.seconds, left_resident_after_evict=left,
+                        read_bytes=res.io.read_bytes, majflt=res.io.majflt,
+                        max_usage=res.after.max_usage, failcnt=res.after.failcnt,
+                        oom_killed=res.oom_killed)
     if rc != 0:
         raise ExpertPredError(f"iotrace child for {cfg.model} failed (exit {rc}): "
                               f"{stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
@@ -336,7 +345,7 @@ def _frames(npz: Path, run: str, lay: MoELayout) -> dict[str, Any]:
     return {"samples": s, "runs": runs, "exp": exp, "routed": routed, "meta": meta}
 
 
-def run_iotrace(cfg: IOTraceConfig) -> dict[str, Any]:
+def run_iotrace(cfg: IOTraceConfig) -> IOTraceResult:
     """Run the cold (and warm) traces, write the outputs, return the analysis numbers."""
     import shutil
 
@@ -345,23 +354,23 @@ def run_iotrace(cfg: IOTraceConfig) -> dict[str, Any]:
     lay = _check_inputs(cfg)
     tools = {t: shutil.which(t) is not None for t in ("blktrace", "perf")}
     cold_npz = cfg.out / "cold.npz"
-    info = _run_child(cfg, cold_npz, cold=True)
+    cold_run = _run_child(cfg, cold_npz, cold=True)
     cold = _frames(cold_npz, "cold", lay)
-    warm = None
+    warm = warm_run = None
     if cfg.warm:
         warm_npz = cfg.out / "warm.npz"
-        info["warm"] = _run_child(cfg, warm_npz, cold=False)
+        warm_run = _run_child(cfg, warm_npz, cold=False)
         warm = _frames(warm_npz, "warm", lay)
     parts = [cold] + ([warm] if warm is not None else [])
     for name, key in (("samples", "samples"), ("reads", "runs"), ("expert_reads", "exp")):
         pd.concat([p[key] for p in parts], ignore_index=True).to_parquet(
             cfg.out / f"{name}.parquet", index=False)
-    res = analyse(cold, warm, lay, info)
-    res["figures"] = [str(p) for p in figures(cold, warm, cfg.out)]
-    res["tools"] = tools
+    res = analyse(cold, warm, lay, cold_run, warm_run).with_outputs(
+        [str(p) for p in figures(cold, warm, cfg.out)], tools)
     (cfg.out / "summary.md").write_text(summary_md(cfg, res, tools))
     (cfg.out / "summary.json").write_text(json.dumps(
-        {**res, "config": {k: str(v) for k, v in asdict(cfg).items()}}, indent=1, default=str))
+        {**res.to_json(), "config": {k: str(v) for k, v in asdict(cfg).items()}},
+        indent=1, default=str))
     return res
 
 

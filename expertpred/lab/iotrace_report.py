@@ -7,6 +7,7 @@ read-ahead setting from sysfs); no process runs here.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,84 @@ if TYPE_CHECKING:
 KINDS = ("other", "expert", "router", "shared")  # region kind codes 0..3
 SEQ_GAP = 128 * 1024  # a read "follows" the previous one if it starts within this of its end
 TOKEN_LAYER = -1  # `layer` of a token-boundary sample
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """How one traced child process ran (summary.json's ``info``)."""
+
+    limit_mib: int | None  # memory cgroup limit of this run; None = no limit
+    seconds: float  # wall time of the child, load included
+    # bytes of the GGUF still resident after evicting it (cold runs only): eviction check
+    left_resident_after_evict: int | None = None
+    # the cgroup's accounting (runs under a limit only): I/O and memory pressure evidence
+    read_bytes: int | None = None
+    majflt: int | None = None
+    max_usage: int | None = None
+    failcnt: int | None = None
+    oom_killed: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The keys this run measured, in summary.json's order (absent ones left out)."""
+        d = asdict(self)
+        out: dict[str, Any] = {"limit_mib": d.pop("limit_mib")}
+        lr = d.pop("left_resident_after_evict")
+        if lr is not None:
+            out["left_resident_after_evict"] = lr
+        return out | {k: v for k, v in d.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class IOTraceResult:
+    """The numbers :func:`analyse` derives from a cold (and optional warm) trace."""
+
+    file_bytes: int  # GGUF size
+    cold_run: ChildRun  # the traced run (under the limit when one is set)
+    warm_run: ChildRun | None  # the file-cached comparison run, when asked for
+    read_ahead_kb: int | None  # device mmap read-around window; None when sysfs has none
+    slice_kib: float  # mean bytes of one expert slice
+    load_read_bytes: int  # newly resident before the first token
+    inference_new_bytes: int  # newly resident during inference
+    inference_new_by_kind: dict[str, int]  # the same, per region kind (KINDS)
+    proc_read_bytes_inference: int  # /proc/self/io read_bytes during inference
+    majflt_inference: int  # major faults during inference
+    n_runs: int  # contiguous runs of newly resident pages during inference
+    sequential_share: float  # share of runs that follow the previous run's end
+    mean_run_kib: float  # mean run length; NaN without runs
+    layer_monotone_share: float  # consecutive expert-reading samples in layer order
+    expert_bytes_routed_share: float  # expert bytes of experts routed in the same token
+    expert_bytes_after_routing_share: float  # read in the step after the routing node
+    expert_bytes_before_routing_share: float  # read in the step that ends at it
+    expert_gini: float  # Gini of bytes read per (layer, expert)
+    experts_never_read_share: float  # (layer, expert) cells never read
+    experts_routed_share: float  # (layer, expert) cells routed at least once
+    blkio_ticks_inference: int  # delayacct blkio ticks (0 when delayacct is off)
+    cold_decode_seconds: float  # decode step time, tracer sampling excluded
+    cold_sampling_seconds: float  # the tracer's own sampling time
+    n_decode_tokens: int  # decode steps traced
+    # with a warm run only: compute-only time, its I/O-wait estimate, same output tokens
+    warm_decode_seconds: float | None = None
+    io_wait_seconds: float | None = None
+    same_tokens: bool | None = None
+    figures: list[str] = field(default_factory=list)  # PNG paths written
+    tools: dict[str, bool] = field(default_factory=dict)  # blktrace / perf installed
+
+    def to_json(self) -> dict[str, Any]:
+        """summary.json's document (without ``config``): the keys of the old result dict."""
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        info = self.cold_run.to_json()
+        if self.warm_run is not None:
+            info["warm"] = self.warm_run.to_json()
+        d.pop("cold_run"), d.pop("warm_run")
+        figs, tools = d.pop("figures"), d.pop("tools")
+        if self.warm_run is None:
+            for k in ("warm_decode_seconds", "io_wait_seconds", "same_tokens"):
+                d.pop(k)
+        return {"file_bytes": d.pop("file_bytes"), "info": info, **d, "figures": figs,
+                "tools": tools}
+
+    def with_outputs(self, figures: list[str], tools: dict[str, bool]) -> IOTraceResult:
+        return replace(self, figures=figures, tools=tools)
 
 
 def read_ahead_kb(path: str | os.PathLike[str]) -> int | None:
@@ -62,11 +141,11 @@ def layer_monotone_share(layers: np.ndarray) -> float:
 
 
 def analyse(cold: dict[str, Any], warm: dict[str, Any] | None, lay: MoELayout,
-            info: dict[str, Any]) -> dict[str, Any]:
+            cold_run: ChildRun, warm_run: ChildRun | None) -> IOTraceResult:
     """The numbers for Q1 / Q2 / Q4 from the cold (and warm) frames."""
     s, runs, exp = cold["samples"], cold["runs"], cold["exp"]
     inf = runs[runs["token"] >= 0].sort_values(["sample", "offset"])
-    res: dict[str, Any] = {"file_bytes": lay.file_size, "info": info,
+    res: dict[str, Any] = {"file_bytes": lay.file_size,
                            "read_ahead_kb": read_ahead_kb(lay.path),
                            "slice_kib": float(lay.nbytes.mean() / 1024)}
     res["load_read_bytes"] = int(s.loc[s["token"] < 0, "new_bytes"].sum())
@@ -129,7 +208,7 @@ def analyse(cold: dict[str, Any], warm: dict[str, Any] | None, lay: MoELayout,
         res["io_wait_seconds"] = float((m["step_seconds"] - m["step_seconds_warm"]).clip(
             lower=0).sum())
         res["same_tokens"] = cold["meta"]["tokens"] == warm["meta"]["tokens"]
-    return res
+    return IOTraceResult(cold_run=cold_run, warm_run=warm_run, **res)
 
 
 def figures(cold: dict[str, Any], warm: dict[str, Any] | None, out: Path) -> list[Path]:
@@ -189,59 +268,58 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def summary_md(cfg: IOTraceConfig, res: dict[str, Any], tools: dict[str, bool]) -> str:
-    info = res["info"]
-    by = res["inference_new_by_kind"]
-    tot = max(res["inference_new_bytes"], 1)
+def summary_md(cfg: IOTraceConfig, res: IOTraceResult, tools: dict[str, bool]) -> str:
+    by = res.inference_new_by_kind
+    tot = max(res.inference_new_bytes, 1)
     lines = [
         f"# iotrace: {cfg.model.name}",
         "",
-        f"- file {_mib(res['file_bytes'])}, limit "
-        f"{info.get('limit_mib') or 'none'} MiB, {cfg.tokens} tokens, prompt {cfg.prompt!r}",
-        f"- load: {_mib(res['load_read_bytes'])} became resident before the first token",
-        f"- inference: {_mib(res['inference_new_bytes'])} newly resident "
+        f"- file {_mib(res.file_bytes)}, limit "
+        f"{res.cold_run.limit_mib or 'none'} MiB, {cfg.tokens} tokens, prompt {cfg.prompt!r}",
+        f"- load: {_mib(res.load_read_bytes)} became resident before the first token",
+        f"- inference: {_mib(res.inference_new_bytes)} newly resident "
         f"({', '.join(f'{k} {100 * by[k] / tot:.0f}%' for k in KINDS)}); "
-        f"/proc/self/io read_bytes {_mib(res['proc_read_bytes_inference'])}, "
-        f"{res['majflt_inference']} major faults",
+        f"/proc/self/io read_bytes {_mib(res.proc_read_bytes_inference)}, "
+        f"{res.majflt_inference} major faults",
         f"- blktrace installed: {tools['blktrace']}; perf installed: {tools['perf']} (not used)",
         "",
         "## Q1 sequential or uniform?",
-        f"- {res['n_runs']} contiguous runs of newly resident pages during inference, mean "
-        f"{res['mean_run_kib']:.0f} KiB",
+        f"- {res.n_runs} contiguous runs of newly resident pages during inference, mean "
+        f"{res.mean_run_kib:.0f} KiB",
         f"- sequential share (run starts <= {SEQ_GAP // 1024} KiB after the previous run's end, "
-        f"in (sample, offset) order): {res['sequential_share']:.2f}",
-        f"- layer order: {res['layer_monotone_share']:.2f} of consecutive expert-reading "
+        f"in (sample, offset) order): {res.sequential_share:.2f}",
+        f"- layer order: {res.layer_monotone_share:.2f} of consecutive expert-reading "
         f"samples go to the same or a later layer",
-        f"- {res['expert_bytes_routed_share']:.2f} of expert bytes read belong to an expert its "
-        f"layer routed to in the same token; {res['expert_bytes_after_routing_share']:.2f} "
+        f"- {res.expert_bytes_routed_share:.2f} of expert bytes read belong to an expert its "
+        f"layer routed to in the same token; {res.expert_bytes_after_routing_share:.2f} "
         f"were read in the step right after that layer's routing node, "
-        f"{res['expert_bytes_before_routing_share']:.2f} in the step that ends at it (read-around "
+        f"{res.expert_bytes_before_routing_share:.2f} in the step that ends at it (read-around "
         f"while reading that layer's attention / router, before the routing was known)",
-        f"- device read_ahead_kb: {res['read_ahead_kb']} (mmap read-around window, doubled by "
+        f"- device read_ahead_kb: {res.read_ahead_kb} (mmap read-around window, doubled by "
         f"llama.cpp's POSIX_FADV_SEQUENTIAL); bytes per expert slice (one stacked tensor): "
-        f"{res['slice_kib']:.0f} KiB",
+        f"{res.slice_kib:.0f} KiB",
         "",
         "## Q2 compute or I/O?",
-        f"- cold decode: {res['cold_decode_seconds']:.3f} s over {res['n_decode_tokens']} "
-        f"tokens (tracer sampling {res['cold_sampling_seconds']:.3f} s excluded)",
+        f"- cold decode: {res.cold_decode_seconds:.3f} s over {res.n_decode_tokens} "
+        f"tokens (tracer sampling {res.cold_sampling_seconds:.3f} s excluded)",
     ]
-    if "warm_decode_seconds" in res:
-        cold_s = max(res["cold_decode_seconds"], 1e-9)
+    if res.warm_decode_seconds is not None:
+        cold_s = max(res.cold_decode_seconds, 1e-9)
         lines += [
-            f"- warm (file cached, no limit) decode: {res['warm_decode_seconds']:.3f} s; "
-            f"same tokens: {res['same_tokens']}",
+            f"- warm (file cached, no limit) decode: {res.warm_decode_seconds:.3f} s; "
+            f"same tokens: {res.same_tokens}",
             f"- estimated I/O wait (sum of positive cold - warm per (token, layer) step): "
-            f"{res['io_wait_seconds']:.3f} s = {100 * res['io_wait_seconds'] / cold_s:.0f}% "
+            f"{res.io_wait_seconds:.3f} s = {100 * res.io_wait_seconds / cold_s:.0f}% "
             f"of cold decode time",
         ]
     lines += [
         f"- delayacct blkio ticks over all threads during inference: "
-        f"{res['blkio_ticks_inference']} (0 when kernel.task_delayacct is off)",
+        f"{res.blkio_ticks_inference} (0 when kernel.task_delayacct is off)",
         "",
         "## Q4 uniform access?",
-        f"- Gini of bytes read per (layer, expert): {res['expert_gini']:.2f}",
-        f"- experts never read during inference: {100 * res['experts_never_read_share']:.0f}%; "
-        f"experts routed at least once: {100 * res['experts_routed_share']:.0f}%",
+        f"- Gini of bytes read per (layer, expert): {res.expert_gini:.2f}",
+        f"- experts never read during inference: {100 * res.experts_never_read_share:.0f}%; "
+        f"experts routed at least once: {100 * res.experts_routed_share:.0f}%",
         "",
         "Figures: offsets.png, per_token.png. Data: samples/reads/expert_reads parquet.",
     ]

@@ -12,8 +12,9 @@ in-domain test tokens in execution order, an expert cache of 10/25/50% of all ex
 under LRU, LFU, Belady-MIN and predictive prefetch (LRU + the chosen predictor's top-k for
 the next layers; the oracle as its ceiling).
 
-:func:`evaluate` returns a JSON-able report; :func:`write_report` writes ``report.json`` and
-the plots; :func:`report_tables` builds rich tables for the CLI to print.
+:func:`evaluate` returns an :class:`EvaluationReport` (its ``to_json()`` is report.json);
+:func:`write_report` writes ``report.json`` and the plots; :func:`report_tables` builds rich
+tables for the CLI to print.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,24 +55,95 @@ LEARNED = ("lightgbm", "mlp")
 NOT_BASELINES = ("lightgbm", "mlp", "oracle")
 
 
+@dataclass(frozen=True)
+class ScoreRow:
+    """Accuracy of one predictor at one offset and one k on a scenario's test tokens."""
+
+    predictor: str  # registry name
+    d: int  # target offset in layers
+    k: int  # experts predicted
+    n_rows: int  # (token, layer) examples scored
+    recall: float | None  # None when no example (NaN is not JSON)
+    precision: float | None
+    exact: float | None  # share of examples whose whole top-k set was right
+    recall_per_layer: list[float | None]  # by target layer; None below d
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One train → test split and every predictor's scores on it."""
+
+    name: str  # "in-domain", "code→prose", ...
+    n_train_seqs: int
+    n_test_seqs: int
+    train_rows: dict[str, int]  # str(d) -> training examples (JSON keys are strings)
+    fit_seconds: dict[str, dict[str, float]]  # predictor -> str(d) -> seconds
+    skipped: dict[str, str]  # predictor -> why it was not fitted
+    results: list[ScoreRow]
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    """One cache policy at one budget (:class:`~.cachesim.SimResult` plus the budget)."""
+
+    budget: float  # share of all expert bytes the cache may hold
+    policy: str  # "lru", "belady", "predictive:<predictor>", ...
+    capacity_bytes: int
+    n_tokens: int
+    accesses: int
+    hits: int
+    hit_rate: float
+    demand_bytes: int  # bytes read on misses
+    prefetch_bytes: int  # bytes read ahead by the plan
+    bytes_per_token: float
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """The expert-cache simulation on the in-domain test tokens in execution order."""
+
+    n_tokens: int
+    expert_bytes_total: int  # all experts of all MoE layers
+    prefetch_k: int  # experts prefetched per predicted layer
+    depth: int  # layers predicted ahead
+    results: list[CacheRow]
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What :func:`evaluate` measured; ``to_json()`` is report.json."""
+
+    config: dict[str, Any]  # the PredictorsConfig as JSON (config_dict)
+    source: str  # where the traces came from
+    model: dict[str, Any]  # ModelInfo.to_dict() of the traced model
+    scenarios: list[Scenario]
+    cache: CacheReport
+    # acceptance goal -> {"met": bool, numbers}; read by benchmarks/goals.py, not users
+    goals: dict[str, dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def _clean(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def score_predictions(top: np.ndarray, x: FeatureBatch, ks: Sequence[int]) -> list[dict]:
+def score_predictions(top: np.ndarray, x: FeatureBatch, ks: Sequence[int],
+                      predictor: str, d: int) -> list[ScoreRow]:
     """Metrics of ranked predictions ``top`` (n, >= max(ks)) against ``x.targets``."""
     out = []
     n_l = x.model.n_moe
     tl = x.target_layer
     for k in ks:
         rec = recall_at_k(top, x.targets, k)
-        out.append({
-            "k": int(k), "n_rows": len(x),
-            "recall": _clean(nanmean(rec)),
-            "precision": _clean(nanmean(precision_at_k(top, x.targets, k))),
-            "exact": _clean(nanmean(exact_set_hit(top, x.targets, k))),
-            "recall_per_layer": [_clean(v) for v in grouped_mean(rec, tl, n_l)],
-        })
+        out.append(ScoreRow(
+            predictor=predictor, d=d, k=int(k), n_rows=len(x),
+            recall=_clean(nanmean(rec)),
+            precision=_clean(nanmean(precision_at_k(top, x.targets, k))),
+            exact=_clean(nanmean(exact_set_hit(top, x.targets, k))),
+            recall_per_layer=[_clean(v) for v in grouped_mean(rec, tl, n_l)],
+        ))
     return out
 
 
@@ -87,16 +160,13 @@ def _scenarios(cfg: PredictorsConfig, source: TraceSource) -> list[tuple[str, li
 
 
 def evaluate(cfg: PredictorsConfig, models_dir: str | os.PathLike[str] | None = None,
-             source: TraceSource | None = None) -> dict[str, Any]:
+             source: TraceSource | None = None) -> EvaluationReport:
     """Run every scenario; with ``models_dir``, in-domain uses the saved predictors."""
     source = source or open_source(cfg)
     model = source.model
     k = model.n_expert_used
     ks = (k, min(2 * k, model.n_expert))
-    report: dict[str, Any] = {
-        "config": config_dict(cfg), "source": source.description, "model": model.to_dict(),
-        "scenarios": [],
-    }
+    scenarios: list[Scenario] = []
     in_domain: FitResult | None = None
     for name, train_ids, test_ids in _scenarios(cfg, source):
         if not test_ids:
@@ -111,7 +181,7 @@ def evaluate(cfg: PredictorsConfig, models_dir: str | os.PathLike[str] | None = 
             fitted = fit_all(cfg, source, train_ids)
         if name == "in-domain":
             in_domain = fitted
-        rows = []
+        rows: list[ScoreRow] = []
         for d in cfg.offsets:
             x = build_features(source.sequences(test_ids), model,
                                FeatureConfig(d=d, history_decay=cfg.history_decay),
@@ -120,20 +190,20 @@ def evaluate(cfg: PredictorsConfig, models_dir: str | os.PathLike[str] | None = 
                 if d not in by_d:
                     continue
                 top = by_d[d].predict_topk(x, max(ks))
-                for m in score_predictions(top, x, ks):
-                    rows.append({"predictor": pname, "d": d, **m})
-        report["scenarios"].append({
-            "name": name, "n_train_seqs": len(train_ids), "n_test_seqs": len(test_ids),
-            "train_rows": {str(d): n for d, n in fitted.train_rows.items()},
-            "fit_seconds": {p: {str(d): s for d, s in v.items()}
-                            for p, v in fitted.fit_seconds.items()},
-            "skipped": fitted.skipped, "results": rows,
-        })
+                rows += score_predictions(top, x, ks, pname, d)
+        scenarios.append(Scenario(
+            name=name, n_train_seqs=len(train_ids), n_test_seqs=len(test_ids),
+            train_rows={str(d): n for d, n in fitted.train_rows.items()},
+            fit_seconds={p: {str(d): s for d, s in v.items()}
+                         for p, v in fitted.fit_seconds.items()},
+            skipped=fitted.skipped, results=rows,
+        ))
     assert in_domain is not None
-    report["cache"] = cache_report(cfg, source, in_domain, source.select(split="test"),
-                                   fit_nextuse(cfg, source, source.select(split="train")))
-    report["goals"] = goals(report, cfg)
-    return report
+    cache = cache_report(cfg, source, in_domain, source.select(split="test"),
+                         fit_nextuse(cfg, source, source.select(split="train")))
+    return EvaluationReport(config=config_dict(cfg), source=source.description,
+                            model=model.to_dict(), scenarios=scenarios, cache=cache,
+                            goals=goals(scenarios, cache, model.n_expert_used, cfg))
 
 
 def _expert_bytes(source: TraceSource) -> np.ndarray:
@@ -148,7 +218,7 @@ def _expert_bytes(source: TraceSource) -> np.ndarray:
 
 def cache_report(cfg: PredictorsConfig, source: TraceSource, fitted: FitResult,
                  test_ids: Sequence[int], nextuse: NextUseModel | None = None,
-                 ) -> dict[str, Any]:
+                 ) -> CacheReport:
     """Hit rate and bytes per token of each cache policy on the test tokens, per budget;
     ``learned`` (the residency policy driven by the ``nextuse`` model) when given."""
     model = source.model
@@ -188,35 +258,36 @@ def cache_report(cfg: PredictorsConfig, source: TraceSource, fitted: FitResult,
             plan = plan_for(fitted.predictors[pname])
             if plan is not None:
                 plans[pname] = plan
-    results = []
+    results: list[CacheRow] = []
     for b in cfg.cache_budgets:
         cap = int(b * total)
         for pol in ("lru", "lfu", "belady") if nextuse is None else (
                 "lru", "lfu", "learned", "belady"):
             r = simulate(experts, pol, cap, sizes, model.n_expert, model=nextuse)
-            results.append({"budget": b, **r.to_dict()})
+            results.append(CacheRow(budget=b, **r.to_dict()))
         for pname, plan in plans.items():
             r = simulate(experts, "predictive", cap, sizes, model.n_expert, prefetch=plan)
-            results.append({"budget": b, **r.to_dict(), "policy": f"predictive:{pname}"})
-    return {"n_tokens": t_len, "expert_bytes_total": total, "prefetch_k": pk,
-            "depth": cfg.cache_depth, "results": results}
+            results.append(CacheRow(budget=b, **{**r.to_dict(), "policy": f"predictive:{pname}"}))
+    return CacheReport(n_tokens=t_len, expert_bytes_total=total, prefetch_k=pk,
+                       depth=cfg.cache_depth, results=results)
 
 
-def _recall_table(report: dict[str, Any], scenario: str, k: int) -> dict[str, dict[int, float]]:
+def _recall_table(scenarios: Sequence[Scenario], scenario: str,
+                  k: int) -> dict[str, dict[int, float]]:
     out: dict[str, dict[int, float]] = {}
-    for sc in report["scenarios"]:
-        if sc["name"] != scenario:
+    for sc in scenarios:
+        if sc.name != scenario:
             continue
-        for r in sc["results"]:
-            if r["k"] == k and r["recall"] is not None:
-                out.setdefault(r["predictor"], {})[r["d"]] = r["recall"]
+        for r in sc.results:
+            if r.k == k and r.recall is not None:
+                out.setdefault(r.predictor, {})[r.d] = r.recall
     return out
 
 
-def goals(report: dict[str, Any], cfg: PredictorsConfig) -> dict[str, Any]:
-    """The issue's measured goals, each with the numbers that decide it."""
-    k = report["model"]["n_expert_used"]
-    rec = _recall_table(report, "in-domain", k)
+def goals(scenarios: Sequence[Scenario], cache: CacheReport, k: int,
+          cfg: PredictorsConfig) -> dict[str, dict[str, Any]]:
+    """The acceptance goals, each with the numbers that decide it."""
+    rec = _recall_table(scenarios, "in-domain", k)
     baselines = {p: v for p, v in rec.items() if p not in NOT_BASELINES}
     out: dict[str, Any] = {}
     for p in LEARNED:
@@ -234,14 +305,14 @@ def goals(report: dict[str, Any], cfg: PredictorsConfig) -> dict[str, Any]:
     if best1 is not None:
         out["d=1 recall@k >= 0.95"] = {"met": best1[1] >= 0.95, "predictor": best1[0],
                                        "value": best1[1]}
-    cache = {(r["policy"], r["budget"]): r["hit_rate"] for r in report["cache"]["results"]}
-    pred = cache.get((f"predictive:{cfg.cache_predictor}", 0.25))
-    lru = cache.get(("lru", 0.25))
+    hit = {(r.policy, r.budget): r.hit_rate for r in cache.results}
+    pred = hit.get((f"predictive:{cfg.cache_predictor}", 0.25))
+    lru = hit.get(("lru", 0.25))
     if pred is not None and lru is not None:
         out["predictive hit rate at 25% >= 0.90 and >= LRU + 0.20"] = {
             "met": pred >= 0.90 and pred - lru >= 0.20, "predictive": pred, "lru": lru,
             "predictor": cfg.cache_predictor}
-    bpt = {(r["policy"], r["budget"]): r["bytes_per_token"] for r in report["cache"]["results"]}
+    bpt = {(r.policy, r.budget): r.bytes_per_token for r in cache.results}
     ratios = {str(b): bpt[("learned", b)] / bpt[("belady", b)]
               for (p, b) in bpt if p == "learned" and bpt.get(("belady", b))}
     if ratios:
@@ -252,37 +323,37 @@ def goals(report: dict[str, Any], cfg: PredictorsConfig) -> dict[str, Any]:
 
 # --- output -----------------------------------------------------------------------------------
 
-def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str],
+def write_report(report: EvaluationReport, out_dir: str | os.PathLike[str],
                  plots: bool = True) -> list[Path]:
     """Write ``report.json`` (and the plots) into ``out_dir``; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.json"
-    path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    path.write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False))
     written = [path]
     if plots:
         written += write_plots(report, out)
     return written
 
 
-def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
+def write_plots(report: EvaluationReport, out: Path) -> list[Path]:
     """recall vs d per predictor; per-layer recall heatmaps; cache hit rate vs budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = report["model"]["n_expert_used"]
+    k = report.model["n_expert_used"]
     paths = []
     # 1. recall@k vs d, one line per predictor, one panel per scenario
-    scen = [s["name"] for s in report["scenarios"]]
+    scen = [s.name for s in report.scenarios]
     fig, axes = plt.subplots(1, len(scen), figsize=(5 * len(scen), 4), squeeze=False)
     for ax, name in zip(axes[0], scen):
-        for p, by_d in sorted(_recall_table(report, name, k).items()):
+        for p, by_d in sorted(_recall_table(report.scenarios, name, k).items()):
             ds = sorted(by_d)
             ax.plot(ds, [by_d[d] for d in ds], marker="o", label=p)
         ax.set(title=name, xlabel="target offset d", ylabel=f"recall@{k}", ylim=(0, 1.02))
-        ax.set_xticks(sorted({r["d"] for sc in report["scenarios"] for r in sc["results"]}))
+        ax.set_xticks(sorted({r.d for sc in report.scenarios for r in sc.results}))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
@@ -290,19 +361,19 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     # 2. per-layer recall heatmap (in-domain), one panel per d
-    sc = report["scenarios"][0]
-    offsets = sorted({r["d"] for r in sc["results"]})
-    order = {p: i for i, p in enumerate(report["config"]["predictors"])}
-    preds = sorted({r["predictor"] for r in sc["results"]}, key=lambda p: (order.get(p, 99), p))
-    n_l = len(report["model"]["moe_layers"])
+    sc = report.scenarios[0]
+    offsets = sorted({r.d for r in sc.results})
+    order = {p: i for i, p in enumerate(report.config["predictors"])}
+    preds = sorted({r.predictor for r in sc.results}, key=lambda p: (order.get(p, 99), p))
+    n_l = len(report.model["moe_layers"])
     fig, axes = plt.subplots(1, len(offsets), figsize=(3.2 * len(offsets) + 1, 0.35 *
                              len(preds) + 1.5), squeeze=False)
     for ax, d in zip(axes[0], offsets):
         grid = np.full((len(preds), n_l), np.nan)
-        for r in sc["results"]:
-            if r["d"] == d and r["k"] == k:
-                grid[preds.index(r["predictor"])] = [np.nan if v is None else v
-                                                     for v in r["recall_per_layer"]]
+        for r in sc.results:
+            if r.d == d and r.k == k:
+                grid[preds.index(r.predictor)] = [np.nan if v is None else v
+                                                  for v in r.recall_per_layer]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set(title=f"d={d}", xlabel="target layer")
         ax.set_yticks(range(len(preds)), preds if d == offsets[0] else [""] * len(preds),
@@ -313,10 +384,9 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     plt.close(fig)
     # 3. cache hit rate and bytes read per token vs budget
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    res = report["cache"]["results"]
-    for pol in dict.fromkeys(r["policy"] for r in res):
-        pts = sorted((r["budget"], r["hit_rate"], r["bytes_per_token"]) for r in res
-                     if r["policy"] == pol)
+    res = report.cache.results
+    for pol in dict.fromkeys(r.policy for r in res):
+        pts = sorted((r.budget, r.hit_rate, r.bytes_per_token) for r in res if r.policy == pol)
         ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
         ax2.plot([100 * p[0] for p in pts], [p[2] / 2**20 for p in pts], marker="o", label=pol)
     ax.set(xlabel="cache budget (% of expert bytes)", ylabel="hit rate", ylim=(0, 1.02),
@@ -333,7 +403,7 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def report_tables(report: dict[str, Any]) -> list[Any]:
+def report_tables(report: EvaluationReport) -> list[Any]:
     """rich Tables: accuracy (predictor × d × metric) per scenario, then the cache.
 
     Predictor names never shrink: their column is as wide as the longest name and the
@@ -349,51 +419,51 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
         t.add_column(first, no_wrap=True, min_width=max(map(len, [first, *names])))
         return t
 
-    k = report["model"]["n_expert_used"]
+    k = report.model["n_expert_used"]
     tables = []
-    for sc in report["scenarios"]:
-        by: dict[tuple[str, int], dict[int, dict]] = {}
-        for r in sc["results"]:
-            by.setdefault((r["predictor"], r["d"]), {})[r["k"]] = r
-        t = table(f"{sc['name']}: {sc['n_train_seqs']} train → {sc['n_test_seqs']} test "
+    for sc in report.scenarios:
+        by: dict[tuple[str, int], dict[int, ScoreRow]] = {}
+        for r in sc.results:
+            by.setdefault((r.predictor, r.d), {})[r.k] = r
+        t = table(f"{sc.name}: {sc.n_train_seqs} train → {sc.n_test_seqs} test "
                   "sequences", "predictor", [p for p, _ in by],
                   caption="R recall, P precision, E exact set, at k experts")
         t.add_column("d", justify="right")
         for kk in (k, 2 * k):
             for m in ("R", "P", "E"):
                 t.add_column(f"{m}@{kk}", justify="right")
-        order = {p: i for i, p in enumerate(report["config"]["predictors"])}
+        order = {p: i for i, p in enumerate(report.config["predictors"])}
         for (p, d), rk in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 99),
                                                              kv[0][1])):
             cells = []
             for kk in sorted(rk):
-                cells += [_fmt(rk[kk][m]) for m in ("recall", "precision", "exact")]
+                cells += [_fmt(getattr(rk[kk], m)) for m in ("recall", "precision", "exact")]
             t.add_row(p, str(d), *cells)
         tables.append(t)
-    c = report["cache"]
-    policies = list(dict.fromkeys(r["policy"] for r in c["results"]))
-    t = table(f"expert cache on {c['n_tokens']} test tokens (hit rate / bytes read per "
+    c = report.cache
+    policies = list(dict.fromkeys(r.policy for r in c.results))
+    t = table(f"expert cache on {c.n_tokens} test tokens (hit rate / bytes read per "
               "token)", "policy", policies)
-    budgets = sorted({r["budget"] for r in c["results"]})
+    budgets = sorted({r.budget for r in c.results})
     for b in budgets:
         t.add_column(f"{100 * b:.0f}%", justify="right")
-    cell = {(r["policy"], r["budget"]): r for r in c["results"]}
+    cell = {(r.policy, r.budget): r for r in c.results}
     for pol in policies:
-        t.add_row(pol, *[f"{cell[(pol, b)]['hit_rate']:.3f} / "
-                         f"{human_bytes(cell[(pol, b)]['bytes_per_token'])}" for b in budgets])
+        t.add_row(pol, *[f"{cell[(pol, b)].hit_rate:.3f} / "
+                         f"{human_bytes(cell[(pol, b)].bytes_per_token)}" for b in budgets])
     tables.append(t)
     return tables
 
 
-def goals_table(report: dict[str, Any]) -> Any:
-    """The acceptance goals of report.json as a rich Table (``benchmarks/goals.py``)."""
+def goals_table(goals: dict[str, dict[str, Any]]) -> Any:
+    """The acceptance goals (report.json's ``goals``) as a rich Table (``benchmarks/goals.py``)."""
     from rich.table import Table
 
     g = Table(title="goals")
     g.add_column("goal")
     g.add_column("met")
     g.add_column("numbers")
-    for name, v in report["goals"].items():
+    for name, v in goals.items():
         nums = {kk: vv for kk, vv in v.items() if kk != "met"}
         g.add_row(name, "yes" if v["met"] else "NO", json.dumps(_round(nums)))
     return g

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -89,24 +90,24 @@ def test_table5_numbers_in_markdown_match_json(structured_report: rep.Analysis) 
 def test_answers_follow_the_numbers(structured_report: rep.Analysis, tmp_path: Path) -> None:
     a = structured_report.answers
     # structured: half of the tokens sticky (keep 0.7) and skewed -> locality everywhere
-    assert a["rq3"]["temporal_locality"] == "yes"
-    assert a["rq3"]["predictor_feasible"] == "yes"
-    assert a["domains"]["verdicts"] == {"code vs prose": "yes"}
+    assert a.predictability.temporal_locality == "yes"
+    assert a.predictability.predictor_feasible == "yes"
+    assert a.domains.verdicts == {"code vs prose": "yes"}
     md = (structured_report.out_dir / "report.md").read_text()
     assert "**Temporal locality: yes.**" in md and "locality_lift=1.5" in md
     assert "scored on held-out sequences" in md
     # uniform independent routing: no locality, no predictor, uniform access holds
     u = analyze_trace(uniform_dataset(tmp_path / "u"), tmp_path / "ur")
-    assert u.answers["rq3"] | {"text": None} == {
+    assert asdict(u.answers.predictability) | {"text": None} == {
         "same_experts_repeatedly": "no", "temporal_locality": "no",
         "predictor_feasible": "no", "text": None}
-    assert u.answers["rq4"]["uniform_access_holds"] == "yes"
-    assert u.answers["domains"]["verdicts"] == {"code vs prose": "no"}
+    assert u.answers.uniform_access.uniform_access_holds == "yes"
+    assert u.answers.domains.verdicts == {"code vs prose": "no"}
     # thresholds drive the verdict, not hard-coded text
     strict = rep.derive_answers(structured_report.summary, structured_report.model,
                                 Thresholds(locality_lift=100.0))
-    assert strict["rq3"]["temporal_locality"] == "no"
-    assert "100.0× 1/E" in strict["rq3"]["text"][1]
+    assert strict.predictability.temporal_locality == "no"
+    assert "100.0× 1/E" in strict.predictability.text[1]
 
 
 def test_single_sequence_domain_and_layer(tmp_path: Path) -> None:
@@ -114,11 +115,11 @@ def test_single_sequence_domain_and_layer(tmp_path: Path) -> None:
     model = make_model(n_layer=1, n_expert=4, k=1)
     seqs = [make_sequence(random_sets(rng, 90, 1, 4, 1), 0, "prose", n_expert=4)]
     res = analyze_trace(write_dataset(tmp_path / "t", seqs, model), tmp_path / "r")
-    assert res.answers["per_layer"]["predictor_recall_heldout"] is False
-    assert "scored in-sample" in res.answers["rq3"]["text"][2]
+    assert res.answers.per_layer["predictor_recall_heldout"] is False
+    assert "scored in-sample" in res.answers.predictability.text[2]
     names = {p.name for p in (tmp_path / "r").iterdir()}
     assert "domains.png" not in names and "transitions.png" not in names
-    assert res.answers["domains"]["verdicts"] == {}
+    assert res.answers.domains.verdicts == {}
     assert "one domain" in (tmp_path / "r" / "report.md").read_text()
 
 
@@ -250,7 +251,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
 def test_verdicts_are_the_answers(structured_report: rep.Analysis) -> None:
     v, a = structured_report.verdicts, structured_report.answers
     assert (v.same_experts_repeatedly, v.temporal_locality, v.predictor_feasible) == (
-        a["rq3"]["same_experts_repeatedly"], a["rq3"]["temporal_locality"],
-        a["rq3"]["predictor_feasible"])
-    assert v.uniform_access_holds == a["rq4"]["uniform_access_holds"]
+        a.predictability.same_experts_repeatedly, a.predictability.temporal_locality,
+        a.predictability.predictor_feasible)
+    assert v.uniform_access_holds == a.uniform_access.uniform_access_holds
     assert v.domains == {"code vs prose": "yes"} and v.n_sequences > 0 and v.n_pairs > 0

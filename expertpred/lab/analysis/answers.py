@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -163,7 +163,7 @@ def gather_evidence(summary: dict[str, Any], model: ModelInfo, th: Thresholds) -
                     affine=affine, dom_hits=dom_hits)
 
 
-def _rq3_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
+def _predictability_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
               v_rep: str, v_loc: str, v_pred: str) -> list[str]:
     o = summary["overall"]
     pop, loc, reuse, cross = o["popularity"], o["locality"], o["reuse"], o["cross_layer"]
@@ -172,7 +172,7 @@ def _rq3_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
     best, best_names, cands, pop_rec, prev_rec = (ev.best, ev.best_names, ev.cands, ev.pop_rec,
                                                   ev.prev_rec)
     predictable, heldout, affine, n_layer = ev.predictable, ev.heldout, ev.affine, len(blocks)
-    rq3 = [
+    lines = [
         f"**Same experts repeatedly: {v_rep}.** The k={k} most used experts of a layer take "
         f"{span(pop['top_k_coverage'])} of its selections (uniform: {pct(rand)}); an expert "
         f"selected for a token is selected again for the next token {span(reuse['within_1'])}"
@@ -207,7 +207,7 @@ def _rq3_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
         + " A learned predictor has to beat these numbers to be worth its cost.",
     ]
     if len(affine):
-        rq3.append(
+        lines.append(
             f"**Cross-layer affinity:** the first choice at one layer carries "
             f"{span(cross['mi_bits'], lambda x: f'{x:.3f}')} bits about the next layer's "
             f"(independence baseline {span(cross['mi_baseline_bits'], lambda x: f'{x:.3f}')}"
@@ -216,14 +216,14 @@ def _rq3_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
             f"(most popular expert: {span(cross['first_accuracy_baseline'])}). Criterion "
             f"(NMI > {th.nmi} and MI > 2× baseline) met on {int(affine.sum())} of "
             f"{len(affine)} adjacent layer pairs.")
-    return rq3
+    return lines
 
 
-def _rq4_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
+def _uniform_access_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
               uniform_holds: str) -> list[str]:
     pop = summary["overall"]["popularity"]
     skewed, dead, local, layer_word = ev.skewed, ev.dead, ev.local, ev.layer_word
-    rq4 = [
+    lines = [
         f"**Uniform access holds: {uniform_holds}.** Per layer the Gini coefficient of expert "
         f"usage is {span(pop['gini'], lambda x: f'{x:.3f}')} (0 = uniform), the most used "
         f"expert gets {span(pop['max_share_ratio'], lambda x: f'{x:.2f}×')} and the least "
@@ -235,10 +235,10 @@ def _rq4_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
         f"Sampling noise of a share is about ±{pct(pop['share_noise'])} relative.",
     ]
     if local.any():
-        rq4.append(f"Access is also not uniform in time: {layer_word(local)} keep their "
+        lines.append(f"Access is also not uniform in time: {layer_word(local)} keep their "
                    "first-choice expert across consecutive tokens more often than "
                    "independent tokens would.")
-    return rq4
+    return lines
 
 
 def _domain_text(summary: dict[str, Any], ev: Evidence, th: Thresholds) -> list[str]:
@@ -256,11 +256,52 @@ def _domain_text(summary: dict[str, Any], ev: Evidence, th: Thresholds) -> list[
     return dom
 
 
-def derive_answers(summary: dict[str, Any], model: ModelInfo,
-                   th: Thresholds) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PredictabilityAnswer:
+    """Whether the same experts come back, in time, and whether a simple predictor sees it
+    (report.json key ``rq3``, kept so old reports read the same)."""
+
+    same_experts_repeatedly: str  # "yes" / "partly" / "no" / "undetermined", see _verdict
+    temporal_locality: str  # same scale; first-choice keep rate beyond uniform and independent
+    predictor_feasible: str  # same scale; best simple predictor beats guessing by the lift
+    text: list[str]  # the sentences report.md prints, quoting numbers and thresholds
+
+
+@dataclass(frozen=True)
+class UniformAccessAnswer:
+    """Whether every expert is read about equally often (report.json key ``rq4``)."""
+
+    uniform_access_holds: str  # "yes" / "partly" / "no" / "undetermined"
+    text: list[str]  # the sentences report.md prints
+
+
+@dataclass(frozen=True)
+class DomainAnswer:
+    """Whether expert usage depends on the prompt's domain (report.json key ``domains``)."""
+
+    verdicts: dict[str, str]  # "code vs prose" -> verdict; empty with one domain
+    text: list[str]  # the sentences report.md prints
+
+
+@dataclass(frozen=True)
+class Answers:
+    """The worded answers of a report and the per-layer evidence behind them."""
+
+    predictability: PredictabilityAnswer  # repeated experts, locality, predictor feasibility
+    uniform_access: UniformAccessAnswer  # does uniform access hold
+    domains: DomainAnswer  # domain dependence
+    # per-layer criteria (numpy arrays over MoE layers) under report.json's names
+    per_layer: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """report.json's ``answers`` object (numpy arrays left for ``to_jsonable``)."""
+        return {"rq3": asdict(self.predictability), "rq4": asdict(self.uniform_access),
+                "domains": asdict(self.domains), "per_layer": self.per_layer}
+
+
+def derive_answers(summary: dict[str, Any], model: ModelInfo, th: Thresholds) -> Answers:
     """Per-layer evidence and worded answers: repeated experts, temporal locality and
-    predictability (``rq3``), uniform access (``rq4``), domain dependence (``domains``).
-    The keys are those of report.json."""
+    predictability, uniform access, domain dependence."""
     ev = gather_evidence(summary, model, th)
     repeated, local, predictable, skewed = ev.repeated, ev.local, ev.predictable, ev.skewed
     v_rep, v_loc, v_pred = _verdict(repeated, th), _verdict(local, th), _verdict(predictable, th)
@@ -270,22 +311,22 @@ def derive_answers(summary: dict[str, Any], model: ModelInfo,
     if uniform_holds == "yes" and local.any():
         uniform_holds = "partly"  # uniform in aggregate but not in time
 
-    rq3 = _rq3_text(summary, ev, th, v_rep, v_loc, v_pred)
-    rq4 = _rq4_text(summary, ev, th, uniform_holds)
-    dom = _domain_text(summary, ev, th)
-    return {
-        "rq3": {"same_experts_repeatedly": v_rep, "temporal_locality": v_loc,
-                "predictor_feasible": v_pred, "text": rq3},
-        "rq4": {"uniform_access_holds": uniform_holds, "text": rq4},
-        "domains": {"verdicts": {n: _verdict(h, th) for n, h in ev.dom_hits.items()},
-                    "text": dom},
-        "per_layer": {"block": ev.blocks, "repeated": repeated,
-                      "concentrated": ev.concentrated, "reused": ev.reused,
-                      "temporal_locality": local, "topk_locality": ev.local_any,
-                      "order_locality": ev.ordered,
-                      "predictable": predictable, "best_predictor": ev.best_names,
-                      "predictor_recall": ev.cands, "predictor_recall_heldout": ev.heldout,
-                      "best_recall": ev.best, "non_uniform": skewed, "dead": ev.dead,
-                      "cross_layer_affine": ev.affine,
-                      "domain_dependent": ev.dom_hits},
-    }
+    return Answers(
+        predictability=PredictabilityAnswer(
+            same_experts_repeatedly=v_rep, temporal_locality=v_loc, predictor_feasible=v_pred,
+            text=_predictability_text(summary, ev, th, v_rep, v_loc, v_pred)),
+        uniform_access=UniformAccessAnswer(
+            uniform_access_holds=uniform_holds,
+            text=_uniform_access_text(summary, ev, th, uniform_holds)),
+        domains=DomainAnswer(verdicts={n: _verdict(h, th) for n, h in ev.dom_hits.items()},
+                             text=_domain_text(summary, ev, th)),
+        per_layer={"block": ev.blocks, "repeated": repeated,
+                   "concentrated": ev.concentrated, "reused": ev.reused,
+                   "temporal_locality": local, "topk_locality": ev.local_any,
+                   "order_locality": ev.ordered,
+                   "predictable": predictable, "best_predictor": ev.best_names,
+                   "predictor_recall": ev.cands, "predictor_recall_heldout": ev.heldout,
+                   "best_recall": ev.best, "non_uniform": skewed, "dead": ev.dead,
+                   "cross_layer_affine": ev.affine,
+                   "domain_dependent": ev.dom_hits},
+    )

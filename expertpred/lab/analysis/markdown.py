@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ...trace.dataset import ModelInfo
-from .answers import Thresholds, num, pct
+from .answers import Answers, Thresholds, num, pct
 
 
 def locality_table(summary: dict[str, Any], blocks: Sequence[int],
@@ -48,7 +48,7 @@ class _Doc:
     """Everything a section of report.md may quote."""
 
     summary: dict[str, Any]  # routing.summarize output (numpy arrays)
-    answers: dict[str, Any]  # answers.derive_answers output
+    answers: Answers  # answers.derive_answers output
     model: ModelInfo
     th: Thresholds  # quoted next to the answers
     figures: dict[str, str]  # figure name -> relative path
@@ -89,17 +89,17 @@ def _head(doc: _Doc, add: Callable[[str], None]) -> None:
     add("### Are the same experts activated repeatedly? Is there temporal locality? "
         "Can a predictor be built?")
     add("")
-    for t in doc.answers["rq3"]["text"]:
+    for t in doc.answers.predictability.text:
         add(f"- {t}")
     add("")
     add("### Does the assumption that parameters are accessed uniformly hold?")
     add("")
-    for t in doc.answers["rq4"]["text"]:
+    for t in doc.answers.uniform_access.text:
         add(f"- {t}")
     add("")
     add("### Domain dependence")
     add("")
-    for t in doc.answers["domains"]["text"]:
+    for t in doc.answers.domains.text:
         add(f"- {t}")
     add("")
     add("Thresholds (`Thresholds` in `expertpred/lab/analysis/answers.py`): " + ", ".join(
@@ -248,7 +248,7 @@ def _domains(doc: _Doc, add: Callable[[str], None]) -> None:
 _SECTIONS = (_head, _popularity, _locality, _reuse, _cross_layer, _domains)
 
 
-def render_markdown(summary: dict[str, Any], answers: dict[str, Any], model: ModelInfo,
+def render_markdown(summary: dict[str, Any], answers: Answers, model: ModelInfo,
                     th: Thresholds, *, trace_dir: Path, n_prompt: int,
                     figures: dict[str, str], command: str | None = None) -> str:
     doc = _Doc(summary, answers, model, th, figures, trace_dir, n_prompt, command)

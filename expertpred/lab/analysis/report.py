@@ -34,7 +34,7 @@ from ...trace.dataset import (
     TraceDataset,
     find_manifest,
 )
-from .answers import Thresholds, derive_answers
+from .answers import Answers, Thresholds, derive_answers
 from .figures import write_figures
 from .markdown import locality_table, render_markdown
 from .routing import RoutingData, summarize
@@ -73,16 +73,16 @@ class Analysis:
     trace_dir: Path
     out_dir: Path
     summary: dict[str, Any]  # the report.json document (numpy arrays): routing.summarize
-    answers: dict[str, Any]  # report.json's "answers": answers.derive_answers
+    answers: Answers  # answers.derive_answers; report.json's "answers" is its to_json()
 
     @property
     def verdicts(self) -> Verdicts:
         a, o = self.answers, self.summary["overall"]
-        return Verdicts(same_experts_repeatedly=a["rq3"]["same_experts_repeatedly"],
-                        temporal_locality=a["rq3"]["temporal_locality"],
-                        predictor_feasible=a["rq3"]["predictor_feasible"],
-                        uniform_access_holds=a["rq4"]["uniform_access_holds"],
-                        domains=dict(a["domains"]["verdicts"]),
+        return Verdicts(same_experts_repeatedly=a.predictability.same_experts_repeatedly,
+                        temporal_locality=a.predictability.temporal_locality,
+                        predictor_feasible=a.predictability.predictor_feasible,
+                        uniform_access_holds=a.uniform_access.uniform_access_holds,
+                        domains=dict(a.domains.verdicts),
                         n_sequences=int(o["n_sequences"]),
                         n_pairs=int(o["locality"]["n_pairs"]))
 
@@ -242,7 +242,7 @@ def to_jsonable(x: Any) -> Any:
     return x
 
 
-def write_report(out: Path, summary: dict[str, Any], answers: dict[str, Any],
+def write_report(out: Path, summary: dict[str, Any], answers: Answers,
                  model: ModelInfo, th: Thresholds, *, trace_dir: Path, n_prompt: int,
                  command: str | None = None) -> list[str]:
     """Write figures, report.md and report.json into ``out``; returns the file names."""
@@ -254,7 +254,7 @@ def write_report(out: Path, summary: dict[str, Any], answers: dict[str, Any],
     doc = {
         "format": REPORT_FORMAT, "version": REPORT_VERSION, "command": command,
         "trace_dir": str(trace_dir), "model": asdict(model), "n_expert": e,
-        "n_expert_used": k, "thresholds": asdict(th), "answers": answers,
+        "n_expert_used": k, "thresholds": asdict(th), "answers": answers.to_json(),
         "figures": sorted(figs),
         "notes": {
             "layers": "index i of every per-layer list is MoE layer i = GGUF block "
@@ -283,5 +283,6 @@ def _readable_masks(doc: dict[str, Any]) -> dict[str, Any]:
             "by_domain": {d: fix(b) for d, b in doc["by_domain"].items()}}
 
 
-__all__ = ["Analysis", "AnalysisError", "Thresholds", "Verdicts", "analyze_trace", "derive_answers",
-           "load_routing", "locality_table", "render_markdown", "to_jsonable", "write_report"]
+__all__ = ["Analysis", "AnalysisError", "Answers", "Thresholds", "Verdicts", "analyze_trace",
+           "derive_answers", "load_routing", "locality_table", "render_markdown", "to_jsonable",
+           "write_report"]
