@@ -358,8 +358,10 @@ def summarize(rows: list[dict[str, Any]], specs: list[ModeSpec]) -> dict[str, di
             "tok_s": [r["steps"] / r["decode_s"] for r in ok],
             "gib_tok": [r["decode_read"] / r["steps"] / 2**30 for r in ok],
             "gbps": [r["decode_read"] / r["decode_s"] / 1e9 for r in ok],
-            "gbps_io": [r["decode_read"] / max(1e-9, r["decode_s"] - compute_s * r["steps"])
-                        / 1e9 for r in ok],
+            # nan when compute is most of the decode (then the difference is noise)
+            "gbps_io": [r["decode_read"] / (r["decode_s"] - compute_s * r["steps"]) / 1e9
+                        if r["decode_s"] > 1.25 * compute_s * r["steps"] else float("nan")
+                        for r in ok],
             "peak_gib": [r.get("peak", 0) / 2**30 for r in ok],
             "oom": sum(bool(r.get("oom")) for r in ok),
             "rss_anon": [r.get("rss_anon", 0) for r in ok],
