@@ -127,6 +127,23 @@ def rss_anon() -> int:
     return 0
 
 
+def no_repack() -> None:
+    """llama.cpp's CPU backend repacks q4_0 weights into anonymous buffers ("extra buffer
+    types"): 3 GiB of anonymous memory under a 1.2 GiB limit is an OOM kill. Weights must
+    stay in the file mapping, so turn the extra buffer types off (llama-cpp-python does not
+    expose use_extra_bufts)."""
+    import llama_cpp
+
+    default = llama_cpp.llama_model_default_params
+
+    def params():  # type: ignore[no-untyped-def]
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = params
+
+
 def child(a: argparse.Namespace) -> None:
     from expertpred.prefetch.plugin import (
         OracleTrace,
@@ -135,6 +152,8 @@ def child(a: argparse.Namespace) -> None:
         load_predictors,
     )
 
+    if a.no_repack:
+        no_repack()
     mode = PLUGIN_MODE[a.mode]
     preds = oracle = None
     if mode == "predictor":
@@ -278,6 +297,8 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int, pred
            str(spec.queue_depth or a.queue_depth), "--threads", str(a.threads),
            "--predictor-name", a.predictor_name, "--residency", policy,
            "--budget", str(a.budget or 0)]
+    if a.no_repack:
+        cmd.append("--no-repack")
     if a.madvise_random or spec.random:
         cmd.append("--madvise-random")
     if spec.chunk_mib:
@@ -480,6 +501,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--train-prompts", type=int, default=80)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, help="Write rows and summary here.")
+    ap.add_argument("--no-repack", action="store_true",
+                    help="use_extra_bufts=False (q4_0: keep weights in the mapping).")
     ap.add_argument("--bench-dir", type=Path, default=BENCH_DIR,
                     help="Where widened models, traces and predictors are kept (a private "
                          "one keeps other jobs from evicting or reading the same file).")
