@@ -132,16 +132,16 @@ def no_repack() -> None:
     types"): 3 GiB of anonymous memory under a 1.2 GiB limit is an OOM kill. Weights must
     stay in the file mapping, so turn the extra buffer types off (llama-cpp-python does not
     expose use_extra_bufts)."""
-    import llama_cpp
+    import llama_cpp.llama_cpp as low  # what llama_cpp.Llama calls
 
-    default = llama_cpp.llama_model_default_params
+    default = low.llama_model_default_params
 
     def params():  # type: ignore[no-untyped-def]
         p = default()
         p.use_extra_bufts = False
         return p
 
-    llama_cpp.llama_model_default_params = params
+    low.llama_model_default_params = params
 
 
 def child(a: argparse.Namespace) -> None:
