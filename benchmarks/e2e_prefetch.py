@@ -35,6 +35,7 @@ one run only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import logging
@@ -105,9 +106,12 @@ def residency_kwargs(policy: str, budget: int | None, nextuse: Path | None) -> d
     this checkout's plugin has no residency manager."""
     if policy in ("", "none"):
         return {}
-    from expertpred.prefetch.plugin import PrefetchPlugin
+    from expertpred.prefetch import plugin
 
-    if "residency" not in inspect.signature(PrefetchPlugin.__init__).parameters:
+    options = set(inspect.signature(plugin.PrefetchPlugin.__init__).parameters)
+    if hasattr(plugin, "PluginConfig"):  # the plugin's options are PluginConfig's fields
+        options |= {f.name for f in dataclasses.fields(plugin.PluginConfig)}
+    if "residency" not in options:
         if policy == "kernel":
             return {}  # the kernel's reclaim: what the plugin does without a manager
         sys.exit(f"error: residency policy {policy!r} needs the plugin's residency manager "
