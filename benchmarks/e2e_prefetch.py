@@ -35,7 +35,6 @@ one run only).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import json
 import logging
@@ -44,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +109,7 @@ def residency_kwargs(policy: str, budget: int | None, nextuse: Path | None) -> d
 
     options = set(inspect.signature(plugin.PrefetchPlugin.__init__).parameters)
     if hasattr(plugin, "PluginConfig"):  # the plugin's options are PluginConfig's fields
-        options |= {f.name for f in dataclasses.fields(plugin.PluginConfig)}
+        options |= {f.name for f in fields(plugin.PluginConfig)}
     if "residency" not in options:
         if policy == "kernel":
             return {}  # the kernel's reclaim: what the plugin does without a manager
