@@ -43,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +105,12 @@ def residency_kwargs(policy: str, budget: int | None, nextuse: Path | None) -> d
     this checkout's plugin has no residency manager."""
     if policy in ("", "none"):
         return {}
-    from expertpred.prefetch.plugin import PrefetchPlugin
+    from expertpred.prefetch import plugin
 
-    if "residency" not in inspect.signature(PrefetchPlugin.__init__).parameters:
+    options = set(inspect.signature(plugin.PrefetchPlugin.__init__).parameters)
+    if hasattr(plugin, "PluginConfig"):  # the plugin's options are PluginConfig's fields
+        options |= {f.name for f in fields(plugin.PluginConfig)}
+    if "residency" not in options:
         if policy == "kernel":
             return {}  # the kernel's reclaim: what the plugin does without a manager
         sys.exit(f"error: residency policy {policy!r} needs the plugin's residency manager "

@@ -139,7 +139,13 @@ def measure_generation(model: str, mode: str, tokens: int, threads: int = 2,
                        source_model: str | None = None) -> dict[str, Any]:
     """Load ``model`` with the plugin in ``mode`` (``off`` = stock llama.cpp), prefill
     :data:`PROMPT`, decode ``tokens`` greedy tokens; per-phase counters of this process."""
-    from ..prefetch.plugin import DEFAULT_PREDICTOR, PrefetchLlama, generate_greedy, load_predictors
+    from ..prefetch.plugin import (
+        DEFAULT_PREDICTOR,
+        PluginConfig,
+        PrefetchLlama,
+        generate_greedy,
+        load_predictors,
+    )
 
     preds = None
     if mode == "predictor":
@@ -148,8 +154,8 @@ def measure_generation(model: str, mode: str, tokens: int, threads: int = 2,
         preds = load_predictors(predictor, model, name=predictor_name or DEFAULT_PREDICTOR,
                                 source_model=source_model)
     io0, t0 = proc_io(), time.perf_counter()
-    llm = PrefetchLlama(model, mode=mode, predictor=preds, n_ctx=256, n_threads=threads,
-                        seed=0)
+    llm = PrefetchLlama(model, PluginConfig(mode=mode, predictor=preds), n_ctx=256,
+                        n_threads=threads, seed=0)
     io1, t1 = proc_io(), time.perf_counter()
     marks: list[Any] = []
 

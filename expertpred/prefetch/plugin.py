@@ -33,15 +33,15 @@ Using it from llama-cpp-python (the high-level ``Llama`` takes no eval callback,
 :class:`PrefetchLlama` re-creates the ``Llama``'s context with the callback installed, right
 after ``Llama.__init__``, and feeds the plugin each batch's tokens from ``eval``)::
 
-    from expertpred.prefetch.plugin import PrefetchLlama, load_predictors
+    from expertpred.prefetch.plugin import PluginConfig, PrefetchLlama, load_predictors
 
     preds = load_predictors("runs/predictors/tiny-mixtral/models", "model.gguf")
-    with PrefetchLlama("model.gguf", mode="predictor", predictor=preds,
-                       n_ctx=512, n_threads=2) as llm:
+    cfg = PluginConfig(mode="predictor", predictor=preds)
+    with PrefetchLlama("model.gguf", cfg, n_ctx=512, n_threads=2) as llm:
         out = llm("def read_config(path):", max_tokens=32, temperature=0.0)
         print(llm.prefetch_stats().engine.hit_rate)
 
-For a raw ``llama_cpp`` context: ``plugin = PrefetchPlugin(path, ...).start()``,
+For a raw ``llama_cpp`` context: ``plugin = PrefetchPlugin(path, config).start()``,
 ``plugin.install(context_params)`` before ``llama_init_from_model``, ``plugin.begin(tokens,
 n_past)`` before each ``llama_decode`` (optional: gives token ids and positions to the
 features and the oracle), ``plugin.close()`` after freeing the context.
@@ -56,30 +56,38 @@ to the prompt's contribution to the decayed history at the last layer.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from llama_cpp import Llama
 
 from ..errors import ExpertPredError
-from ..features import FeatureBatch, OnlineFeatures
-from ..gguf.layout import GGUFFile, MoELayout, check_file_complete, read_layout
-from ..llama import ggml, runtime
+from ..features import OnlineFeatures
+from ..gguf.layout import read_layout
+from ..llama import runtime
 from ..llama.hook import RoutingHook
-from ..llama.nodes import CapturePlan, routing_plan, trace_plan
-from ..model import ModelInfo, check_identity
-from ..predictors.artifact import PredictorSet, load_artifact
-from ..predictors.base import load_all
-from ..trace.record import Phase, SequenceTrace
-from .engine import PrefetchEngine, PrefetchStats, Priority
-from .residency import ResidencyConfig, ResidencyManager, ResidencyStats
+from ..llama.nodes import CapturePlan, routing_plan
+from ..model import ModelInfo
+from ..predictors.artifact import PredictorSet
+from ..trace.record import Phase
+from .engine import PrefetchEngine, Priority
+from .oracle import OracleTrace
+from .plugin_config import (
+    DEFAULT_LOOKAHEAD,
+    DEFAULT_MIN_SHARE,
+    DEFAULT_PREDICTOR,
+    Mode,
+    PluginConfig,
+    PredictorProvider,
+    RoutingRecorder,
+)
+from .plugin_stats import PluginCounters, PluginStats
+from .predictor_io import check_predictor_model, load_predictors
+from .residency import ResidencyManager
 from .sysmem import madvise_file_mappings
 
 if TYPE_CHECKING:
@@ -87,287 +95,93 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Callers import these from here (``from expertpred.prefetch.plugin import X``): the plugin's
+# concepts live in plugin_config, plugin_stats, predictor_io and oracle; PrefetchLlama (in
+# llama_plugin) is served by the module __getattr__ at the end.
+__all__ = [
+    "DEFAULT_LOOKAHEAD", "DEFAULT_MIN_SHARE", "DEFAULT_PREDICTOR", "Mode", "OracleTrace",
+    "PluginConfig", "PluginCounters", "PluginStats", "PredictorProvider", "PredictorSet",
+    "PrefetchPlugin", "RoutingRecorder", "check_predictor_model",
+    "generate_greedy", "load_predictors", "prompt_tokens",
+]
+
 # The greedy loop and prompt tokenization live with the hook; callers of the plugin use them.
 generate_greedy = runtime.generate_greedy
 prompt_tokens = runtime.prompt_tokens
 
-# The default predictor and lookahead of `expertpred run`, `load_predictors` and
-# benchmarks/e2e_prefetch.py. An online layer-step on the inference thread has a budget of
-# ~20 µs; this lookup predictor is the most accurate one that fits it (the learned ones,
-# fast-mlp the closest, cost more), and D = 1 is the lookahead validated end to end. The
-# per-step latencies and recall of each, and the end-to-end ratios, with the commands that
-# measured them, are in docs/export.md and docs/e2e.md.
-DEFAULT_PREDICTOR = "previous-token+transition"
-DEFAULT_LOOKAHEAD = 1
-# Confidence gating (PrefetchPlugin min_share): prefetch a predicted expert only if it holds
-# at least this share of the predictor's score mass for its layer, so that low-confidence
-# guesses do not spend disk bandwidth (precision per threshold measured in docs/e2e.md).
-DEFAULT_MIN_SHARE = 0.25
 MADV_RANDOM = 1
 MADV_NORMAL = 0
-
-
-class RoutingRecorder(Protocol):
-    """Receives the routing of every token row the callback sees (``expertpred serve
-    --trace-out``). Rows are positions ``pos0 .. pos0 + n - 1`` of the context's sequence;
-    for the last layer to have every row, every token of a batch must be an output."""
-
-    def record(self, li: int, pos0: int, experts: np.ndarray,
-               scores: np.ndarray | None) -> None:
-        """MoE layer ``li`` routed rows (n, k) ``experts`` on (n, E) ``scores``."""
-
-    def record_weights(self, li: int, pos0: int, weights: np.ndarray) -> None:
-        """The (n, k) mixing weights of the experts :meth:`record` got for those rows."""
-
-
-class Mode(enum.StrEnum):
-    """What the plugin prefetches."""
-
-    OFF = "off"  # no callback: stock llama.cpp
-    D0 = "d0"  # the experts layer l selected, as soon as they are known
-    PREDICTOR = "predictor"  # d0 + predicted experts of layers l+1 .. l+D
-    ORACLE = "oracle"  # d0 + true experts of layers l+1 .. l+D from a recorded trace
-
-    @classmethod
-    def parse(cls, value: str | Mode) -> Mode:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ExpertPredError(f"prefetch mode {value!r}: expected one of "
-                                  f"{', '.join(m.value for m in cls)}") from None
-
-
-# --- predictor providers -----------------------------------------------------------------------
-
-
-class PredictorProvider(Protocol):
-    """What the plugin needs from a predictor: per-offset top-k (and score shares, for
-    confidence gating) on one feature row. Implemented by
-    :class:`~expertpred.predictors.artifact.PredictorSet`."""
-
-    model: ModelInfo  # the model the predictor was trained on
-    history_decay: float  # feature config the predictor expects
-    needs_hidden: bool  # features must carry the router input
-
-    @property
-    def offsets(self) -> tuple[int, ...]: ...
-
-    def topk(self, d: int, x: FeatureBatch, k: int) -> np.ndarray: ...
-
-    def topk_shares(self, d: int, x: FeatureBatch,
-                    k: int) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-def load_predictors(path: str | os.PathLike[str], gguf_path: str | os.PathLike[str],
-                    name: str = DEFAULT_PREDICTOR, offsets: Sequence[int] = (1, 2, 3, 4),
-                    source_model: str | os.PathLike[str] | None = None) -> PredictorSet:
-    """Predictors for ``gguf_path`` from ``path``: a directory of saved predictors
-    (``expertpred train``'s ``<out>/models``, files ``<name>-d<d>.npz``) or an exported
-    artifact (``expertpred.predictors.export``), checked against the model by the one
-    identity policy (:func:`expertpred.model.check_identity`; ``source_model``: the model
-    ``gguf_path`` was widened from)."""
-    p = Path(path)
-    if not p.exists():
-        raise ExpertPredError(f"{p}: no such predictor directory or artifact")
-    if not (p.is_dir() and any(p.glob("*-d*.npz"))):
-        return load_artifact(p, gguf_path=str(gguf_path), source_model=source_model)
-    target = GGUFFile(gguf_path)
-    try:
-        by_name = load_all(p, target.info, [name], offsets)
-    except ExpertPredError as exc:
-        raise ExpertPredError(f"predictor {p} does not fit {gguf_path}: {exc}") from None
-    if name not in by_name:
-        raise ExpertPredError(f"{p}: no saved {name!r} predictor (expected files "
-                              f"{name}-d<d>.npz for d in {list(offsets)})")
-    pset = PredictorSet.from_predictors(by_name[name], source=str(p))
-    check_predictor_model(pset, gguf_path, source_model=source_model, layout=target.layout)
-    return pset
-
-
-def check_predictor_model(pset: PredictorProvider, gguf_path: str | os.PathLike[str],
-                          source_model: str | os.PathLike[str] | None = None,
-                          layout: MoELayout | None = None) -> None:
-    """Raise a one-line :class:`ExpertPredError` unless ``pset`` may run on ``gguf_path``:
-    :func:`expertpred.model.check_identity` (exact sha256, or a widened copy of
-    ``source_model`` with its routing fingerprint)."""
-    what = f"predictor {getattr(pset, 'source', '') or ''} for {gguf_path}".replace("  ", " ")
-    source = GGUFFile(source_model) if source_model is not None else None
-    check_identity(pset.model, GGUFFile(gguf_path, layout), source=source, what=what)
-
-
-# --- oracle -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OracleTrace:
-    """True routing of one greedy run: ``experts[t, l]`` = the k experts of MoE layer l at
-    position t; ``tokens[t]`` the token at position t (prompt then generated)."""
-
-    tokens: np.ndarray  # int32 (T,)
-    experts: np.ndarray  # int16 (T, L, k)
-
-    @classmethod
-    def from_sequence(cls, seq: SequenceTrace) -> OracleTrace:
-        return cls(np.asarray(seq.tokens, np.int32), np.asarray(seq.experts, np.int16))
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        path = Path(path)
-        with open(path, "wb") as f:
-            np.savez(f, tokens=self.tokens, experts=self.experts)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], prompt_tokens: Sequence[int] | None = None,
-             ) -> OracleTrace:
-        """From an ``.npz`` written by :meth:`save`, or a trace dataset directory (the
-        sequence whose tokens start with ``prompt_tokens``; the first one without)."""
-        p = Path(path)
-        if p.is_file():
-            try:
-                with np.load(p, allow_pickle=False) as z:
-                    return cls(z["tokens"].astype(np.int32), z["experts"].astype(np.int16))
-            except (OSError, ValueError, KeyError) as exc:
-                raise ExpertPredError(f"{p}: not an oracle trace .npz ({exc})") from None
-        from ..trace.dataset import TraceDataset
-
-        want = list(prompt_tokens or [])
-        for seq in TraceDataset(p).sequences():
-            if list(seq.tokens[:len(want)]) == want:
-                return cls.from_sequence(seq)
-        raise ExpertPredError(f"{p}: no traced sequence starts with the prompt's "
-                              f"{len(want)} tokens (trace the same prompt, greedy)")
-
-
-# --- the plugin ---------------------------------------------------------------------------------
-
-
-@dataclass
-class PluginCounters:
-    batches: int = 0  # begin() calls (llama eval calls)
-    ubatches: int = 0  # graph passes seen (first MoE layer routed)
-    tokens: int = 0  # token rows routed through the first MoE layer
-    layer_events: int = 0  # argsort nodes handled
-    d0_requests: int = 0  # experts enqueued for the layer being computed
-    ahead_requests: int = 0  # experts enqueued for layers ahead (predicted / oracle)
-    predictions: int = 0  # predictor calls
-    oracle_misses: int = 0  # positions the oracle trace did not cover / disagreed on
-    callback_errors: int = 0  # exceptions caught inside the callback
-    callback_seconds: float = 0.0  # time spent inside the callback's ready phase
-    predict_seconds: float = 0.0  # of which in the predictor
-    gated: int = 0  # predicted experts not prefetched (share below min_share)
-
-
-@dataclass(frozen=True)
-class PluginStats:
-    """What one plugin did: its own counters and the engine's snapshot (None when off)."""
-
-    mode: str
-    lookahead: int
-    counters: PluginCounters
-    engine: PrefetchStats | None
-    madvised_bytes: int = 0
-    first_error: str = ""
-    residency: ResidencyStats | None = None  # the residency manager's, when one runs
-
-    def as_dict(self) -> dict[str, object]:
-        from dataclasses import asdict
-
-        d: dict[str, object] = {"mode": self.mode, "lookahead": self.lookahead,
-                                "madvised_bytes": self.madvised_bytes,
-                                "first_error": self.first_error}
-        d.update(asdict(self.counters))
-        if self.engine is not None:
-            d.update({f"engine_{k}": v for k, v in self.engine.as_dict().items()})
-        if self.residency is not None:
-            d.update({f"residency_{k}": v for k, v in self.residency.as_dict().items()})
-        return d
 
 
 class PrefetchPlugin:
     """The eval-callback side of online prefetching; owns the engine (``start``/``close``).
 
-    ``predictor``: a :class:`PredictorProvider` (mode ``predictor``); ``oracle``: an
-    :class:`OracleTrace` (mode ``oracle``); ``lookahead``: D, the farthest layer offset
-    prefetched (default: :data:`DEFAULT_LOOKAHEAD`, at most the predictor's largest offset;
-    1 for the oracle); ``prefetch_k``: experts per look-ahead layer (default
-    n_expert_used); ``min_share``: predicted experts whose share of the predictor's score
-    mass for that layer is below this are not prefetched (confidence gating: a wrong 48 MiB
-    prefetch under memory pressure evicts experts still needed; default
-    :data:`DEFAULT_MIN_SHARE`, 0 prefetches all ``prefetch_k``); ``async_requests``: the
-    callback posts its engine calls to the engine's dispatcher thread
-    (:meth:`PrefetchEngine.post_use`) instead of taking the engine's lock itself;
-    ``madvise_random``: after the model is mapped,
-    ``madvise(MADV_RANDOM)`` llama.cpp's mapping of the file (no fault
-    read-around; the plugin's reads replace it) — call :meth:`advise_mapping` once the
-    model is loaded (:class:`PrefetchLlama` does); ``engine_kwargs`` go to
-    :class:`PrefetchEngine`; ``recorder``: a :class:`RoutingRecorder` that also gets every
-    row's scores and mixing weights (asks for those nodes too: costs graph splits);
-    ``residency``: a :class:`~expertpred.prefetch.residency.ResidencyConfig` (policy and
-    byte budget for the expert weights; ``belady`` uses ``oracle``), None leaves residency
-    to the kernel.
+    ``config`` (or its fields as keywords) says what to prefetch and how; see
+    :class:`PluginConfig`. Of its fields: ``min_share`` gates out predicted experts whose
+    share of the predictor's score mass is low (a wrong 48 MiB prefetch under memory
+    pressure evicts experts still needed); ``madvise_random`` takes effect in
+    :meth:`advise_mapping`, called once the model is mapped (:class:`PrefetchLlama` does);
+    a ``recorder`` also asks for every row's scores and mixing weights (costs graph
+    splits); ``residency`` with policy ``belady`` uses ``oracle``.
     """
 
-    def __init__(
-        self,
-        gguf_path: str | os.PathLike[str],
-        *,
-        mode: str | Mode = Mode.D0,
-        predictor: PredictorProvider | None = None,
-        oracle: OracleTrace | None = None,
-        lookahead: int | None = None,
-        prefetch_k: int | None = None,
-        wrap: bool = True,
-        method: str = "fadvise",
-        queue_depth: int = 8,
-        madvise_random: bool = False,
-        min_share: float | None = None,
-        async_requests: bool = True,
-        engine_kwargs: Mapping[str, Any] | None = None,
-        recorder: RoutingRecorder | None = None,
-        residency: ResidencyConfig | None = None,
-    ) -> None:
+    def __init__(self, gguf_path: str | os.PathLike[str], config: PluginConfig | None = None,
+                 **fields: Any) -> None:
         self.gguf_path = gguf_path
-        self.recorder = recorder
-        self.residency = residency
-        self.min_share = DEFAULT_MIN_SHARE if min_share is None else float(min_share)
-        self.async_requests = async_requests
-        self.mode = Mode.parse(mode)
-        self.predictor = predictor
-        self.oracle = oracle
-        self.lookahead = lookahead
-        self.prefetch_k = prefetch_k
-        self.wrap = wrap
-        self.method = method
-        self.queue_depth = queue_depth
-        self.madvise_random = madvise_random
-        self.engine_kwargs = dict(engine_kwargs or {})
+        self.config = cfg = replace(config or PluginConfig(), **fields)
+        # the callback reads these on every layer: plain attributes, not config lookups
+        self.mode = cfg.mode
+        self.predictor = cfg.predictor
+        self.oracle = cfg.oracle
+        self.recorder = cfg.recorder
+        self.residency = cfg.residency
+        self.min_share = cfg.min_share
+        self.async_requests = cfg.async_requests
+        self.wrap = cfg.wrap
+        self.lookahead = cfg.lookahead
         self._started = False
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> PrefetchPlugin:
+        """Read the layout, check the mode's inputs against it, start the engine (and the
+        residency manager)."""
         if self._started:
             raise RuntimeError("PrefetchPlugin.start() called twice")
+        # 1. the model's MoE shape
         lay = read_layout(self.gguf_path)
         self.layout_ = lay
         self.blocks_ = tuple(lay.moe_layers)
         self.n_moe_ = len(self.blocks_)
         self.k_ = lay.n_expert_used
+        # 2. the lookahead D the mode's inputs allow
+        self.lookahead_ = self._resolve_lookahead(self._check_inputs())
+        self.pk_ = self.config.prefetch_k or self.k_
+        # 3. per-sequence state, then the threads
+        self._reset_state()
+        self._start_threads()
+        self._started = True
+        return self
+
+    def _check_inputs(self) -> int:
+        """Check the predictor / oracle the mode needs fits the model; the mode's default D."""
         if self.mode is Mode.PREDICTOR:
             if self.predictor is None:
                 raise ExpertPredError("mode 'predictor' needs a predictor (--predictor)")
-            self.predictor.model.check_same(ModelInfo.from_layout(lay),
+            self.predictor.model.check_same(ModelInfo.from_layout(self.layout_),
                                             f"predictor for {self.gguf_path}")
-            default_d = min(DEFAULT_LOOKAHEAD, max(self.predictor.offsets))
-        elif self.mode is Mode.ORACLE:
+            return min(DEFAULT_LOOKAHEAD, max(self.predictor.offsets))
+        if self.mode is Mode.ORACLE:
             if self.oracle is None:
                 raise ExpertPredError("mode 'oracle' needs a recorded trace (--oracle-trace)")
             if self.oracle.experts.shape[1:] != (self.n_moe_, self.k_):
                 raise ExpertPredError(
                     f"oracle trace: experts shape {self.oracle.experts.shape}, expected "
                     f"(T, {self.n_moe_}, {self.k_}) for {self.gguf_path}")
-            default_d = 1
-        else:
-            default_d = 0
+            return 1
+        return 0
+
+    def _resolve_lookahead(self, default_d: int) -> int:
+        """The asked lookahead (or ``default_d``), checked against mode, layers, predictor."""
         if self.lookahead is not None and self.mode in (Mode.OFF, Mode.D0):
             raise ExpertPredError(f"lookahead {self.lookahead}: mode {self.mode.value!r} does "
                                   "not look ahead; expected a lookahead only with mode "
@@ -377,12 +191,15 @@ class PrefetchPlugin:
             raise ExpertPredError(f"lookahead {d}: expected 0..{self.n_moe_} (the MoE layers "
                                   f"of {self.gguf_path})")
         if self.mode is Mode.PREDICTOR and d:
+            assert self.predictor is not None
             missing = [x for x in range(1, d + 1) if x not in self.predictor.offsets]
             if missing:
                 raise ExpertPredError(f"lookahead {d}: the predictor has no model for d="
                                       f"{missing} (has {list(self.predictor.offsets)})")
-        self.lookahead_ = d
-        self.pk_ = self.prefetch_k or self.k_
+        return d
+
+    def _reset_state(self) -> None:
+        """Counters and the callback's per-ubatch / per-sequence state, all empty."""
         self._c = PluginCounters()
         self._first_error = ""
         self._madvised = 0
@@ -399,21 +216,24 @@ class PrefetchPlugin:
         self._features: OnlineFeatures | None = None
         self._feat_pos = -1  # last position fed to the features
         if self.mode is Mode.PREDICTOR:
-            self._features = OnlineFeatures(ModelInfo.from_layout(lay, self.predictor.model.sha256),
-                                            history_decay=self.predictor.history_decay)
+            assert self.predictor is not None
+            self._features = OnlineFeatures(
+                ModelInfo.from_layout(self.layout_, self.predictor.model.sha256),
+                history_decay=self.predictor.history_decay)
+
+    def _start_threads(self) -> None:
+        """The engine (unless off) and the residency manager (when configured)."""
+        cfg, lay = self.config, self.layout_
         self.engine_: PrefetchEngine | None = None
         if self.mode is not Mode.OFF:
-            self.engine_ = PrefetchEngine(self.gguf_path, lay, method=self.method,
-                                          queue_depth=self.queue_depth, **self.engine_kwargs)
+            self.engine_ = PrefetchEngine(self.gguf_path, lay, method=cfg.method,
+                                          queue_depth=cfg.queue_depth, **cfg.engine_kwargs)
             self.engine_.start()
         self.residency_: ResidencyManager | None = None
         if self.residency is not None and self.mode is not Mode.OFF:
             future = self.oracle.experts if self.oracle is not None else None
             self.residency_ = ResidencyManager(self.gguf_path, lay, self.residency,
                                                future=future).start()
-        self._started = True
-        return self
-
     def close(self) -> None:
         """Stop the engine (bounded); the callback keeps answering "go on" afterwards."""
         if not self._started:
@@ -464,7 +284,7 @@ class PrefetchPlugin:
     def advise_mapping(self) -> int:
         """``madvise(MADV_RANDOM)`` every mapping of the model file in this process, if
         ``madvise_random``; returns the bytes advised (0 when not asked or not mapped)."""
-        if not (self.madvise_random and self.enabled):
+        if not (self.config.madvise_random and self.enabled):
             return 0
         try:
             self._madvised = madvise_file_mappings(self.gguf_path, MADV_RANDOM)
@@ -697,101 +517,12 @@ class PrefetchPlugin:
         self._feat_pos = -1
 
 
-# --- llama-cpp-python integration ---------------------------------------------------------------
 
+def __getattr__(name: str) -> Any:
+    # PrefetchLlama lives in llama_plugin, which imports this module: re-exported lazily so
+    # that either module can be imported first
+    if name == "PrefetchLlama":
+        from .llama_plugin import PrefetchLlama
 
-class PrefetchLlama(Llama):  # type: ignore[misc]
-    """A ``llama_cpp.Llama`` whose context runs the prefetch plugin's eval callback.
-
-    ``PrefetchLlama(model_path, mode=..., predictor=..., oracle=..., lookahead=...,
-    method=..., queue_depth=..., madvise_random=..., **llama_kwargs)``: the plugin keywords
-    go to :class:`PrefetchPlugin`, the rest to ``Llama`` (``verbose`` defaults to False).
-    ``Llama.__init__`` creates a context without a callback; this class frees it and creates
-    the same context (same ``context_params``) with ``cb_eval`` set, attached to a
-    persistent ggml threadpool (the callback splits each token's graph into one compute per
-    MoE layer; the pool avoids respawning threads for each). ``eval`` tells the plugin which
-    tokens each batch holds. ``close()`` frees the context before the plugin.
-    """
-
-    def __init__(self, model_path: str | os.PathLike[str], *, mode: str | Mode = Mode.D0,
-                 predictor: PredictorProvider | None = None, oracle: OracleTrace | None = None,
-                 lookahead: int | None = None, prefetch_k: int | None = None,
-                 wrap: bool = True, method: str = "fadvise", queue_depth: int = 8,
-                 madvise_random: bool = False, min_share: float | None = None,
-                 async_requests: bool = True,
-                 engine_kwargs: Mapping[str, Any] | None = None,
-                 recorder: RoutingRecorder | None = None,
-                 residency: ResidencyConfig | None = None, **llama_kwargs: Any) -> None:
-        runtime.quiet_logs()
-        self.plugin = PrefetchPlugin(model_path, mode=mode, predictor=predictor, oracle=oracle,
-                                     lookahead=lookahead, prefetch_k=prefetch_k, wrap=wrap,
-                                     method=method, queue_depth=queue_depth,
-                                     madvise_random=madvise_random, min_share=min_share,
-                                     async_requests=async_requests,
-                                     engine_kwargs=engine_kwargs, recorder=recorder,
-                                     residency=residency)
-        self._pool: ggml.Threadpool | None = None
-        self._closed = False
-        self.plugin.start()
-        try:
-            # llama.cpp maps the file: a page past a shortened file's end is a SIGBUS
-            check_file_complete(model_path, self.plugin.layout_)
-            llama_kwargs.setdefault("verbose", False)
-            errors = runtime._LoadErrors()
-            try:
-                with errors:
-                    super().__init__(model_path=str(model_path), **llama_kwargs)
-            except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
-                why = errors.lines[0] if errors.lines else str(exc)
-                raise ExpertPredError(f"{model_path}: llama.cpp failed to load the model "
-                                      f"({why})") from None
-            if self.plugin.enabled:
-                self._swap_context()
-                self.plugin.advise_mapping()
-                self.plugin.attach_residency()
-        except BaseException:
-            self.plugin.close()
-            raise
-
-    def _swap_context(self) -> None:
-        plan = self._probe_plan() if self.plugin.recorder is not None else None
-        self._pool = runtime.hook_llama(self, lambda params: self.plugin.install(params, plan))
-
-    def _probe_plan(self) -> CapturePlan:
-        """The tracer's plan (the arch's score and weight nodes) from a one-token probe of
-        this model's graph: what a recorder needs to record what the tracer would."""
-        lay = self.plugin.layout_
-        what = f"{self.model_path}: arch {lay.arch!r}"
-        params = runtime.context_params(64, 1, int(self.n_threads))
-        token = int(self.token_bos()) if 0 <= int(self.token_bos()) < self.n_vocab() else 0
-        with ggml.Threadpool(int(self.n_threads)) as pool, runtime.probe_nodes(
-                self._model.model, params, pool, token, what) as found:
-            return trace_plan(found, lay.moe_layers[0], False, what)
-
-    def eval(self, tokens: Sequence[int]) -> None:
-        self.plugin.begin(tokens, self.n_tokens)
-        return super().eval(tokens)
-
-    def prefetch_stats(self) -> PluginStats:
-        """The plugin's counters and the engine's statistics so far."""
-        return self.plugin.stats()
-
-    def close(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        self._closed = True
-        super().close()  # frees the context (and the callback's last user) first
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-        self.plugin.close()
-
-    def __enter__(self) -> PrefetchLlama:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        """No work here (``Llama.__del__`` would close): the one lifecycle is ``with`` /
-        :meth:`close`; a forgotten instance's llama.cpp objects free themselves."""
+        return PrefetchLlama
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

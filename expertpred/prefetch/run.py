@@ -14,6 +14,7 @@ from ..errors import ExpertPredError
 from .plugin import (
     DEFAULT_PREDICTOR,
     OracleTrace,
+    PluginConfig,
     PluginStats,
     PrefetchLlama,
     generate_greedy,
@@ -88,11 +89,11 @@ def run_prompt(cfg: RunConfig) -> RunResult:
             raise ExpertPredError(f"{'--residency belady' if belady else '--mode oracle'} "
                                   "needs --oracle-trace DIR_OR_NPZ")
         oracle = OracleTrace.load(cfg.oracle_trace, prompt_tokens(cfg.model, cfg.prompt))
-    with PrefetchLlama(cfg.model, mode=mode, predictor=preds, oracle=oracle, method=cfg.method,
-                       queue_depth=cfg.queue_depth, lookahead=cfg.lookahead,
-                       madvise_random=cfg.madvise_random, n_ctx=cfg.n_ctx,
-                       n_threads=cfg.threads, n_batch=min(512, cfg.n_ctx), seed=0,
-                       residency=cfg.residency) as llm:
+    plugin = PluginConfig(mode=mode, predictor=preds, oracle=oracle, method=cfg.method,
+                          queue_depth=cfg.queue_depth, lookahead=cfg.lookahead,
+                          madvise_random=cfg.madvise_random, residency=cfg.residency)
+    with PrefetchLlama(cfg.model, plugin, n_ctx=cfg.n_ctx, n_threads=cfg.threads,
+                       n_batch=min(512, cfg.n_ctx), seed=0) as llm:
         toks, n_prompt, t_prompt, t_decode = generate_greedy(llm, cfg.prompt, cfg.max_tokens)
         text = llm.detokenize(toks).decode("utf-8", errors="replace")
         stats = llm.prefetch_stats()

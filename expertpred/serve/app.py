@@ -29,18 +29,17 @@ it only for output rows); the routing is recorded by the plugin's callback
 from __future__ import annotations
 
 import errno
-import inspect
 import logging
 import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import ExpertPredError
-from ..prefetch.plugin import PrefetchLlama
+from ..prefetch.plugin import PluginConfig, PrefetchLlama
 from .metrics import ServeCollector, ServeStats
 
 log = logging.getLogger(__name__)
@@ -61,8 +60,8 @@ class ServeConfig:
     trace_out: Path | None = None  # append served routing to this trace dataset
     trace_text: bool = False  # keep prompt / completion text in the trace (private!)
     trace_shard_rows: int = 4096  # rows per trace shard: what a crash can lose at most
-    # PrefetchLlama keywords (mode, predictor, lookahead, method, queue_depth, min_share,
-    # madvise_random, budget, ...): checked against its signature by build_model
+    # PluginConfig fields (mode, predictor, lookahead, method, queue_depth, min_share,
+    # madvise_random, residency, ...): checked against its fields by build_model
     plugin_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -172,12 +171,12 @@ def build_model(cfg: ServeConfig, stats: ServeStats) -> ServedLlama:
     """Load the served model with the plugin options and, with ``trace_out``, the sink."""
     if not cfg.model.is_file():
         raise ExpertPredError(f"{cfg.model}: no such model file (expected a MoE GGUF)")
-    known = set(inspect.signature(PrefetchLlama.__init__).parameters)
+    known = {f.name for f in fields(PluginConfig)}
     unknown = sorted(k for k in cfg.plugin_kwargs if k not in known)
     if unknown:
         k = unknown[0]
         raise ExpertPredError(f"plugin option {k}={cfg.plugin_kwargs[k]!r}: this build's "
-                              "PrefetchLlama has no such option"
+                              "PluginConfig has no such option"
                               + (" (the residency manager, issue 11)" if k == "budget" else ""))
     routing = sink = None
     if cfg.trace_out is not None:
@@ -195,7 +194,8 @@ def build_model(cfg: ServeConfig, stats: ServeStats) -> ServedLlama:
     try:
         return ServedLlama(cfg.model, stats=stats, routing=routing, sink=sink,
                            n_ctx=cfg.n_ctx, n_batch=min(cfg.n_batch, cfg.n_ctx),
-                           n_threads=cfg.n_threads, seed=0, **cfg.plugin_kwargs)
+                           n_threads=cfg.n_threads, seed=0,
+                           config=PluginConfig(**cfg.plugin_kwargs))
     except ValueError as exc:  # llama-cpp-python: "Failed to load model from file: ..."
         if sink is not None:
             sink.close()

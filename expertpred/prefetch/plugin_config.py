@@ -1,0 +1,112 @@
+"""What the prefetch plugin is told: its mode, its defaults and one frozen :class:`PluginConfig`.
+
+``PrefetchPlugin`` and ``PrefetchLlama`` both take a ``PluginConfig`` (or its fields by
+name), so a new plugin option is added here once and reaches every caller.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from ..errors import ExpertPredError
+from ..features import FeatureBatch
+from ..model import ModelInfo
+
+if TYPE_CHECKING:
+    from .oracle import OracleTrace
+    from .residency import ResidencyConfig
+
+# The default predictor and lookahead of `expertpred run`, `load_predictors` and
+# benchmarks/e2e_prefetch.py. An online layer-step on the inference thread has a budget of
+# ~20 µs; this lookup predictor is the most accurate one that fits it (the learned ones,
+# fast-mlp the closest, cost more), and D = 1 is the lookahead validated end to end. The
+# per-step latencies and recall of each, and the end-to-end ratios, with the commands that
+# measured them, are in docs/export.md and docs/e2e.md.
+DEFAULT_PREDICTOR = "previous-token+transition"
+DEFAULT_LOOKAHEAD = 1
+# Confidence gating (PrefetchPlugin min_share): prefetch a predicted expert only if it holds
+# at least this share of the predictor's score mass for its layer, so that low-confidence
+# guesses do not spend disk bandwidth (precision per threshold measured in docs/e2e.md).
+DEFAULT_MIN_SHARE = 0.25
+
+
+class Mode(enum.StrEnum):
+    """What the plugin prefetches."""
+
+    OFF = "off"  # no callback: stock llama.cpp
+    D0 = "d0"  # the experts layer l selected, as soon as they are known
+    PREDICTOR = "predictor"  # d0 + predicted experts of layers l+1 .. l+D
+    ORACLE = "oracle"  # d0 + true experts of layers l+1 .. l+D from a recorded trace
+
+    @classmethod
+    def parse(cls, value: str | Mode) -> Mode:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ExpertPredError(f"prefetch mode {value!r}: expected one of "
+                                  f"{', '.join(m.value for m in cls)}") from None
+
+
+class RoutingRecorder(Protocol):
+    """Receives the routing of every token row the callback sees (``expertpred serve
+    --trace-out``). Rows are positions ``pos0 .. pos0 + n - 1`` of the context's sequence;
+    for the last layer to have every row, every token of a batch must be an output."""
+
+    def record(self, li: int, pos0: int, experts: np.ndarray,
+               scores: np.ndarray | None) -> None:
+        """MoE layer ``li`` routed rows (n, k) ``experts`` on (n, E) ``scores``."""
+
+    def record_weights(self, li: int, pos0: int, weights: np.ndarray) -> None:
+        """The (n, k) mixing weights of the experts :meth:`record` got for those rows."""
+
+
+class PredictorProvider(Protocol):
+    """What the plugin needs from a predictor: per-offset top-k (and score shares, for
+    confidence gating) on one feature row. Implemented by
+    :class:`~expertpred.predictors.artifact.PredictorSet`."""
+
+    model: ModelInfo  # the model the predictor was trained on
+    history_decay: float  # feature config the predictor expects
+    needs_hidden: bool  # features must carry the router input
+
+    @property
+    def offsets(self) -> tuple[int, ...]: ...
+
+    def topk(self, d: int, x: FeatureBatch, k: int) -> np.ndarray: ...
+
+    def topk_shares(self, d: int, x: FeatureBatch,
+                    k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """How the plugin prefetches. Every field can also be given to ``PrefetchPlugin`` and
+    ``PrefetchLlama`` by name; ``str`` modes and ``None`` min_share are normalized."""
+
+    mode: Mode = Mode.D0  # d0 needs neither predictor nor trace and only reads what is used
+    predictor: PredictorProvider | None = None  # mode predictor: guesses layers l+1 .. l+D
+    oracle: OracleTrace | None = None  # mode oracle / belady residency: the run's true future
+    # D, the farthest layer offset prefetched; None: the mode's own (predictor:
+    # DEFAULT_LOOKAHEAD within its offsets, oracle: 1, d0/off: 0)
+    lookahead: int | None = None
+    prefetch_k: int | None = None  # experts per look-ahead layer; None: the model's top-k
+    wrap: bool = True  # offsets past the last layer reach the next token's first layers
+    method: str = "fadvise"  # io.METHODS name: fadvise hints the page cache, no user copy
+    queue_depth: int = 8  # reads in flight: one layer's experts issued together
+    madvise_random: bool = False  # MADV_RANDOM on llama.cpp's mapping: no fault read-around
+    min_share: float = DEFAULT_MIN_SHARE  # confidence gate; 0 prefetches every prediction
+    async_requests: bool = True  # post to the dispatcher: the engine's lock stays off inference
+    engine_kwargs: Mapping[str, Any] = field(default_factory=dict)  # more EngineConfig fields
+    recorder: RoutingRecorder | None = None  # serve --trace-out: receives every row's routing
+    residency: ResidencyConfig | None = None  # expert residency manager; None: kernel reclaim
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode.parse(self.mode))
+        share = DEFAULT_MIN_SHARE if self.min_share is None else float(self.min_share)
+        object.__setattr__(self, "min_share", share)
+        object.__setattr__(self, "engine_kwargs", dict(self.engine_kwargs or {}))

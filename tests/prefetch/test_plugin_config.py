@@ -1,0 +1,47 @@
+"""PluginConfig: one frozen config for PrefetchPlugin and PrefetchLlama; old keywords still work."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from expertpred.errors import ExpertPredError
+from expertpred.prefetch.plugin import (
+    DEFAULT_MIN_SHARE,
+    Mode,
+    PluginConfig,
+    PrefetchLlama,
+    PrefetchPlugin,
+)
+from expertpred.shipped import model_gguf
+
+
+def test_config_normalizes_mode_and_min_share() -> None:
+    cfg = PluginConfig(mode="oracle", min_share=None)
+    assert cfg.mode is Mode.ORACLE and cfg.min_share == DEFAULT_MIN_SHARE
+    assert PluginConfig(min_share=0).min_share == 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.mode = Mode.D0  # type: ignore[misc]
+
+
+def test_bad_mode_is_one_line_error() -> None:
+    with pytest.raises(ExpertPredError, match="prefetch mode 'bogus'"):
+        PluginConfig(mode="bogus")
+
+
+def test_keywords_replace_config_fields() -> None:
+    cfg = PluginConfig(mode="d0", queue_depth=3, min_share=0.5)
+    plugin = PrefetchPlugin("unused.gguf", cfg, queue_depth=5)
+    assert plugin.config == dataclasses.replace(cfg, queue_depth=5)
+    assert plugin.mode is Mode.D0 and plugin.min_share == 0.5
+    assert PrefetchPlugin("unused.gguf", mode="off").config.mode is Mode.OFF
+
+
+def test_llama_keywords_and_config_reach_the_plugin() -> None:
+    cfg = PluginConfig(mode="d0", queue_depth=3)
+    with PrefetchLlama(model_gguf("tiny-mixtral"), cfg, method="pread", n_ctx=256,
+                       n_batch=32, n_threads=1, seed=0) as llm:
+        assert llm.plugin.config == dataclasses.replace(cfg, method="pread")
+        assert llm.plugin.engine_ is not None and llm.plugin.engine_.queue_depth == 3
+        assert llm.n_batch == 32  # the Llama keyword reached Llama
