@@ -195,7 +195,13 @@ class LearnedPolicy(ResidencyPolicy, policy_name="learned"):
         h = self.model.config.horizon
         q = 1.0 - np.power(np.clip(1.0 - p, 0.0, 1.0), 1.0 / h)  # per-token use probability
         steps = (np.arange(n_l) - self.layer_ - 1) % n_l + 1  # to each layer's next routing
-        return -(steps[:, None] + n_l * (1.0 / np.maximum(q, 1e-9) - 1.0)).reshape(-1)
+        if not self.model.uses_tokens:
+            return -(steps[:, None] + n_l * (1.0 / np.maximum(q, 1e-9) - 1.0)).reshape(-1)
+        # p knows the next token's id (after the boundary): used by it with q, else back
+        # at the routed rate q0 per later token (expected 1/q0 more tokens)
+        p0 = np.maximum(self.state_.prob_routed, self.boost_.reshape(p.shape))
+        q0 = 1.0 - np.power(np.clip(1.0 - p0, 0.0, 1.0), 1.0 / h)
+        return -(steps[:, None] + n_l * (1.0 - q) / np.maximum(q0, 1e-9)).reshape(-1)
 
 
 POLICIES: dict[str, type[ResidencyPolicy]] = ResidencyPolicy.registry

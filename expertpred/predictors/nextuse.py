@@ -349,6 +349,9 @@ class NextUseState:
         self.age = np.full((l_n, e_n), NEVER_AGE, np.int64)
         self.history = np.zeros((l_n, e_n), np.float32)
         self.prob = model.pop_.astype(np.float64).copy()
+        # the probabilities as the rows routed, before the next id was told: a row that
+        # learns "not the next token" still returns later at about this rate
+        self.prob_routed = self.prob.copy()
         d = model.config.history_decay
         self._dec, self._inc = np.float32(d), np.float32(1.0 - d)
         self.token = -1  # id of the token being evaluated (-1 = not told)
@@ -378,6 +381,7 @@ class NextUseState:
         self.prob[layer] = self.model.predict_rows(
             row[None], self.age[layer][None], self.history[layer][None],
             np.array([layer]), self.row_token[layer:layer + 1], np.array([-1]))[0]
+        self.prob_routed[layer] = self.prob[layer]
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int) -> np.ndarray:

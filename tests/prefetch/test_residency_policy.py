@@ -214,17 +214,17 @@ def test_nextuse_tokens_online_equals_offline(nextuse_tok_model) -> None:
 
 def test_nextuse_token_ids_lower_the_log_loss(nextuse_model, nextuse_tok_model,
                                               tmp_path) -> None:
-    # fit on the first 60 tokens of 6 streams, score their next 60 (same routing law)
-    seqs = [stream(120, s) for s in range(6)]
+    # fit on the first 200 tokens of 6 streams, score their next 100 (same routing law)
+    seqs = [stream(300, s) for s in range(6)]
     toks = [token_ids(e, s) for s, e in enumerate(seqs)]
     cfg = NextUseConfig(horizon=1)
-    plain = NextUseModel(N_L, N_E, cfg).fit([e[:60] for e in seqs])
-    tokm = NextUseModel(N_L, N_E, cfg).fit([e[:60] for e in seqs], [t[:60] for t in toks])
+    plain = NextUseModel(N_L, N_E, cfg).fit([e[:200] for e in seqs])
+    tokm = NextUseModel(N_L, N_E, cfg).fit([e[:200] for e in seqs], [t[:200] for t in toks])
     loss = {}
     for name, m in (("plain", plain), ("tokens", tokm)):
         p, y = [], []
         for e, tk in zip(seqs, toks):
-            pr, tg, v = m.predict_sequence(e[60:], tk[60:])
+            pr, tg, v = m.predict_sequence(e[200:], tk[200:])
             p.append(pr[v].ravel())
             y.append(tg[v].ravel())
         loss[name] = nextuse.log_loss(np.concatenate(p), np.concatenate(y))
