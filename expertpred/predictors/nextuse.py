@@ -150,7 +150,7 @@ class NextUseModel:
     def _token_dev(self, table: np.ndarray, ids: np.ndarray | None, layer: np.ndarray,
                    n: int) -> np.ndarray:
         """float64 (n, E): ``table`` rows of ``ids`` at ``layer``; 0 for unknown / unseen."""
-        if ids is None:
+        if ids is None or not len(self.tok_ids_):
             return np.zeros((n, self.n_expert))
         ids = np.asarray(ids, np.int64)
         i = np.minimum(np.searchsorted(self.tok_ids_, ids), len(self.tok_ids_) - 1)
@@ -219,7 +219,7 @@ class NextUseModel:
         cur = np.concatenate([np.repeat(r.cur[r.valid], l_n) for r in rows])
         nxt = np.concatenate([np.repeat(r.nxt[r.valid], l_n) for r in rows])
         layer = np.tile(np.arange(l_n), len(used) // l_n)
-        keep = max(1, cfg.max_rows // e_n)
+        keep = max(1, cfg.max_rows // e_n)  # the token model fits on twice this (below)
         if len(used) > keep:
             idx = np.sort(np.random.default_rng(cfg.seed).permutation(len(used))[:keep])
             used, age, hist, y, layer = used[idx], age[idx], hist[idx], y[idx], layer[idx]
