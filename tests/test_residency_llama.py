@@ -53,8 +53,11 @@ def nextuse_model() -> NextUseModel:
     from expertpred.learn.train import PredictorsConfig, open_source
 
     src = open_source(PredictorsConfig(dataset=str(ROOT / "datasets/traces/tiny-qwen3moe")))
-    seqs = [s.experts for s in src.sequences(src.select(split="train"))]
-    return NextUseModel(src.model.n_moe, src.model.n_expert, NextUseConfig(horizon=1)).fit(seqs)
+    seqs = list(src.sequences(src.select(split="train")))
+    m = NextUseModel(src.model.n_moe, src.model.n_expert, NextUseConfig(horizon=1)).fit(
+        [s.experts for s in seqs], [s.tokens for s in seqs])
+    assert m.uses_tokens  # the replay below covers the token boundary records
+    return m
 
 
 def _run(path: Path, cfg: ResidencyConfig, **kw: object):
@@ -109,6 +112,8 @@ def test_manager_equals_replay(wide, nextuse_model, policy: str, tmp_path: Path)
         st = llm.prefetch_stats().residency
     assert toks == ref
     assert any(r.event == 1 for r in mgr.records_)  # prefetches were accounted too
+    told = [(r.t, r.experts[0]) for r in mgr.records_ if r.event == 3]  # Event.TOKEN
+    assert len(told) > N_TOKENS // 2 and all(oracle.tokens[t] == v for t, v in told)
     pol = make_policy(policy, future=oracle.experts, model=nextuse_model)
     again = replay(mgr.records_, pol, budget, mgr.n_layer_, mgr.n_expert_,
                    lay.nbytes.sum(axis=2))

@@ -86,7 +86,7 @@ def _sizes(expert_bytes: int | np.ndarray, n_layer: int) -> np.ndarray:
 def simulate(experts: np.ndarray, policy: str | Policy, capacity_bytes: int,
              expert_bytes: int | np.ndarray = 1, n_expert: int | None = None,
              prefetch: np.ndarray | None = None, model: NextUseModel | None = None,
-             ) -> CacheResult:
+             tokens: np.ndarray | None = None) -> CacheResult:
     """Run ``policy`` over the accesses ``experts`` (int (T, L, k), -1 = none).
 
     ``expert_bytes``: size of one expert, scalar or per layer (L,). ``lru``, ``lfu``,
@@ -112,7 +112,7 @@ def simulate(experts: np.ndarray, policy: str | Policy, capacity_bytes: int,
                               f"{', '.join(p.value for p in Policy)}") from None
     if policy is not Policy.PREDICTIVE:
         pol = make_policy(policy.value, future=experts, model=model)
-        c = simulate_steps(experts, pol, capacity_bytes, sizes, n_e).counters
+        c = simulate_steps(experts, pol, capacity_bytes, sizes, n_e, tokens).counters
         return CacheResult(policy.value, capacity_bytes, t_len, c.accesses, c.hits,
                            c.miss_bytes, 0)
     if prefetch is None:

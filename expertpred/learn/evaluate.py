@@ -225,13 +225,15 @@ def cache_report(cfg: PredictorsConfig, source: TraceSource, fitted: FitResult,
     keep = phase_value(cfg.eval_phase)
     # 1. the access stream: test sequences one after another, tokens in order
     index: dict[tuple[int, int], int] = {}
-    chunks = []
+    chunks, tok_chunks = [], []
     for t in source.sequences(test_ids):
         pos = np.arange(t.n_tokens) if keep is None else np.flatnonzero(t.phase == keep)
         for p in pos.tolist():
             index[(t.seq_id, p)] = len(index)
         chunks.append(t.experts[pos])
+        tok_chunks.append(t.tokens[pos])
     experts = np.concatenate(chunks).astype(np.int64)
+    tokens = np.concatenate(tok_chunks).astype(np.int64)
     t_len, n_l, k = experts.shape
     pk = cfg.cache_prefetch_k or k
     sizes = _expert_bytes(source)
@@ -263,7 +265,8 @@ def cache_report(cfg: PredictorsConfig, source: TraceSource, fitted: FitResult,
         cap = int(b * total)
         for pol in ("lru", "lfu", "belady") if nextuse is None else (
                 "lru", "lfu", "learned", "belady"):
-            r = simulate(experts, pol, cap, sizes, model.n_expert, model=nextuse)
+            r = simulate(experts, pol, cap, sizes, model.n_expert, model=nextuse,
+                         tokens=tokens)
             results.append(CacheRow(budget=b, **r.to_dict()))
         for pname, plan in plans.items():
             r = simulate(experts, "predictive", cap, sizes, model.n_expert, prefetch=plan)

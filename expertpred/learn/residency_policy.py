@@ -72,6 +72,9 @@ class ResidencyPolicy(ABC):
     def prefetched(self, t: int, li: int, keys: np.ndarray, clock: int) -> None:
         """``keys`` were admitted speculatively at step ``clock`` (token ``t``, layer ``li``)."""
 
+    def begin_token(self, t: int, token: int) -> None:
+        """Token ``t``, of id ``token``, is evaluated next (its first layer has not routed)."""
+
     @abstractmethod
     def value(self) -> np.ndarray:
         """float64 (n_layer * n_expert,): how much keeping each expert is worth now."""
@@ -181,6 +184,9 @@ class LearnedPolicy(ResidencyPolicy, policy_name="learned"):
     def prefetched(self, t: int, li: int, keys: np.ndarray, clock: int) -> None:
         self.boost_[keys] = 1.0
 
+    def begin_token(self, t: int, token: int) -> None:
+        self.state_.begin_token(token)
+
     def value(self) -> np.ndarray:
         p = np.maximum(self.state_.prob, self.boost_.reshape(self.state_.prob.shape))
         if not self.distance:
@@ -189,7 +195,13 @@ class LearnedPolicy(ResidencyPolicy, policy_name="learned"):
         h = self.model.config.horizon
         q = 1.0 - np.power(np.clip(1.0 - p, 0.0, 1.0), 1.0 / h)  # per-token use probability
         steps = (np.arange(n_l) - self.layer_ - 1) % n_l + 1  # to each layer's next routing
-        return -(steps[:, None] + n_l * (1.0 / np.maximum(q, 1e-9) - 1.0)).reshape(-1)
+        if not self.model.uses_tokens:
+            return -(steps[:, None] + n_l * (1.0 / np.maximum(q, 1e-9) - 1.0)).reshape(-1)
+        # p knows the next token's id (after the boundary): used by it with q, else back
+        # at the routed rate q0 per later token (expected 1/q0 more tokens)
+        p0 = np.maximum(self.state_.prob_routed, self.boost_.reshape(p.shape))
+        q0 = 1.0 - np.power(np.clip(1.0 - p0, 0.0, 1.0), 1.0 / h)
+        return -(steps[:, None] + n_l * (1.0 - q) / np.maximum(q0, 1e-9)).reshape(-1)
 
 
 POLICIES: dict[str, type[ResidencyPolicy]] = ResidencyPolicy.registry
@@ -275,6 +287,10 @@ class ResidencySet:
         self.policy.observe(t, li, ex, self.clock)
         evict, bypass = self._admit(keys)
         return StepDecision(int(hit.sum()), int((~hit).sum()), miss_bytes, evict, bypass)
+
+    def begin_token(self, t: int, token: int) -> None:
+        """Token ``t`` of id ``token`` is evaluated next; it decides nothing by itself."""
+        self.policy.begin_token(t, int(token))
 
     def prefetch(self, t: int, li: int, keys: Iterable[int]) -> StepDecision:
         """Speculatively admit flat ``keys`` at token ``t``, layer ``li`` (already routed)."""
@@ -377,6 +393,7 @@ class Event(enum.IntEnum):
     STEP = 0  # layer `li` of token `t` used `experts` (expert ids)
     PREFETCH = 1  # flat keys read ahead of use while layer `li` of token `t` computed
     ADOPT = 2  # flat keys found resident when the manager attached
+    TOKEN = 3  # token `t`, of id `experts[0]`, is evaluated next (before its first layer)
 
 
 class Record(NamedTuple):
@@ -399,15 +416,19 @@ def replay(records: Iterable[Record], policy: ResidencyPolicy, budget_bytes: int
             rs.step(r.t, r.li, r.experts)
         elif r.event is Event.PREFETCH:
             rs.prefetch(r.t, r.li, r.experts)
+        elif r.event is Event.TOKEN:
+            rs.begin_token(r.t, r.experts[0])
         else:
             rs.adopt(r.experts)
     return rs
 
 
 def simulate_steps(experts: np.ndarray, policy: ResidencyPolicy, budget_bytes: int,
-                   sizes: int | np.ndarray, n_expert: int) -> ResidencySet:
+                   sizes: int | np.ndarray, n_expert: int,
+                   tokens: np.ndarray | None = None) -> ResidencySet:
     """Replay int (T, L, k) ``experts`` (-1 = none) step by step; returns the set (its
-    ``counters`` hold the outcome). Token ``t`` of the replay is row ``t``."""
+    ``counters`` hold the outcome). Token ``t`` of the replay is row ``t``; ``tokens``
+    (T,), when given, are told to the policy at each token boundary, as the plugin does."""
     experts = np.asarray(experts)
     if experts.ndim != 3:
         raise ExpertPredError(f"accesses of shape {experts.shape}: expected (T, L, k)")
@@ -416,6 +437,11 @@ def simulate_steps(experts: np.ndarray, policy: ResidencyPolicy, budget_bytes: i
                               "kernel's reclaim decides; measure it end to end")
     t_len, n_l, _ = experts.shape
     rows = experts.astype(np.int64).tolist()
-    records = (Record(Event.STEP, t, li, tuple(e for e in rows[t][li] if e >= 0))
-               for t in range(t_len) for li in range(n_l))
+    ids = None if tokens is None else np.asarray(tokens, np.int64).tolist()
+    if ids is not None and len(ids) != t_len:
+        raise ExpertPredError(f"{len(ids)} token ids for {t_len} tokens of accesses")
+    records = (r for t in range(t_len)
+               for r in ([] if ids is None else [Record(Event.TOKEN, t, -1, (ids[t],))])
+               + [Record(Event.STEP, t, li, tuple(e for e in rows[t][li] if e >= 0))
+                  for li in range(n_l)])
     return replay(records, policy, budget_bytes, n_l, n_expert, sizes)

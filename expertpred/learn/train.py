@@ -303,8 +303,9 @@ def fit_nextuse(cfg: PredictorsConfig, source: TraceSource,
     """The learned residency policy's next-use model, on the same training sequences."""
     nc = NextUseConfig(horizon=cfg.residency_horizon, history_decay=cfg.history_decay,
                        seed=cfg.seed)
-    seqs = (t.experts for t in source.sequences(train_ids))
-    return NextUseModel(source.model.n_moe, source.model.n_expert, nc).fit(seqs)
+    traces = list(source.sequences(train_ids))
+    return NextUseModel(source.model.n_moe, source.model.n_expert, nc).fit(
+        [t.experts for t in traces], [t.tokens for t in traces])
 
 
 NEXTUSE_FILE = "nextuse.npz"  # in <out>/models, next to the ladder's predictors

@@ -16,7 +16,12 @@ Features of (token ``t``, layer ``j``, expert ``e``), all known once layer ``j``
 - ``history``: the decayed history of layer ``j`` including token ``t``;
 - ``transition``: P(e used within the horizon | e' selected at (t, j)), a per-layer table
   counted on the training tokens, averaged over the selected e';
-- ``popularity``: P(e used within the horizon) at layer ``j``, counted likewise.
+- ``popularity``: P(e used within the horizon) at layer ``j``, counted likewise;
+- ``token`` / ``next token`` (when fitted with token ids): log-odds of P(target | id of
+  token ``t``) and of P(target | id of token ``t+1``) minus the popularity's, per-id tables
+  smoothed towards popularity (0 for an unseen id, or while the id is unknown). Under greedy
+  decoding the next id is the argmax of token ``t``'s logits: it is known at the token
+  boundary, before token ``t+1``'s first router runs, and many MoEs route almost by token id.
 
 The model is a logistic regression over those columns (plus a per-layer intercept), fitted
 with a few Newton steps in numpy: small, exact to export (arrays in an ``.npz``), and
@@ -57,6 +62,8 @@ class NextUseConfig:
     max_rows: int = 1_000_000  # uniform sample of (token, layer, expert) rows to fit on
     newton_steps: int = 12
     seed: int = 0
+    token_features: bool = True  # the current / next token id tables (needs token ids)
+    token_prior: float = 4.0  # pseudo-rows of popularity per id: rare ids back off to it
 
     def __post_init__(self) -> None:
         if self.horizon < 1:
@@ -97,10 +104,14 @@ class _Rows:
     history: np.ndarray  # float32 (T, L, E) decayed history including token t
     target: np.ndarray  # bool (T, L, E) used in t+1 .. t+horizon
     valid: np.ndarray  # bool (T,) the whole horizon lies inside the sequence
+    cur: np.ndarray  # int64 (T,) id of token t (-1 = unknown)
+    nxt: np.ndarray  # int64 (T,) id of token t+1 (-1 = unknown: the last token)
 
 
-def sequence_rows(experts: np.ndarray, n_expert: int, config: NextUseConfig) -> _Rows:
-    """The state after each (token, layer) of one sequence's experts (T, L, k)."""
+def sequence_rows(experts: np.ndarray, n_expert: int, config: NextUseConfig,
+                  tokens: np.ndarray | None = None) -> _Rows:
+    """The state after each (token, layer) of one sequence's experts (T, L, k) and, when
+    given, its token ids (T,)."""
     ex = np.asarray(experts)
     t_len, n_l, _ = ex.shape
     used = multihot(ex.reshape(t_len * n_l, -1), n_expert).reshape(t_len, n_l, n_expert) > 0
@@ -111,7 +122,11 @@ def sequence_rows(experts: np.ndarray, n_expert: int, config: NextUseConfig) -> 
     end = np.minimum(np.arange(t_len) + 1 + config.horizon, t_len)
     target = (c[end] - c[np.arange(t_len) + 1]) > 0
     valid = np.arange(t_len) + config.horizon < t_len
-    return _Rows(used, _ages(used), hist, target, valid)
+    cur = np.full(t_len, -1, np.int64) if tokens is None else np.asarray(tokens, np.int64)
+    if len(cur) != t_len:
+        raise ExpertPredError(f"{len(cur)} token ids for {t_len} tokens of experts")
+    nxt = np.concatenate([cur[1:], [-1]])
+    return _Rows(used, _ages(used), hist, target, valid, cur, nxt)
 
 
 class NextUseModel:
@@ -127,9 +142,26 @@ class NextUseModel:
         self.config = config or NextUseConfig()
 
     # --- features ------------------------------------------------------------------------
+    @property
+    def uses_tokens(self) -> bool:
+        """The model has the token id tables (old files and token-less fits do not)."""
+        return self.config.token_features and hasattr(self, "tok_ids_")
+
+    def _token_dev(self, table: np.ndarray, ids: np.ndarray | None, layer: np.ndarray,
+                   n: int) -> np.ndarray:
+        """float64 (n, E): ``table`` rows of ``ids`` at ``layer``; 0 for unknown / unseen."""
+        if ids is None or not len(self.tok_ids_):
+            return np.zeros((n, self.n_expert))
+        ids = np.asarray(ids, np.int64)
+        i = np.minimum(np.searchsorted(self.tok_ids_, ids), len(self.tok_ids_) - 1)
+        found = (ids >= 0) & (self.tok_ids_[i] == ids)
+        return np.where(found[:, None], table[i, layer], 0.0)
+
     def _columns(self, used: np.ndarray, age: np.ndarray, hist: np.ndarray,
-                 layer: np.ndarray) -> np.ndarray:
-        """float64 (n, E, F) design columns for n (token, layer) rows of one layer each."""
+                 layer: np.ndarray, cur: np.ndarray | None = None,
+                 nxt: np.ndarray | None = None) -> np.ndarray:
+        """float64 (n, E, F) design columns for n (token, layer) rows of one layer each;
+        ``cur`` / ``nxt``: int (n,) ids of the row's token and of the next (-1 = unknown)."""
         n, e = used.shape
         u = used.astype(np.float64)
         tr = np.empty((n, e))
@@ -144,13 +176,20 @@ class NextUseModel:
         cols += [(b == i).astype(np.float64) for i in range(1, N_BUCKETS)]
         cols += [np.broadcast_to((layer == j)[:, None], (n, e)).astype(np.float64)
                  for j in range(self.n_layer)]
+        if self.uses_tokens:
+            cols += [self._token_dev(self.tok_cur_, cur, layer, n),
+                     self._token_dev(self.tok_nxt_, nxt, layer, n)]
         return np.stack(cols, axis=2)
 
     # --- fitting -------------------------------------------------------------------------
-    def fit(self, sequences: Iterable[np.ndarray]) -> Self:
-        """Count the tables, then fit the logistic weights on a sample of rows."""
+    def fit(self, sequences: Iterable[np.ndarray],
+            tokens: Iterable[np.ndarray] | None = None) -> Self:
+        """Count the tables, then fit the logistic weights on a sample of rows. ``tokens``:
+        the sequences' token ids (T,), parallel to ``sequences``, for the token tables."""
         cfg = self.config
-        rows = [sequence_rows(np.asarray(s), self.n_expert, cfg) for s in sequences]
+        seqs = [np.asarray(s) for s in sequences]
+        toks = [None] * len(seqs) if tokens is None else list(tokens)
+        rows = [sequence_rows(s, self.n_expert, cfg, tk) for s, tk in zip(seqs, toks, strict=True)]
         rows = [r for r in rows if r.valid.any()]
         if not rows:
             raise ExpertPredError(f"next-use model: no sequence longer than the horizon "
@@ -170,23 +209,53 @@ class NextUseModel:
             n_rows += len(u)
         self.trans_ = (co + a * (hit[:, None, :] + a) / (n_rows + 2 * a)) / (seen[:, :, None] + a)
         self.pop_ = (hit + a) / (n_rows + 2 * a)
+        if cfg.token_features and tokens is not None:
+            self._fit_token_tables(rows)
         # 2. logistic weights on a uniform sample of (token, layer) rows
         used = np.concatenate([r.used[r.valid] for r in rows]).reshape(-1, e_n)
         age = np.concatenate([r.age[r.valid] for r in rows]).reshape(-1, e_n)
         hist = np.concatenate([r.history[r.valid] for r in rows]).reshape(-1, e_n)
         y = np.concatenate([r.target[r.valid] for r in rows]).reshape(-1, e_n)
+        cur = np.concatenate([np.repeat(r.cur[r.valid], l_n) for r in rows])
+        nxt = np.concatenate([np.repeat(r.nxt[r.valid], l_n) for r in rows])
         layer = np.tile(np.arange(l_n), len(used) // l_n)
-        keep = max(1, cfg.max_rows // e_n)
+        keep = max(1, cfg.max_rows // e_n)  # the token model fits on twice this (below)
         if len(used) > keep:
             idx = np.sort(np.random.default_rng(cfg.seed).permutation(len(used))[:keep])
             used, age, hist, y, layer = used[idx], age[idx], hist[idx], y[idx], layer[idx]
-        x = self._columns(used, age, hist, layer).reshape(-1, self._n_features())
+            cur, nxt = cur[idx], nxt[idx]
+        if self.uses_tokens:
+            # each row twice: with the next id (after the token boundary) and without (from
+            # its layer's routing to the boundary); online, both states make decisions
+            used, age, hist, y, layer, cur = (np.concatenate([a, a]) for a in (
+                used, age, hist, y, layer, cur))
+            nxt = np.concatenate([nxt, np.full_like(nxt, -1)])
+        x = self._columns(used, age, hist, layer, cur, nxt).reshape(-1, self._n_features())
         self.coef_ = _logistic(x, y.reshape(-1).astype(np.float64), cfg.l2, cfg.newton_steps)
         self.n_train_rows_ = int(len(x))
         return self
 
+    def _fit_token_tables(self, rows: list[_Rows]) -> None:
+        """Per token id v and (layer, expert): log-odds of P(target | v) for the row's own
+        token and for the next one, smoothed with ``token_prior`` rows of popularity, minus
+        the popularity's log-odds (so an unseen or unknown id adds 0)."""
+        cur = np.concatenate([r.cur[r.valid] for r in rows])
+        nxt = np.concatenate([r.nxt[r.valid] for r in rows])
+        y = np.concatenate([r.target[r.valid] for r in rows]).astype(np.float64)
+        ids = np.unique(np.concatenate([cur, nxt]))
+        self.tok_ids_ = ids[ids >= 0]
+        m, pop = self.config.token_prior, self.pop_
+        for name, key in (("tok_cur_", cur), ("tok_nxt_", nxt)):
+            ok = key >= 0
+            i = np.searchsorted(self.tok_ids_, key[ok])
+            cnt = np.bincount(i, minlength=len(self.tok_ids_)).astype(np.float64)
+            ysum = np.zeros((len(self.tok_ids_), *pop.shape))
+            np.add.at(ysum, i, y[ok])
+            p = (ysum + m * pop) / (cnt[:, None, None] + m)
+            setattr(self, name, _logit(p) - _logit(pop)[None])
+
     def _n_features(self) -> int:
-        return 4 + (N_BUCKETS - 1) + self.n_layer
+        return 4 + (N_BUCKETS - 1) + self.n_layer + (2 if self.uses_tokens else 0)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
@@ -194,21 +263,27 @@ class NextUseModel:
 
     # --- prediction ----------------------------------------------------------------------
     def predict_rows(self, used: np.ndarray, age: np.ndarray, hist: np.ndarray,
-                     layer: np.ndarray) -> np.ndarray:
-        """float64 (n, E) probabilities for n (token, layer) states."""
+                     layer: np.ndarray, cur: np.ndarray | None = None,
+                     nxt: np.ndarray | None = None) -> np.ndarray:
+        """float64 (n, E) probabilities for n (token, layer) states (``cur`` / ``nxt``: the
+        token ids, -1 = unknown; ignored by a model without token tables)."""
         self._check_fitted()
-        z = self._columns(used, age, hist, np.asarray(layer, np.int64)) @ self.coef_
+        z = self._columns(used, age, hist, np.asarray(layer, np.int64), cur, nxt) @ self.coef_
         return 1.0 / (1.0 + np.exp(-z))
 
-    def predict_sequence(self, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray,
-                                                             np.ndarray]:
-        """(prob, target, valid) of one sequence: float (T, L, E), bool (T, L, E), (T,)."""
-        r = sequence_rows(np.asarray(experts), self.n_expert, self.config)
+    def predict_sequence(self, experts: np.ndarray, tokens: np.ndarray | None = None,
+                         boundary: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prob, target, valid) of one sequence: float (T, L, E), bool (T, L, E), (T,).
+        ``boundary``: row t knows the id of token t+1 (as online after ``begin_token``);
+        False: as online right after layer j of token t routed."""
+        r = sequence_rows(np.asarray(experts), self.n_expert, self.config, tokens)
         t_len = len(r.used)
         layer = np.tile(np.arange(self.n_layer), t_len)
-        e = self.n_expert
+        e, n_l = self.n_expert, self.n_layer
+        nxt = r.nxt if boundary else np.full(t_len, -1, np.int64)
         p = self.predict_rows(r.used.reshape(-1, e), r.age.reshape(-1, e),
-                              r.history.reshape(-1, e), layer)
+                              r.history.reshape(-1, e), layer, np.repeat(r.cur, n_l),
+                              np.repeat(nxt, n_l))
         return p.reshape(t_len, self.n_layer, e), r.target, r.valid
 
     def online(self) -> NextUseState:
@@ -222,9 +297,11 @@ class NextUseModel:
         path = Path(path)
         meta = {"format": FORMAT, "n_layer": self.n_layer, "n_expert": self.n_expert,
                 "config": asdict(self.config), "n_train_rows": self.n_train_rows_}
+        tok = ({"tok_ids": self.tok_ids_, "tok_cur": self.tok_cur_, "tok_nxt": self.tok_nxt_}
+               if self.uses_tokens else {})
         with open(path, "wb") as f:
             np.savez(f, trans=self.trans_, pop=self.pop_, coef=self.coef_,
-                     __meta__=np.array(json.dumps(meta)))
+                     __meta__=np.array(json.dumps(meta)), **tok)
         return path
 
     @classmethod
@@ -235,9 +312,19 @@ class NextUseModel:
                 meta = json.loads(str(z["__meta__"]))
                 if meta.get("format") != FORMAT:
                     raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-                m = cls(int(meta["n_layer"]), int(meta["n_expert"]),
-                        NextUseConfig(**meta["config"]))
+                # files from before the token tables: the feature is off
+                has_tok = "tok_ids" in z.files
+                cfg = {**meta["config"], "token_features": has_tok and meta["config"].get(
+                    "token_features", False)}
+                m = cls(int(meta["n_layer"]), int(meta["n_expert"]), NextUseConfig(**cfg))
                 m.trans_, m.pop_, m.coef_ = z["trans"], z["pop"], z["coef"]
+                if m.config.token_features:
+                    m.tok_ids_, m.tok_cur_ = z["tok_ids"].astype(np.int64), z["tok_cur"]
+                    m.tok_nxt_ = z["tok_nxt"]
+                    want_tok = (len(m.tok_ids_), m.n_layer, m.n_expert)
+                    if m.tok_cur_.shape != want_tok or m.tok_nxt_.shape != want_tok:
+                        raise ValueError(f"token tables of shape {m.tok_cur_.shape}, "
+                                         f"expected {want_tok}")
                 m.n_train_rows_ = int(meta["n_train_rows"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ExpertPredError(f"{p}: not a next-use model .npz ({exc})") from None
@@ -250,7 +337,10 @@ class NextUseModel:
 class NextUseState:
     """The online side of :class:`NextUseModel`: ``observe(layer, experts)`` after each
     routing updates that layer's used / age / history row and its probabilities ``prob``
-    (float64 (L, E)); layers not routed yet hold the popularity prior."""
+    (float64 (L, E)); layers not routed yet hold the popularity prior. ``begin_token(v)``
+    at each token boundary (before the token's first layer routes) tells the id ``v`` of
+    the token about to be evaluated: the rows routed so far re-predict with it as their
+    next token, and rows routed from now on have it as their own token."""
 
     def __init__(self, model: NextUseModel) -> None:
         self.model = model
@@ -259,8 +349,23 @@ class NextUseState:
         self.age = np.full((l_n, e_n), NEVER_AGE, np.int64)
         self.history = np.zeros((l_n, e_n), np.float32)
         self.prob = model.pop_.astype(np.float64).copy()
+        # the probabilities as the rows routed, before the next id was told: a row that
+        # learns "not the next token" still returns later at about this rate
+        self.prob_routed = self.prob.copy()
         d = model.config.history_decay
         self._dec, self._inc = np.float32(d), np.float32(1.0 - d)
+        self.token = -1  # id of the token being evaluated (-1 = not told)
+        self.row_token = np.full(l_n, -1, np.int64)  # id of the token each row routed at
+        self.routed = np.zeros(l_n, bool)
+
+    def begin_token(self, token: int) -> None:
+        self.token = int(token)
+        if not self.model.uses_tokens or not self.routed.any():
+            return
+        j = np.flatnonzero(self.routed)
+        self.prob[j] = self.model.predict_rows(
+            self.used[j], self.age[j], self.history[j], j, self.row_token[j],
+            np.full(len(j), self.token, np.int64))
 
     def observe(self, layer: int, experts: Sequence[int] | np.ndarray) -> None:
         ex = np.asarray(experts, np.int64)
@@ -271,9 +376,12 @@ class NextUseState:
         # same float32 operations, same order as features._history
         self.history[layer] = self._dec * self.history[layer] + self._inc * row.astype(
             np.float32)
+        self.routed[layer] = True
+        self.row_token[layer] = self.token
         self.prob[layer] = self.model.predict_rows(
             row[None], self.age[layer][None], self.history[layer][None],
-            np.array([layer]))[0]
+            np.array([layer]), self.row_token[layer:layer + 1], np.array([-1]))[0]
+        self.prob_routed[layer] = self.prob[layer]
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int) -> np.ndarray:
@@ -289,6 +397,10 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int) -> np.ndarray
         if np.abs(step).max() < 1e-6:
             break
     return w
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p) - np.log1p(-p)
 
 
 def log_loss(p: np.ndarray, y: np.ndarray) -> float:

@@ -393,6 +393,9 @@ class PrefetchPlugin:
             self._rec_pos[li] = pos0
             self.recorder.record(li, pos0, experts, scores)
         if self.residency_ is not None:
+            i = pos0 + n - 1 - self._n_past  # the last row's token: the sampled one in decode
+            if li == 0 and 0 <= i < len(self._tokens):
+                self.residency_.post_token(pos0 + n - 1, self._tokens[i])
             self.residency_.post_step(pos0 + n - 1, li, used)
         if self.mode is Mode.PREDICTOR:
             self._predictor_step(li, experts, pos0)

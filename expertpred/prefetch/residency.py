@@ -299,7 +299,12 @@ class ResidencyManager:
         self.close()
 
     # --- posting (the inference thread: a deque append, never blocks) ----------------------
-    _STEP, _PREFETCH = 0, 1
+    _STEP, _PREFETCH, _TOKEN = 0, 1, 2
+
+    def post_token(self, t: int, token: int) -> None:
+        """The token at position ``t`` has id ``token`` (its first layer routes next); the
+        ``learned`` policy's next-use model re-predicts with it."""
+        self._post((self._TOKEN, t, -1, (int(token),)))
 
     def post_step(self, t: int, li: int, experts: list[int]) -> None:
         """Layer ``li`` (MoE index) of the token at position ``t`` routed ``experts``."""
@@ -343,6 +348,8 @@ class ResidencyManager:
                             self._token_boundary()
                         t_last, li_last = t, li
                         self._apply_step(t, li, experts)
+                    elif kind == self._TOKEN:
+                        self._apply_token(t, experts[0])
                     else:
                         self._apply_prefetch(t_last, li_last, li, experts)
                 except Exception as exc:  # noqa: BLE001 - the thread must survive
@@ -360,6 +367,12 @@ class ResidencyManager:
             d = self.set_.step(t, li, experts)
         self._evict(d.evict)
         self._live.pending_bypass = list(d.bypass)
+
+    def _apply_token(self, t: int, token: int) -> None:
+        if self.config.record:
+            self.records_.append(Record(Event.TOKEN, t, -1, (token,)))
+        with self._lock:
+            self.set_.begin_token(t, token)
 
     def _apply_prefetch(self, t: int, li_now: int, li: int, experts: tuple[int, ...]) -> None:
         keys = tuple(li * self.n_expert_ + e for e in experts)

@@ -10,6 +10,7 @@ than the others when experts have equal sizes.
 from __future__ import annotations
 
 import doctest
+import json
 
 import numpy as np
 import pytest
@@ -50,6 +51,20 @@ def stream(n_tok: int, seed: int, n_l: int = N_L, n_e: int = N_E, k: int = K) ->
 def nextuse_model() -> NextUseModel:
     return NextUseModel(N_L, N_E, NextUseConfig(horizon=2)).fit(
         [stream(60, s) for s in range(6)])
+
+
+def token_ids(experts: np.ndarray, seed: int) -> np.ndarray:
+    """Token ids that tell layer 0's first expert (3 ids per expert), like an MoE that
+    routes its early layers by token id."""
+    rng = np.random.default_rng(seed)
+    return experts[:, 0, 0] * 3 + rng.integers(0, 3, len(experts))
+
+
+@pytest.fixture(scope="module")
+def nextuse_tok_model() -> NextUseModel:
+    seqs = [stream(60, s) for s in range(6)]
+    return NextUseModel(N_L, N_E, NextUseConfig(horizon=1)).fit(
+        seqs, [token_ids(e, s) for s, e in enumerate(seqs)])
 
 
 def policy(name: str, experts: np.ndarray, model: NextUseModel):
@@ -120,6 +135,20 @@ def test_replay_records_equal_simulation(nextuse_model) -> None:
         assert a.counters == b.counters and (a.resident == b.resident).all()
 
 
+def test_replay_with_token_records_equals_simulation(nextuse_tok_model) -> None:
+    ex = stream(30, seed=5)
+    tok = token_ids(ex, 5)
+    a = simulate_steps(ex, policy("learned", ex, nextuse_tok_model), 40, SIZES, N_E, tok)
+    recs = [r for t in range(len(ex)) for r in
+            [Record(Event.TOKEN, t, -1, (int(tok[t]),))]
+            + [Record(Event.STEP, t, li, tuple(ex[t, li].tolist())) for li in range(N_L)]]
+    b = replay(recs, policy("learned", ex, nextuse_tok_model), 40, N_L, N_E, SIZES)
+    assert a.counters == b.counters and (a.resident == b.resident).all()
+    # the ids change the decisions (else the feature would be dead weight)
+    c = simulate_steps(ex, policy("learned", ex, nextuse_tok_model), 40, SIZES, N_E)
+    assert c.counters != a.counters
+
+
 def test_prefetch_and_adopt_stay_within_budget(nextuse_model) -> None:
     ex = stream(20, seed=9)
     for name in ("lru", "learned", "belady"):
@@ -163,6 +192,70 @@ def test_nextuse_online_equals_offline(nextuse_model) -> None:
         for li in range(N_L):
             st.observe(li, ex[t, li])
             np.testing.assert_array_equal(st.prob[li], prob[t, li])
+
+
+def test_nextuse_tokens_online_equals_offline(nextuse_tok_model) -> None:
+    m = nextuse_tok_model
+    assert m.uses_tokens and m._n_features() == len(m.coef_)
+    ex = stream(25, seed=42)
+    tok = token_ids(ex, 42)
+    after, _, _ = m.predict_sequence(ex, tok)  # row t knows the id of token t+1
+    before, _, _ = m.predict_sequence(ex, tok, boundary=False)
+    assert not np.array_equal(after[:-1], before[:-1])
+    st = m.online()
+    for t in range(len(ex)):
+        st.begin_token(int(tok[t]))  # the plugin's token boundary: the sampled id
+        if t:
+            np.testing.assert_array_equal(st.prob, after[t - 1])
+        for li in range(N_L):
+            st.observe(li, ex[t, li])
+            np.testing.assert_array_equal(st.prob[li], before[t, li])
+
+
+def test_nextuse_token_ids_lower_the_log_loss(nextuse_model, nextuse_tok_model,
+                                              tmp_path) -> None:
+    # fit on the first 200 tokens of 6 streams, score their next 100 (same routing law)
+    seqs = [stream(300, s) for s in range(6)]
+    toks = [token_ids(e, s) for s, e in enumerate(seqs)]
+    cfg = NextUseConfig(horizon=1)
+    plain = NextUseModel(N_L, N_E, cfg).fit([e[:200] for e in seqs])
+    tokm = NextUseModel(N_L, N_E, cfg).fit([e[:200] for e in seqs], [t[:200] for t in toks])
+    loss = {}
+    for name, m in (("plain", plain), ("tokens", tokm)):
+        p, y = [], []
+        for e, tk in zip(seqs, toks):
+            pr, tg, v = m.predict_sequence(e[200:], tk[200:])
+            p.append(pr[v].ravel())
+            y.append(tg[v].ravel())
+        loss[name] = nextuse.log_loss(np.concatenate(p), np.concatenate(y))
+    assert loss["tokens"] < loss["plain"]
+    again = NextUseModel.load(nextuse_tok_model.save(tmp_path / "tok.npz"))
+    assert again.uses_tokens
+    e = stream(20, 3)
+    np.testing.assert_array_equal(again.predict_sequence(e, token_ids(e, 3))[0],
+                                  nextuse_tok_model.predict_sequence(e, token_ids(e, 3))[0])
+
+
+def test_nextuse_old_file_loads_without_token_tables(nextuse_model, tmp_path) -> None:
+    # a file written before the token tables: no tok_* arrays, no token_* config keys
+    path = nextuse_model.save(tmp_path / "new.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["__meta__"]))
+    for key in ("token_features", "token_prior"):
+        meta["config"].pop(key)
+    arrays["__meta__"] = np.array(json.dumps(meta))
+    with open(tmp_path / "old.npz", "wb") as f:
+        np.savez(f, **arrays)
+    old = NextUseModel.load(tmp_path / "old.npz")
+    assert not old.uses_tokens
+    e = stream(20, 3)
+    np.testing.assert_array_equal(old.predict_sequence(e, token_ids(e, 3))[0],
+                                  nextuse_model.predict_sequence(e)[0])
+    st = old.online()
+    st.begin_token(5)  # told an id, the old model ignores it
+    st.observe(0, e[0, 0])
+    np.testing.assert_array_equal(st.prob[0], nextuse_model.predict_sequence(e)[0][0, 0])
 
 
 def test_nextuse_beats_its_prior_and_round_trips(nextuse_model, tmp_path) -> None:
