@@ -74,7 +74,15 @@ def test_tracer_and_plugin_capture_identical_routing(name: str, plan: str) -> No
         assert rec.layers[li] == set(range(evaluated)), li
     assert set(range(n_prompt - 1, evaluated)) <= rec.layers[n_moe - 1]
     for (pos, li), ex in rec.experts.items():
-        assert ex.tolist() == seq.experts[pos, li].tolist(), (pos, li)
+        want = seq.experts[pos, li]
+        if ex.tolist() == want.tolist():
+            continue
+        # The two paths batch the prompt differently, so router logits differ in the last
+        # bits (see below); with 64 experts (tiny-olmoe) two near-tied experts then swap
+        # places. Allowed only where the tracer's own logits are tied within that noise.
+        lg = seq.logits[pos, li]
+        swapped = [(a, b) for a, b in zip(ex.tolist(), want.tolist()) if a != b]
+        assert all(abs(lg[a] - lg[b]) < 5e-3 for a, b in swapped), (pos, li, swapped)
     if plan == "argsort-plan":
         assert not rec.scores and not rec.weights
         return
