@@ -460,6 +460,10 @@ class JobBook:
         if job.outstanding or job.chunks:
             return None
         self.inflight.pop(job.key, None)
+        # next_chunk only pops ended jobs off the head of a started list, and only when a
+        # worker asks again: left there, advance() would stop (drop) this job a second time
+        if job in self.active[job.priority]:
+            self.active[job.priority].remove(job)
         if job.error is not None:
             if cancelled:
                 self._end(job, JobState.CANCELLED)
