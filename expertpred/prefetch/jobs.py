@@ -278,13 +278,8 @@ class JobBook:
         for e in experts:
             key = (layer, e)
             ranges = self.ranges.get(key)
-            if ranges is None:
-                c.invalid += 1
-            elif key in self.failed:
-                c.refused_failed += 1
-            elif (job := self.queued(key) or self.inflight.get(key)) is not None:
-                c.coalesced += 1
-                self._retarget(job, target, priority)
+            if self._settled(key, ranges, target, priority):
+                continue
             elif (priority is Priority.SPECULATIVE and (job := self.resident.get(key))
                   is not None and looks_resident(job)):
                 c.coalesced += 1  # demand never trusts the sampled check: read it again
@@ -307,13 +302,8 @@ class JobBook:
         for e, was_cached in zip(experts, cached):
             key = (layer, e)
             ranges = self.ranges.get(key)
-            if ranges is None:
-                c.invalid += 1
-            elif key in self.failed:
-                c.refused_failed += 1
-            elif (job := self.queued(key) or self.inflight.get(key)) is not None:
-                c.coalesced += 1  # being read anyway; the hint only doubled the request
-                self._retarget(job, target, Priority.DEMAND)
+            if self._settled(key, ranges, target, Priority.DEMAND):
+                continue  # a queued / in-flight job: the hint only doubled the request
             elif was_cached and key in self.resident:
                 c.coalesced += 1
             else:
@@ -329,6 +319,23 @@ class JobBook:
                 self.resident[key] = job
                 new.append(job)
         return new
+
+    def _settled(self, key: tuple[int, int], ranges: Ranges | None, target: tuple[int, int],
+                 priority: Priority) -> bool:
+        """Account a requested expert that needs no new job: not in the layout, failed
+        before, or already queued / in flight (then retargeted). The request and hint paths
+        share these outcomes; True when one applied."""
+        c = self.c
+        if ranges is None:
+            c.invalid += 1
+        elif key in self.failed:
+            c.refused_failed += 1
+        elif (job := self.queued(key) or self.inflight.get(key)) is not None:
+            c.coalesced += 1
+            self._retarget(job, target, priority)
+        else:
+            return False
+        return True
 
     def _issue(self, job: Job) -> int:
         c = self.c
