@@ -147,13 +147,25 @@ def no_repack() -> None:
     low.llama_model_default_params = params
 
 
+def generate_marked(llm: Any, n_tokens: int) -> tuple[list[int], int, tuple[Any, float],
+                                                       tuple[Any, float]]:
+    """Greedy generation of PROMPT with process I/O and time marked when the first token is
+    sampled (the prompt is done) and at the end: (tokens, prompt tokens, mark, end)."""
+    from expertpred.prefetch.plugin import generate_greedy
+
+    marks: list[tuple[Any, float]] = []
+
+    def on_token(tok: int) -> None:
+        if not marks:
+            marks.append((proc_io(), time.perf_counter()))
+
+    toks, n_prompt, _, _ = generate_greedy(llm, PROMPT, n_tokens, on_token)
+    end = (proc_io(), time.perf_counter())
+    return toks, n_prompt, (marks[0] if marks else end), end
+
+
 def child(a: argparse.Namespace) -> None:
-    from expertpred.prefetch.plugin import (
-        OracleTrace,
-        PrefetchLlama,
-        generate_greedy,
-        load_predictors,
-    )
+    from expertpred.prefetch.plugin import OracleTrace, PrefetchLlama, load_predictors
 
     if a.no_repack:
         no_repack()
@@ -183,18 +195,10 @@ def child(a: argparse.Namespace) -> None:
                         async_requests=not a.sync_requests, n_ctx=256, n_threads=a.threads,
                         use_mmap=a.mode != "nommap", seed=0, **extra)
     io1, t1 = proc_io(), time.perf_counter()
-    marks: list[Any] = []
-
-    def on_token(tok: int) -> None:  # first token sampled: the prompt is done
-        if not marks:
-            marks.append((proc_io(), time.perf_counter()))
-
-    toks, n_prompt, t_prompt, t_decode = generate_greedy(llm, PROMPT, a.tokens, on_token)
-    io3, t3 = proc_io(), time.perf_counter()
+    toks, n_prompt, (io2, t2), (io3, t3) = generate_marked(llm, a.tokens)
     st = llm.prefetch_stats()
     anon = rss_anon()
     llm.close()
-    io2, t2 = marks[0] if marks else (io3, t3)
     gen = io3 - io2
     steps = max(1, len(toks) - 1)  # decode steps after the first sampled token
     eng = st.engine

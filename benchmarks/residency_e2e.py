@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from e2e_prefetch import PROMPT, generate_marked  # benchmarks/ is sys.path[0] for a script
 
 from expertpred.gguf.layout import file_sha256, read_layout
 from expertpred.lab.cgroup import MemoryCgroup, evict_file, proc_io, why_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path("/tmp/residency-bench")
-PROMPT = "def read_config(path):\n    with open(path) as f:\n"
 MODES = ("kernel", "lru", "learned", "belady")
 
 
@@ -47,7 +47,7 @@ MODES = ("kernel", "lru", "learned", "belady")
 
 
 def child(a: argparse.Namespace) -> None:
-    from expertpred.prefetch.plugin import OracleTrace, PrefetchLlama, generate_greedy
+    from expertpred.prefetch.plugin import OracleTrace, PrefetchLlama
     from expertpred.prefetch.residency import ResidencyConfig
 
     oracle = OracleTrace.load(a.oracle) if a.mode == "belady" else None
@@ -57,17 +57,9 @@ def child(a: argparse.Namespace) -> None:
     llm = PrefetchLlama(a.model, mode="d0", oracle=oracle, residency=cfg, n_ctx=256,
                         n_threads=a.threads, seed=0)
     t1 = time.perf_counter()
-    marks: list[Any] = []
-
-    def on_token(tok: int) -> None:  # first token sampled: the prompt is done
-        if not marks:
-            marks.append((proc_io(), time.perf_counter()))
-
-    toks, n_prompt, _, _ = generate_greedy(llm, PROMPT, a.tokens, on_token)
-    io3, t3 = proc_io(), time.perf_counter()
+    toks, n_prompt, (io2, t2), (io3, t3) = generate_marked(llm, a.tokens)
     st = llm.prefetch_stats()
     llm.close()
-    io2, t2 = marks[0] if marks else (io3, t3)
     print(json.dumps({
         "load_s": t1 - t0, "prompt_tokens": n_prompt, "steps": max(1, len(toks) - 1),
         "decode_s": t3 - t2, "decode_read": (io3 - io2).read_bytes,
