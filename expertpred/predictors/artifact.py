@@ -55,6 +55,31 @@ class Artifact:
     arrays: dict[str, np.ndarray]  # ``d<d>.<name>`` → array
 
 
+def _check_params(path: Path, name: str, params: dict[str, Any]) -> None:
+    """Constructor arguments must be the rung's own, each of its default's type: a retyped
+    value (``seed='x'``) would otherwise load and fail only when the rung predicts."""
+    import inspect
+
+    try:
+        sig = inspect.signature(get_predictor_class(name).__init__).parameters
+    except (KeyError, ExpertPredError):
+        return  # an unknown rung is refused by the offsets' kinds
+    for key, value in params.items():
+        p = sig.get(key)
+        if p is None or p.default is inspect.Parameter.empty or p.default is None:
+            if p is None:
+                raise ExpertPredError(f"{path}: params.{key} is not a {name} argument")
+            continue
+        want = type(p.default)
+        ok = (isinstance(value, bool) if want is bool
+              else isinstance(value, (int, float)) and not isinstance(value, bool)
+              if want is float else isinstance(value, want) and not isinstance(value, bool)
+              if want is int else isinstance(value, want))
+        if not ok:
+            raise ExpertPredError(f"{path}: params.{key} = {value!r:.40}, expected "
+                                  f"{want.__name__}")
+
+
 def validate(art: Artifact) -> None:
     """Full structural checks of a read artifact (:mod:`.validate`); one-line
     :class:`ExpertPredError` on failure.
@@ -231,6 +256,7 @@ def load_artifact(path: str | os.PathLike[str], gguf_path: str | os.PathLike[str
         source = GGUFFile(source_model) if source_model is not None else None
         model = check_identity(trained, GGUFFile(gguf_path), source=source, what=str(art.path),
                                allow_sha_mismatch=allow_sha_mismatch).model
+    _check_params(art.path, name, params)
     by_d: dict[int, Predictor] = {}
     for d, entry in sorted(offsets.items()):
         kind = str(entry["kind"])

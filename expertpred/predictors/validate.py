@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import tokenize
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -418,6 +419,7 @@ def read_npz_bounded(path: str | Path) -> dict[str, np.ndarray]:
             except ExpertPredError:
                 raise
             except (OSError, ValueError, EOFError, SyntaxError, TypeError, KeyError,
+                    tokenize.TokenError,  # numpy parses a flipped .npy header with tokenize
                     zipfile.BadZipFile, NotImplementedError, OverflowError) as exc:
                 raise ExpertPredError(f"{bad} (truncated or corrupt member {zi.filename!r}: "
                                       f"{type(exc).__name__}: {exc})"[:300]) from None

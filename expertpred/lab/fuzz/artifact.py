@@ -38,6 +38,10 @@ SEED_PREDICTORS = [
 _ODD_VALUES = [None, [], {}, "x", -1, 0, 1e308, True, [1, 2], "eight", 2**70]
 
 
+# the seeds' feature history decay: features built with it fit only artifacts that keep it
+SEED_DECAY = 0.6
+
+
 def _seed_data(gguf: Path) -> tuple[ModelInfo, dict[int, FeatureBatch]]:
     from ...predictors.synthetic import SyntheticTraceSpec, synthetic_traces
 
@@ -50,7 +54,7 @@ def _seed_data(gguf: Path) -> tuple[ModelInfo, dict[int, FeatureBatch]]:
                               seq_len=24, prompt_len=6)
     routers = np.stack([router_weight(gguf, b) for b in lay.moe_layers])
     traces = synthetic_traces(spec, routers=routers)
-    return model, {d: build_features(traces, model, FeatureConfig(d=d, history_decay=0.6))
+    return model, {d: build_features(traces, model, FeatureConfig(d=d, history_decay=SEED_DECAY))
                    for d in (1, 2)}
 
 
@@ -214,6 +218,11 @@ class ArtifactTarget:
             # the model against the GGUF before predicting); legitimate only if re-signed
             return [] if self.rechecked else [f"model changed to {art.model} without a "
                                               "checksum change"]
+        if art.history_decay != SEED_DECAY:
+            # the plugin builds features with the artifact's own decay, so the seed's
+            # features do not apply; legitimate only if re-signed (as for the model)
+            return [] if self.rechecked else [f"history_decay changed to "
+                                              f"{art.history_decay} without a checksum change"]
         try:  # what loads must predict: an error here is a silent acceptance
             got = _predict(art, self.feats)
         except Exception as exc:  # noqa: BLE001
