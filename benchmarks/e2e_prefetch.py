@@ -70,7 +70,9 @@ RESIDENCY = "d0=kernel,predictor=learned,oracle=belady"
 @dataclass(frozen=True)
 class ModeSpec:
     """One column of the benchmark: a mode and its variant,
-    ``mode[@method[:qd[:chunk_mib]]][+random][+queued|+inline][^checkout]``."""
+    ``mode[~predictor][@method[:qd[:chunk_mib]]][+random][+queued|+inline][+thread]
+    [^checkout]``; ``~NAME`` runs another saved predictor than ``--predictor-name`` (e.g.
+    ``predictor~fast-mlp+thread``), ``+thread`` runs it off the inference thread."""
 
     label: str  # as given in --modes, e.g. "d0@pread:8"
     mode: str  # key of PLUGIN_MODE
@@ -80,21 +82,30 @@ class ModeSpec:
     random: bool  # madvise(MADV_RANDOM) llama.cpp's mapping (no fault read-around)
     inline: bool | None  # demand hints on the callback's thread (None: engine default)
     root: Path  # checkout whose expertpred the child imports
+    predictor_name: str | None = None  # None: --predictor-name
+    thread: bool = False  # PluginConfig.predict_thread
+
+    FLAGS = frozenset({"random", "queued", "inline", "thread"})
 
     @classmethod
     def parse(cls, label: str) -> ModeSpec:
         rest, _, root = label.partition("^")
-        rest, *flags = rest.split("+")
-        mode, _, io = rest.partition("@")
+        parts = rest.split("+")  # a predictor name may hold "+": flags are the known tails
+        flags: list[str] = []
+        while len(parts) > 1 and parts[-1] in cls.FLAGS:
+            flags.insert(0, parts.pop())
+        rest, _, io = "+".join(parts).partition("@")
+        mode, _, pname = rest.partition("~")
         method, _, io = io.partition(":")
         qd, _, chunk = io.partition(":")
-        if mode not in PLUGIN_MODE or not set(flags) <= {"random", "queued", "inline"}:
-            sys.exit(f"error: --modes {label!r}: expected mode[@method[:qd[:chunk_mib]]]"
-                     f"[+random][+queued|+inline][^checkout], mode one of {', '.join(PLUGIN_MODE)}")
+        if mode not in PLUGIN_MODE or (pname and mode != "predictor"):
+            sys.exit(f"error: --modes {label!r}: expected mode[~predictor][@method[:qd["
+                     f":chunk_mib]]][+random][+queued|+inline][+thread][^checkout], mode one "
+                     f"of {', '.join(PLUGIN_MODE)} (~predictor only with mode predictor)")
         return cls(label, mode, method or None, int(qd) if qd else None,
                    float(chunk) if chunk else None, "random" in flags,
                    True if "inline" in flags else False if "queued" in flags else None,
-                   Path(root) if root else ROOT)
+                   Path(root) if root else ROOT, pname or None, "thread" in flags)
 
 
 # --- child: one generation, inside the cgroup -------------------------------------------------
@@ -192,7 +203,8 @@ def child(a: argparse.Namespace) -> None:
                         lookahead=a.lookahead if mode in ("predictor", "oracle") else None,
                         method=a.method, queue_depth=a.queue_depth,
                         madvise_random=a.madvise_random,
-                        async_requests=not a.sync_requests, n_ctx=256, n_threads=a.threads,
+                        async_requests=not a.sync_requests, predict_thread=a.predict_thread,
+                        n_ctx=256, n_threads=a.threads,
                         use_mmap=a.mode != "nommap", seed=0, **extra)
     io1, t1 = proc_io(), time.perf_counter()
     toks, n_prompt, (io2, t2), (io3, t3) = generate_marked(llm, a.tokens)
@@ -294,15 +306,17 @@ def load_avg() -> str:
 # --- parent: runs ---------------------------------------------------------------------------------
 
 
-def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int, predictor: Path,
-            oracle: Path) -> dict[str, Any]:
+def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int,
+            predictors: dict[str, Path], oracle: Path) -> dict[str, Any]:
     policy = a.residency_map.get(spec.mode, "none")
+    pname = spec.predictor_name or a.predictor_name
+    predictor = predictors[pname]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--mode", spec.mode,
            "--model", str(model), "--source", str(a.ref), "--predictor", str(predictor),
            "--oracle", str(oracle), "--tokens", str(a.tokens), "--lookahead",
            str(a.lookahead), "--method", spec.method or a.method, "--queue-depth",
            str(spec.queue_depth or a.queue_depth), "--threads", str(a.threads),
-           "--predictor-name", a.predictor_name, "--residency", policy,
+           "--predictor-name", pname, "--residency", policy,
            "--budget", str(a.budget or 0)]
     if a.no_repack:
         cmd.append("--no-repack")
@@ -316,6 +330,8 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int, pred
         cmd += ["--min-share", str(a.min_share)]
     if a.sync_requests:
         cmd.append("--sync-requests")
+    if spec.thread:
+        cmd.append("--predict-thread")
     row: dict[str, Any] = {"mode": spec.label, "residency": policy}
     env = {**os.environ, "PYTHONPATH": str(spec.root)}
     if spec.mode == "cached":
@@ -447,8 +463,12 @@ def cachesim_floor(oracle: Path, lay: MoELayout, n_prompt: int, steps: int,
 
 def ratios(summary: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> list[str]:
     out = []
-    for num, den, goal in (("predictor", "d0", 1.5), ("predictor", "stock", 3.0),
-                           ("predictor", "oracle", 0.85)):
+    pairs: list[tuple[str, str, float | None]] = [
+        ("predictor", "d0", 1.5), ("predictor", "stock", 3.0), ("predictor", "oracle", 0.85)]
+    # variants of (c) (another predictor, off-thread): against (c) itself and (b)
+    pairs += [(m, den, None) for m in summary if m.startswith("predictor") and m != "predictor"
+              for den in ("predictor", "d0")]
+    for num, den, goal in pairs:
         if num not in summary or den not in summary:
             continue
         r = statistics.median(summary[num]["tok_s"]) / statistics.median(summary[den]["tok_s"])
@@ -459,8 +479,10 @@ def ratios(summary: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> li
             if a and b:
                 per_round.append((a[0]["steps"] / a[0]["decode_s"])
                                  / (b[0]["steps"] / b[0]["decode_s"]))
-        out.append(f"({LETTER[num]})/({LETTER[den]}) {num} / {den} tok/s: {r:.2f} "
-                   f"(goal >= {goal}; per round {', '.join(f'{x:.2f}' for x in per_round)})")
+        tag = f"({LETTER[num]})/({LETTER[den]}) " if num in LETTER else ""
+        want = f"goal >= {goal}; " if goal is not None else ""
+        out.append(f"{tag}{num} / {den} tok/s: {r:.2f} "
+                   f"({want}per round {', '.join(f'{x:.2f}' for x in per_round)})")
     return out
 
 
@@ -504,6 +526,7 @@ def parse_args() -> argparse.Namespace:
                     help="Confidence gating of predicted experts (default: the plugin's).")
     ap.add_argument("--sync-requests", action="store_true",
                     help="Engine calls on the inference thread (the old path).")
+    ap.add_argument("--predict-thread", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-prompts", type=int, default=80)
     ap.add_argument("--timeout", type=float, default=600.0)
@@ -539,8 +562,9 @@ def main() -> None:
         model, a.ref = a.model, source
     else:
         model, a.ref = build_models(source, a.total_gib, a.dtype)
-    predictor = a.predictor or build_predictor(a.ref, a.model_name, a.train_prompts,
-                                               a.predictor_name)
+    names = {a.predictor_name} | {s.predictor_name for s in specs if s.predictor_name}
+    predictors = {n: a.predictor or build_predictor(a.ref, a.model_name, a.train_prompts, n)
+                  for n in sorted(names)}
     oracle = build_oracle(a.ref, a.tokens)
     lay = read_layout(model)
     size = model.stat().st_size
@@ -562,7 +586,7 @@ def main() -> None:
             print(f"round {r} io reference GB/s: " + ", ".join(
                 f"{k} {v:.2f}" for k, v in io_rows[-1].items()), flush=True)
         for spec in order:
-            row = run_one(a, spec, model, limit, predictor, oracle)
+            row = run_one(a, spec, model, limit, predictors, oracle)
             row["round"] = r
             rows.append(row)
             tps = row["steps"] / row["decode_s"] if "decode_s" in row else float("nan")
@@ -574,7 +598,7 @@ def main() -> None:
             if row["returncode"] != 0:
                 print("  stderr: " + row["stderr"].replace("\n", "\n  "), flush=True)
     for m in [x for x in a.extra.split(",") if x]:
-        row = run_one(a, ModeSpec.parse(m), model, limit, predictor, oracle)
+        row = run_one(a, ModeSpec.parse(m), model, limit, predictors, oracle)
         rows.append(row)
         print(f"extra {m}: rc={row['returncode']} oom_killed={row.get('oom')} "
               f"peak={row.get('peak', 0) / 2**30:.2f} GiB", flush=True)
@@ -613,6 +637,17 @@ def report(a: argparse.Namespace, rows: list[dict[str, Any]], io_rows: list[dict
                   if floor["belady"] > 0 else "(c) Belady floor is 0")
     for line in ratios(summary, rows):
         print(line)
+    for m in [m for m in summary if m.startswith("predictor")]:
+        st = [r["stats"] for r in rows if r["mode"] == m and "stats" in r]
+        n = [x.get("predictions", 0) for x in st]
+        if sum(n):
+            us = sum(x.get("predict_seconds", 0.0) for x in st) / sum(n) * 1e6
+            late = sum(x.get("late_predictions", 0) for x in st)
+            cb = [x.get("callback_seconds", 0.0) / max(1, x.get("layer_events", 1)) * 1e6
+                  for x in st]
+            print(f"{m}: {sum(n)} predictions, {us:.1f} µs each, {late} late "
+                  f"({100 * late / sum(n):.1f} %); inference thread in the callback "
+                  f"{med_range(cb, '{:.1f}')} µs per layer")
     bad = [r["mode"] for r in rows if r.get("unbalanced")]
     print(f"engine ledgers balanced in every run: {not bad} {bad or ''}")
     print(f"load average at the end: {load_avg()}")

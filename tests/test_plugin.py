@@ -225,3 +225,24 @@ def test_request_paths_and_gating_keep_tokens(refs: dict[str, Ref], name: str,
         assert c.gated > 0
     if min_share == 0.0:
         assert c.gated == 0
+
+
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
+def test_predict_thread_predicts_the_same_off_the_inference_thread(refs: dict[str, Ref],
+                                                                    name: str) -> None:
+    """PluginConfig.predict_thread moves features + predictor to a thread of their own: the
+    same tokens, the same predictions (the features see the same rows in the same order),
+    and every prediction is either requested or counted late."""
+    ref = refs[name]
+    toks_in, inline, _ = run(ref, "predictor", min_share=0.0)
+    toks_th, threaded, _ = run(ref, "predictor", min_share=0.0, predict_thread=True)
+    assert toks_in == toks_th == ref.tokens
+    a, b = inline.counters, threaded.counters
+    assert b.callback_errors == 0, threaded.first_error
+    assert b.predictions == a.predictions > 0
+    assert a.late_predictions == 0 and a.predict_lag_seconds == 0.0
+    assert b.predict_posts_refused == 0 and b.predict_lag_seconds > 0.0
+    # inline every prediction is requested; threaded, the late ones are not
+    assert b.ahead_requests <= a.ahead_requests
+    assert (b.ahead_requests == a.ahead_requests) == (b.late_predictions == 0)
+    assert not threaded.engine.unbalanced(), threaded.engine.ledgers()

@@ -36,6 +36,11 @@ MadviseRandom = Annotated[bool, typer.Option(
     "--madvise-random", metavar="",  # a flag: see app.flag
     help="madvise(MADV_RANDOM) llama.cpp's mapping: no fault read-around.")]
 Threads = Annotated[int, typer.Option("--threads", min=1, help="llama.cpp threads.")]
+PredictThread = Annotated[bool, typer.Option(
+    "--predict-thread", metavar="",  # a flag: see app.flag
+    help="Run the features and the predictor on a thread of their own: the eval callback "
+         "only hands the routing over; predictions that finish after their layer are "
+         "counted as late and not read.")]
 
 
 @app.command()
@@ -56,6 +61,7 @@ def run(
     queue_depth: QueueDepth = 8,
     lookahead: Lookahead = None,
     madvise_random: MadviseRandom = False,
+    predict_thread: PredictThread = False,
     threads: Threads = 2,
     n_ctx: int = typer.Option(512, "--n-ctx", min=8, help="llama.cpp context size."),
     residency: str = typer.Option("kernel", "--residency",
@@ -79,7 +85,8 @@ def run(
         model=model, prompt=prompt, max_tokens=max_tokens, mode=mode, predictor=predictor,
         predictor_name=predictor_name, source_model=source_model, oracle_trace=oracle_trace,
         method=method, queue_depth=queue_depth, lookahead=lookahead,
-        madvise_random=madvise_random, threads=threads, n_ctx=n_ctx, residency=res_cfg)
+        madvise_random=madvise_random, predict_thread=predict_thread, threads=threads,
+        n_ctx=n_ctx, residency=res_cfg)
     res = run_prompt(cfg)
     if as_json:
         print(json.dumps(res.as_dict(), default=str))
@@ -120,7 +127,11 @@ def _print_run(cfg: RunConfig, res: RunResult) -> None:
                                                  else f" (disabled: {st.engine.disabled_reason})"))
         if c.predictions:
             ms = 1e3 * c.predict_seconds / c.predictions
-            t.add_row("predictions", f"{c.predictions} ({ms:.1f} ms each)")
+            where = "off the inference thread" if c.predict_lag_seconds else "inline"
+            t.add_row("predictions", f"{c.predictions} ({ms:.3f} ms each, {where})")
+            if c.predict_lag_seconds:
+                t.add_row("predictions late (not read)", f"{c.late_predictions} "
+                          f"(lag {1e6 * c.predict_lag_seconds / c.predictions:.0f} µs each)")
     r = st.residency
     if r is not None:
         rc = r.counters
@@ -172,6 +183,7 @@ def serve(
     prefetch_k: int = typer.Option(None, "--prefetch-k", min=1,
                                    help="Experts prefetched per look-ahead layer."),
     madvise_random: MadviseRandom = False,
+    predict_thread: PredictThread = False,
     sync_requests: bool = flag("--sync-requests", help="Engine calls on the inference thread."),
     threads: Threads = 2,
     n_ctx: int = typer.Option(2048, "--n-ctx", min=8, help="llama.cpp context size."),
@@ -191,7 +203,8 @@ def serve(
                               "greedy run); expected off, d0 or predictor")
     plugin: dict = {"mode": mode, "method": method, "queue_depth": queue_depth,
                     "lookahead": lookahead, "min_share": min_share, "prefetch_k": prefetch_k,
-                    "madvise_random": madvise_random, "async_requests": not sync_requests}
+                    "madvise_random": madvise_random, "async_requests": not sync_requests,
+                    "predict_thread": predict_thread}
     if mode == "predictor":
         if predictor is None:
             raise ExpertPredError("--mode predictor needs --predictor DIR_OR_ARTIFACT")

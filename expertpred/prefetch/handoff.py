@@ -2,7 +2,8 @@
 
 The llama.cpp eval callback must not take the engine's lock (the I/O workers contend for
 it). It appends a small :class:`Op` record to a ``collections.deque`` (atomic under the
-GIL) and sets an event; the dispatcher thread applies the records in order.
+GIL) and sets an event; the dispatcher thread applies the records in order. The plugin's
+off-thread predictor uses the same class with callables as records.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,20 @@ class Op(NamedTuple):
     t_done: int = 0  # USE with cached: when the caller's hints were issued
 
 
-class Handoff:
+T = TypeVar("T")
+
+
+class Handoff(Generic[T]):
     """Owns the dispatcher thread (``start`` / ``close``, bounded)."""
 
-    def __init__(self, apply: Callable[[Op], None], capacity: int,
+    def __init__(self, apply: Callable[[T], None], capacity: int,
                  name: str = "prefetch-dispatch") -> None:
         self.apply = apply  # called on the dispatcher thread, in posting order
         self.capacity = capacity  # records held at most; more are refused (counted)
         self.name = name
         self.posted = 0
         self.refused = 0
-        self._ops: deque[Op] = deque()
+        self._ops: deque[T] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._busy = False
@@ -53,7 +57,7 @@ class Handoff:
         self.thread.start()
         return self
 
-    def post(self, op: Op) -> bool:
+    def post(self, op: T) -> bool:
         """Append ``op``; False (counted) when the handoff is full or closed."""
         if self._stop.is_set() or len(self._ops) >= self.capacity:
             self.refused += 1  # racy increment: a statistic only

@@ -73,7 +73,6 @@ from ..llama.hook import RoutingHook
 from ..llama.nodes import CapturePlan, routing_plan
 from ..model import ModelInfo
 from ..predictors.artifact import PredictorSet
-from ..trace.record import Phase
 from .engine import PrefetchEngine, Priority
 from .oracle import OracleTrace
 from .plugin_config import (
@@ -86,6 +85,7 @@ from .plugin_config import (
     RoutingRecorder,
 )
 from .plugin_stats import PluginCounters, PluginStats
+from .predict_path import PredictorPath, ahead
 from .predictor_io import check_predictor_model, load_predictors
 from .residency import ResidencyManager
 from .sysmem import madvise_file_mappings
@@ -203,7 +203,6 @@ class PrefetchPlugin:
         self._c = PluginCounters()
         self._first_error = ""
         self._madvised = 0
-        self._cur_experts = np.zeros((self.n_moe_, self.k_), np.int64)  # this token's
         self._rec_pos = [0] * self.n_moe_  # recorder: first position of li's last rows
         self._logits: list[np.ndarray | None] = [None] * self.n_moe_
         self._rows: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # prompt stash
@@ -229,6 +228,14 @@ class PrefetchPlugin:
             self.engine_ = PrefetchEngine(self.gguf_path, lay, method=cfg.method,
                                           queue_depth=cfg.queue_depth, **cfg.engine_kwargs)
             self.engine_.start()
+        self._path: PredictorPath | None = None
+        if self._features is not None:
+            assert self.predictor is not None
+            self._path = PredictorPath(
+                self.predictor, self._features, n_moe=self.n_moe_, k=self.k_,
+                lookahead=self.lookahead_, wrap=self.wrap, min_share=self.min_share,
+                prefetch_k=self.pk_, counters=self._c, request=self._request,
+                on_error=self._error, threaded=cfg.predict_thread)
         self.residency_: ResidencyManager | None = None
         if self.residency is not None and self.mode is not Mode.OFF:
             future = self.oracle.experts if self.oracle is not None else None
@@ -238,6 +245,8 @@ class PrefetchPlugin:
         """Stop the engine (bounded); the callback keeps answering "go on" afterwards."""
         if not self._started:
             return
+        if self._path is not None:
+            self._path.close()  # its last requests reach the engine before the engine stops
         if self.engine_ is not None:
             self.engine_.flush()
             self._final_stats = self.engine_.stats()
@@ -322,6 +331,8 @@ class PrefetchPlugin:
         eng = None
         if self.engine_ is not None:
             if self._started:
+                if self._path is not None:
+                    self._path.flush(0.5)
                 self.engine_.flush(0.5)
                 eng = self.engine_.stats()
             else:
@@ -403,13 +414,7 @@ class PrefetchPlugin:
             self._oracle_step(li, pos0, n)
 
     def _ahead(self, li: int, d: int) -> tuple[int, bool]:
-        """(target MoE layer, next_token) of offset ``d`` from ``li``; (-1, _) if none."""
-        tgt = li + d
-        if tgt < self.n_moe_:
-            return tgt, False
-        if self.wrap and tgt - self.n_moe_ < li:
-            return tgt - self.n_moe_, True
-        return -1, False
+        return ahead(li, d, self.n_moe_, self.wrap)
 
     def _oracle_step(self, li: int, pos0: int, n: int) -> None:
         assert self.oracle is not None and self.engine_ is not None
@@ -442,43 +447,17 @@ class PrefetchPlugin:
         return self._tokens[i] if 0 <= i < len(self._tokens) else 0
 
     def _predictor_step(self, li: int, experts: np.ndarray, pos0: int) -> None:
+        logits = self._logits[li]
         if self._ub_rows > 1:  # prompt batch: stash, replay into the features at its end
-            logits = self._logits[li]
             self._rows[li] = (experts, None if logits is None else logits[-len(experts):])
             return
-        f = self._features
-        assert f is not None and self.predictor is not None and self.engine_ is not None
-        if li == 0:
-            f.next_token(self._token_at(pos0), Phase.DECODE)
-            self._feat_pos = pos0
-        logits = self._logits[li]
+        assert self._path is not None
         if logits is None:
             logits = np.zeros((1, self.layout_.n_expert), np.float32)
-        f.update(li, logits[0], experts[0])
-        self._cur_experts[li] = experts[0]
-        t0 = time.perf_counter()
-        for d in range(1, self.lookahead_ + 1):
-            tgt, nxt = self._ahead(li, d)
-            if tgt < 0:
-                continue
-            if nxt:  # beyond the last layer: this token's experts there (previous-token guess)
-                ex = self._cur_experts[tgt].tolist()
-            else:
-                x = f.features(d)
-                if x is None:
-                    continue
-                self._c.predictions += 1
-                if self.min_share > 0:
-                    top, share = self.predictor.topk_shares(d, x, self.pk_)
-                    ex = top[share >= self.min_share].tolist()
-                    self._c.gated += len(top) - len(ex)
-                else:
-                    ex = self.predictor.topk(d, x, self.pk_).tolist()
-                if not ex:
-                    continue
-            self._request(self.blocks_[tgt], ex, nxt)
-            self._c.ahead_requests += len(ex)
-        self._c.predict_seconds += time.perf_counter() - t0
+        if li == 0:
+            self._feat_pos = pos0
+        # experts and logits are this callback's own copies: safe to hand to another thread
+        self._path.routed(li, pos0, experts[0], logits[0], self._token_at(pos0))
 
     def _request(self, block: int, experts: list[int], next_token: bool) -> None:
         assert self.engine_ is not None
@@ -494,31 +473,19 @@ class PrefetchPlugin:
         if not self._rows:
             return
         rows, self._rows = self._rows, {}
-        f = self._features
-        if f is None:
+        if self._path is None:
             return
         n = self._ub_rows
         pos0 = self._n_past + self._ub_start
-        for i in range(n):
-            f.next_token(self._token_at(pos0 + i), Phase.PROMPT)
-            for li in range(self.n_moe_):
-                got = rows.get(li)
-                if got is None:
-                    continue
-                ex, lg = got
-                j = i - (n - len(ex))  # layers with fewer rows hold the last rows
-                if j < 0:
-                    continue
-                zeros = np.zeros(self.layout_.n_expert, np.float32)
-                f.update(li, lg[j] if lg is not None else zeros, ex[j])
+        self._path.prompt(rows, [self._token_at(pos0 + i) for i in range(n)],
+                          self.layout_.n_expert)
         self._feat_pos = pos0 + n - 1
 
     def _reset_sequence(self) -> None:
         self._rows = {}
-        if self._features is not None:
-            self._features.reset()
+        if self._path is not None:
+            self._path.reset()
         self._feat_pos = -1
-
 
 
 def __getattr__(name: str) -> Any:

@@ -101,6 +101,10 @@ class PluginConfig:
     madvise_random: bool = False  # MADV_RANDOM on llama.cpp's mapping: no fault read-around
     min_share: float = DEFAULT_MIN_SHARE  # confidence gate; 0 prefetches every prediction
     async_requests: bool = True  # post to the dispatcher: the engine's lock stays off inference
+    # features + predictor on a thread of their own: the callback only posts the routing, so
+    # a learned predictor's cost leaves the inference thread; predictions finished after
+    # their target layer routed are counted (late_predictions) and not requested
+    predict_thread: bool = False
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)  # more EngineConfig fields
     recorder: RoutingRecorder | None = None  # serve --trace-out: receives every row's routing
     residency: ResidencyConfig | None = None  # expert residency manager; None: kernel reclaim

@@ -22,6 +22,10 @@ class PluginCounters:
     callback_seconds: float = 0.0  # time spent inside the callback's ready phase
     predict_seconds: float = 0.0  # of which in the predictor
     gated: int = 0  # predicted experts not prefetched (share below min_share)
+    # predict_thread: predictions finished after their target layer had routed (not requested)
+    late_predictions: int = 0
+    predict_lag_seconds: float = 0.0  # predict_thread: callback post -> prediction start, summed
+    predict_posts_refused: int = 0  # predict_thread: routing not handed over (thread behind)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class RunConfig:
     queue_depth: int = 8  # prefetch requests in flight
     lookahead: int | None = None  # prefetch layers l+1..l+D; None = the plugin's default
     madvise_random: bool = False  # MADV_RANDOM on llama.cpp's mapping: no fault read-around
+    predict_thread: bool = False  # predictor off the inference thread (late ones counted)
     threads: int = 2  # llama.cpp threads
     n_ctx: int = 512  # llama.cpp context size
     residency: ResidencyConfig | None = None  # expert residency policy + budget; None: kernel
@@ -91,7 +92,8 @@ def run_prompt(cfg: RunConfig) -> RunResult:
         oracle = OracleTrace.load(cfg.oracle_trace, prompt_tokens(cfg.model, cfg.prompt))
     plugin = PluginConfig(mode=mode, predictor=preds, oracle=oracle, method=cfg.method,
                           queue_depth=cfg.queue_depth, lookahead=cfg.lookahead,
-                          madvise_random=cfg.madvise_random, residency=cfg.residency)
+                          madvise_random=cfg.madvise_random, residency=cfg.residency,
+                          predict_thread=cfg.predict_thread)
     with PrefetchLlama(cfg.model, plugin, n_ctx=cfg.n_ctx, n_threads=cfg.threads,
                        n_batch=min(512, cfg.n_ctx), seed=0) as llm:
         toks, n_prompt, t_prompt, t_decode = generate_greedy(llm, cfg.prompt, cfg.max_tokens)
