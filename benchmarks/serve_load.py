@@ -6,7 +6,8 @@ size / ``--size-over-limit`` with the file evicted before each server starts, on
 mode and round (alternating order):
 
     off        ``expertpred serve --mode off``: stock llama.cpp behind the same server
-    predictor  ``expertpred serve --predictor P``: the default prefetch configuration
+    predictor  ``expertpred serve --predictor P --residency learned``: the default prefetch
+               configuration with the learned residency, i.e. e2e_prefetch.py's mode (c)
 
 Each client streams its requests (SSE) and times the first token and the end; the report
 gives p50 / p95 time to first token and total latency, throughput (generated tokens /
@@ -82,7 +83,9 @@ def server_cmd(a: argparse.Namespace, model: Path, mode: str, predictor: Path,
            str(port), "--n-ctx", str(N_CTX), "--threads", str(a.threads)]
     if mode == "predictor":
         cmd += ["--predictor", str(predictor), "--source-model", str(a.source),
-                "--predictor-name", a.predictor_name]
+                "--predictor-name", a.predictor_name, "--residency", a.residency]
+        if a.budget:
+            cmd += ["--budget", str(a.budget)]
     else:
         cmd += ["--mode", mode]
     return cmd
@@ -223,10 +226,12 @@ def _metric(text: str, name: str) -> float:
 def direct_child(a: argparse.Namespace) -> None:
     """PrefetchLlama called directly, the options ``expertpred serve`` uses by default."""
     from expertpred.prefetch.plugin import PrefetchLlama, load_predictors
+    from expertpred.prefetch.residency import make_config
 
     preds = load_predictors(a.predictor, a.model, name=a.predictor_name, source_model=a.source)
+    res = make_config(a.residency, a.budget or None, None, a.predictor)
     texts = prompts(a.requests)
-    with PrefetchLlama(a.model, mode="predictor", predictor=preds, n_ctx=N_CTX,
+    with PrefetchLlama(a.model, mode="predictor", predictor=preds, residency=res, n_ctx=N_CTX,
                        n_batch=512, n_threads=a.threads, seed=0) as llm:
         for p in texts:
             t0 = time.perf_counter()
@@ -245,7 +250,8 @@ def overhead_run(a: argparse.Namespace, model: Path, how: str, predictor: Path,
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child-direct", "--model",
                str(model), "--source", str(a.source), "--predictor", str(predictor),
                "--predictor-name", a.predictor_name, "--requests", str(a.requests),
-               "--tokens", str(a.tokens), "--threads", str(a.threads)]
+               "--tokens", str(a.tokens), "--threads", str(a.threads),
+               "--residency", a.residency, "--budget", str(a.budget)]
         p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True,
                            timeout=a.timeout)
         reqs = [Req(**json.loads(ln)) for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -299,6 +305,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="max_tokens per request.")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="off,predictor")
+    ap.add_argument("--residency", default="learned",
+                    help="Residency policy of the predictor server: learned makes it "
+                         "e2e_prefetch.py's mode (c); kernel is the prefetch alone.")
+    ap.add_argument("--budget", type=int, default=0,
+                    help="Expert byte budget of the residency manager (0: its default, "
+                         "derived from the cgroup limit).")
     ap.add_argument("--overhead-rounds", type=int, default=3, help="0 skips part 2.")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-prompts", type=int, default=80)

@@ -284,10 +284,15 @@ def test_openai_client_raises_on_unknown_model(server: Server) -> None:
 def test_served_trace_trains_a_predictor(server: Server, tmp_path: Path) -> None:
     from expertpred.trace.dataset import TraceDataset
 
-    for p in PROMPTS:  # enough sequences that the hash split has train prompts
-        server.complete(p + " again", max_tokens=8)
+    # this test's own sequences, not the module's earlier requests: 8 new prompts, enough
+    # that the prompt-id hash split has train prompts
+    before = (TraceDataset(server.trace).n_sequences
+              if (server.trace / "_manifest.json").exists() else 0)
+    for p in PROMPTS:
+        for suffix in (" again", " once more"):
+            server.complete(p + suffix, max_tokens=8)
     ds = TraceDataset(server.trace)
-    assert ds.n_sequences >= 8
+    assert ds.n_sequences >= before + 2 * len(PROMPTS)
     seqs = list(ds.sequences())
     assert all(s.prompt_id.startswith("sha256:") and s.text == "" for s in seqs)  # private
     assert all((s.experts >= 0).all() for s in seqs)
