@@ -353,20 +353,22 @@ def main() -> None:
     if rows:
         print("\nunder the memory limit: median (min–max) over rounds")
         print(report(rows, "mode", keys))
-        by = {m: [x["throughput_tps"] for x in rows if x["mode"] == m] for m in modes}
-        if "off" in by and "predictor" in by:
-            ratios = [p / o for p, o in zip(by["predictor"], by["off"]) if o > 0]
-            print(f"speedup predictor / off (throughput, per round): "
-                  f"{med_spread(ratios)}")
+        for key, what in (("throughput_tps", "throughput: prompts, queueing and decode"),
+                          ("decode_tps_p50", "decode rate: e2e_prefetch's tok/s")):
+            by = {m: [x[key] for x in rows if x["mode"] == m] for m in modes}
+            if "off" in by and "predictor" in by:
+                ratios = [p / o for p, o in zip(by["predictor"], by["off"]) if o > 0]
+                print(f"speedup predictor / off ({what}; per round): {med_spread(ratios)}")
     if over:
         print("\noverhead without the limit: median (min–max) over rounds")
         print(report(over, "how", ["throughput_tps", "decode_tps_p50", "ttft_p50",
                                     "total_p50"]))
-        d = [x["throughput_tps"] for x in over if x["how"] == "direct"]
-        s = [x["throughput_tps"] for x in over if x["how"] == "served"]
-        ratios = [sv / dv for sv, dv in zip(s, d) if dv > 0]
-        print(f"served / direct tok/s, end to end, one client (per round): "
-              f"{med_spread(ratios)}")
+        for key, what in (("throughput_tps", "end to end"), ("decode_tps_p50", "decode")):
+            d = [x[key] for x in over if x["how"] == "direct"]
+            s = [x[key] for x in over if x["how"] == "served"]
+            ratios = [sv / dv for sv, dv in zip(s, d) if dv > 0]
+            print(f"served / direct tok/s, {what}, one client (per round): "
+                  f"{med_spread(ratios)}")
     if a.json:
         a.json.write_text(json.dumps({"limited": rows, "overhead": over}, indent=1,
                                      default=str))
