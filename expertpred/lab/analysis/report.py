@@ -6,7 +6,8 @@ directory next to the target and renamed into place at the end, so a failure nev
 half a report; an existing report directory is replaced, any other non-empty directory is
 refused.
 
-The answers to the research questions are derived from the numbers with the thresholds of
+The worded answers (same experts again? temporal locality? a predictor? uniform access?
+domain dependence?) are derived from the numbers with the thresholds of
 :class:`Thresholds`, which the report states next to each answer.
 """
 
