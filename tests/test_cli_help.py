@@ -33,3 +33,12 @@ def test_run_help_says_the_default_values():
     text = help_text("run")
     assert DEFAULT_PREDICTOR in text and f"default: {DEFAULT_LOOKAHEAD}," in text
     assert f"(default: {DEFAULT_MIN_SHARE})" in help_text("serve")
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_no_help_shows_a_value_type_for_a_flag(command):
+    # every flag, typer's own --help and --x/--no-x pairs included
+    r = CliRunner().invoke(app, [*([command] if command else []), "--help"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "--help" in r.output and "<bool>" not in r.output, r.output

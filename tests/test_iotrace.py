@@ -53,7 +53,7 @@ def test_iotrace_outputs_without_limit(wide, tmp_path):
     s = pd.read_parquet(tmp_path / "samples.parquet")
     assert set(s["run"]) == {"cold"}
     _check_samples(s, wide)
-    assert "## Q1" in (tmp_path / "summary.md").read_text()
+    assert "## Read order: sequential or scattered?" in (tmp_path / "summary.md").read_text()
     assert res.n_decode_tokens == N_TOKENS - 1
 
 

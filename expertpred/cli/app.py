@@ -6,14 +6,47 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 from ..errors import ExpertPredError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Predict and prefetch MoE experts for llama.cpp inference.")
+
+def _no_flag_types(params: list[Any]) -> list[Any]:
+    """Flags take no value, so their help shows no type. typer 0.29's rich help prints
+    ``<bool>`` in the type column of every flag (``TyperOption.display_type_rich`` has no
+    ``is_flag`` case, unlike its plain formatter), ``--help`` included, which reads as if the
+    flag took a value; a blank metavar leaves that column empty."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _no_flag_types(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _no_flag_types(super().get_params(ctx))
+
+
+class _Typer(typer.Typer):
+    """typer.Typer whose commands render flags as flags (see :func:`_no_flag_types`)."""
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None,
+                **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+             pretty_exceptions_enable=False,
+             help="Predict and prefetch MoE experts for llama.cpp inference.")
 
 console = Console()
 
@@ -21,10 +54,8 @@ err_console = Console(stderr=True)
 
 
 def flag(*names: str, help: str, default: bool = False) -> typer.models.OptionInfo:
-    """A boolean flag (``--json``, or ``--warm/--no-warm``) shown in --help without a type:
-    typer's rich help prints ``<bool>`` next to every bool option, which reads as if the flag
-    took a value. An empty metavar leaves the type column blank."""
-    return typer.Option(default, *names, help=help, metavar="")
+    """A boolean flag (``--json``, or ``--warm/--no-warm``)."""
+    return typer.Option(default, *names, help=help)
 
 
 @app.callback()

@@ -26,10 +26,14 @@ def train_cmd(
 
     cfg = load_config(config, ctx.args)
     fitted, paths = train(cfg)
-    t = Table(title=f"predictors fitted ({cfg.dataset or 'synthetic traces'})", box=box.SIMPLE)
-    t.add_column("predictor")
+    # names stay whole on a pipe (rich assumes 80 columns): the number columns are narrow
+    t = Table(title=f"predictors fitted ({cfg.dataset or 'synthetic traces'})",
+              caption="seconds to fit, per offset d", box=box.SIMPLE_HEAD, pad_edge=False,
+              padding=(0, 1), collapse_padding=True)
+    t.add_column("predictor", no_wrap=True,
+                 min_width=max(map(len, ["predictor", *fitted.fit_seconds])))
     for d in cfg.offsets:
-        t.add_column(f"d={d} fit s", justify="right")
+        t.add_column(f"d={d}", justify="right")
     for name, secs in fitted.fit_seconds.items():
         t.add_row(name, *[f"{secs[d]:.2f}" if d in secs else "–" for d in cfg.offsets])
     console.print(t)

@@ -33,7 +33,7 @@ QueueDepth = Annotated[int, typer.Option("--queue-depth", min=1, help="Prefetch 
 Lookahead = Annotated[int | None, typer.Option(
     "--lookahead", min=0, help="Prefetch layers l+1..l+D (default: 1, the next layer only).")]
 MadviseRandom = Annotated[bool, typer.Option(
-    "--madvise-random", metavar="",  # a flag: see app.flag
+    "--madvise-random",
     help="madvise(MADV_RANDOM) llama.cpp's mapping: no fault read-around.")]
 Threads = Annotated[int, typer.Option("--threads", min=1, help="llama.cpp threads.")]
 PredictThread = Annotated[bool, typer.Option(

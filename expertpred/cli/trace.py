@@ -126,8 +126,9 @@ def analyze(
                                      help="Longest reuse distance binned separately."),
 ) -> None:
     """Routing statistics of a trace (popularity, temporal locality, reuse distance,
-    cross-layer affinity, domains) and the answers to the research questions: figures,
-    report.md and report.json in --out."""
+    cross-layer affinity, domains) and what they answer (are the same experts used again,
+    can a predictor be built, is access uniform): figures, report.md and report.json in
+    --out."""
     from ..lab.analysis.report import analyze_trace, locality_table
 
     command = f"expertpred analyze {trace_dir} --out {out}"

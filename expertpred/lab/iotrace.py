@@ -1,6 +1,7 @@
 """Which bytes of a GGUF does llama.cpp actually read, in what order, under a memory limit?
 
-``expertpred iotrace`` answers the weight-access research questions with data:
+``expertpred iotrace`` measures how llama.cpp reads the weights: in which order, how much
+of decode time is I/O wait, and how evenly the experts are read:
 
 1. a child process runs greedy llama.cpp inference on the one llama.cpp hook
    (``llama.runtime.hook_llama`` + ``llama.hook.RoutingHook``, with this module's
@@ -16,7 +17,7 @@
    layout (expert (layer, expert), router, shared expert, other = attention/embeddings/
    norms/output), with major faults and the summed ``delayacct_blkio_ticks`` of all threads;
 4. the same run is repeated with the file cached and no limit ("warm"): the per-step wall
-   time difference cold - warm estimates the I/O wait of each step (Q2).
+   time difference cold - warm estimates the I/O wait of each step.
 
 Outputs in ``--out``: ``samples.parquet`` (one row per sample, both runs), ``reads.parquet``
 (contiguous runs of newly resident pages), ``expert_reads.parquet`` ((sample, layer, expert)

@@ -142,7 +142,8 @@ def layer_monotone_share(layers: np.ndarray) -> float:
 
 def analyse(cold: dict[str, Any], warm: dict[str, Any] | None, lay: MoELayout,
             cold_run: ChildRun, warm_run: ChildRun | None) -> IOTraceResult:
-    """The numbers for Q1 / Q2 / Q4 from the cold (and warm) frames."""
+    """The read-order, decode-time and expert-access numbers from the cold (and warm)
+    frames."""
     s, runs, exp = cold["samples"], cold["runs"], cold["exp"]
     inf = runs[runs["token"] >= 0].sort_values(["sample", "offset"])
     res: dict[str, Any] = {"file_bytes": lay.file_size,
@@ -156,7 +157,7 @@ def analyse(cold: dict[str, Any], warm: dict[str, Any] | None, lay: MoELayout,
     first = si.index.min() if len(si) else len(s) - 1
     res["proc_read_bytes_inference"] = int(rb[-1] - rb[max(first - 1, 0)])
     res["majflt_inference"] = int(s["majflt"].iloc[-1] - s["majflt"].iloc[max(first - 1, 0)])
-    # Q1
+    # read order: sequential or scattered
     res["n_runs"] = len(inf)
     res["sequential_share"] = sequential_share(inf["offset"].to_numpy(), inf["nbytes"].to_numpy())
     res["mean_run_kib"] = float(inf["nbytes"].mean() / 1024) if len(inf) else float("nan")
@@ -184,7 +185,7 @@ def analyse(cold: dict[str, Any], warm: dict[str, Any] | None, lay: MoELayout,
     else:
         res["expert_bytes_after_routing_share"] = float("nan")
         res["expert_bytes_before_routing_share"] = float("nan")
-    # Q4: bytes read per expert over the inference (layer, expert) grid
+    # expert access: bytes read per expert over the inference (layer, expert) grid
     grid = np.zeros((lay.n_layer, lay.n_expert))
     for ly, e, b in zip(ex_inf["layer"], ex_inf["expert"], ex_inf["bytes"]):
         grid[ly, e] += b
@@ -193,7 +194,7 @@ def analyse(cold: dict[str, Any], warm: dict[str, Any] | None, lay: MoELayout,
     res["experts_never_read_share"] = float(np.mean(grid == 0))
     res["experts_routed_share"] = float(len({(ly, e) for _, ly, e in rset})
                                         / (len(lay.moe_layers) * lay.n_expert))
-    # Q2: per decode step time, cold vs warm
+    # decode time: per decode step, cold vs warm
     res["blkio_ticks_inference"] = int(s["blkio_ticks"].iloc[-1] - s["blkio_ticks"].iloc[first])
     dec = si[si["token"] >= 1]
     res["cold_decode_seconds"] = float(dec["step_seconds"].sum())
@@ -283,7 +284,7 @@ def summary_md(cfg: IOTraceConfig, res: IOTraceResult, tools: dict[str, bool]) -
         f"{res.majflt_inference} major faults",
         f"- blktrace installed: {tools['blktrace']}; perf installed: {tools['perf']} (not used)",
         "",
-        "## Q1 sequential or uniform?",
+        "## Read order: sequential or scattered?",
         f"- {res.n_runs} contiguous runs of newly resident pages during inference, mean "
         f"{res.mean_run_kib:.0f} KiB",
         f"- sequential share (run starts <= {SEQ_GAP // 1024} KiB after the previous run's end, "
@@ -299,7 +300,7 @@ def summary_md(cfg: IOTraceConfig, res: IOTraceResult, tools: dict[str, bool]) -
         f"llama.cpp's POSIX_FADV_SEQUENTIAL); bytes per expert slice (one stacked tensor): "
         f"{res.slice_kib:.0f} KiB",
         "",
-        "## Q2 compute or I/O?",
+        "## Decode time: compute or I/O wait?",
         f"- cold decode: {res.cold_decode_seconds:.3f} s over {res.n_decode_tokens} "
         f"tokens (tracer sampling {res.cold_sampling_seconds:.3f} s excluded)",
     ]
@@ -316,7 +317,7 @@ def summary_md(cfg: IOTraceConfig, res: IOTraceResult, tools: dict[str, bool]) -
         f"- delayacct blkio ticks over all threads during inference: "
         f"{res.blkio_ticks_inference} (0 when kernel.task_delayacct is off)",
         "",
-        "## Q4 uniform access?",
+        "## Expert access: uniform or skewed?",
         f"- Gini of bytes read per (layer, expert): {res.expert_gini:.2f}",
         f"- experts never read during inference: {100 * res.experts_never_read_share:.0f}%; "
         f"experts routed at least once: {100 * res.experts_routed_share:.0f}%",

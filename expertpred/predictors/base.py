@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..features import FeatureBatch, FeatureConfig, ModelInfo
+from .checks import ArtifactCheck
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,13 @@ class Predictor:
         """For a one-row batch: a key that determines its scores (discrete inputs only), so
         that repeated inputs are answered from a cache; None = not cacheable."""
         return None
+
+    @classmethod
+    def check_artifact(cls, c: ArtifactCheck, m: ModelInfo, spec: Spec, a: Arrays) -> None:
+        """Check one offset's spec and arrays of a loaded artifact (hostile input), with
+        ``a`` keyed without the ``d<d>.`` prefix; the walker (:mod:`.validate`) has already
+        checked the header and that each array has the dtype and shape the header declares.
+        Default: nothing rung-specific (a rung with arrays or spec values overrides it)."""
 
     def _to_artifact(self) -> tuple[Spec, Arrays]:
         raise NotImplementedError

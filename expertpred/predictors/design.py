@@ -9,12 +9,21 @@ and builds the design matrix the same way for a batch and for the online one-row
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import DenseRow, FeatureBatch, ModelInfo, dense_features, design_width
+from ..features import (
+    PARTS,
+    DenseRow,
+    FeatureBatch,
+    ModelInfo,
+    dense_features,
+    design_width,
+)
+from .checks import ArtifactCheck
 from .gate import gate_scores, load_gate
 
 log = logging.getLogger(__name__)
@@ -64,6 +73,26 @@ class Design:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"gate_routers": self.gate_routers, "gate_norms": self.gate_norms}
+
+    @staticmethod
+    def check_artifact(c: ArtifactCheck, m: ModelInfo, spec: Mapping[str, Any],
+                       a: Mapping[str, np.ndarray]) -> int:
+        """Check a learned rung's design spec and gate arrays; return its input width."""
+        parts = c.typed(spec, "parts", list, "spec")
+        if not parts or not all(isinstance(p, str) and p in PARTS for p in parts):
+            raise c.fail(f"spec.parts {parts!r}, expected names from {sorted(PARTS)}")
+        for key in ("layer_onehot", "gate", "uses_hidden"):
+            c.typed(spec, key, bool, "spec")
+        n_features = c.typed(spec, "n_features", int, "spec")
+        if not 0 < n_features <= 1 << 24:
+            raise c.fail(f"spec.n_features {n_features}, expected 1..{1 << 24}")
+        if spec["gate"]:
+            c.array(a, "gate_routers", "f", (m.n_moe, m.n_expert, m.n_embd))
+            c.array(a, "gate_norms", "f", (m.n_moe, m.n_embd))
+        else:
+            c.array(a, "gate_routers", "f", (0, 0, 0))
+            c.array(a, "gate_norms", "f", (0, 0))
+        return n_features
 
     @classmethod
     def from_artifact(cls, model: ModelInfo, spec: dict[str, Any],

@@ -25,10 +25,11 @@ import logging
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import DenseRow, FeatureBatch, design_parts
+from ..features import DenseRow, FeatureBatch, ModelInfo, design_parts
 from .base import Arrays, Spec
+from .checks import ArtifactCheck
 from .design import Design
-from .mlp import MLPPredictor
+from .mlp import MLPPredictor, check_layers
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,15 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
         return s[None]
 
     # --- the artifact ------------------------------------------------------------------------
+    @classmethod
+    def check_artifact(cls, c: ArtifactCheck, m: ModelInfo, spec: Spec, a: Arrays) -> None:
+        f = Design.check_artifact(c, m, spec, a)
+        acts = c.typed(spec, "activations", list, "spec")
+        n = len(acts) - 1
+        if n not in (1, 2) or acts != ["relu"] * n + ["linear"]:
+            raise c.fail(f"spec.activations {acts!r}, expected relu (once or twice), linear")
+        check_layers(c, m, a, f, n)
+
     def _to_artifact(self) -> tuple[Spec, Arrays]:
         n = len(self._hidden)
         spec = {**self.design_.spec(), "activations": ["relu"] * n + ["linear"],

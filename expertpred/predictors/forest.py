@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExpertPredError
+from .checks import ArtifactCheck
 
 MISSING = {"None": 0, "Zero": 1, "NaN": 2}
 K_ZERO = 1e-35  # LightGBM's kZeroThreshold
@@ -216,3 +217,36 @@ def _flatten_tree(root: Mapping[str, Any], nodes: list[dict[str, Any]]) -> int:
                           "value": float(node["leaf_value"]), "default_left": True,
                           "missing": 0})
     return depth
+
+
+def check_trees(c: ArtifactCheck, bounds: np.ndarray, left: np.ndarray, right: np.ndarray,
+                 roots: np.ndarray, tree_group: np.ndarray, depth: list[int]) -> None:
+    """Nodes are preorder: a split's children come after it and inside its group's range; a
+    leaf points at itself; no node is deeper than its group's walk depth."""
+    n = len(left)
+    if n == 0:
+        if len(roots):
+            raise c.fail("trees without nodes")
+        return
+    idx = np.arange(n)
+    group_of = np.searchsorted(bounds[:, 1], idx, side="right")
+    leaf = (left == idx) & (right == idx)
+    split = ~leaf
+    lo, hi = bounds[group_of, 0], bounds[group_of, 1]
+    for name, child in (("node_left", left), ("node_right", right)):
+        bad = split & ((child <= idx) | (child < lo) | (child >= hi))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise c.fail(f"array {name!r}: node {i} points at {int(child[i])}, expected a later "
+                         f"node of its group ({int(lo[i])}..{int(hi[i]) - 1}) or itself (leaf)")
+    if (roots < bounds[tree_group, 0]).any() or (roots >= bounds[tree_group, 1]).any():
+        raise c.fail("array 'tree_root': a root outside its group's nodes")
+    node_depth = np.zeros(n, dtype=np.int64)
+    for i in np.flatnonzero(split):  # preorder: a parent is final before its children
+        node_depth[left[i]] = max(node_depth[left[i]], node_depth[i] + 1)
+        node_depth[right[i]] = max(node_depth[right[i]], node_depth[i] + 1)
+    allowed = np.asarray(depth, dtype=np.int64)[group_of]
+    if (node_depth > allowed).any():
+        i = int(np.flatnonzero(node_depth > allowed)[0])
+        raise c.fail(f"node {i} is at depth {int(node_depth[i])}, spec.depth allows "
+                     f"{int(allowed[i])}")

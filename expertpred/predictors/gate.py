@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import FeatureBatch
+from ..features import FeatureBatch, ModelInfo
 from .base import Arrays, Predictor, Spec
+from .checks import ArtifactCheck
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,11 @@ class GateLookaheadPredictor(Predictor, name="gate-lookahead"):
 
     def _scores(self, x: FeatureBatch) -> np.ndarray:
         return gate_scores(x, self.routers_, self.norms_)
+
+    @classmethod
+    def check_artifact(cls, c: ArtifactCheck, m: ModelInfo, spec: Spec, a: Arrays) -> None:
+        c.array(a, "routers", "f", (m.n_moe, m.n_expert, m.n_embd))
+        c.array(a, "norms", "f", (m.n_moe, m.n_embd))
 
     def _to_artifact(self) -> tuple[Spec, Arrays]:
         return {}, {"routers": self.routers_, "norms": self.norms_}

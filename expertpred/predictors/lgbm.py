@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ..features import FeatureBatch, design_parts, multihot
+from ..features import FeatureBatch, ModelInfo, design_parts, multihot
 from .base import Arrays, Predictor, Spec
+from .checks import ArtifactCheck
 from .design import Design
-from .forest import Forest, flatten_boosters, group_forests
+from .forest import Forest, check_trees, flatten_boosters, group_forests
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,49 @@ class LightGBMPredictor(Predictor, name="lightgbm"):
         return out
 
     # --- the artifact ------------------------------------------------------------------------
+    @classmethod
+    def check_artifact(cls, c: ArtifactCheck, m: ModelInfo, spec: Spec, a: Arrays) -> None:
+        f = Design.check_artifact(c, m, spec, a)
+        shared = c.typed(spec, "shared", bool, "spec")
+        # shared: one group, -1; else one group per MoE layer seen in training
+        groups = c.array(a, "groups", "i", (1,) if shared else (None,), lo=-1 if shared else 0,
+                         hi=-1 if shared else m.n_moe - 1)
+        g = len(groups)
+        if g == 0 or len(np.unique(groups)) != g:
+            raise c.fail(f"array '{c.prefix}groups' {groups.tolist()[:8]}, expected distinct "
+                         "layers")
+        depth = c.typed(spec, "depth", list, "spec")
+        if len(depth) != g or not all(isinstance(x, int) and 0 <= x <= 4096 for x in depth):
+            raise c.fail(f"spec.depth {depth!r:.80}, expected {g} tree depths")
+        consts = c.array(a, "constants", "f", (g, m.n_expert), finite=False)
+        has_trees = c.array(a, "has_trees", "b", (g, m.n_expert))
+        if not np.isfinite(consts[~has_trees]).all():  # NaN where a booster decides: unused
+            raise c.fail(f"array '{c.prefix}constants' is not finite for an expert without trees")
+        bounds = c.array(a, "group_nodes", "i", (g, 2), lo=0)
+        n = c.array(a, "node_feature", "i", (None,), lo=0, hi=max(f - 1, 0)).shape[0]
+        if len(bounds) and (bounds[0, 0] != 0 or bounds[-1, 1] != n
+                            or (bounds[:, 0] > bounds[:, 1]).any()
+                            or (bounds[1:, 0] != bounds[:-1, 1]).any()):
+            raise c.fail(f"array 'group_nodes' does not split 0..{n} into consecutive ranges")
+        c.array(a, "node_threshold", "f", (n,), finite=False)
+        if np.isnan(a["node_threshold"]).any():
+            raise c.fail("array 'node_threshold' has NaN, expected numbers")
+        left = c.array(a, "node_left", "i", (n,), lo=0, hi=n - 1)
+        right = c.array(a, "node_right", "i", (n,), lo=0, hi=n - 1)
+        c.array(a, "node_value", "f", (n,))
+        c.array(a, "node_default_left", "b", (n,))
+        c.array(a, "node_missing", "i", (n,), lo=0, hi=2)
+        c.array(a, "node_is_cat", "b", (n,))
+        c.array(a, "node_cat_bits", "u", (n, None))
+        tree_group = c.array(a, "tree_group", "i", (None,), lo=0, hi=g - 1)
+        t = len(tree_group)
+        roots = c.array(a, "tree_root", "i", (t,), lo=0, hi=max(n - 1, 0))
+        experts = c.array(a, "tree_expert", "i", (t,), lo=0, hi=m.n_expert - 1)
+        if t and not has_trees[tree_group, experts].all():
+            raise c.fail(f"array '{c.prefix}tree_expert': a tree for an expert 'has_trees' says "
+                         "has none")
+        check_trees(c, bounds, left, right, roots, tree_group, depth)
+
     def _to_artifact(self) -> tuple[Spec, Arrays]:
         spec = {**self.design_.spec(), "shared": bool(self.shared), "depth": self.depths_,
                 "objective": "binary",

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import FeatureBatch, design_parts, multihot
+from ..features import FeatureBatch, ModelInfo, design_parts, multihot
 from .base import Arrays, Predictor, Spec
+from .checks import ArtifactCheck
 from .design import Design
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,17 @@ class MLPPredictor(Predictor, name="mlp"):
         return out
 
     # --- the artifact ------------------------------------------------------------------------
+    @classmethod
+    def check_artifact(cls, c: ArtifactCheck, m: ModelInfo, spec: Spec, a: Arrays) -> None:
+        f = Design.check_artifact(c, m, spec, a)
+        if c.typed(spec, "activations", list, "spec") != ["relu", "relu", "linear"]:
+            raise c.fail(f"spec.activations {spec['activations']!r}, expected relu, relu, linear")
+        c.array(a, "mean", "f", (f,))
+        std = c.array(a, "std", "f", (f,))
+        if std.size and not (std > 0).all():
+            raise c.fail("array 'std' has values <= 0, expected positive scales")
+        check_layers(c, m, a, f, 2)
+
     def _to_artifact(self) -> tuple[Spec, Arrays]:
         spec = {**self.design_.spec(), "activations": ["relu", "relu", "linear"],
                 "head": "per source layer: rows l*E..(l+1)*E of the last Linear"}
@@ -183,3 +195,14 @@ class MLPPredictor(Predictor, name="mlp"):
                   "mean": state["mean_"], "std": state["std_"],
                   **{f"{'wb'[i % 2]}{i // 2}": state[f"w{i}_"] for i in range(6)}}
         self._from_artifact(spec, arrays)
+
+
+def check_layers(c: ArtifactCheck, m: ModelInfo, a: Arrays, f: int, n: int) -> None:
+    """``n`` hidden Linear layers w0/b0 .. from ``f`` inputs, then the per-layer heads."""
+    width = f
+    for i in range(n):
+        width_next = c.array(a, f"w{i}", "f", (None, width)).shape[0]
+        c.array(a, f"b{i}", "f", (width_next,))
+        width = width_next
+    c.array(a, f"w{n}", "f", (m.n_moe * m.n_expert, width))
+    c.array(a, f"b{n}", "f", (m.n_moe * m.n_expert,))

@@ -6,8 +6,9 @@ from collections.abc import Hashable
 
 import numpy as np
 
-from ..features import FeatureBatch
+from ..features import FeatureBatch, ModelInfo
 from .base import Arrays, Predictor, Spec
+from .checks import ArtifactCheck
 from .kernels import layer_freq
 
 
@@ -25,6 +26,10 @@ class PopularityPredictor(Predictor, name="popularity"):
 
     def _row_key(self, x: FeatureBatch) -> Hashable | None:
         return int(x.layer[0])
+
+    @classmethod
+    def check_artifact(cls, c: ArtifactCheck, m: ModelInfo, spec: Spec, a: Arrays) -> None:
+        c.array(a, "freq", "f", (m.n_moe, m.n_expert))
 
     def _to_artifact(self) -> tuple[Spec, Arrays]:
         return {}, {"freq": self.freq_}

@@ -6,8 +6,9 @@ from collections.abc import Hashable
 
 import numpy as np
 
-from ..features import FeatureBatch
+from ..features import FeatureBatch, ModelInfo
 from .base import Arrays, Predictor, Spec
+from .checks import ArtifactCheck
 from .kernels import by_layer, layer_freq, mean_recall, normalised_current, rank_hot
 from .transition import transition_table
 
@@ -79,6 +80,14 @@ class PreviousTokenTransitionPredictor(Predictor, name="previous-token+transitio
     def _row_key(self, x: FeatureBatch) -> Hashable | None:
         li = int(x.layer[0])
         return li, x.experts[0, li].tobytes(), x.prev_experts[0, li + x.d].tobytes()
+
+    @classmethod
+    def check_artifact(cls, c: ArtifactCheck, m: ModelInfo, spec: Spec, a: Arrays) -> None:
+        w = c.typed(spec, "weight", (int, float), "spec")
+        if not 0.0 <= w <= 1.0:
+            raise c.fail(f"spec.weight {w!r}, expected 0..1")
+        c.array(a, "table", "f", (m.n_moe, m.n_expert, m.n_expert))
+        c.array(a, "freq", "f", (m.n_moe, m.n_expert))
 
     def _to_artifact(self) -> tuple[Spec, Arrays]:
         return {"weight": float(self.weight_)}, {"table": self.table_, "freq": self.freq_}

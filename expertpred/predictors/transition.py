@@ -7,8 +7,9 @@ from collections.abc import Hashable
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import FeatureBatch
+from ..features import FeatureBatch, ModelInfo
 from .base import Arrays, Predictor, Spec
+from .checks import ArtifactCheck
 from .kernels import by_layer, normalised_current
 
 
@@ -55,6 +56,12 @@ class TransitionPredictor(Predictor, name="transition"):
             return None
         li = int(x.layer[0])
         return li, x.experts[0, li].tobytes()
+
+    @classmethod
+    def check_artifact(cls, c: ArtifactCheck, m: ModelInfo, spec: Spec, a: Arrays) -> None:
+        if c.typed(spec, "source", str, "spec") not in ("experts", "probs"):
+            raise c.fail(f"spec.source {spec['source']!r}, expected 'experts' or 'probs'")
+        c.array(a, "table", "f", (m.n_moe, m.n_expert, m.n_expert))
 
     def _to_artifact(self) -> tuple[Spec, Arrays]:
         return {"source": str(self.source)}, {"table": self.table_}

@@ -6,8 +6,9 @@ from collections.abc import Hashable
 
 import numpy as np
 
-from ..features import FeatureBatch
+from ..features import FeatureBatch, ModelInfo
 from .base import Arrays, Predictor, Spec
+from .checks import ArtifactCheck
 
 
 class RandomPredictor(Predictor, name="random"):
@@ -25,6 +26,10 @@ class RandomPredictor(Predictor, name="random"):
 
     def _row_key(self, x: FeatureBatch) -> Hashable | None:
         return 0  # the same seeded stream for every call: one row is always the same
+
+    @classmethod
+    def check_artifact(cls, c: ArtifactCheck, m: ModelInfo, spec: Spec, a: Arrays) -> None:
+        c.typed(spec, "seed", int, "spec")
 
     def _to_artifact(self) -> tuple[Spec, Arrays]:
         return {"seed": int(self.seed)}, {}

@@ -9,7 +9,10 @@ bytes), written at export time: a swapped or edited array with the right shape, 
 edited spec weight, is refused instead of predicting something else.
 
 Errors are one-line :class:`ExpertPredError` naming the file, the array and what was
-expected. This module knows the artifact layout; the scorers stay free of checks.
+expected. This module walks the artifact layout (header, offsets, declared arrays,
+checksum); each offset's own spec and arrays are checked by its rung's
+``Predictor.check_artifact`` (looked up in the one ``REGISTRY``), so a rung's file holds its
+fit, its scoring, its artifact and the checks of that artifact.
 """
 
 from __future__ import annotations
@@ -19,21 +22,22 @@ import json
 import logging
 import math
 import tokenize
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import PARTS, ModelInfo
+from ..features import ModelInfo
+from .base import REGISTRY, available
+from .checks import ArtifactCheck
 
 log = logging.getLogger(__name__)
 
 CHECKSUM_KEY = "checksum"
 # header fields that decide what an artifact predicts (the checksum covers them)
 _CHECKED_FIELDS = ("predictor", "params", "model", "features", "needs_hidden", "offsets")
-_DESIGN_PARTS = frozenset(PARTS)  # the one feature-part table
 
 
 def artifact_checksum(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> str:
@@ -48,238 +52,6 @@ def artifact_checksum(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray
     return h.hexdigest()
 
 
-class _Check:
-    """The checks of one artifact; every failure names the file and the value."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.prefix = ""  # "d<d>." while one offset's arrays are checked
-
-    def fail(self, what: str) -> ExpertPredError:
-        return ExpertPredError(f"{self.path}: {what}")
-
-    def typed(self, obj: Mapping[str, Any], key: str, types: type | tuple[type, ...],
-              where: str) -> Any:
-        if not isinstance(obj, Mapping) or key not in obj:
-            raise self.fail(f"artifact header: {where} has no {key!r}")
-        v = obj[key]
-        if not isinstance(v, types) or (isinstance(v, bool) and bool not in _tuple(types)):
-            names = "/".join(t.__name__ for t in _tuple(types))
-            raise self.fail(f"artifact header: {where}.{key} is {v!r:.80}, expected {names}")
-        return v
-
-    def array(self, arrays: Mapping[str, np.ndarray], key: str, kind: str,
-              shape: tuple[int | None, ...], *, finite: bool = True, lo: int | None = None,
-              hi: int | None = None) -> np.ndarray:
-        """``kind``: numpy dtype kind(s), e.g. "f", "i", "b"; ``shape`` None = any size;
-        ``lo``/``hi``: inclusive range of integer values."""
-        name = self.prefix + key
-        if key not in arrays:
-            raise self.fail(f"missing array {name!r}")
-        a = arrays[key]
-        if a.dtype.kind not in kind or a.dtype.byteorder == ">":
-            raise self.fail(f"array {name!r} has dtype {a.dtype.str}, expected kind {kind!r}")
-        if a.ndim != len(shape) or any(w is not None and s != w for s, w in zip(a.shape, shape)):
-            raise self.fail(f"array {name!r} has shape {list(a.shape)}, expected "
-                            f"{['*' if w is None else w for w in shape]}")
-        if finite and a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
-            raise self.fail(f"array {name!r} has {int((~np.isfinite(a)).sum())} non-finite "
-                            "values, expected finite numbers")
-        if a.size and (lo is not None or hi is not None):
-            mn, mx = int(a.min()), int(a.max())
-            if (lo is not None and mn < lo) or (hi is not None and mx > hi):
-                raise self.fail(f"array {name!r} has values {mn}..{mx}, expected {lo}..{hi}")
-        return a
-
-
-def _tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
-    return t if isinstance(t, tuple) else (t,)
-
-
-# --- per scorer kind: (check, model, spec, arrays of this d with the "d<d>." prefix cut) ---
-
-Rule = Callable[[_Check, ModelInfo, Mapping[str, Any], Mapping[str, np.ndarray]], None]
-RULES: dict[str, Rule] = {}
-
-
-def _rule(*kinds: str) -> Callable[[Rule], Rule]:
-    def reg(fn: Rule) -> Rule:
-        for k in kinds:
-            RULES[k] = fn
-        return fn
-    return reg
-
-
-@_rule("random")
-def _random(c: _Check, m: ModelInfo, spec: Mapping[str, Any], a: Mapping[str, np.ndarray]) -> None:
-    c.typed(spec, "seed", int, "spec")
-
-
-@_rule("oracle")
-def _oracle(c: _Check, m: ModelInfo, spec: Mapping[str, Any], a: Mapping[str, np.ndarray]) -> None:
-    pass
-
-
-@_rule("popularity", "previous-token")
-def _freq(c: _Check, m: ModelInfo, spec: Mapping[str, Any], a: Mapping[str, np.ndarray]) -> None:
-    c.array(a, "freq", "f", (m.n_moe, m.n_expert))
-
-
-@_rule("transition")
-def _transition(c: _Check, m: ModelInfo, spec: Mapping[str, Any],
-                a: Mapping[str, np.ndarray]) -> None:
-    if c.typed(spec, "source", str, "spec") not in ("experts", "probs"):
-        raise c.fail(f"spec.source {spec['source']!r}, expected 'experts' or 'probs'")
-    c.array(a, "table", "f", (m.n_moe, m.n_expert, m.n_expert))
-
-
-@_rule("previous-token+transition")
-def _prev_transition(c: _Check, m: ModelInfo, spec: Mapping[str, Any],
-                     a: Mapping[str, np.ndarray]) -> None:
-    w = c.typed(spec, "weight", (int, float), "spec")
-    if not 0.0 <= w <= 1.0:
-        raise c.fail(f"spec.weight {w!r}, expected 0..1")
-    c.array(a, "table", "f", (m.n_moe, m.n_expert, m.n_expert))
-    c.array(a, "freq", "f", (m.n_moe, m.n_expert))
-
-
-@_rule("gate-lookahead")
-def _gate(c: _Check, m: ModelInfo, spec: Mapping[str, Any], a: Mapping[str, np.ndarray]) -> None:
-    c.array(a, "routers", "f", (m.n_moe, m.n_expert, m.n_embd))
-    c.array(a, "norms", "f", (m.n_moe, m.n_embd))
-
-
-def _design(c: _Check, m: ModelInfo, spec: Mapping[str, Any],
-            a: Mapping[str, np.ndarray]) -> int:
-    parts = c.typed(spec, "parts", list, "spec")
-    if not parts or not all(isinstance(p, str) and p in _DESIGN_PARTS for p in parts):
-        raise c.fail(f"spec.parts {parts!r}, expected names from {sorted(_DESIGN_PARTS)}")
-    for key in ("layer_onehot", "gate", "uses_hidden"):
-        c.typed(spec, key, bool, "spec")
-    n_features = c.typed(spec, "n_features", int, "spec")
-    if not 0 < n_features <= 1 << 24:
-        raise c.fail(f"spec.n_features {n_features}, expected 1..{1 << 24}")
-    if spec["gate"]:
-        c.array(a, "gate_routers", "f", (m.n_moe, m.n_expert, m.n_embd))
-        c.array(a, "gate_norms", "f", (m.n_moe, m.n_embd))
-    else:
-        c.array(a, "gate_routers", "f", (0, 0, 0))
-        c.array(a, "gate_norms", "f", (0, 0))
-    return n_features
-
-
-@_rule("mlp")
-def _mlp(c: _Check, m: ModelInfo, spec: Mapping[str, Any], a: Mapping[str, np.ndarray]) -> None:
-    f = _design(c, m, spec, a)
-    if c.typed(spec, "activations", list, "spec") != ["relu", "relu", "linear"]:
-        raise c.fail(f"spec.activations {spec['activations']!r}, expected relu, relu, linear")
-    c.array(a, "mean", "f", (f,))
-    std = c.array(a, "std", "f", (f,))
-    if std.size and not (std > 0).all():
-        raise c.fail("array 'std' has values <= 0, expected positive scales")
-    _layers(c, m, a, f, 2)
-
-
-def _layers(c: _Check, m: ModelInfo, a: Mapping[str, np.ndarray], f: int, n: int) -> None:
-    """``n`` hidden Linear layers w0/b0 .. from ``f`` inputs, then the per-layer heads."""
-    width = f
-    for i in range(n):
-        width_next = c.array(a, f"w{i}", "f", (None, width)).shape[0]
-        c.array(a, f"b{i}", "f", (width_next,))
-        width = width_next
-    c.array(a, f"w{n}", "f", (m.n_moe * m.n_expert, width))
-    c.array(a, f"b{n}", "f", (m.n_moe * m.n_expert,))
-
-
-@_rule("fast-mlp")
-def _fast_mlp(c: _Check, m: ModelInfo, spec: Mapping[str, Any],
-              a: Mapping[str, np.ndarray]) -> None:
-    f = _design(c, m, spec, a)
-    acts = c.typed(spec, "activations", list, "spec")
-    n = len(acts) - 1
-    if n not in (1, 2) or acts != ["relu"] * n + ["linear"]:
-        raise c.fail(f"spec.activations {acts!r}, expected relu (once or twice), linear")
-    _layers(c, m, a, f, n)
-
-
-@_rule("lightgbm")
-def _lightgbm(c: _Check, m: ModelInfo, spec: Mapping[str, Any],
-              a: Mapping[str, np.ndarray]) -> None:
-    f = _design(c, m, spec, a)
-    shared = c.typed(spec, "shared", bool, "spec")
-    # shared: one group, -1; else one group per MoE layer seen in training
-    groups = c.array(a, "groups", "i", (1,) if shared else (None,), lo=-1 if shared else 0,
-                     hi=-1 if shared else m.n_moe - 1)
-    g = len(groups)
-    if g == 0 or len(np.unique(groups)) != g:
-        raise c.fail(f"array '{c.prefix}groups' {groups.tolist()[:8]}, expected distinct "
-                     "layers")
-    depth = c.typed(spec, "depth", list, "spec")
-    if len(depth) != g or not all(isinstance(x, int) and 0 <= x <= 4096 for x in depth):
-        raise c.fail(f"spec.depth {depth!r:.80}, expected {g} tree depths")
-    consts = c.array(a, "constants", "f", (g, m.n_expert), finite=False)
-    has_trees = c.array(a, "has_trees", "b", (g, m.n_expert))
-    if not np.isfinite(consts[~has_trees]).all():  # NaN where a booster decides: unused
-        raise c.fail(f"array '{c.prefix}constants' is not finite for an expert without trees")
-    bounds = c.array(a, "group_nodes", "i", (g, 2), lo=0)
-    n = c.array(a, "node_feature", "i", (None,), lo=0, hi=max(f - 1, 0)).shape[0]
-    if len(bounds) and (bounds[0, 0] != 0 or bounds[-1, 1] != n
-                        or (bounds[:, 0] > bounds[:, 1]).any()
-                        or (bounds[1:, 0] != bounds[:-1, 1]).any()):
-        raise c.fail(f"array 'group_nodes' does not split 0..{n} into consecutive ranges")
-    c.array(a, "node_threshold", "f", (n,), finite=False)
-    if np.isnan(a["node_threshold"]).any():
-        raise c.fail("array 'node_threshold' has NaN, expected numbers")
-    left = c.array(a, "node_left", "i", (n,), lo=0, hi=n - 1)
-    right = c.array(a, "node_right", "i", (n,), lo=0, hi=n - 1)
-    c.array(a, "node_value", "f", (n,))
-    c.array(a, "node_default_left", "b", (n,))
-    c.array(a, "node_missing", "i", (n,), lo=0, hi=2)
-    c.array(a, "node_is_cat", "b", (n,))
-    c.array(a, "node_cat_bits", "u", (n, None))
-    tree_group = c.array(a, "tree_group", "i", (None,), lo=0, hi=g - 1)
-    t = len(tree_group)
-    roots = c.array(a, "tree_root", "i", (t,), lo=0, hi=max(n - 1, 0))
-    experts = c.array(a, "tree_expert", "i", (t,), lo=0, hi=m.n_expert - 1)
-    if t and not has_trees[tree_group, experts].all():
-        raise c.fail(f"array '{c.prefix}tree_expert': a tree for an expert 'has_trees' says "
-                     "has none")
-    _check_trees(c, bounds, left, right, roots, tree_group, depth)
-
-
-def _check_trees(c: _Check, bounds: np.ndarray, left: np.ndarray, right: np.ndarray,
-                 roots: np.ndarray, tree_group: np.ndarray, depth: list[int]) -> None:
-    """Nodes are preorder: a split's children come after it and inside its group's range; a
-    leaf points at itself; no node is deeper than its group's walk depth."""
-    n = len(left)
-    if n == 0:
-        if len(roots):
-            raise c.fail("trees without nodes")
-        return
-    idx = np.arange(n)
-    group_of = np.searchsorted(bounds[:, 1], idx, side="right")
-    leaf = (left == idx) & (right == idx)
-    split = ~leaf
-    lo, hi = bounds[group_of, 0], bounds[group_of, 1]
-    for name, child in (("node_left", left), ("node_right", right)):
-        bad = split & ((child <= idx) | (child < lo) | (child >= hi))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise c.fail(f"array {name!r}: node {i} points at {int(child[i])}, expected a later "
-                         f"node of its group ({int(lo[i])}..{int(hi[i]) - 1}) or itself (leaf)")
-    if (roots < bounds[tree_group, 0]).any() or (roots >= bounds[tree_group, 1]).any():
-        raise c.fail("array 'tree_root': a root outside its group's nodes")
-    node_depth = np.zeros(n, dtype=np.int64)
-    for i in np.flatnonzero(split):  # preorder: a parent is final before its children
-        node_depth[left[i]] = max(node_depth[left[i]], node_depth[i] + 1)
-        node_depth[right[i]] = max(node_depth[right[i]], node_depth[i] + 1)
-    allowed = np.asarray(depth, dtype=np.int64)[group_of]
-    if (node_depth > allowed).any():
-        i = int(np.flatnonzero(node_depth > allowed)[0])
-        raise c.fail(f"node {i} is at depth {int(node_depth[i])}, spec.depth allows "
-                     f"{int(allowed[i])}")
-
-
 # --- the entry point ---------------------------------------------------------------------------
 
 def validate_artifact(path: str | Path, header: Mapping[str, Any],
@@ -287,9 +59,10 @@ def validate_artifact(path: str | Path, header: Mapping[str, Any],
                       ) -> ModelInfo:
     """Check a loaded artifact completely; return its :class:`ModelInfo`.
 
-    ``known_kinds``: scorer kinds the loader can build (default: every kind with a rule).
+    ``known_kinds``: scorer kinds the loader can build (default: every registered rung).
+    Each offset's spec and arrays are checked by its rung's ``check_artifact``.
     """
-    c = _Check(Path(path))
+    c = ArtifactCheck(Path(path))
     if not isinstance(header, Mapping):
         raise c.fail(f"artifact header is {type(header).__name__}, expected a JSON object")
     c.typed(header, "predictor", str, "header")
@@ -319,7 +92,8 @@ def validate_artifact(path: str | Path, header: Mapping[str, Any],
     offsets = c.typed(header, "offsets", dict, "header")
     if not offsets:
         raise c.fail("artifact holds no offset d")
-    kinds = set(RULES) if known_kinds is None else known_kinds & set(RULES)
+    registered = set(available())  # fills REGISTRY
+    kinds = registered if known_kinds is None else known_kinds & registered
     expected: set[str] = set()
     for key, entry in offsets.items():
         if not (isinstance(key, str) and key.isdigit() and 1 <= int(key) <= model.n_moe):
@@ -339,7 +113,7 @@ def validate_artifact(path: str | Path, header: Mapping[str, Any],
                 raise c.fail(f"array 'd{key}.{name}' is {v.dtype.str} {list(v.shape)}, header "
                              f"declares {want!r:.80}")
         c.prefix = f"d{key}."
-        RULES[kind](c, model, spec, own)
+        REGISTRY[kind].check_artifact(c, model, spec, own)
         c.prefix = ""
         expected |= {f"d{key}.{name}" for name in declared}
     extra = sorted(set(arrays) - expected)
@@ -350,7 +124,7 @@ def validate_artifact(path: str | Path, header: Mapping[str, Any],
     return model
 
 
-def _check_checksum(c: _Check, header: Mapping[str, Any],
+def _check_checksum(c: ArtifactCheck, header: Mapping[str, Any],
                     arrays: Mapping[str, np.ndarray]) -> None:
     want = header.get(CHECKSUM_KEY)
     if want is None:

@@ -279,124 +279,160 @@ class IOUringMethod(IOMethod, method_name="io_uring", completes_reads=True):
         raise NotImplementedError("io_uring reads are driven by run_worker")
 
     def run_worker(self, source: WorkSource) -> None:
-        import liburing as L
+        _RingWorker(self, source).run()
 
-        qd = self.queue_depth
-        ring = L.Ring()
-        cqe = L.Cqe()
-        rc = L.io_uring_queue_init(max(qd, 2), ring)
+
+class _RingWorker:
+    """The io_uring worker of one :class:`IOUringMethod`: a ring with ``queue_depth`` slots
+    (a chunk buffer each), an eventfd to wait on without the GIL, and the fetches whose
+    chunks are still to submit. Steps per round: submit, wait, reap."""
+
+    def __init__(self, method: IOUringMethod, source: WorkSource) -> None:
+        import liburing
+
+        self.L = liburing  # the binding, imported only when a worker runs
+        self.method = method
+        self.source = source
+        qd = method.queue_depth
+        self.ring = liburing.Ring()
+        self.cqe = liburing.Cqe()
+        rc = liburing.io_uring_queue_init(max(qd, 2), self.ring)
         if rc not in (0, None):
             raise OSError(-rc, "io_uring_queue_init failed")
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        L.io_uring_register_eventfd(ring, efd)
-        bufs = [bytearray(self.chunk_bytes) for _ in range(qd)]
-        slots: list[tuple[_Pending, int, int, bytearray] | None] = [None] * qd
-        free = list(range(qd))
-        active: deque[_Pending] = deque()  # fetches with chunks still to submit
-        inflight = 0
+        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        liburing.io_uring_register_eventfd(self.ring, self.efd)
+        self.bufs = [bytearray(method.chunk_bytes) for _ in range(qd)]
+        self.slots: list[tuple[_Pending, int, int, bytearray] | None] = [None] * qd
+        self.free = list(range(qd))
+        self.active: deque[_Pending] = deque()  # fetches with chunks still to submit
+        self.inflight = 0  # chunks submitted and not yet reaped
+
+    def run(self) -> None:
         try:
             while True:
-                stopping = source.stopping
-                # 1. fill free slots from active fetches, taking new ones as needed
-                prepared = 0
-                while free and not stopping:
-                    while active and not active[0].todo:
-                        active.popleft()
-                    if not active:
-                        item = source.take(0.0 if inflight or prepared else 0.05)
-                        if item is None:
-                            break
-                        active.append(_Pending(item, self.chunks(item.ranges)))
-                        continue
-                    p = active[0]
-                    off, n = p.todo.popleft()
-                    slot = free.pop()
-                    buf = bufs[slot] if n == self.chunk_bytes else bytearray(n)
-                    sqe = L.io_uring_get_sqe(ring)
-                    L.io_uring_prep_read(sqe, self.fd, buf, off)
-                    # IOSQE_ASYNC: straight to the kernel's blocking io-wq workers; the
-                    # inline non-blocking attempt + async page-wait path is slower
-                    # (docs/prefetch-io.md)
-                    sqe.flags = L.IOSQE_ASYNC
-                    L.io_uring_sqe_set_data64(sqe, slot)
-                    slots[slot] = (p, off, n, buf)
-                    p.outstanding += 1
-                    prepared += 1
-                if prepared:
-                    L.io_uring_submit(ring)
-                    inflight += prepared
+                stopping = self.source.stopping
+                if not stopping:
+                    self._submit()  # 1. fill free slots, taking new fetches as needed
                 if stopping:
-                    # abandon unsubmitted chunks; drain what the kernel still writes into
-                    for p in active:
-                        if not p.todo:
-                            continue  # fully submitted (or failed): finishes when reaped
-                        p.todo.clear()
-                        p.error = p.error or Cancelled()
-                        if p.outstanding == 0:
-                            source.finish(p.item, p.nbytes, p.error or Cancelled())
-                    active.clear()
-                    if not inflight:
+                    self._abandon_unsubmitted()
+                    if not self.inflight:
                         return
-                elif not inflight:
+                elif not self.inflight:
                     continue
-                # 2. wait for completions without holding the GIL
-                r, _, _ = select.select([efd], [], [], 0.05)
-                if r:
-                    try:
-                        os.read(efd, 8)
-                    except BlockingIOError:
-                        pass
-                # 3. reap
-                while True:
-                    try:
-                        L.io_uring_peek_cqe(ring, cqe)
-                    except OSError as exc:
-                        if exc.errno == errno.EAGAIN:
-                            break
-                        raise
-                    c = cqe[0]
-                    slot = int(c.user_data)
-                    try:
-                        res: int | BaseException = int(c.res)
-                    except OSError as exc:
-                        res = exc
-                    L.io_uring_cqe_seen(ring, c)
-                    entry = slots[slot]
-                    assert entry is not None
-                    slots[slot] = None
-                    free.append(slot)
-                    inflight -= 1
-                    p, off, n, _buf = entry
-                    p.outstanding -= 1
-                    if isinstance(res, BaseException):
-                        p.error = p.error or res
-                        p.todo.clear()
-                    elif res == 0:
-                        p.error = p.error or ShortReadError(
-                            errno.EIO, f"{self.path}: end of file at byte {off}, expected data "
-                            f"up to {off + n}: file truncated?")
-                        p.todo.clear()
-                    else:
-                        p.nbytes += res
-                        if res < n:  # short read: ask again for the rest
-                            p.todo.appendleft((off + res, n - res))
-                            if p not in active:
-                                active.appendleft(p)
-                    if p.outstanding == 0 and not p.todo:
-                        source.finish(p.item, p.nbytes, p.error)
+                self._wait()  # 2. wait for completions without holding the GIL
+                self._reap()  # 3. account them
         finally:
-            if inflight:  # only on an unexpected error: wait for the kernel before freeing
-                deadline = time.monotonic() + 2.0
-                while inflight and time.monotonic() < deadline:
-                    try:
-                        L.io_uring_peek_cqe(ring, cqe)
-                        L.io_uring_cqe_seen(ring, cqe[0])
-                        inflight -= 1
-                    except OSError:
-                        select.select([efd], [], [], 0.01)
-            L.io_uring_queue_exit(ring)
-            os.close(efd)
-            del bufs, slots
+            self._close()
+
+    def _submit(self) -> None:
+        """Prepare one read per free slot from the active fetches, then submit them all."""
+        L, m = self.L, self.method
+        prepared = 0
+        while self.free:
+            while self.active and not self.active[0].todo:
+                self.active.popleft()
+            if not self.active:
+                item = self.source.take(0.0 if self.inflight or prepared else 0.05)
+                if item is None:
+                    break
+                self.active.append(_Pending(item, m.chunks(item.ranges)))
+                continue
+            p = self.active[0]
+            off, n = p.todo.popleft()
+            slot = self.free.pop()
+            buf = self.bufs[slot] if n == m.chunk_bytes else bytearray(n)
+            sqe = L.io_uring_get_sqe(self.ring)
+            L.io_uring_prep_read(sqe, m.fd, buf, off)
+            # IOSQE_ASYNC: straight to the kernel's blocking io-wq workers; the inline
+            # non-blocking attempt + async page-wait path is slower (docs/prefetch-io.md)
+            sqe.flags = L.IOSQE_ASYNC
+            L.io_uring_sqe_set_data64(sqe, slot)
+            self.slots[slot] = (p, off, n, buf)
+            p.outstanding += 1
+            prepared += 1
+        if prepared:
+            L.io_uring_submit(self.ring)
+            self.inflight += prepared
+
+    def _abandon_unsubmitted(self) -> None:
+        """On stop: drop chunks not yet submitted; what the kernel still writes is reaped."""
+        for p in self.active:
+            if not p.todo:
+                continue  # fully submitted (or failed): finishes when reaped
+            p.todo.clear()
+            p.error = p.error or Cancelled()
+            if p.outstanding == 0:
+                self.source.finish(p.item, p.nbytes, p.error or Cancelled())
+        self.active.clear()
+
+    def _wait(self) -> None:
+        r, _, _ = select.select([self.efd], [], [], 0.05)
+        if r:
+            try:
+                os.read(self.efd, 8)
+            except BlockingIOError:
+                pass
+
+    def _reap(self) -> None:
+        """Take every completion off the ring and account it to its fetch."""
+        L = self.L
+        while True:
+            try:
+                L.io_uring_peek_cqe(self.ring, self.cqe)
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    break
+                raise
+            c = self.cqe[0]
+            slot = int(c.user_data)
+            try:
+                res: int | BaseException = int(c.res)
+            except OSError as exc:
+                res = exc
+            L.io_uring_cqe_seen(self.ring, c)
+            entry = self.slots[slot]
+            assert entry is not None
+            self.slots[slot] = None
+            self.free.append(slot)
+            self.inflight -= 1
+            self._completed(*entry[:3], res)
+
+    def _completed(self, p: _Pending, off: int, n: int, res: int | BaseException) -> None:
+        """One chunk read came back: an error, end of file, a short read or all of it."""
+        p.outstanding -= 1
+        if isinstance(res, BaseException):
+            p.error = p.error or res
+            p.todo.clear()
+        elif res == 0:
+            p.error = p.error or ShortReadError(
+                errno.EIO, f"{self.method.path}: end of file at byte {off}, expected data "
+                f"up to {off + n}: file truncated?")
+            p.todo.clear()
+        else:
+            p.nbytes += res
+            if res < n:  # short read: ask again for the rest
+                p.todo.appendleft((off + res, n - res))
+                if p not in self.active:
+                    self.active.appendleft(p)
+        if p.outstanding == 0 and not p.todo:
+            self.source.finish(p.item, p.nbytes, p.error)
+
+    def _close(self) -> None:
+        """Exit the ring; after an unexpected error, first wait (bounded) for the kernel to
+        stop writing into the buffers."""
+        L = self.L
+        if self.inflight:
+            deadline = time.monotonic() + 2.0
+            while self.inflight and time.monotonic() < deadline:
+                try:
+                    L.io_uring_peek_cqe(self.ring, self.cqe)
+                    L.io_uring_cqe_seen(self.ring, self.cqe[0])
+                    self.inflight -= 1
+                except OSError:
+                    select.select([self.efd], [], [], 0.01)
+        L.io_uring_queue_exit(self.ring)
+        os.close(self.efd)
+        self.bufs, self.slots = [], []
 
 
 METHODS: dict[str, type[IOMethod]] = IOMethod.registry

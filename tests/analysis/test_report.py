@@ -80,10 +80,10 @@ def test_report_json_is_strict_and_complete(structured_report: rep.Analysis) -> 
 
 def test_table5_numbers_in_markdown_match_json(structured_report: rep.Analysis) -> None:
     md = (structured_report.out_dir / "report.md").read_text()
-    loc = structured_report.summary["overall"]["locality"]
+    loc = structured_report.summary.overall.locality
     section = md.split("## 2. Temporal locality")[1]
     row0 = next(line for line in section.splitlines() if line.startswith("| 0 | "))
-    assert f"{100 * loc['first'][0]:.1f}%" in row0 and f"{100 * loc['any'][0]:.1f}%" in row0
+    assert f"{100 * loc.first[0]:.1f}%" in row0 and f"{100 * loc.any[0]:.1f}%" in row0
     assert "| layer | 1st: all | 1st: code | 1st: prose | 1st: uniform | 1st: indep." in md
 
 

@@ -89,26 +89,27 @@ def test_uniform_random_routing_is_near_the_baselines() -> None:
     x = random_sets(rng, 8000, 2, e, k)
     d = data_of(x, e, seq_len=100)
     s = r.routing_summary(d)
-    loc = s["locality"]
-    assert loc["first_uniform"] == 1 / 8
-    assert loc["any_uniform"] == pytest.approx(1 - 15 / 28)
-    np.testing.assert_allclose(loc["first"], 1 / 8, atol=0.02)
-    np.testing.assert_allclose(loc["any"], 1 - 15 / 28, atol=0.03)
-    np.testing.assert_allclose(loc["overlap"], k / e, atol=0.02)
+    loc = s.locality
+    assert loc.first_uniform == 1 / 8
+    assert loc.any_uniform == pytest.approx(1 - 15 / 28)
+    np.testing.assert_allclose(loc.first, 1 / 8, atol=0.02)
+    np.testing.assert_allclose(loc.any, 1 - 15 / 28, atol=0.03)
+    np.testing.assert_allclose(loc.overlap, k / e, atol=0.02)
     for key in ("first", "any", "overlap"):  # same popularity as uniform: baselines agree
-        np.testing.assert_allclose(loc[f"{key}_independent"], loc[f"{key}_uniform"], atol=0.01)
-    np.testing.assert_allclose(s["reuse"]["within_1"], k / e, atol=0.02)
-    assert np.all(s["popularity"]["gini"] < 0.05)
-    assert not s["popularity"]["dead"].any()
+        np.testing.assert_allclose(getattr(loc, f"{key}_independent"),
+                                   getattr(loc, f"{key}_uniform"), atol=0.01)
+    np.testing.assert_allclose(s.reuse.within_1, k / e, atol=0.02)
+    assert np.all(s.popularity.gini < 0.05)
+    assert not s.popularity.dead.any()
 
 
 def test_sticky_routing_beats_the_independent_baseline() -> None:
     rng = np.random.default_rng(1)
     x = sticky_sets(rng, 4000, 2, 8, 2, keep=0.5)
-    loc = r.routing_summary(data_of(x, 8, seq_len=200))["locality"]
+    loc = r.routing_summary(data_of(x, 8, seq_len=200)).locality
     # keep with p=0.5, otherwise a fresh uniform draw: 0.5 + 0.5/8
-    np.testing.assert_allclose(loc["first"], 0.5 + 0.5 / 8, atol=0.03)
-    assert np.all(loc["first"] > loc["first_independent"] + 0.3)
+    np.testing.assert_allclose(loc.first, 0.5 + 0.5 / 8, atol=0.03)
+    assert np.all(loc.first > loc.first_independent + 0.3)
 
 
 @pytest.mark.parametrize("e, k", [(4, 1), (8, 2), (6, 3), (32, 4)])
@@ -146,10 +147,10 @@ def test_no_pairs_gives_nan_not_an_error() -> None:
     x = np.array([[[0, 1]], [[1, 2]], [[2, 3]]])
     d = data_of(x, 4, seq_len=1)  # three one-token sequences
     s = r.routing_summary(d)
-    assert s["locality"]["n_pairs"] == 0
-    assert np.isnan(s["locality"]["first"]).all()
-    assert s["reuse"]["hist"][:, 0].tolist() == [6]  # every use is cold
-    assert np.isnan(s["reuse"]["median"]).all()
+    assert s.locality.n_pairs == 0
+    assert np.isnan(s.locality.first).all()
+    assert s.reuse.hist[:, 0].tolist() == [6]  # every use is cold
+    assert np.isnan(s.reuse.median).all()
 
 
 # --- reuse distance ------------------------------------------------------------------
@@ -170,8 +171,8 @@ def test_reuse_of_an_always_used_expert_is_distance_one() -> None:
     x = np.tile(np.array([[[2, 0]]]), (20, 1, 1))
     d = data_of(x, 3)
     s = r.routing_summary(d, max_distance=16)
-    assert s["reuse"]["hist"][0, 0] == 2 and s["reuse"]["hist"][0, 1] == 38
-    assert s["reuse"]["within_1"][0] == 1.0 and s["reuse"]["median"][0] == 1
+    assert s.reuse.hist[0, 0] == 2 and s.reuse.hist[0, 1] == 38
+    assert s.reuse.within_1[0] == 1.0 and s.reuse.median[0] == 1
 
 
 def test_uniform_reuse_distance_is_geometric() -> None:
@@ -237,11 +238,11 @@ def test_domain_divergence_and_per_domain_summaries() -> None:
     d = RoutingData.from_sequences(code + prose, 8)
     assert d.domains == ["code", "prose"] and d.n_sequences == 12
     s = r.summarize(d, max_distance=16)
-    (pair,) = s["divergence"]["pairs"]
-    np.testing.assert_allclose(pair["jsd"], 1.0)  # disjoint experts
-    assert np.all(s["divergence"]["floor"] < 0.05)
-    assert s["by_domain"]["code"]["popularity"]["dead"][:, 4:].all()
-    assert s["by_domain"]["code"]["n_tokens"] == 240
+    (pair,) = s.divergence.pairs
+    np.testing.assert_allclose(pair.jsd, 1.0)  # disjoint experts
+    assert np.all(s.divergence.floor < 0.05)
+    assert s.by_domain["code"].popularity.dead[:, 4:].all()
+    assert s.by_domain["code"].n_tokens == 240
 
 
 # --- the record ----------------------------------------------------------------------
@@ -298,10 +299,10 @@ def test_shuffled_baseline_separates_working_set_from_order() -> None:
     rng = np.random.default_rng(21)
     x = np.concatenate([rng.choice([2 * s, 2 * s + 1], 200) for s in range(4)]).reshape(-1, 1, 1)
     d = data_of(x, 8, seq_len=200)
-    loc = r.routing_summary(d)["locality"]
-    assert loc["first_independent"][0] == pytest.approx(1 / 8, abs=0.01)
-    assert loc["first_shuffled"][0] == pytest.approx(0.5, abs=0.03)
-    assert loc["first"][0] == pytest.approx(loc["first_shuffled"][0], abs=0.05)
+    loc = r.routing_summary(d).locality
+    assert loc.first_independent[0] == pytest.approx(1 / 8, abs=0.01)
+    assert loc.first_shuffled[0] == pytest.approx(0.5, abs=0.03)
+    assert loc.first[0] == pytest.approx(loc.first_shuffled[0], abs=0.05)
 
 
 def test_heldout_recall() -> None:
@@ -311,11 +312,11 @@ def test_heldout_recall() -> None:
     x = np.stack([np.stack([first, (first + 1) % 4], 1),
                   np.stack([(first + 2) % 4, (first + 3) % 4], 1)], axis=1)
     held = r.heldout_recall(data_of(x, 4, seq_len=50))
-    assert np.isnan(held["previous_layer"][0]) and held["previous_layer"][1] == 1.0
+    assert np.isnan(held.previous_layer[0]) and held.previous_layer[1] == 1.0
     counts = r.expert_counts(x, 4)
-    np.testing.assert_allclose(held["popularity"], r.topn_coverage(counts, 2), atol=0.05)
+    np.testing.assert_allclose(held.popularity, r.topn_coverage(counts, 2), atol=0.05)
     one = r.heldout_recall(data_of(x, 4))  # a single sequence: nothing to hold out
-    assert np.isnan(one["popularity"]).all() and np.isnan(one["previous_layer"]).all()
+    assert np.isnan(one.popularity).all() and np.isnan(one.previous_layer).all()
 
 
 def test_heldout_lookup_falls_back_to_popularity_for_unseen_rows() -> None:
@@ -329,4 +330,4 @@ def test_heldout_folds_alternate_within_each_domain() -> None:
     seqs = [make_sequence(np.tile([[[0, 1]], [[2, 3]]][i % 2], (10, 1, 1)), i,
                           ("code", "prose")[i % 2], n_expert=4) for i in range(8)]
     held = r.heldout_recall(RoutingData.from_sequences(seqs, 4))
-    assert held["popularity"][0] == pytest.approx(0.5)
+    assert held.popularity[0] == pytest.approx(0.5)

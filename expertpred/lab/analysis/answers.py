@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ...trace.dataset import ModelInfo
+from .records import RoutingReport
 
 
 @dataclass(frozen=True)
@@ -107,34 +108,34 @@ class Evidence:
         return f"{int(np.sum(hits))} of {len(hits)} layers (blocks {_layers(hits, self.blocks)})"
 
 
-def gather_evidence(summary: dict[str, Any], model: ModelInfo, th: Thresholds) -> Evidence:
+def gather_evidence(summary: RoutingReport, model: ModelInfo, th: Thresholds) -> Evidence:
     """Apply the thresholds to the numbers, layer by layer."""
-    o = summary["overall"]
-    pop, loc, reuse, cross = o["popularity"], o["locality"], o["reuse"], o["cross_layer"]
+    o = summary.overall
+    pop, loc, reuse, cross = o.popularity, o.locality, o.reuse, o.cross_layer
     e, k = model.n_expert, model.n_expert_used
     blocks = list(model.moe_layers)
     rand = k / e
 
     # same experts repeatedly (concentrated popularity or short-range reuse)
-    concentrated = pop["top_k_coverage"] >= th.repeat_lift * rand
-    reused = np.nan_to_num(reuse["within_1"]) >= th.repeat_lift * rand
+    concentrated = pop.top_k_coverage >= th.repeat_lift * rand
+    reused = np.nan_to_num(reuse.within_1) >= th.repeat_lift * rand
     repeated = concentrated | reused
     # temporal locality beyond popularity
-    first = np.nan_to_num(loc["first"])
-    local = ((first >= th.locality_lift * loc["first_uniform"])
-             & (first - loc["first_independent"] >= th.locality_margin))
-    ordered = first - np.nan_to_num(loc["first_shuffled"]) >= th.locality_margin
-    any_ = np.nan_to_num(loc["any"])
-    local_any = (any_ > loc["any_uniform"]) & (any_ - loc["any_independent"] >= th.locality_margin)
+    first = np.nan_to_num(loc.first)
+    local = ((first >= th.locality_lift * loc.first_uniform)
+             & (first - loc.first_independent >= th.locality_margin))
+    ordered = first - np.nan_to_num(loc.first_shuffled) >= th.locality_margin
+    any_ = np.nan_to_num(loc.any)
+    local_any = (any_ > loc.any_uniform) & (any_ - loc.any_independent >= th.locality_margin)
     # a simple predictor's top-k recall per layer
-    held = o["heldout_recall"]
-    heldout = bool(np.isfinite(held["popularity"]).any())
+    held = o.heldout_recall
+    heldout = bool(np.isfinite(held.popularity).any())
     if heldout:
-        pop_rec, prev_rec = held["popularity"], held["previous_layer"]
+        pop_rec, prev_rec = held.popularity, held.previous_layer
     else:  # one sequence: nothing to hold out
-        pop_rec = pop["top_k_coverage"]
-        prev_rec = np.concatenate([[np.nan], np.asarray(cross["topk_recall"], dtype=float)])
-    cands = {"previous token": np.nan_to_num(loc["overlap"]),
+        pop_rec = pop.top_k_coverage
+        prev_rec = np.concatenate([[np.nan], np.asarray(cross.topk_recall, dtype=float)])
+    cands = {"previous token": np.nan_to_num(loc.overlap),
              "popularity": np.nan_to_num(pop_rec),
              "previous layer": np.nan_to_num(prev_rec)}
     names = list(cands)
@@ -144,17 +145,17 @@ def gather_evidence(summary: dict[str, Any], model: ModelInfo, th: Thresholds) -
     predictable = best >= th.predictor_lift * rand
     best_names = [names[i] for i in best_idx]
     # uniform access
-    dead = pop["dead"].sum(axis=-1)
-    skewed = (pop["gini"] > th.skew_gini) | (pop["max_share_ratio"] >= th.skew_ratio) | (dead > 0)
+    dead = pop.dead.sum(axis=-1)
+    skewed = (pop.gini > th.skew_gini) | (pop.max_share_ratio >= th.skew_ratio) | (dead > 0)
     # cross-layer affinity
-    affine = ((cross["nmi"] > th.nmi) & (cross["mi_bits"] > 2 * cross["mi_baseline_bits"])
-              if len(cross["nmi"]) else np.zeros(0, dtype=bool))
+    affine = ((cross.nmi > th.nmi) & (cross.mi_bits > 2 * cross.mi_baseline_bits)
+              if len(cross.nmi) else np.zeros(0, dtype=bool))
     # domains
-    div = summary["divergence"]
-    floor = np.nan_to_num(div["floor"], nan=0.0)
-    dom_hits = {f"{p['a']} vs {p['b']}": (p["jsd"] >= np.maximum(th.domain_floor_factor * floor,
+    div = summary.divergence
+    floor = np.nan_to_num(div.floor, nan=0.0)
+    dom_hits = {f"{p.a} vs {p.b}": (p.jsd >= np.maximum(th.domain_floor_factor * floor,
                                                                    th.domain_jsd_min))
-                for p in div["pairs"]}
+                for p in div.pairs}
 
     return Evidence(blocks=blocks, k=k, rand=rand, concentrated=concentrated, reused=reused,
                     repeated=repeated, local=local, ordered=ordered, local_any=local_any,
@@ -163,10 +164,10 @@ def gather_evidence(summary: dict[str, Any], model: ModelInfo, th: Thresholds) -
                     affine=affine, dom_hits=dom_hits)
 
 
-def _predictability_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
+def _predictability_text(summary: RoutingReport, ev: Evidence, th: Thresholds,
               v_rep: str, v_loc: str, v_pred: str) -> list[str]:
-    o = summary["overall"]
-    pop, loc, reuse, cross = o["popularity"], o["locality"], o["reuse"], o["cross_layer"]
+    o = summary.overall
+    pop, loc, reuse, cross = o.popularity, o.locality, o.reuse, o.cross_layer
     k, rand, blocks, layer_word = ev.k, ev.rand, ev.blocks, ev.layer_word
     repeated, local, ordered, local_any = ev.repeated, ev.local, ev.ordered, ev.local_any
     best, best_names, cands, pop_rec, prev_rec = (ev.best, ev.best_names, ev.cands, ev.pop_rec,
@@ -174,23 +175,23 @@ def _predictability_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
     predictable, heldout, affine, n_layer = ev.predictable, ev.heldout, ev.affine, len(blocks)
     lines = [
         f"**Same experts repeatedly: {v_rep}.** The k={k} most used experts of a layer take "
-        f"{span(pop['top_k_coverage'])} of its selections (uniform: {pct(rand)}); an expert "
-        f"selected for a token is selected again for the next token {span(reuse['within_1'])}"
+        f"{span(pop.top_k_coverage)} of its selections (uniform: {pct(rand)}); an expert "
+        f"selected for a token is selected again for the next token {span(reuse.within_1)}"
         f" of the time (uniform: {pct(rand)}) and within 8 tokens "
-        f"{span(reuse['within_8'])} (uniform: {pct(reuse['uniform_within_8'])}). "
+        f"{span(reuse.within_8)} (uniform: {pct(reuse.uniform_within_8)}). "
         f"Criterion (either ≥ {th.repeat_lift}× k/E) met on {layer_word(repeated)}.",
         f"**Temporal locality: {v_loc}.** Consecutive tokens keep their first-choice expert "
-        f"{span(loc['first'])} of the time against {pct(loc['first_uniform'])} for uniform "
-        f"routing and {span(loc['first_independent'])} for independent tokens with the "
-        f"observed popularity; their top-{k} sets share an expert {span(loc['any'])} of the "
-        f"time (uniform {pct(loc['any_uniform'])}, independent "
-        f"{span(loc['any_independent'])}). Criterion (first-choice keep rate ≥ "
+        f"{span(loc.first)} of the time against {pct(loc.first_uniform)} for uniform "
+        f"routing and {span(loc.first_independent)} for independent tokens with the "
+        f"observed popularity; their top-{k} sets share an expert {span(loc.any)} of the "
+        f"time (uniform {pct(loc.any_uniform)}, independent "
+        f"{span(loc.any_independent)}). Criterion (first-choice keep rate ≥ "
         f"{th.locality_lift}× 1/E and ≥ {100 * th.locality_margin:g} percentage points above "
         f"the independent baseline) met on {layer_word(local)}; the top-{k} overlap is above "
         f"uniform and ≥ {100 * th.locality_margin:g} points above independent on "
         f"{layer_word(local_any)}. Shuffling the tokens inside each sequence (keeping each "
         f"sequence's own experts) gives a first-choice keep rate of "
-        f"{span(loc['first_shuffled'])}: the part of the excess over independent tokens "
+        f"{span(loc.first_shuffled)}: the part of the excess over independent tokens "
         f"that a per-sequence working set explains; the order of tokens adds ≥ "
         f"{100 * th.locality_margin:g} points beyond it on {layer_word(ordered)}.",
         f"**A predictor can be built: {v_pred}.** The best of three simple predictors of a "
@@ -209,30 +210,30 @@ def _predictability_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
     if len(affine):
         lines.append(
             f"**Cross-layer affinity:** the first choice at one layer carries "
-            f"{span(cross['mi_bits'], lambda x: f'{x:.3f}')} bits about the next layer's "
-            f"(independence baseline {span(cross['mi_baseline_bits'], lambda x: f'{x:.3f}')}"
-            f" bits; {span(cross['nmi'])} of the next layer's entropy); a lookup on it "
-            f"predicts the next first choice {span(cross['first_accuracy'])} of the time "
-            f"(most popular expert: {span(cross['first_accuracy_baseline'])}). Criterion "
+            f"{span(cross.mi_bits, lambda x: f'{x:.3f}')} bits about the next layer's "
+            f"(independence baseline {span(cross.mi_baseline_bits, lambda x: f'{x:.3f}')}"
+            f" bits; {span(cross.nmi)} of the next layer's entropy); a lookup on it "
+            f"predicts the next first choice {span(cross.first_accuracy)} of the time "
+            f"(most popular expert: {span(cross.first_accuracy_baseline)}). Criterion "
             f"(NMI > {th.nmi} and MI > 2× baseline) met on {int(affine.sum())} of "
             f"{len(affine)} adjacent layer pairs.")
     return lines
 
 
-def _uniform_access_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
+def _uniform_access_text(summary: RoutingReport, ev: Evidence, th: Thresholds,
               uniform_holds: str) -> list[str]:
-    pop = summary["overall"]["popularity"]
+    pop = summary.overall.popularity
     skewed, dead, local, layer_word = ev.skewed, ev.dead, ev.local, ev.layer_word
     lines = [
         f"**Uniform access holds: {uniform_holds}.** Per layer the Gini coefficient of expert "
-        f"usage is {span(pop['gini'], lambda x: f'{x:.3f}')} (0 = uniform), the most used "
-        f"expert gets {span(pop['max_share_ratio'], lambda x: f'{x:.2f}×')} and the least "
-        f"used {span(pop['min_share_ratio'], lambda x: f'{x:.2f}×')} its uniform share "
-        f"(1/E), Zipf slope {span(pop['zipf_slope'], lambda x: f'{x:.2f}')}; "
-        f"{int(dead.sum())} expert slots are never used and {int(pop['hot'].sum())} are hot "
+        f"usage is {span(pop.gini, lambda x: f'{x:.3f}')} (0 = uniform), the most used "
+        f"expert gets {span(pop.max_share_ratio, lambda x: f'{x:.2f}×')} and the least "
+        f"used {span(pop.min_share_ratio, lambda x: f'{x:.2f}×')} its uniform share "
+        f"(1/E), Zipf slope {span(pop.zipf_slope, lambda x: f'{x:.2f}')}; "
+        f"{int(dead.sum())} expert slots are never used and {int(pop.hot.sum())} are hot "
         f"(≥ 2× uniform share). Criterion for non-uniform (Gini > {th.skew_gini}, or max "
         f"share ≥ {th.skew_ratio}× uniform, or a dead expert) met on {layer_word(skewed)}. "
-        f"Sampling noise of a share is about ±{pct(pop['share_noise'])} relative.",
+        f"Sampling noise of a share is about ±{pct(pop.share_noise)} relative.",
     ]
     if local.any():
         lines.append(f"Access is also not uniform in time: {layer_word(local)} keep their "
@@ -241,18 +242,18 @@ def _uniform_access_text(summary: dict[str, Any], ev: Evidence, th: Thresholds,
     return lines
 
 
-def _domain_text(summary: dict[str, Any], ev: Evidence, th: Thresholds) -> list[str]:
-    div, dom_hits, layer_word = summary["divergence"], ev.dom_hits, ev.layer_word
+def _domain_text(summary: RoutingReport, ev: Evidence, th: Thresholds) -> list[str]:
+    div, dom_hits, layer_word = summary.divergence, ev.dom_hits, ev.layer_word
     if dom_hits:
         dom = [f"**Domain dependence ({name}): {_verdict(hits, th)}.** Jensen–Shannon "
-               f"divergence of per-layer usage {span(p['jsd'], lambda x: f'{x:.4f}')} bits "
-               f"against a split-half floor of {span(div['floor'], lambda x: f'{x:.4f}')} "
+               f"divergence of per-layer usage {span(p.jsd, lambda x: f'{x:.4f}')} bits "
+               f"against a split-half floor of {span(div.floor, lambda x: f'{x:.4f}')} "
                f"bits; criterion (≥ {th.domain_floor_factor}× floor and ≥ {th.domain_jsd_min}"
                f" bits) met on {layer_word(hits)}."
-               for (name, hits), p in zip(dom_hits.items(), div["pairs"])]
+               for (name, hits), p in zip(dom_hits.items(), div.pairs)]
     else:
         dom = [f"**Domain dependence: undetermined** — the trace has one domain "
-               f"({', '.join(div['domains'])})."]
+               f"({', '.join(div.domains)})."]
     return dom
 
 
@@ -299,7 +300,7 @@ class Answers:
                 "domains": asdict(self.domains), "per_layer": self.per_layer}
 
 
-def derive_answers(summary: dict[str, Any], model: ModelInfo, th: Thresholds) -> Answers:
+def derive_answers(summary: RoutingReport, model: ModelInfo, th: Thresholds) -> Answers:
     """Per-layer evidence and worded answers: repeated experts, temporal locality and
     predictability, uniform access, domain dependence."""
     ev = gather_evidence(summary, model, th)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ...trace.dataset import ModelInfo
+from .records import CrossLayerSummary, LocalitySummary, ReuseSummary, RoutingReport
 
 
 def _figure(w: float, h: float) -> Any:
@@ -31,18 +32,18 @@ def fig_popularity(path: Path, share_vs_uniform: np.ndarray, blocks: Sequence[in
     fig.savefig(path)
 
 
-def fig_locality(path: Path, loc: dict[str, Any], blocks: Sequence[int], k: int) -> None:
+def fig_locality(path: Path, loc: LocalitySummary, blocks: Sequence[int], k: int) -> None:
     fig = _figure(9, 3.6)
     x = np.arange(len(blocks))
     for j, (key, title) in enumerate((("first", "first choice kept"),
                                       ("any", f"top-{k} sets share an expert"))):
         ax = fig.add_subplot(1, 2, j + 1)
-        ax.bar(x, loc[key], color="tab:blue", label="observed")
-        ax.plot(x, loc[f"{key}_independent"], "o-", color="tab:orange",
+        ax.bar(x, getattr(loc, key), color="tab:blue", label="observed")
+        ax.plot(x, getattr(loc, f"{key}_independent"), "o-", color="tab:orange",
                 label="independent (same popularity)")
-        ax.plot(x, loc[f"{key}_shuffled"], "s-", color="tab:green",
+        ax.plot(x, getattr(loc, f"{key}_shuffled"), "s-", color="tab:green",
                 label="each sequence shuffled")
-        ax.axhline(loc[f"{key}_uniform"], color="k", ls="--", label="uniform")
+        ax.axhline(getattr(loc, f"{key}_uniform"), color="k", ls="--", label="uniform")
         ax.set_xticks(x, [str(b) for b in blocks])
         ax.set_xlabel("layer (block)")
         ax.set_ylim(0, 1)
@@ -53,21 +54,21 @@ def fig_locality(path: Path, loc: dict[str, Any], blocks: Sequence[int], k: int)
     fig.savefig(path)
 
 
-def fig_reuse(path: Path, reuse: dict[str, Any], blocks: Sequence[int]) -> None:
+def fig_reuse(path: Path, reuse: ReuseSummary, blocks: Sequence[int]) -> None:
     fig = _figure(9, 3.6)
-    hist = np.asarray(reuse["hist"], dtype=np.float64)[:, 1:-1]
-    tot = np.asarray(reuse["hist"], dtype=np.float64)[:, 1:].sum(axis=1, keepdims=True)
+    hist = np.asarray(reuse.hist, dtype=np.float64)[:, 1:-1]
+    tot = np.asarray(reuse.hist, dtype=np.float64)[:, 1:].sum(axis=1, keepdims=True)
     pmf = np.divide(hist, tot, out=np.zeros_like(hist), where=tot > 0)
     pmf[pmf == 0] = np.nan  # log axis: leave gaps, not drops to zero
     d = np.arange(1, hist.shape[1] + 1)
-    geo_cdf = np.asarray(reuse["uniform_cdf"])
+    geo_cdf = np.asarray(reuse.uniform_cdf)
     geo_pmf = np.diff(np.concatenate([[0.0], geo_cdf]))
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     cmap = _cmap("viridis")
     for i, b in enumerate(blocks):
         c = cmap(i / max(len(blocks) - 1, 1))
         ax1.plot(d, pmf[i], color=c, lw=1, label=str(b))
-        ax2.plot(d, reuse["cdf"][i], color=c, lw=1)
+        ax2.plot(d, reuse.cdf[i], color=c, lw=1)
     ax1.plot(d, geo_pmf, "k--", lw=1.5, label="uniform")
     ax2.plot(d, geo_cdf, "k--", lw=1.5)
     ax1.set_yscale("log")
@@ -111,14 +112,14 @@ def fig_transitions(path: Path, trans: np.ndarray, blocks: Sequence[int]) -> Non
     fig.savefig(path)
 
 
-def fig_mi(path: Path, cross: dict[str, Any], blocks: Sequence[int]) -> None:
+def fig_mi(path: Path, cross: CrossLayerSummary, blocks: Sequence[int]) -> None:
     fig = _figure(7, 3.4)
     ax = fig.add_subplot()
-    n = len(cross["mi_bits"])
+    n = len(cross.mi_bits)
     x = np.arange(n)
-    ax.bar(x - 0.2, cross["mi_bits"], 0.4, label="MI (first choices)")
-    ax.bar(x + 0.2, cross["mi_baseline_bits"], 0.4, color="gray", label="independence baseline")
-    ax.plot(x, cross["h_next_bits"], "k_", ms=18, label="H(next layer)")
+    ax.bar(x - 0.2, cross.mi_bits, 0.4, label="MI (first choices)")
+    ax.bar(x + 0.2, cross.mi_baseline_bits, 0.4, color="gray", label="independence baseline")
+    ax.plot(x, cross.h_next_bits, "k_", ms=18, label="H(next layer)")
     ax.set_xticks(x, [f"{blocks[i]}→{blocks[i + 1]}" for i in range(n)])
     ax.set_xlabel("adjacent layer pair (blocks)")
     ax.set_ylabel("bits")
@@ -127,25 +128,25 @@ def fig_mi(path: Path, cross: dict[str, Any], blocks: Sequence[int]) -> None:
     fig.savefig(path)
 
 
-def fig_domains(path: Path, summary: dict[str, Any], blocks: Sequence[int]) -> None:
-    div = summary["divergence"]
+def fig_domains(path: Path, summary: RoutingReport, blocks: Sequence[int]) -> None:
+    div = summary.divergence
     fig = _figure(9, 3.6)
     x = np.arange(len(blocks))
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for p in div["pairs"]:
-        ax1.plot(x, p["jsd"], "o-", label=f"{p['a']} vs {p['b']}")
-    ax1.plot(x, div["floor"], "k--", label="split-half floor")
+    for p in div.pairs:
+        ax1.plot(x, p.jsd, "o-", label=f"{p.a} vs {p.b}")
+    ax1.plot(x, div.floor, "k--", label="split-half floor")
     ax1.set_xticks(x, [str(b) for b in blocks])
     ax1.set_xlabel("layer (block)")
     ax1.set_ylabel("JSD (bits)")
     ax1.set_title("usage divergence between domains")
     ax1.legend(fontsize=7)
-    doms = list(summary["by_domain"])
+    doms = list(summary.by_domain)
     w = 0.8 / max(len(doms), 1)
     for j, d in enumerate(doms):
-        ax2.bar(x + (j - (len(doms) - 1) / 2) * w, summary["by_domain"][d]["locality"]["first"],
+        ax2.bar(x + (j - (len(doms) - 1) / 2) * w, summary.by_domain[d].locality.first,
                 w, label=d)
-    ax2.axhline(summary["overall"]["locality"]["first_uniform"], color="k", ls="--",
+    ax2.axhline(summary.overall.locality.first_uniform, color="k", ls="--",
                 label="uniform")
     ax2.set_xticks(x, [str(b) for b in blocks])
     ax2.set_xlabel("layer (block)")
@@ -155,9 +156,9 @@ def fig_domains(path: Path, summary: dict[str, Any], blocks: Sequence[int]) -> N
     fig.savefig(path)
 
 
-def write_figures(out: Path, summary: dict[str, Any], model: ModelInfo) -> dict[str, str]:
+def write_figures(out: Path, summary: RoutingReport, model: ModelInfo) -> dict[str, str]:
     """Draw every figure the summary supports into ``out``; name -> relative path."""
-    o = summary["overall"]
+    o = summary.overall
     blocks = list(model.moe_layers)
     figs: dict[str, str] = {}
 
@@ -165,12 +166,12 @@ def write_figures(out: Path, summary: dict[str, Any], model: ModelInfo) -> dict[
         fn(out / name, *args)
         figs[name] = name
 
-    fig("popularity.png", fig_popularity, o["popularity"]["share_vs_uniform"], blocks)
-    fig("locality.png", fig_locality, o["locality"], blocks, model.n_expert_used)
-    fig("reuse_distance.png", fig_reuse, o["reuse"], blocks)
-    if len(o["cross_layer"]["mi_bits"]):
-        fig("transitions.png", fig_transitions, o["cross_layer"]["transition_counts"], blocks)
-        fig("mutual_information.png", fig_mi, o["cross_layer"], blocks)
-    if len(summary["by_domain"]) > 1:
+    fig("popularity.png", fig_popularity, o.popularity.share_vs_uniform, blocks)
+    fig("locality.png", fig_locality, o.locality, blocks, model.n_expert_used)
+    fig("reuse_distance.png", fig_reuse, o.reuse, blocks)
+    if len(o.cross_layer.mi_bits):
+        fig("transitions.png", fig_transitions, o.cross_layer.transition_counts, blocks)
+        fig("mutual_information.png", fig_mi, o.cross_layer, blocks)
+    if len(summary.by_domain) > 1:
         fig("domains.png", fig_domains, summary, blocks)
     return figs

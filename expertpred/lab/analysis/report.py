@@ -6,7 +6,8 @@ directory next to the target and renamed into place at the end, so a failure nev
 half a report; an existing report directory is replaced, any other non-empty directory is
 refused.
 
-The answers to the research questions are derived from the numbers with the thresholds of
+The worded answers (same experts again? temporal locality? a predictor? uniform access?
+domain dependence?) are derived from the numbers with the thresholds of
 :class:`Thresholds`, which the report states next to each answer.
 """
 
@@ -37,6 +38,7 @@ from ...trace.dataset import (
 from .answers import Answers, Thresholds, derive_answers
 from .figures import write_figures
 from .markdown import locality_table, render_markdown
+from .records import RoutingReport
 from .routing import RoutingData, summarize
 
 log = logging.getLogger(__name__)
@@ -72,19 +74,19 @@ class Analysis:
     model: ModelInfo
     trace_dir: Path
     out_dir: Path
-    summary: dict[str, Any]  # the report.json document (numpy arrays): routing.summarize
+    summary: RoutingReport  # routing.summarize: report.json's numbers (numpy arrays)
     answers: Answers  # answers.derive_answers; report.json's "answers" is its to_json()
 
     @property
     def verdicts(self) -> Verdicts:
-        a, o = self.answers, self.summary["overall"]
+        a, o = self.answers, self.summary.overall
         return Verdicts(same_experts_repeatedly=a.predictability.same_experts_repeatedly,
                         temporal_locality=a.predictability.temporal_locality,
                         predictor_feasible=a.predictability.predictor_feasible,
                         uniform_access_holds=a.uniform_access.uniform_access_holds,
                         domains=dict(a.domains.verdicts),
-                        n_sequences=int(o["n_sequences"]),
-                        n_pairs=int(o["locality"]["n_pairs"]))
+                        n_sequences=int(o.n_sequences),
+                        n_pairs=int(o.locality.n_pairs))
 
 
 # --- loading -------------------------------------------------------------------------
@@ -242,7 +244,7 @@ def to_jsonable(x: Any) -> Any:
     return x
 
 
-def write_report(out: Path, summary: dict[str, Any], answers: Answers,
+def write_report(out: Path, summary: RoutingReport, answers: Answers,
                  model: ModelInfo, th: Thresholds, *, trace_dir: Path, n_prompt: int,
                  command: str | None = None) -> list[str]:
     """Write figures, report.md and report.json into ``out``; returns the file names."""
@@ -264,7 +266,7 @@ def write_report(out: Path, summary: dict[str, Any], answers: Answers,
             "transition_counts": "[pair][i][j]: tokens with first choice i at layer i and "
                                  "j at the next layer",
         },
-        **summary,
+        **asdict(summary),
     }
     doc = _readable_masks(doc)
     (out / REPORT_JSON).write_text(json.dumps(to_jsonable(doc), indent=1, allow_nan=False))

@@ -26,7 +26,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,6 +48,17 @@ from .popularity import (
     topn_coverage,
     usage_shares,
     zipf_slope,
+)
+from .records import (
+    CrossLayerSummary,
+    DomainDivergence,
+    DomainPair,
+    HeldoutRecall,
+    LocalitySummary,
+    PopularitySummary,
+    ReuseSummary,
+    RoutingReport,
+    RoutingSummary,
 )
 
 log = logging.getLogger(__name__)
@@ -401,7 +412,7 @@ def lookup_topn_recall(train: np.ndarray, test: np.ndarray, n: int) -> np.ndarra
     return np.divide(hit, tot, out=np.full(np.shape(tot), np.nan), where=tot > 0)
 
 
-def heldout_recall(data: RoutingData) -> dict[str, np.ndarray]:
+def heldout_recall(data: RoutingData) -> HeldoutRecall:
     """Top-k recall of the two fitted lookup predictors on sequences they were not fitted
     on: 2-fold over alternate sequences of each domain, hits and totals summed over both
     folds.
@@ -413,7 +424,7 @@ def heldout_recall(data: RoutingData) -> dict[str, np.ndarray]:
     ids = np.unique(data.seq_id)
     nan = np.full(n_layer, np.nan)
     if len(ids) < 2:
-        return {"popularity": nan, "previous_layer": nan.copy()}
+        return HeldoutRecall(popularity=nan, previous_layer=nan.copy())
     fold = np.zeros(data.n_tokens, dtype=bool)
     for d in data.domains:  # alternate sequences within each domain: both folds see both
         rows = data.domain == d
@@ -434,7 +445,7 @@ def heldout_recall(data: RoutingData) -> dict[str, np.ndarray]:
             hits_prev += np.nan_to_num(lookup_topn_recall(f2s[a], f2s[b], k)) * t[1:]
         tot += t
     prev = np.concatenate([[np.nan], hits_prev / np.maximum(tot[1:], 1)])
-    return {"popularity": hits_pop / np.maximum(tot, 1), "previous_layer": prev}
+    return HeldoutRecall(popularity=hits_pop / np.maximum(tot, 1), previous_layer=prev)
 
 
 # --- domains -------------------------------------------------------------------------
@@ -457,7 +468,7 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 # --- everything at once --------------------------------------------------------------
 
 
-def routing_summary(data: RoutingData, max_distance: int = 64) -> dict[str, Any]:
+def routing_summary(data: RoutingData, max_distance: int = 64) -> RoutingSummary:
     """All statistics of one set of tokens, as numpy arrays and numbers (no I/O)."""
     x, n_expert, k = data.experts, data.n_expert, data.k
     counts = expert_counts(x, n_expert)
@@ -471,81 +482,78 @@ def routing_summary(data: RoutingData, max_distance: int = 64) -> dict[str, Any]
     h_next = entropy_bits(trans.sum(axis=-2)) if len(trans) else np.zeros(0)
     mi = mutual_information(trans) if len(trans) else np.zeros(0)
     popular_next = (topn_coverage(counts[1:], k) if len(trans) else np.zeros(0))
-    return {
-        "n_tokens": data.n_tokens,
-        "n_sequences": data.n_sequences,
-        "popularity": {
-            "counts": counts,
-            "first_counts": first_counts,
-            "share": shares,
-            "share_vs_uniform": shares * n_expert,  # 1 = exactly uniform
-            "zipf_slope": zipf_slope(counts),
-            "gini": gini(counts),
-            "dead": dead_experts(counts),
-            "hot": hot_experts(counts),
-            "top_k_coverage": topn_coverage(counts, k),  # uniform: k / E
-            "max_share_ratio": np.nanmax(shares, axis=-1) * n_expert,
-            "min_share_ratio": np.nanmin(shares, axis=-1) * n_expert,
-            # relative standard error of a share under uniform routing: sampling noise
-            "share_noise": math.sqrt(n_expert / max(data.n_tokens * k, 1)),
-        },
-        "locality": locality_summary(data),
-        # generated tokens only (the phase a prefetcher serves), with their own baselines
-        "locality_decode": locality_summary(data.select(data.phase == Phase.DECODE)),
-        "reuse": {
-            "max_distance": max_distance,
-            "hist": hist,  # columns: cold, d=1..max_distance, > max_distance
-            "cold_share": usage_shares(hist)[:, 0],
-            "cdf": cdf,
-            "within_1": cdf[:, 0],
-            "within_8": cdf[:, min(8, max_distance) - 1],
-            "median": median_reuse_distance(hist),
-            "uniform_cdf": geo,
-            "uniform_within_1": float(geo[0]),
-            "uniform_within_8": float(geo[min(8, max_distance) - 1]),
-        },
-        "cross_layer": {
-            "transition_counts": trans,  # first choice at l -> first choice at l+1
-            "first_to_set_counts": f2s,  # first choice at l -> each of the top-k at l+1
-            "mi_bits": mi,
-            "mi_baseline_bits": mi_independence_baseline(trans) if len(trans) else mi,
-            "h_next_bits": h_next,
-            "nmi": np.divide(mi, h_next, out=np.zeros_like(mi), where=h_next > 0),
-            "first_accuracy": conditional_topn_recall(trans, 1) if len(trans) else mi,
-            "first_accuracy_baseline": (topn_coverage(first_counts[1:], 1) if len(trans)
-                                        else mi),
-            "topk_recall": conditional_topn_recall(f2s, k) if len(trans) else mi,
-            "topk_recall_baseline": popular_next,
-        },
-        # fitted predictors scored on the other half of the sequences (2-fold)
-        "heldout_recall": heldout_recall(data),
-    }
+    return RoutingSummary(
+        n_tokens=data.n_tokens,
+        n_sequences=data.n_sequences,
+        popularity=PopularitySummary(
+            counts=counts,
+            first_counts=first_counts,
+            share=shares,
+            share_vs_uniform=shares * n_expert,
+            zipf_slope=zipf_slope(counts),
+            gini=gini(counts),
+            dead=dead_experts(counts),
+            hot=hot_experts(counts),
+            top_k_coverage=topn_coverage(counts, k),
+            max_share_ratio=np.nanmax(shares, axis=-1) * n_expert,
+            min_share_ratio=np.nanmin(shares, axis=-1) * n_expert,
+            share_noise=math.sqrt(n_expert / max(data.n_tokens * k, 1)),
+        ),
+        locality=locality_summary(data),
+        locality_decode=locality_summary(data.select(data.phase == Phase.DECODE)),
+        reuse=ReuseSummary(
+            max_distance=max_distance,
+            hist=hist,
+            cold_share=usage_shares(hist)[:, 0],
+            cdf=cdf,
+            within_1=cdf[:, 0],
+            within_8=cdf[:, min(8, max_distance) - 1],
+            median=median_reuse_distance(hist),
+            uniform_cdf=geo,
+            uniform_within_1=float(geo[0]),
+            uniform_within_8=float(geo[min(8, max_distance) - 1]),
+        ),
+        cross_layer=CrossLayerSummary(
+            transition_counts=trans,
+            first_to_set_counts=f2s,
+            mi_bits=mi,
+            mi_baseline_bits=mi_independence_baseline(trans) if len(trans) else mi,
+            h_next_bits=h_next,
+            nmi=np.divide(mi, h_next, out=np.zeros_like(mi), where=h_next > 0),
+            first_accuracy=conditional_topn_recall(trans, 1) if len(trans) else mi,
+            first_accuracy_baseline=(topn_coverage(first_counts[1:], 1) if len(trans)
+                                     else mi),
+            topk_recall=conditional_topn_recall(f2s, k) if len(trans) else mi,
+            topk_recall_baseline=popular_next,
+        ),
+        heldout_recall=heldout_recall(data),
+    )
 
 
-def locality_summary(data: RoutingData) -> dict[str, Any]:
+def locality_summary(data: RoutingData) -> LocalitySummary:
     """Keep rates of the consecutive tokens of ``data`` per layer, and their baselines."""
     x, n_expert, k = data.experts, data.n_expert, data.k
     counts = expert_counts(x, n_expert)
     loc = temporal_locality(x, data.pairs)
-    return {
-        "n_pairs": loc.n_pairs, "first": loc.first, "any": loc.any, "overlap": loc.overlap,
-        "first_uniform": uniform_first_baseline(n_expert),
-        "any_uniform": uniform_any_baseline(n_expert, k),
-        "overlap_uniform": k / n_expert,
-        "first_independent": independent_first_baseline(expert_counts(x, n_expert, True)),
-        "any_independent": independent_any_baseline(x, n_expert),
-        "overlap_independent": independent_overlap_baseline(counts, data.n_tokens, k),
-        "first_shuffled": shuffled_first_baseline(x, data.seq_id),
-        "any_shuffled": shuffled_any_baseline(x, data.seq_id, n_expert),
-    }
+    return LocalitySummary(
+        n_pairs=loc.n_pairs, first=loc.first, any=loc.any, overlap=loc.overlap,
+        first_uniform=uniform_first_baseline(n_expert),
+        any_uniform=uniform_any_baseline(n_expert, k),
+        overlap_uniform=k / n_expert,
+        first_independent=independent_first_baseline(expert_counts(x, n_expert, True)),
+        any_independent=independent_any_baseline(x, n_expert),
+        overlap_independent=independent_overlap_baseline(counts, data.n_tokens, k),
+        first_shuffled=shuffled_first_baseline(x, data.seq_id),
+        any_shuffled=shuffled_any_baseline(x, data.seq_id, n_expert),
+    )
 
 
-def domain_divergence(data: RoutingData) -> dict[str, Any]:
+def domain_divergence(data: RoutingData) -> DomainDivergence:
     """Per-layer JS divergence of expert usage between every two domains, and a noise floor:
     the divergence between two halves (alternate sequences) of the same domain."""
     doms = data.domains
     counts = {d: expert_counts(data.experts[data.domain == d], data.n_expert) for d in doms}
-    pairs = [{"a": a, "b": b, "jsd": js_divergence(counts[a], counts[b])}
+    pairs = [DomainPair(a=a, b=b, jsd=js_divergence(counts[a], counts[b]))
              for i, a in enumerate(doms) for b in doms[i + 1:]]
     floors = []
     for d in doms:
@@ -557,16 +565,16 @@ def domain_divergence(data: RoutingData) -> dict[str, Any]:
         floors.append(js_divergence(expert_counts(data.experts[rows & half], data.n_expert),
                                     expert_counts(data.experts[rows & ~half], data.n_expert)))
     floor = np.mean(floors, axis=0) if floors else np.full(data.n_layer, np.nan)
-    return {"domains": doms, "pairs": pairs, "floor": floor}
+    return DomainDivergence(domains=doms, pairs=pairs, floor=floor)
 
 
 def summarize(data: RoutingData, max_distance: int = 64,
-              domains: Sequence[str] | None = None) -> dict[str, Any]:
+              domains: Sequence[str] | None = None) -> RoutingReport:
     """Overall statistics, the same per domain, and the domain divergence."""
     doms = list(domains) if domains is not None else data.domains
-    return {
-        "overall": routing_summary(data, max_distance),
-        "by_domain": {d: routing_summary(data.select(data.domain == d), max_distance)
-                      for d in doms},
-        "divergence": domain_divergence(data),
-    }
+    return RoutingReport(
+        overall=routing_summary(data, max_distance),
+        by_domain={d: routing_summary(data.select(data.domain == d), max_distance)
+                   for d in doms},
+        divergence=domain_divergence(data),
+    )
