@@ -37,7 +37,7 @@ MadviseRandom = Annotated[bool, typer.Option(
     help="madvise(MADV_RANDOM) llama.cpp's mapping: no fault read-around.")]
 Threads = Annotated[int, typer.Option("--threads", min=1, help="llama.cpp threads.")]
 PredictThread = Annotated[bool, typer.Option(
-    "--predict-thread", metavar="",  # a flag: see app.flag
+    "--predict-thread",
     help="Run the features and the predictor on a thread of their own: the eval callback "
          "only hands the routing over; predictions that finish after their layer are "
          "counted as late and not read.")]
