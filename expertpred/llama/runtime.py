@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -63,6 +64,36 @@ class _LoadErrors:
         from llama_cpp import _logger
 
         llama_cpp.llama_log_set(_logger.llama_log_callback, None)
+
+
+_PARAMS_LOCK = threading.Lock()  # the patched default is process-wide while a model loads
+
+
+@contextlib.contextmanager
+def weights_in_file_mapping() -> Iterator[None]:
+    """``llama_cpp.Llama`` objects created inside keep every weight in the file mapping.
+
+    llama.cpp's CPU backend repacks quantized weights (q4_0, iq4_nl, ...) into anonymous
+    "extra buffer types" at load: a private copy of the model that prefetch reads into the
+    page cache do not feed, that residency eviction on the mapping cannot drop, and that a
+    memory limit below the model's size turns into an OOM kill. llama-cpp-python does not
+    expose ``use_extra_bufts``, so the default-params call ``Llama.__init__`` makes is
+    wrapped while it runs. Costs the repacked layout's faster matmuls on in-RAM models."""
+    import llama_cpp.llama_cpp as low  # the module Llama.__init__ calls
+
+    with _PARAMS_LOCK:
+        default = low.llama_model_default_params
+
+        def params() -> Any:
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        low.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = default
 
 
 def load_model(path: str | os.PathLike[str]) -> Any:

@@ -7,6 +7,7 @@ and feeds the plugin each batch's tokens from ``eval`` (see :mod:`.plugin`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import fields
@@ -38,10 +39,12 @@ class PrefetchLlama(Llama):  # type: ignore[misc]
     persistent ggml threadpool (the callback splits each token's graph into one compute per
     MoE layer; the pool avoids respawning threads for each). ``eval`` tells the plugin which
     tokens each batch holds. ``close()`` frees the context before the plugin.
+    With the plugin on, quantized weights stay in the file mapping (no repacked copy; see
+    ``llama.runtime.weights_in_file_mapping``) unless ``repack=True``.
     """
 
     def __init__(self, model_path: str | os.PathLike[str], config: PluginConfig | None = None,
-                 **kwargs: Any) -> None:
+                 *, repack: bool = False, **kwargs: Any) -> None:
         runtime.quiet_logs()
         plugin_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _PLUGIN_FIELDS}
         llama_kwargs = kwargs
@@ -55,7 +58,10 @@ class PrefetchLlama(Llama):  # type: ignore[misc]
             llama_kwargs.setdefault("verbose", False)
             errors = runtime._LoadErrors()
             try:
-                with errors:
+                # the plugin reads and evicts weights in the file mapping: no repacked copy
+                mapped = (runtime.weights_in_file_mapping() if self.plugin.enabled
+                          and not repack else contextlib.nullcontext())
+                with errors, mapped:
                     super().__init__(model_path=str(model_path), **llama_kwargs)
             except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
                 why = errors.lines[0] if errors.lines else str(exc)
