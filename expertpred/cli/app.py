@@ -65,7 +65,8 @@ def _root() -> None:
 
 def parse_bytes(text: str, what: str) -> int:
     units = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
-             "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
+             "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40,
+             "tb": 10**12, "tib": 1 << 40}
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if m is None or m[2].lower() not in units:
         raise ExpertPredError(f"{what} {text!r}: expected a size like 512MiB or 2GiB")
