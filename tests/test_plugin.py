@@ -246,3 +246,16 @@ def test_predict_thread_predicts_the_same_off_the_inference_thread(refs: dict[st
     assert b.ahead_requests <= a.ahead_requests
     assert (b.ahead_requests == a.ahead_requests) == (b.late_predictions == 0)
     assert not threaded.engine.unbalanced(), threaded.engine.ledgers()
+
+
+def test_a_predictor_that_reads_hidden_states_is_refused_at_load(refs: dict[str, Ref]) -> None:
+    """The plugin does not capture router inputs: a predictor that needs them would fail in
+    every callback, so it is one error at load instead."""
+    from dataclasses import replace
+
+    from expertpred.errors import ExpertPredError
+
+    ref = refs["tiny-mixtral"]
+    with pytest.raises(ExpertPredError, match="hidden states"):
+        PrefetchLlama(ref.path, mode="predictor",
+                      predictor=replace(ref.predictors, needs_hidden=True), **LLAMA)

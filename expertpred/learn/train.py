@@ -65,6 +65,9 @@ class PredictorsConfig:
     fast_mlp_hidden: int = 256  # the default online predictor: width of its hidden layers
     fast_mlp_layers: int = 1  # 1 or 2 hidden layers (each adds one gemv per online step)
     fast_mlp_epochs: int = 20
+    # the plugin does not capture router inputs online, so the online predictor must not
+    # read them (hidden columns or gate look-ahead scores): it could not run there
+    fast_mlp_use_hidden: bool = False
     gate_features: bool = True  # learned models also get gate look-ahead scores (needs GGUF)
     # --- evaluation
     cross_domain: bool = True  # also train code → test prose and prose → code
@@ -234,8 +237,9 @@ def predictor_params(cfg: PredictorsConfig, name: str, gguf_path: str = "") -> d
                 "gguf_path": gguf_path if cfg.gate_features else ""}
     if name == "fast-mlp":
         return {"hidden_size": cfg.fast_mlp_hidden, "n_hidden": cfg.fast_mlp_layers,
-                "epochs": cfg.fast_mlp_epochs, "use_hidden": cfg.mlp_use_hidden,
-                "seed": cfg.seed, "gguf_path": gguf_path if cfg.gate_features else ""}
+                "epochs": cfg.fast_mlp_epochs, "use_hidden": cfg.fast_mlp_use_hidden,
+                "seed": cfg.seed,
+                "gguf_path": gguf_path if cfg.gate_features and cfg.fast_mlp_use_hidden else ""}
     if name == "gate-lookahead":
         return {"gguf_path": gguf_path}
     if name == "random":

@@ -169,6 +169,12 @@ class PrefetchPlugin:
                 raise ExpertPredError("mode 'predictor' needs a predictor (--predictor)")
             self.predictor.model.check_same(ModelInfo.from_layout(self.layout_),
                                             f"predictor for {self.gguf_path}")
+            if self.predictor.needs_hidden:  # else every prediction fails in the callback
+                raise ExpertPredError(
+                    f"predictor {getattr(self.predictor, 'source', '') or ''} reads hidden "
+                    "states (router inputs), which the plugin does not capture online; "
+                    "expected one trained without them (expertpred train "
+                    "--mlp_use_hidden=false, --lgb_use_hidden=false)")
             return min(DEFAULT_LOOKAHEAD, max(self.predictor.offsets))
         if self.mode is Mode.ORACLE:
             if self.oracle is None:
