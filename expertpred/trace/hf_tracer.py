@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExpertPredError
+from .prompts import prompt_token_ids
 from .record import Phase, SequenceTrace
 
 log = logging.getLogger(__name__)
@@ -195,9 +196,7 @@ class HFTracer:
         return list(self.tokenizer_(text, add_special_tokens=True)["input_ids"])
 
     def _tokens(self, prompt: str | Sequence[int] | np.ndarray) -> list[int]:
-        toks = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not toks:
-            raise ExpertPredError("empty prompt: expected at least one token")
+        toks = prompt_token_ids(prompt, self.tokenize)
         return toks
 
     def _collect(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:

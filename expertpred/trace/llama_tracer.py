@@ -77,6 +77,7 @@ from ..gguf.layout import read_layout
 from ..llama import ggml, runtime
 from ..llama.hook import RoutingHook, check_node
 from ..llama.nodes import ARGSORT, CapturePlan, node_name, trace_plan
+from .prompts import prompt_token_ids
 from .record import Phase, SequenceTrace
 
 log = logging.getLogger(__name__)
@@ -259,9 +260,7 @@ class LlamaTracer:
         return runtime.detokenize(self._vocab, tokens)
 
     def _tokens(self, prompt: str | Sequence[int] | np.ndarray) -> list[int]:
-        toks = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not toks:
-            raise ExpertPredError("empty prompt: expected at least one token")
+        toks = prompt_token_ids(prompt, self.tokenize)
         bad = [t for t in toks if not 0 <= t < self.n_vocab_]
         if bad:
             raise ExpertPredError(

@@ -14,8 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import ExpertPredError
 
@@ -146,3 +149,13 @@ def load_prompts(path: str | os.PathLike[str], split: str | None = None,
                                       f"file: {where})")
         raise PromptFileError(f"{path}: no prompt with split {split!r} and domain {domain!r}")
     return out
+
+
+def prompt_token_ids(prompt: str | Sequence[int] | np.ndarray,
+                     tokenize: Callable[[str], list[int]]) -> list[int]:
+    """A prompt given as text (tokenized here) or as token ids, as a non-empty list of ints
+    (both tracers take either)."""
+    toks = tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    if not toks:
+        raise ExpertPredError("empty prompt: expected at least one token")
+    return toks

@@ -88,6 +88,13 @@ class _TraceTarget:
             if (d / name).read_bytes() != data:
                 (d / name).write_bytes(data)
 
+    def _pick(self, rng: random.Random) -> tuple[Path, dict[str, bytes], Any]:
+        """Choose the seed dataset and the read path of this case: (its directory, its
+        pristine files, its pristine manifest)."""
+        self.i = rng.randrange(len(self.pristine))
+        self.via = rng.choice(("numpy", "sequences"))
+        return self.pristine[self.i]
+
     def _write_manifest(self, m: Any) -> None:
         (self.pristine[self.i][0] / MANIFEST_NAME).write_text(json.dumps(m, indent=1))
 
@@ -193,9 +200,7 @@ class ManifestTarget(_TraceTarget):
         return op
 
     def case(self, rng: random.Random) -> str:
-        self.i = rng.randrange(len(self.pristine))
-        self.via = rng.choice(("numpy", "sequences"))
-        d, files, m0 = self.pristine[self.i]
+        d, files, m0 = self._pick(rng)
         raw = files[MANIFEST_NAME]
         kind = rng.choices(["json", "semantic", "flip", "truncate"], weights=[45, 35, 12, 8])[0]
         if kind in ("json", "semantic"):
@@ -250,9 +255,7 @@ class ShardTarget(_TraceTarget):
         return table, f"rewrite {op}"
 
     def case(self, rng: random.Random) -> str:
-        self.i = rng.randrange(len(self.pristine))
-        self.via = rng.choice(("numpy", "sequences"))
-        d, files, m0 = self.pristine[self.i]
+        d, files, m0 = self._pick(rng)
         m = copy.deepcopy(m0)
         j = rng.randrange(len(m["shards"]))
         sh = m["shards"][j]

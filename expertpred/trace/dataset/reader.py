@@ -101,9 +101,7 @@ class TraceDataset:
                                 page_checksum_verification=True)
             seq_id = pf.read(columns=["seq_id"], use_threads=False).column(0).to_numpy()
         except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
-            data.check()  # damaged bytes: say so rather than what Arrow tripped over
-            raise TraceDatasetError(f"{p}: not a readable Parquet shard "
-                                    f"({type(exc).__name__}: {one_line(exc)})"[:300]) from None
+            raise _unreadable(p, data, exc) from None
         check_shard_rows(p, seq_id, s.seq_ids, s.rows)
         return pf, data
 
@@ -114,9 +112,7 @@ class TraceDataset:
         try:
             table = pf.read(columns=columns, use_threads=False)
         except (pa.ArrowException, OSError, ValueError) as exc:
-            data.check()
-            raise TraceDatasetError(f"{self.path / s.name}: not a readable Parquet shard "
-                                    f"({type(exc).__name__}: {one_line(exc)})"[:300]) from None
+            raise _unreadable(self.path / s.name, data, exc) from None
         data.check()
         return table, pf
 
@@ -234,9 +230,7 @@ class TraceDataset:
                 yield from pf.iter_batches(batch_size=batch_rows, columns=cols,
                                            use_threads=False)
             except (pa.ArrowException, OSError, ValueError) as exc:
-                data.check()
-                raise TraceDatasetError(f"{self.path / s.name}: not a readable Parquet shard "
-                                        f"({type(exc).__name__}: {one_line(exc)})"[:300]) from None
+                raise _unreadable(self.path / s.name, data, exc) from None
             # streaming keeps memory at one batch, so a damaged shard is reported at its
             # end: to_numpy() and the other bulk reads then return nothing
             data.check()
@@ -354,3 +348,10 @@ class TraceDataset:
                 )
             del t
 
+
+def _unreadable(path: Path, data: ShardBytes, exc: BaseException) -> TraceDatasetError:
+    """The error for a shard Arrow cannot decode; damaged bytes say so instead
+    (``data.check()`` raises first) rather than what Arrow tripped over."""
+    data.check()
+    return TraceDatasetError(f"{path}: not a readable Parquet shard "
+                             f"({type(exc).__name__}: {one_line(exc)})"[:300])

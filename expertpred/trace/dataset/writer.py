@@ -37,8 +37,8 @@ from .manifest import (
     DecodingInfo,
     ManifestInfo,
     ShardInfo,
+    atomic_file,
     find_manifest,
-    fsync_dir,
     now_utc,
     read_manifest,
     software_versions,
@@ -479,10 +479,8 @@ class TraceWriter:
 
     def _write_shard(self, table: pa.Table) -> ShardInfo:
         name = self._next_name()
-        final = self.out_dir / name
-        tmp = self.out_dir / (name + TMP_SUFFIX)
         try:
-            with open(tmp, "wb") as f:
+            with atomic_file(self.out_dir / name) as f:
                 hw = _HashingWriter(f)
                 pq.write_table(table, hw, compression=self.compression,
                                row_group_size=self._row_group_rows(table),
@@ -492,18 +490,13 @@ class TraceWriter:
                                # CRC32 per page: the reader rejects a damaged page before
                                # Arrow's decoders see it
                                write_page_checksum=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            fsync_dir(self.out_dir)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise self._fail(
                 f"{self.out_dir}: {_describe_oserror(exc)} while writing {name}; it was removed, "
                 f"{len(self._shards)} finished shards are kept (rerun with --resume once there "
                 "is room)") from None
         seq_ids = tuple(int(s) for s in dict.fromkeys(s.seq_id for s, _ in self._buffer))
-        log.debug("%s: %d rows, %d bytes", final, table.num_rows, hw.nbytes)
+        log.debug("%s: %d rows, %d bytes", self.out_dir / name, table.num_rows, hw.nbytes)
         return ShardInfo(name, table.num_rows, seq_ids, hw.nbytes, hw.sha.hexdigest())
 
     def _write_manifest(self) -> None:
