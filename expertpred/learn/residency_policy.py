@@ -192,9 +192,14 @@ class LearnedPolicy(ResidencyPolicy, policy_name="learned"):
         if not self.distance:
             return p.reshape(-1)
         n_l = self.n_layer_
+        steps = (np.arange(n_l) - self.layer_ - 1) % n_l + 1  # to each layer's next routing
+        if self.model.has_reuse:
+            # the regressed reuse distance in tokens (a prefetched expert: its next routing)
+            d = np.where(self.boost_.reshape(p.shape) > 0, 1.0,
+                         np.exp2(np.clip(self.state_.log_dist, 0.0, None)))
+            return -(steps[:, None] + n_l * (d - 1.0)).reshape(-1)
         h = self.model.config.horizon
         q = 1.0 - np.power(np.clip(1.0 - p, 0.0, 1.0), 1.0 / h)  # per-token use probability
-        steps = (np.arange(n_l) - self.layer_ - 1) % n_l + 1  # to each layer's next routing
         if not self.model.uses_tokens:
             return -(steps[:, None] + n_l * (1.0 / np.maximum(q, 1e-9) - 1.0)).reshape(-1)
         # p knows the next token's id (after the boundary): used by it with q, else back

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import ExpertPredError
 from ..features import FeatureConfig, ModelInfo, build_features
 from ..predictors import Predictor, available, make_predictor
@@ -77,11 +79,14 @@ class PredictorsConfig:
     cache_prefetch_k: int = 0  # experts prefetched per layer; 0 = n_expert_used
     residency_horizon: int = 1  # next-use model target: used within this many tokens (the
     # learned residency policy's bytes per token were lowest at 1 on both shipped traces)
+    residency_phase: str = "decode"  # the next-use model learns from the train split's
+    # tokens of this phase, one stream in order (like the evaluated stream): decode repeats
+    # itself more than prompts do, and the reuse head's copy feature lives on that
     plots: bool = True
     out: str = "runs/predictors"  # models/, report.json and plots land here
 
     def __post_init__(self) -> None:
-        for name in ("train_phase", "eval_phase"):
+        for name in ("train_phase", "eval_phase", "residency_phase"):
             if getattr(self, name) not in ("all", "decode"):
                 raise ExpertPredError(f"config {name}={getattr(self, name)!r}: expected "
                                       "'all' or 'decode'")
@@ -307,9 +312,14 @@ def fit_nextuse(cfg: PredictorsConfig, source: TraceSource,
     """The learned residency policy's next-use model, on the same training sequences."""
     nc = NextUseConfig(horizon=cfg.residency_horizon, history_decay=cfg.history_decay,
                        seed=cfg.seed)
-    traces = list(source.sequences(train_ids))
+    keep = phase_value(cfg.residency_phase)
+    experts, tokens = [], []
+    for t in source.sequences(train_ids):
+        pos = np.arange(t.n_tokens) if keep is None else np.flatnonzero(t.phase == keep)
+        experts.append(t.experts[pos])
+        tokens.append(t.tokens[pos])
     return NextUseModel(source.model.n_moe, source.model.n_expert, nc).fit(
-        [t.experts for t in traces], [t.tokens for t in traces])
+        [np.concatenate(experts)], [np.concatenate(tokens)])
 
 
 NEXTUSE_FILE = "nextuse.npz"  # in <out>/models, next to the ladder's predictors

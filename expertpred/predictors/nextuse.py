@@ -43,6 +43,7 @@ import numpy as np
 from ..errors import ExpertPredError
 from ..features import _history, multihot
 from .base import NotFittedError
+from .reuse import CAP, ReuseTracker, fit_reuse, n_reuse_features, reuse_rows
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class NextUseConfig:
     seed: int = 0
     token_features: bool = True  # the current / next token id tables (needs token ids)
     token_prior: float = 4.0  # pseudo-rows of popularity per id: rare ids back off to it
+    reuse: bool = True  # also fit the reuse-distance head (.reuse) the policy ranks by
+    reuse_l2: float = 1e-3  # ridge of the distance head, per row
 
     def __post_init__(self) -> None:
         if self.horizon < 1:
@@ -233,6 +236,10 @@ class NextUseModel:
         x = self._columns(used, age, hist, layer, cur, nxt).reshape(-1, self._n_features())
         self.coef_ = _logistic(x, y.reshape(-1).astype(np.float64), cfg.l2, cfg.newton_steps)
         self.n_train_rows_ = int(len(x))
+        if cfg.reuse:
+            # 3. the distance head: every row state of every sequence, as online
+            self.reuse_coef_ = fit_reuse(self, seqs, None if tokens is None else toks,
+                                         cfg.reuse_l2)
         return self
 
     def _fit_token_tables(self, rows: list[_Rows]) -> None:
@@ -256,6 +263,25 @@ class NextUseModel:
 
     def _n_features(self) -> int:
         return 4 + (N_BUCKETS - 1) + self.n_layer + (2 if self.uses_tokens else 0)
+
+    @property
+    def has_reuse(self) -> bool:
+        """The model has the reuse-distance head (older files do not)."""
+        return hasattr(self, "reuse_coef_")
+
+    def predict_reuse(self, experts: np.ndarray, tokens: np.ndarray | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """float64 (T, L, E) predicted log2 reuse distance in tokens of one sequence, as
+        online right after each routing and after the next id is told (NaN for the last
+        token, or without ids)."""
+        self._check_fitted()
+        if not self.has_reuse:
+            raise NotFittedError("NextUseModel: fitted without the reuse head (reuse=False)")
+        shape = (len(experts), self.n_layer, self.n_expert)
+        routed, told = np.zeros(shape), np.full(shape, np.nan)
+        for t, j, known, x in reuse_rows(self, experts, tokens):
+            (told if known else routed)[t, j] = x @ self.reuse_coef_
+        return routed, told
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
@@ -299,6 +325,8 @@ class NextUseModel:
                 "config": asdict(self.config), "n_train_rows": self.n_train_rows_}
         tok = ({"tok_ids": self.tok_ids_, "tok_cur": self.tok_cur_, "tok_nxt": self.tok_nxt_}
                if self.uses_tokens else {})
+        if self.has_reuse:
+            tok["reuse_coef"] = self.reuse_coef_
         with open(path, "wb") as f:
             np.savez(f, trans=self.trans_, pop=self.pop_, coef=self.coef_,
                      __meta__=np.array(json.dumps(meta)), **tok)
@@ -326,6 +354,14 @@ class NextUseModel:
                         raise ValueError(f"token tables of shape {m.tok_cur_.shape}, "
                                          f"expected {want_tok}")
                 m.n_train_rows_ = int(meta["n_train_rows"])
+                if "reuse_coef" in z.files:  # files from before the distance head lack it
+                    m.reuse_coef_ = z["reuse_coef"]
+                    want_r = (n_reuse_features(m.n_layer, m.uses_tokens),)
+                    if m.reuse_coef_.shape != want_r or m.reuse_coef_.dtype != np.float64:
+                        raise ValueError(f"reuse_coef of shape {m.reuse_coef_.shape} "
+                                         f"{m.reuse_coef_.dtype}, expected {want_r} float64")
+                    if not np.isfinite(m.reuse_coef_).all():
+                        raise ValueError("reuse_coef is not finite")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ExpertPredError(f"{p}: not a next-use model .npz ({exc})") from None
         want = (m.n_layer, m.n_expert, m.n_expert)
@@ -357,9 +393,18 @@ class NextUseState:
         self.token = -1  # id of the token being evaluated (-1 = not told)
         self.row_token = np.full(l_n, -1, np.int64)  # id of the token each row routed at
         self.routed = np.zeros(l_n, bool)
+        # the distance head: predicted log2 tokens to each expert's next use at its layer,
+        # from the layer's latest row; layers not routed yet: popularity's mean gap
+        self.reuse = ReuseTracker(model) if model.has_reuse else None
+        self.log_dist = np.log2(np.clip(1.0 / model.pop_, 1.0, CAP)).astype(np.float64)
 
     def begin_token(self, token: int) -> None:
         self.token = int(token)
+        if self.reuse is not None:
+            self.reuse.begin_token(self.token)
+            if self.model.uses_tokens:
+                for j in np.flatnonzero(self.routed).tolist():
+                    self.log_dist[j] = self.reuse.columns(j, True) @ self.model.reuse_coef_
         if not self.model.uses_tokens or not self.routed.any():
             return
         j = np.flatnonzero(self.routed)
@@ -382,6 +427,9 @@ class NextUseState:
             row[None], self.age[layer][None], self.history[layer][None],
             np.array([layer]), self.row_token[layer:layer + 1], np.array([-1]))[0]
         self.prob_routed[layer] = self.prob[layer]
+        if self.reuse is not None:
+            self.reuse.observe(layer, ex)
+            self.log_dist[layer] = self.reuse.columns(layer, False) @ self.model.reuse_coef_
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int) -> np.ndarray:

@@ -1,0 +1,225 @@
+"""Reuse distance for expert residency: in how many tokens will expert ``e`` of layer ``j``
+be used again?
+
+Belady-MIN evicts the resident expert whose next use is farthest. Capping Belady's
+knowledge shows how far ahead that has to be known: with exact distances up to 1 token
+(which experts the next token uses, nothing more) the policy reads 1.8-2.1x Belady's bytes
+at a 50 % budget on the shipped traces; up to 8 tokens, 1.0-1.2x (docs/residency.md). So
+the learned policy needs a regression on the distance itself, not P(used by the next
+token) stretched into a distance by a geometric guess. This module is that regression, a
+relaxed Belady in the sense of LRB (Song et al., NSDI 2020): ridge least squares on
+``log2 min(distance, CAP)`` per (row, expert), where a row is the state of layer ``j``
+after it routed at token ``p`` (or after the next token's id is told at the boundary).
+
+Features beyond :mod:`.nextuse`'s (routing now, age, per-layer transition and popularity,
+per-token-id tables):
+
+- exponentially decayed use counters at several decays (LRB's EDCs): how often the expert
+  was used lately, at several time scales;
+- the last gap between two uses (LRB's delta), bucketed;
+- **copy**: greedy decoding of small models repeats itself, and routing follows the token.
+  Align the current token with the last earlier occurrence of its id; the routing that
+  followed that occurrence predicts the routing that follows now (prompt-lookup decoding's
+  idea, applied to experts). Once the next token's id is known (the argmax, at the token
+  boundary) the alignment uses it and also covers the next token itself.
+
+:class:`ReuseTracker` owns the per-run state and builds the design columns of one layer
+row; training (:func:`fit_reuse`), offline prediction and the online policy all run it
+step by step, so online == offline by construction. Numpy only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import ExpertPredError
+
+if TYPE_CHECKING:
+    from .nextuse import NextUseModel
+
+log = logging.getLogger(__name__)
+
+DECAYS = (0.5, 0.8, 0.9, 0.97)  # EDC time scales: ~2, 5, 10, 33 tokens
+CAP = 32  # distances are regressed up to this many tokens (Belady capped at 16-32 = Belady)
+WINDOW = 256  # tokens of routing the copy feature may look back over
+FAR = 1 << 30  # "no use known": age of a never used expert, copy distance without a match
+AGE_EDGES = (1, 2, 3, 5, 9, 17)  # bucket b holds values in [edge[b-1], edge[b]); 0 = 0
+N_BUCKETS = len(AGE_EDGES) + 2
+
+
+def buckets(v: np.ndarray) -> np.ndarray:
+    """int bucket per value: 0 for 0, then by AGE_EDGES, last = FAR (never / no match).
+
+    >>> buckets(np.array([0, 1, 2, 4, 8, 16, 17, FAR])).tolist()
+    [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    b = np.searchsorted(np.asarray(AGE_EDGES), v, side="right")
+    return np.where(v >= FAR, N_BUCKETS - 1, b)
+
+
+def n_reuse_features(n_layer: int, uses_tokens: bool) -> int:
+    """Columns of :meth:`ReuseTracker.columns` (one weight each in the ``.npz``)."""
+    return (1 + 2 * (N_BUCKETS - 1) + len(DECAYS) + 3 + n_layer + (2 if uses_tokens else 0)
+            + 5)
+
+
+class ReuseTracker:
+    """Per-run feature state of :class:`~.nextuse.NextUseModel`'s distance head.
+
+    ``begin_token(v)`` before a token's first layer routes (``v`` its id, -1 unknown);
+    ``observe(j, experts)`` after layer ``j`` routed. Positions are counted per layer (every
+    token routes every layer once), the ids in the order they are told.
+    """
+
+    def __init__(self, model: NextUseModel, window: int = WINDOW) -> None:
+        self.model = model
+        l_n, e_n = model.n_layer, model.n_expert
+        self.window = window
+        self.used = np.zeros((l_n, e_n), bool)
+        self.age = np.full((l_n, e_n), FAR, np.int64)
+        self.gap = np.full((l_n, e_n), FAR, np.int64)  # tokens between the last two uses
+        self.edc = np.zeros((len(DECAYS), l_n, e_n))
+        self.pos = np.full(l_n, -1, np.int64)  # position of each layer's latest row
+        self.ring = np.zeros((window, l_n, e_n), bool)  # routing by position % window
+        self.ids: list[int] = []  # id of each position (-1 = not told)
+        self.prev: list[int] = []  # last earlier position of the same id (-1 = none)
+        self.last: dict[int, int] = {}  # id -> its latest position
+        self._decays = np.asarray(DECAYS)[:, None]
+
+    def begin_token(self, token: int) -> None:
+        v = int(token)
+        p = len(self.ids)
+        self.prev.append(self.last.get(v, -1) if v >= 0 else -1)
+        self.ids.append(v)
+        if v >= 0:
+            self.last[v] = p
+
+    def observe(self, layer: int, experts: Iterable[int] | np.ndarray) -> None:
+        ex = np.asarray(experts, np.int64)
+        row = np.zeros(self.model.n_expert, bool)
+        row[ex[ex >= 0]] = True
+        self.gap[layer] = np.where(row, np.minimum(self.age[layer] + 1, FAR), self.gap[layer])
+        self.age[layer] = np.where(row, 0, np.minimum(self.age[layer] + 1, FAR))
+        self.edc[:, layer] = self._decays * self.edc[:, layer] + row
+        self.used[layer] = row
+        self.pos[layer] += 1
+        self.ring[self.pos[layer] % self.window, layer] = row
+
+    def _first_use(self, layer: int, lo: int, hi: int) -> np.ndarray:
+        """int64 (E,): first position in [lo, hi] where ``layer`` used each expert (FAR
+        if none, or if the range left the window)."""
+        lo = max(lo, hi - self.window + 1, 0)
+        if lo > hi:
+            return np.full(self.model.n_expert, FAR, np.int64)
+        idx = np.arange(lo, hi + 1) % self.window
+        seg = self.ring[idx, layer]
+        return np.where(seg.any(axis=0), lo + seg.argmax(axis=0), FAR)
+
+    def copy_distance(self, layer: int, known_next: bool) -> np.ndarray:
+        """int64 (E,): the next use of each expert at ``layer`` as the last occurrence of
+        the aligned token predicts it, in tokens from the row's position (FAR: no match)."""
+        p = int(self.pos[layer])
+        far = np.full(self.model.n_expert, FAR, np.int64)
+        if known_next:  # position p + 1's id is told: align it, its own routing included
+            a = self.prev[p + 1] if 0 <= p + 1 < len(self.prev) else -1
+            if a < 0:
+                return far
+            s = self._first_use(layer, a, p)
+            return np.where(s < FAR, s - a + 1, FAR)
+        a = self.prev[p] if 0 <= p < len(self.prev) else -1
+        if a < 0:
+            return far
+        s = self._first_use(layer, a + 1, p - 1)
+        return np.where(s < FAR, s - a, FAR)
+
+    def columns(self, layer: int, known_next: bool) -> np.ndarray:
+        """float64 (E, F): design columns of ``layer``'s row (F = n_reuse_features)."""
+        m = self.model
+        u = self.used[layer].astype(np.float64)
+        cols = [u]
+        b, g = buckets(self.age[layer]), buckets(self.gap[layer])
+        cols += [(b == i).astype(np.float64) for i in range(1, N_BUCKETS)]
+        cols += [(g == i).astype(np.float64) for i in range(1, N_BUCKETS)]
+        cols += list(np.log1p(self.edc[:, layer]))
+        cols.append(np.log1p(np.minimum(self.age[layer], 64)).astype(np.float64))
+        cols.append(np.log(m.pop_[layer]))
+        tr = u @ m.trans_[layer] / u.sum() if u.any() else m.pop_[layer]
+        cols.append(np.log(tr))
+        cols += [np.full_like(u, float(j == layer)) for j in range(m.n_layer)]
+        p = int(self.pos[layer])
+        if m.uses_tokens:
+            cur = self.ids[p] if 0 <= p < len(self.ids) else -1
+            nxt = self.ids[p + 1] if known_next and 0 <= p + 1 < len(self.ids) else -1
+            layer_arr = np.array([layer])
+            cols.append(m._token_dev(m.tok_cur_, np.array([cur]), layer_arr, 1)[0])
+            cols.append(m._token_dev(m.tok_nxt_, np.array([nxt]), layer_arr, 1)[0])
+        c = self.copy_distance(layer, known_next)
+        has = (c < FAR).astype(np.float64)
+        cols += [has, np.log2(np.minimum(c, CAP)) * has, np.full_like(u, float(has.any())),
+                 (c == 1).astype(np.float64), ((c >= 2) & (c <= 3)).astype(np.float64)]
+        return np.stack(cols, axis=1)
+
+
+def next_use_distance(used: np.ndarray) -> np.ndarray:
+    """int64 (T, L, E): tokens until each expert's next use at its layer (FAR: none).
+
+    >>> next_use_distance(np.array([[[1]], [[0]], [[1]], [[0]]], bool))[:, 0, 0].tolist()
+    [2, 1, 1073741824, 1073741824]
+    """
+    t_len = len(used)
+    out = np.full(used.shape, FAR, np.int64)
+    nxt = np.full(used.shape[1:], FAR, np.int64)
+    for t in range(t_len - 1, -1, -1):
+        out[t] = np.where(nxt < FAR, nxt - t, FAR)
+        nxt = np.where(used[t], t, nxt)
+    return out
+
+
+def reuse_rows(model: NextUseModel, experts: np.ndarray, tokens: np.ndarray | None,
+               ) -> Iterable[tuple[int, int, bool, np.ndarray]]:
+    """Replay one sequence through a fresh tracker as the online policy sees it; yields
+    (token, layer, known_next, columns (E, F)) for every row state: after each routing,
+    and (with token ids) again at each boundary for the rows of the previous token."""
+    ex = np.asarray(experts)
+    t_len, n_l, _ = ex.shape
+    tr = ReuseTracker(model)
+    for t in range(t_len):
+        if tokens is not None:
+            tr.begin_token(int(tokens[t]))
+            if t > 0 and model.uses_tokens:
+                for j in range(n_l):
+                    yield t - 1, j, True, tr.columns(j, True)
+        for j in range(n_l):
+            tr.observe(j, ex[t, j])
+            yield t, j, False, tr.columns(j, False)
+
+
+def fit_reuse(model: NextUseModel, sequences: list[np.ndarray],
+              tokens: list[np.ndarray] | None, l2: float) -> np.ndarray:
+    """Ridge weights of the distance head: least squares on log2 min(distance, CAP) over
+    every row state of ``sequences`` (rows whose distance is cut off by the sequence's end
+    before CAP are left out: their label is unknown)."""
+    n_f = n_reuse_features(model.n_layer, model.uses_tokens)
+    xtx, xty, n = np.zeros((n_f, n_f)), np.zeros(n_f), 0
+    for i, s in enumerate(sequences):
+        s = np.asarray(s)
+        used = np.zeros((*s.shape[:2], model.n_expert), bool)
+        t_idx, l_idx, k_idx = np.nonzero(s >= 0)
+        used[t_idx, l_idx, s[t_idx, l_idx, k_idx]] = True
+        dist = next_use_distance(used)
+        y_all = np.log2(np.minimum(dist, CAP).astype(np.float64))
+        rest = len(s) - 1 - np.arange(len(s))
+        tk = None if tokens is None else tokens[i]
+        for t, j, _, x in reuse_rows(model, s, tk):
+            ok = (dist[t, j] <= rest[t]) | (rest[t] >= CAP)
+            x, y = x[ok], y_all[t, j][ok]
+            xtx += x.T @ x
+            xty += x.T @ y
+            n += len(x)
+    if not n:
+        raise ExpertPredError("next-use model: no row with a known reuse distance")
+    return np.linalg.solve(xtx + l2 * n * np.eye(n_f), xty)
