@@ -7,13 +7,16 @@ Two ways to hand a cache the same share of the experts:
 - *per layer*: each MoE layer gets its own cache of ``round(share x n_expert)`` experts
   (colibri's setting: 32 of 64 experts per layer is the 50 % row).
 
-Policies are the existing :func:`expertpred.cachesim.simulate` ones (LRU, LFU, Belady-MIN).
+Policies are the existing :func:`expertpred.cachesim.simulate` ones (LRU, LFU, Belady-MIN)
+and, with ``--learned``, the learned residency policy: its next-use model is fitted on the
+dataset's train split (``expertpred train``'s recipe, ``fit_nextuse``), and its per-layer
+caches are one residency set with a budget per layer.
 The access stream is the one ``evaluate`` uses: the test split's sequences one after the
 other, decode tokens only (``--phase all`` adds the prompt tokens). "no cache" reads every
 selected expert of every token: k x sum(expert bytes) per token.
 
     python benchmarks/cache_shares.py --dataset datasets/traces/tiny-olmoe \
-        --shares 0.05,0.10,0.25,0.50 [--json out.json]
+        --shares 0.05,0.10,0.25,0.50 [--learned] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from expertpred.errors import ExpertPredError  # noqa: E402
 from expertpred.gguf.layout import read_layout  # noqa: E402
 from expertpred.learn.cachesim import CacheResult, simulate  # noqa: E402
+from expertpred.learn.residency_policy import make_policy, simulate_steps  # noqa: E402
+from expertpred.predictors.nextuse import NextUseModel  # noqa: E402
 from expertpred.trace.dataset import TraceDataset  # noqa: E402
 from expertpred.trace.record import Phase  # noqa: E402
 
@@ -38,15 +43,41 @@ log = logging.getLogger("cache_shares")
 POLICIES = ("lru", "lfu", "belady")
 
 
-def access_stream(dataset: Path, split: str, phase: str) -> np.ndarray:
-    """int64 (T, L, k): the split's sequences in order, the chosen phase's tokens."""
-    chunks = []
+def access_stream(dataset: Path, split: str, phase: str) -> tuple[np.ndarray, np.ndarray]:
+    """int64 (T, L, k) experts and (T,) token ids: the split's sequences in order, the
+    chosen phase's tokens."""
+    chunks, ids = [], []
     for seq in TraceDataset(dataset).sequences(split=split):
         keep = np.ones(len(seq.phase), bool) if phase == "all" else seq.phase == Phase.DECODE
         chunks.append(seq.experts[keep])
+        ids.append(seq.tokens[keep])
     if not chunks:
         raise ExpertPredError(f"{dataset}: no {split} sequences")
-    return np.concatenate(chunks).astype(np.int64)
+    return np.concatenate(chunks).astype(np.int64), np.concatenate(ids).astype(np.int64)
+
+
+def fit_learned(dataset: Path) -> NextUseModel:
+    """The learned policy's next-use model, fitted as ``expertpred train`` fits it."""
+    from expertpred.learn.train import PredictorsConfig, fit_nextuse, open_source
+
+    cfg = PredictorsConfig(dataset=str(dataset))
+    src = open_source(cfg)
+    return fit_nextuse(cfg, src, src.select(split="train"))
+
+
+def learned(experts: np.ndarray, tokens: np.ndarray, model: NextUseModel, sizes: np.ndarray,
+            n_expert: int, share: float, slots: int) -> tuple[CacheResult, CacheResult]:
+    """(global, per layer) results of the learned policy at ``share``."""
+    out = []
+    for layer_budgets in (None, slots * sizes):
+        c = simulate_steps(experts, make_policy("learned", model=model),
+                           int(share * sizes.sum() * n_expert), sizes, n_expert, tokens,
+                           layer_budgets).counters
+        cap = int(share * sizes.sum() * n_expert) if layer_budgets is None else int(
+            layer_budgets.sum())
+        out.append(CacheResult("learned", cap, len(experts), c.accesses, c.hits,
+                               c.miss_bytes, 0))
+    return out[0], out[1]
 
 
 def per_layer(experts: np.ndarray, policy: str, slots: int, sizes: np.ndarray,
@@ -59,15 +90,17 @@ def per_layer(experts: np.ndarray, policy: str, slots: int, sizes: np.ndarray,
                        sum(p.demand_bytes for p in parts), 0)
 
 
-def run(dataset: Path, shares: list[float], split: str, phase: str) -> dict:
+def run(dataset: Path, shares: list[float], split: str, phase: str,
+        with_learned: bool = False) -> dict:
     ds = TraceDataset(dataset)
     gguf = Path(ds.manifest["model"]["path"])
     if not gguf.is_absolute():
         gguf = Path(__file__).resolve().parents[1] / gguf
     sizes = read_layout(gguf).nbytes.sum(axis=2)[:, 0].astype(np.int64)  # bytes per expert
     n_expert = ds.model.n_expert
-    experts = access_stream(dataset, split, phase)
+    experts, tokens = access_stream(dataset, split, phase)
     t_len, n_l, k = experts.shape
+    model = fit_learned(dataset) if with_learned else None
     no_cache = float(k * sizes.sum())
     rows = []
     for share in shares:
@@ -75,6 +108,11 @@ def run(dataset: Path, shares: list[float], split: str, phase: str) -> dict:
         for pol in POLICIES:
             g = simulate(experts, pol, int(share * sizes.sum() * n_expert), sizes, n_expert)
             p = per_layer(experts, pol, slots, sizes, n_expert)
+            for scope, r in (("global", g), (f"per-layer {slots}/{n_expert}", p)):
+                rows.append({"share": share, "scope": scope, **r.to_dict(),
+                             "read_vs_no_cache": r.bytes_per_token / no_cache})
+        if model is not None:
+            g, p = learned(experts, tokens, model, sizes, n_expert, share, slots)
             for scope, r in (("global", g), (f"per-layer {slots}/{n_expert}", p)):
                 rows.append({"share": share, "scope": scope, **r.to_dict(),
                              "read_vs_no_cache": r.bytes_per_token / no_cache})
@@ -90,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shares", default="0.05,0.10,0.25,0.50")
     ap.add_argument("--split", default="test")
     ap.add_argument("--phase", choices=("decode", "all"), default="decode")
+    ap.add_argument("--learned", action="store_true",
+                    help="also the learned residency policy (fits its next-use model on the "
+                         "train split first)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     try:
@@ -101,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        res = run(args.dataset, shares, args.split, args.phase)
+        res = run(args.dataset, shares, args.split, args.phase, args.learned)
     except (ExpertPredError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

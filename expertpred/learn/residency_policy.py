@@ -259,13 +259,25 @@ class ResidencySet:
     """
 
     def __init__(self, policy: ResidencyPolicy, n_layer: int, n_expert: int,
-                 sizes: int | np.ndarray, budget_bytes: int) -> None:
+                 sizes: int | np.ndarray, budget_bytes: int,
+                 layer_budgets: np.ndarray | None = None) -> None:
         if budget_bytes < 0:
             raise ExpertPredError(f"residency budget {budget_bytes} bytes: expected >= 0")
         self.policy = policy
         self.n_layer, self.n_expert = n_layer, n_expert
         self.sizes = expert_sizes(sizes, n_layer, n_expert)
         self.budget_bytes = int(budget_bytes)
+        # per-layer budgets (bytes, (L,)): each layer keeps at most its own share (colibri's
+        # "32 of 64 experts per layer"); None = one budget shared by all layers
+        self.layer_budgets = None
+        if layer_budgets is not None:
+            lb = np.asarray(layer_budgets, np.int64)
+            if lb.shape != (n_layer,) or (lb < 0).any():
+                raise ExpertPredError(f"per-layer budgets of shape {lb.shape}: expected "
+                                      f"({n_layer},) bytes >= 0")
+            self.layer_budgets = lb
+            self.budget_bytes = int(lb.sum())
+        self.layer_bytes = np.zeros(n_layer, np.int64)  # resident bytes per layer
         policy.bind(n_layer, n_expert)
         self.resident = np.zeros(n_layer * n_expert, bool)
         self.last_use = np.full(n_layer * n_expert, -1, np.int64)  # clock of last use/admit
@@ -320,6 +332,7 @@ class ResidencySet:
         self.last_use[k] = self.clock
         self.clock += 1
         self.counters.resident_bytes += int(self.sizes[k].sum())
+        np.add.at(self.layer_bytes, k // self.n_expert, self.sizes[k])
         evict, _ = self._trim(np.zeros_like(self.resident))
         return evict
 
@@ -332,6 +345,7 @@ class ResidencySet:
         self.last_use[keys] = self.clock
         self.clock += 1
         self.counters.resident_bytes += int(self.sizes[new].sum())
+        np.add.at(self.layer_bytes, new // self.n_expert, self.sizes[new])
         current = np.zeros_like(self.resident)
         current[keys] = True
         return self._trim(current)
@@ -341,13 +355,17 @@ class ResidencySet:
         c = self.counters
         evict: list[int] = []
         bypass: list[int] = []
-        if c.resident_bytes > self.budget_bytes:
+        if self._over().any():
             for k in self._victims(current):
-                if c.resident_bytes <= self.budget_bytes:
+                over = self._over()
+                if not over.any():
                     break
+                if self.layer_budgets is not None and not over[k // self.n_expert]:
+                    continue  # its layer is within its own budget
                 self.resident[k] = False
                 size = int(self.sizes[k])
                 c.resident_bytes -= size
+                self.layer_bytes[k // self.n_expert] -= size
                 if current[k]:
                     bypass.append(k)
                     c.bypasses += 1
@@ -358,6 +376,12 @@ class ResidencySet:
                     c.evicted_bytes += size
         c.peak_resident_bytes = max(c.peak_resident_bytes, c.resident_bytes)
         return tuple(evict), tuple(bypass)
+
+    def _over(self) -> np.ndarray:
+        """bool (L,) layers over their budget, or (1,) the set over the shared budget."""
+        if self.layer_budgets is None:
+            return np.array([self.counters.resident_bytes > self.budget_bytes])
+        return self.layer_bytes > self.layer_budgets
 
     def _victims(self, current: np.ndarray) -> list[int]:
         """Resident keys in eviction order: lowest value first, then least recent, then
@@ -412,10 +436,11 @@ class Record(NamedTuple):
 
 
 def replay(records: Iterable[Record], policy: ResidencyPolicy, budget_bytes: int,
-           n_layer: int, n_expert: int, sizes: int | np.ndarray) -> ResidencySet:
+           n_layer: int, n_expert: int, sizes: int | np.ndarray,
+           layer_budgets: np.ndarray | None = None) -> ResidencySet:
     """Feed ``records`` in order to a fresh :class:`ResidencySet`; the plugin's manager
     feeds its own set the same way, so both decide alike by construction."""
-    rs = ResidencySet(policy, n_layer, n_expert, sizes, budget_bytes)
+    rs = ResidencySet(policy, n_layer, n_expert, sizes, budget_bytes, layer_budgets)
     for r in records:
         if r.event is Event.STEP:
             rs.step(r.t, r.li, r.experts)
@@ -430,10 +455,12 @@ def replay(records: Iterable[Record], policy: ResidencyPolicy, budget_bytes: int
 
 def simulate_steps(experts: np.ndarray, policy: ResidencyPolicy, budget_bytes: int,
                    sizes: int | np.ndarray, n_expert: int,
-                   tokens: np.ndarray | None = None) -> ResidencySet:
+                   tokens: np.ndarray | None = None,
+                   layer_budgets: np.ndarray | None = None) -> ResidencySet:
     """Replay int (T, L, k) ``experts`` (-1 = none) step by step; returns the set (its
     ``counters`` hold the outcome). Token ``t`` of the replay is row ``t``; ``tokens``
-    (T,), when given, are told to the policy at each token boundary, as the plugin does."""
+    (T,), when given, are told to the policy at each token boundary, as the plugin does;
+    ``layer_budgets`` (L,) bytes: one budget per layer instead of ``budget_bytes``."""
     experts = np.asarray(experts)
     if experts.ndim != 3:
         raise ExpertPredError(f"accesses of shape {experts.shape}: expected (T, L, k)")
@@ -449,4 +476,4 @@ def simulate_steps(experts: np.ndarray, policy: ResidencyPolicy, budget_bytes: i
                for r in ([] if ids is None else [Record(Event.TOKEN, t, -1, (ids[t],))])
                + [Record(Event.STEP, t, li, tuple(e for e in rows[t][li] if e >= 0))
                   for li in range(n_l)])
-    return replay(records, policy, budget_bytes, n_l, n_expert, sizes)
+    return replay(records, policy, budget_bytes, n_l, n_expert, sizes, layer_budgets)
