@@ -43,7 +43,7 @@ import numpy as np
 from ..errors import ExpertPredError
 from ..features import _history, multihot
 from .base import NotFittedError
-from .reuse import CAP, ReuseTracker, fit_reuse, n_reuse_features, reuse_rows
+from .reuse import CAP, ReuseHead, ReuseTracker, fit_reuse, n_reuse_features, reuse_rows
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class NextUseConfig:
     token_prior: float = 4.0  # pseudo-rows of popularity per id: rare ids back off to it
     reuse: bool = True  # also fit the reuse-distance head (.reuse) the policy ranks by
     reuse_l2: float = 1e-3  # ridge of the distance head, per row
+    reuse_hidden: int = 0  # hidden units of the distance head's MLP (0 = ridge only)
+    reuse_epochs: int = 0  # epochs of that MLP
 
     def __post_init__(self) -> None:
         if self.horizon < 1:
@@ -238,8 +240,8 @@ class NextUseModel:
         self.n_train_rows_ = int(len(x))
         if cfg.reuse:
             # 3. the distance head: every row state of every sequence, as online
-            self.reuse_coef_ = fit_reuse(self, seqs, None if tokens is None else toks,
-                                         cfg.reuse_l2)
+            self.reuse_ = fit_reuse(self, seqs, None if tokens is None else toks,
+                                    cfg.reuse_l2, cfg.reuse_hidden, cfg.reuse_epochs, cfg.seed)
         return self
 
     def _fit_token_tables(self, rows: list[_Rows]) -> None:
@@ -267,7 +269,7 @@ class NextUseModel:
     @property
     def has_reuse(self) -> bool:
         """The model has the reuse-distance head (older files do not)."""
-        return hasattr(self, "reuse_coef_")
+        return hasattr(self, "reuse_")
 
     def predict_reuse(self, experts: np.ndarray, tokens: np.ndarray | None = None,
                       ) -> tuple[np.ndarray, np.ndarray]:
@@ -280,7 +282,7 @@ class NextUseModel:
         shape = (len(experts), self.n_layer, self.n_expert)
         routed, told = np.zeros(shape), np.full(shape, np.nan)
         for t, j, known, x in reuse_rows(self, experts, tokens):
-            (told if known else routed)[t, j] = x @ self.reuse_coef_
+            (told if known else routed)[t, j] = self.reuse_.predict(x)
         return routed, told
 
     def _check_fitted(self) -> None:
@@ -326,7 +328,7 @@ class NextUseModel:
         tok = ({"tok_ids": self.tok_ids_, "tok_cur": self.tok_cur_, "tok_nxt": self.tok_nxt_}
                if self.uses_tokens else {})
         if self.has_reuse:
-            tok["reuse_coef"] = self.reuse_coef_
+            tok.update(self.reuse_.arrays())
         with open(path, "wb") as f:
             np.savez(f, trans=self.trans_, pop=self.pop_, coef=self.coef_,
                      __meta__=np.array(json.dumps(meta)), **tok)
@@ -355,13 +357,9 @@ class NextUseModel:
                                          f"expected {want_tok}")
                 m.n_train_rows_ = int(meta["n_train_rows"])
                 if "reuse_coef" in z.files:  # files from before the distance head lack it
-                    m.reuse_coef_ = z["reuse_coef"]
-                    want_r = (n_reuse_features(m.n_layer, m.uses_tokens),)
-                    if m.reuse_coef_.shape != want_r or m.reuse_coef_.dtype != np.float64:
-                        raise ValueError(f"reuse_coef of shape {m.reuse_coef_.shape} "
-                                         f"{m.reuse_coef_.dtype}, expected {want_r} float64")
-                    if not np.isfinite(m.reuse_coef_).all():
-                        raise ValueError("reuse_coef is not finite")
+                    m.reuse_ = ReuseHead.from_arrays(
+                        {k: z[k] for k in z.files if k.startswith("reuse_")},
+                        n_reuse_features(m.n_layer, m.uses_tokens))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ExpertPredError(f"{p}: not a next-use model .npz ({exc})") from None
         want = (m.n_layer, m.n_expert, m.n_expert)
@@ -404,7 +402,7 @@ class NextUseState:
             self.reuse.begin_token(self.token)
             if self.model.uses_tokens:
                 for j in np.flatnonzero(self.routed).tolist():
-                    self.log_dist[j] = self.reuse.columns(j, True) @ self.model.reuse_coef_
+                    self.log_dist[j] = self.model.reuse_.predict(self.reuse.columns(j, True))
         if not self.model.uses_tokens or not self.routed.any():
             return
         j = np.flatnonzero(self.routed)
@@ -429,7 +427,7 @@ class NextUseState:
         self.prob_routed[layer] = self.prob[layer]
         if self.reuse is not None:
             self.reuse.observe(layer, ex)
-            self.log_dist[layer] = self.reuse.columns(layer, False) @ self.model.reuse_coef_
+            self.log_dist[layer] = self.model.reuse_.predict(self.reuse.columns(layer, False))
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int) -> np.ndarray:

@@ -64,7 +64,7 @@ def buckets(v: np.ndarray) -> np.ndarray:
 def n_reuse_features(n_layer: int, uses_tokens: bool) -> int:
     """Columns of :meth:`ReuseTracker.columns` (one weight each in the ``.npz``)."""
     return (1 + 2 * (N_BUCKETS - 1) + len(DECAYS) + 3 + n_layer + (2 if uses_tokens else 0)
-            + 5)
+            + 5 + 4)
 
 
 class ReuseTracker:
@@ -119,18 +119,27 @@ class ReuseTracker:
         seg = self.ring[idx, layer]
         return np.where(seg.any(axis=0), lo + seg.argmax(axis=0), FAR)
 
-    def copy_distance(self, layer: int, known_next: bool) -> np.ndarray:
-        """int64 (E,): the next use of each expert at ``layer`` as the last occurrence of
-        the aligned token predicts it, in tokens from the row's position (FAR: no match)."""
+    def _anchor(self, p: int, back: int) -> int:
+        """The ``back``-th last earlier position with the id of position ``p`` (-1: none)."""
+        for _ in range(back):
+            if not 0 <= p < len(self.prev):
+                return -1
+            p = self.prev[p]
+        return p
+
+    def copy_distance(self, layer: int, known_next: bool, back: int = 1) -> np.ndarray:
+        """int64 (E,): the next use of each expert at ``layer`` as the ``back``-th last
+        occurrence of the aligned token predicts it, in tokens from the row's position
+        (FAR: no match)."""
         p = int(self.pos[layer])
         far = np.full(self.model.n_expert, FAR, np.int64)
         if known_next:  # position p + 1's id is told: align it, its own routing included
-            a = self.prev[p + 1] if 0 <= p + 1 < len(self.prev) else -1
+            a = self._anchor(p + 1, back)
             if a < 0:
                 return far
             s = self._first_use(layer, a, p)
             return np.where(s < FAR, s - a + 1, FAR)
-        a = self.prev[p] if 0 <= p < len(self.prev) else -1
+        a = self._anchor(p, back)
         if a < 0:
             return far
         s = self._first_use(layer, a + 1, p - 1)
@@ -161,6 +170,11 @@ class ReuseTracker:
         has = (c < FAR).astype(np.float64)
         cols += [has, np.log2(np.minimum(c, CAP)) * has, np.full_like(u, float(has.any())),
                  (c == 1).astype(np.float64), ((c >= 2) & (c <= 3)).astype(np.float64)]
+        # the occurrence before: a second vote, and whether both agree on "soon"
+        c2 = self.copy_distance(layer, known_next, back=2)
+        has2 = (c2 < FAR).astype(np.float64)
+        cols += [has2, np.log2(np.minimum(c2, CAP)) * has2, np.full_like(u, float(has2.any())),
+                 ((c2 <= 3) & (c <= 3)).astype(np.float64)]
         return np.stack(cols, axis=1)
 
 
@@ -198,13 +212,58 @@ def reuse_rows(model: NextUseModel, experts: np.ndarray, tokens: np.ndarray | No
             yield t, j, False, tr.columns(j, False)
 
 
-def fit_reuse(model: NextUseModel, sequences: list[np.ndarray],
-              tokens: list[np.ndarray] | None, l2: float) -> np.ndarray:
-    """Ridge weights of the distance head: least squares on log2 min(distance, CAP) over
-    every row state of ``sequences`` (rows whose distance is cut off by the sequence's end
-    before CAP are left out: their label is unknown)."""
-    n_f = n_reuse_features(model.n_layer, model.uses_tokens)
-    xtx, xty, n = np.zeros((n_f, n_f)), np.zeros(n_f), 0
+class ReuseHead:
+    """The fitted regression: ``predict(x)`` -> log2 tokens to the next use, per row of x.
+
+    A linear part (ridge) plus, when ``hidden`` > 0, a one-hidden-layer MLP on standardized
+    columns fitted to the ridge's residual: the columns are mostly indicators, and what
+    they mean together (a copy match *and* a recent use) is not additive.
+    """
+
+    ARRAYS = ("coef", "mu", "sd", "w1", "b1", "w2")  # the .npz arrays, prefixed reuse_
+
+    def __init__(self, coef: np.ndarray, mu: np.ndarray | None = None,
+                 sd: np.ndarray | None = None, w1: np.ndarray | None = None,
+                 b1: np.ndarray | None = None, w2: np.ndarray | None = None) -> None:
+        self.coef = coef
+        n_f = len(coef)
+        self.mu = np.zeros(n_f) if mu is None else mu
+        self.sd = np.ones(n_f) if sd is None else sd
+        self.w1 = np.zeros((n_f, 0)) if w1 is None else w1
+        self.b1 = np.zeros(self.w1.shape[1]) if b1 is None else b1
+        self.w2 = np.zeros(self.w1.shape[1]) if w2 is None else w2
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        y = x @ self.coef
+        if self.w1.shape[1]:
+            h = np.maximum((x - self.mu) / self.sd @ self.w1 + self.b1, 0.0)
+            y = y + h @ self.w2
+        return y
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"reuse_{k}": getattr(self, k) for k in self.ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, z: dict[str, np.ndarray], n_f: int) -> ReuseHead:
+        """From the ``.npz`` arrays; ValueError names a wrong shape / dtype / value."""
+        a = {k: z[f"reuse_{k}"] for k in cls.ARRAYS if f"reuse_{k}" in z}
+        if "coef" not in a and "reuse_coef" not in z:
+            raise ValueError("reuse head without reuse_coef")
+        n_h = a["w1"].shape[-1] if "w1" in a and a["w1"].ndim == 2 else 0
+        want = {"coef": (n_f,), "mu": (n_f,), "sd": (n_f,), "w1": (n_f, n_h), "b1": (n_h,),
+                "w2": (n_h,)}
+        for k, v in a.items():
+            if v.shape != want[k] or v.dtype != np.float64 or not np.isfinite(v).all():
+                raise ValueError(f"reuse_{k} of shape {v.shape} {v.dtype}, expected "
+                                 f"{want[k]} finite float64")
+        if "sd" in a and (a["sd"] <= 0).any():
+            raise ValueError("reuse_sd must be > 0")
+        return cls(**a)
+
+
+def _rows(model: NextUseModel, sequences: list[np.ndarray],
+          tokens: list[np.ndarray] | None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """(columns (n, F), label (n,)) of every row state with a known distance."""
     for i, s in enumerate(sequences):
         s = np.asarray(s)
         used = np.zeros((*s.shape[:2], model.n_expert), bool)
@@ -215,11 +274,47 @@ def fit_reuse(model: NextUseModel, sequences: list[np.ndarray],
         rest = len(s) - 1 - np.arange(len(s))
         tk = None if tokens is None else tokens[i]
         for t, j, _, x in reuse_rows(model, s, tk):
+            # a distance cut off by the sequence's end before CAP is unknown: left out
             ok = (dist[t, j] <= rest[t]) | (rest[t] >= CAP)
-            x, y = x[ok], y_all[t, j][ok]
-            xtx += x.T @ x
-            xty += x.T @ y
-            n += len(x)
-    if not n:
+            yield x[ok], y_all[t, j][ok]
+
+
+def fit_reuse(model: NextUseModel, sequences: list[np.ndarray],
+              tokens: list[np.ndarray] | None, l2: float, hidden: int = 0,
+              epochs: int = 0, seed: int = 0) -> ReuseHead:
+    """Ridge on log2 min(distance, CAP) over every row state of ``sequences``; then, with
+    ``hidden`` > 0, the MLP on the ridge's residual (torch, CPU, ``epochs`` of Adam)."""
+    n_f = n_reuse_features(model.n_layer, model.uses_tokens)
+    xs, ys = zip(*_rows(model, sequences, tokens), strict=True) if sequences else ((), ())
+    x = np.concatenate(xs) if xs else np.zeros((0, n_f))
+    y = np.concatenate(ys) if ys else np.zeros(0)
+    if not len(x):
         raise ExpertPredError("next-use model: no row with a known reuse distance")
-    return np.linalg.solve(xtx + l2 * n * np.eye(n_f), xty)
+    coef = np.linalg.solve(x.T @ x + l2 * len(x) * np.eye(n_f), x.T @ y)
+    if hidden <= 0 or epochs <= 0:
+        return ReuseHead(coef)
+    import torch
+
+    mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    xt = torch.from_numpy(((x - mu) / sd).astype(np.float32))
+    rt = torch.from_numpy((y - x @ coef).astype(np.float32))
+    net = torch.nn.Sequential(torch.nn.Linear(n_f, hidden), torch.nn.ReLU(),
+                              torch.nn.Linear(hidden, 1, bias=False))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: one thread, deterministic
+    try:
+        for _ in range(epochs):
+            for idx in torch.randperm(len(xt), generator=gen).split(4096):
+                opt.zero_grad()
+                loss = torch.mean((net(xt[idx])[:, 0] - rt[idx]) ** 2)
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    w1 = net[0].weight.detach().numpy().T.astype(np.float64)
+    b1 = net[0].bias.detach().numpy().astype(np.float64)
+    w2 = net[2].weight.detach().numpy()[0].astype(np.float64)
+    return ReuseHead(coef, mu, sd, w1, b1, w2)
