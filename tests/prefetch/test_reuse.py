@@ -146,3 +146,31 @@ def test_learned_with_reuse_reads_less_than_lru(model) -> None:
     learned = simulate(ex, "learned", cap, 1, N_E, model=model, tokens=ids)
     belady = simulate(ex, "belady", cap, 1, N_E)
     assert belady.demand_bytes <= learned.demand_bytes < lru.demand_bytes
+
+
+def test_mlp_head_online_equals_offline_and_round_trips(tmp_path) -> None:
+    data = [looping(120, s) for s in range(4)]
+    cfg = NextUseConfig(horizon=1, reuse_hidden=8, reuse_epochs=2)
+    m = NextUseModel(N_L, N_E, cfg).fit([e for e, _ in data], [t for _, t in data])
+    assert m.reuse_.w1.shape[1] == 8 and np.abs(m.reuse_.w2).sum() > 0
+    ex, ids = looping(30, seed=8)
+    routed, told = m.predict_reuse(ex, ids)
+    st = m.online()
+    for t in range(len(ex)):
+        st.begin_token(int(ids[t]))
+        if t:
+            np.testing.assert_array_equal(st.log_dist, told[t - 1])
+        for j in range(N_L):
+            st.observe(j, ex[t, j])
+            np.testing.assert_array_equal(st.log_dist[j], routed[t, j])
+    path = m.save(tmp_path / "mlp.npz")
+    again = NextUseModel.load(path)
+    np.testing.assert_array_equal(again.predict_reuse(ex, ids)[0], routed)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    for key, bad in (("reuse_w1", arrays["reuse_w1"][:, :-1]),  # width disagrees with b1
+                     ("reuse_sd", np.zeros_like(arrays["reuse_sd"]))):
+        with open(tmp_path / "bad.npz", "wb") as f:
+            np.savez(f, **{**arrays, key: bad})
+        with pytest.raises(ExpertPredError, match="bad.npz"):
+            NextUseModel.load(tmp_path / "bad.npz")
