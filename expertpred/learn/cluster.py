@@ -122,5 +122,7 @@ def open_cluster(spec: ClusterSpec) -> Iterator[Any]:  # yields a distributed.Cl
 
 
 def workers(client: Any) -> list[str]:
-    """The cluster's worker addresses, sorted (rank i = the i-th)."""
-    return sorted(client.scheduler_info(n_workers=-1)["workers"])
+    """The cluster's worker addresses, sorted (rank i = the i-th). Asked of the scheduler
+    each time: ``client.scheduler_info()`` returns a cache that a background refresh
+    overwrites with totals only, which would read as workers gone."""
+    return sorted(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
