@@ -14,9 +14,11 @@ generating stays cheap), then trained twice, each run in a fresh child process:
   ``--workers`` processes (its scheduler lives in the driver).
 
 Reported per run: wall seconds, the driver's peak RSS (VmHWM) and each worker's peak RSS,
-and their growth from the smallest size. Rounds alternate single / cluster so a noisy
-neighbour hits both. On a 2-core machine two workers cannot beat one process on time; the
-point is memory (the driver stays flat, a worker holds its shards) and that it runs.
+and their growth from the smallest size; also the workers' peak when the ladder is done
+(before the next-use model's one task, which reads every training trace). Rounds alternate
+single / cluster so a noisy neighbour hits both. On a 2-core machine two workers cannot
+beat one process on time; the point is memory (the driver stays flat, a worker holds its
+shards) and that it runs.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def child(mode: str, dataset: str, out: str, workers: int, predictors: str,
 
     cfg = load_config(None, [f"--dataset={dataset}", f"--out={out}",
                              f"--predictors={predictors}", f"--offsets={offsets}",
-                             "--mlp_epochs=4", "--plots=false"])
+                             "--mlp_epochs=2", "--plots=false"])
     t0 = time.perf_counter()
     worker_peaks: list[float] = []
     if mode == "single":
@@ -89,10 +91,27 @@ def child(mode: str, dataset: str, out: str, workers: int, predictors: str,
 
         with open_cluster(ClusterSpec(ClusterKind.LOCAL, n_workers=workers)) as client:
             t0 = time.perf_counter()  # cluster start-up is not training
-            fitted, _ = train_distributed(cfg, client)
+            marks = _PeakBeforeNextUse(client)
+            fitted, _ = train_distributed(cfg, client, marks)
             worker_peaks = sorted(client.run(peak_rss_mib).values())
     return {"mode": mode, "seconds": time.perf_counter() - t0, "driver_mib": peak_rss_mib(),
-            "worker_mib": worker_peaks, "train_rows": fitted.train_rows}
+            "worker_mib": worker_peaks, "train_rows": fitted.train_rows,
+            "worker_mib_ladder": marks.ladder}
+
+
+class _PeakBeforeNextUse:
+    """Progress hook: the workers' peaks when the ladder is done and the next-use model
+    (one task that reads every training trace) starts, to tell the two apart."""
+
+    def __init__(self, client) -> None:
+        self.client, self.ladder = client, []
+
+    def start(self, step: str, total: int) -> None:
+        if step.startswith("next-use"):
+            self.ladder = sorted(self.client.run(peak_rss_mib).values())
+
+    def advance(self, n: int = 1) -> None:
+        pass
 
 
 def run_child(args: argparse.Namespace, mode: str, dataset: Path, out: Path) -> dict:
@@ -151,33 +170,41 @@ def main() -> None:
 
 
 def table(rows: list[dict], sizes: list[int]) -> None:
+    """Medians per size and mode, growth from the smallest to the largest size."""
     def med(size: int, mode: str, key: str) -> tuple[float, float]:
-        v = [r[key] if key != "worker_mib" else max(r[key]) for r in rows
-             if r["size"] == size and r["mode"] == mode]
+        v = [max(r[key]) if isinstance(r[key], list) else r[key] for r in rows
+             if r["size"] == size and r["mode"] == mode and r.get(key)]
+        if not v:
+            return float("nan"), float("nan")
         return statistics.median(v), (max(v) - min(v))
 
     print(f"\n{'size':>5} {'tokens':>8} {'shards':>6} | {'single s':>9} {'cluster s':>9} "
-          f"{'c/s':>5} | {'single MiB':>10} {'driver MiB':>10} {'worker MiB':>10}")
+          f"{'c/s':>5} | {'single MiB':>10} {'driver MiB':>10} {'worker MiB':>10} "
+          f"{'ladder MiB':>10}")
     first = sizes[0]
     for s in sizes:
         r0 = next(r for r in rows if r["size"] == s)
         ss, cs = med(s, "single", "seconds"), med(s, "cluster", "seconds")
         sm, dm = med(s, "single", "driver_mib"), med(s, "cluster", "driver_mib")
-        wm = med(s, "cluster", "worker_mib")
+        wm, lm = med(s, "cluster", "worker_mib"), med(s, "cluster", "worker_mib_ladder")
         print(f"{s:>4}x {r0['tokens']:>8} {r0['shards']:>6} | {ss[0]:>9.1f} {cs[0]:>9.1f} "
-              f"{cs[0] / ss[0]:>5.2f} | {sm[0]:>10.0f} {dm[0]:>10.0f} {wm[0]:>10.0f}")
+              f"{cs[0] / ss[0]:>5.2f} | {sm[0]:>10.0f} {dm[0]:>10.0f} {wm[0]:>10.0f} "
+              f"{lm[0]:>10.0f}")
     last = sizes[-1]
     for label, mode, key in (("single-process peak RSS", "single", "driver_mib"),
                              ("cluster driver peak RSS", "cluster", "driver_mib"),
                              ("cluster max worker peak RSS", "cluster", "worker_mib"),
+                             ("  of it before the next-use task", "cluster",
+                              "worker_mib_ladder"),
                              ("single-process wall time", "single", "seconds"),
                              ("cluster wall time", "cluster", "seconds")):
         a, b = med(first, mode, key)[0], med(last, mode, key)[0]
         print(f"{label}: {b / a:.2f}x from {first}x to {last}x")
-    if any(len({r['size'] for r in rows if r['mode'] == m}) for m in ("single",)):
-        spread = max((med(s, m, "seconds")[1] for s in sizes for m in ("single", "cluster")),
-                     default=0.0)
-        print(f"largest spread of wall time over rounds: {spread:.1f} s")
+    for s in sizes:
+        for m in ("single", "cluster"):
+            v, sp = med(s, m, "seconds")
+            print(f"{s}x {m}: wall time median {v:.1f} s, spread {sp:.1f} s over "
+                  f"{sum(r['size'] == s and r['mode'] == m for r in rows)} rounds")
 
 
 if __name__ == "__main__":

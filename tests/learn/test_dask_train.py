@@ -85,17 +85,23 @@ def test_tables_bit_identical(client, tmp_path, max_rows):
         assert pa.read_bytes() == pb.read_bytes()
 
 
-def test_lightgbm_recall_within_001(client, tmp_path):
+# One lightgbm.dask fit per booster: the per-layer model at d=1 is 7 x 32 = 224 fits (~10
+# minutes on this shared box; docs/scale.md has that run: 0.8973 vs 0.8977). The test takes
+# both code paths at 32 fits each: per layer where one source layer is left (d=7), and the
+# shared model (layer as a categorical feature) at d=1.
+@pytest.mark.parametrize("d,shared", [(7, False), (1, True)])
+def test_lightgbm_recall_within_001(client, tmp_path, d, shared):
     from expertpred.learn.distributed import fit_all_distributed
 
-    cfg = _cfg(tmp_path, "--predictors=lightgbm", "--offsets=1", "--lgb_rounds=20")
+    cfg = _cfg(tmp_path, "--predictors=lightgbm", f"--offsets={d}", f"--lgb_shared={shared}")
     source = open_source(cfg)
     ids = source.select(split="train")
-    one = fit_all(cfg, source, ids).predictors["lightgbm"][1]
-    many = fit_all_distributed(cfg, source, ids, client).predictors["lightgbm"][1]
-    r1, rn = _recall(cfg, source, one, 1), _recall(cfg, source, many, 1)
+    one = fit_all(cfg, source, ids).predictors["lightgbm"][d]
+    many = fit_all_distributed(cfg, source, ids, client).predictors["lightgbm"][d]
+    assert len(many.groups_) == len(one.groups_) == (1 if shared else 8 - d)
+    r1, rn = _recall(cfg, source, one, d), _recall(cfg, source, many, d)
     assert abs(r1 - rn) <= 0.01, (r1, rn)
-    assert rn > 0.5
+    assert rn > 0.3
 
 
 def test_mlp_ddp_beats_best_table(client, tmp_path):
