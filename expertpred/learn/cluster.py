@@ -82,17 +82,26 @@ def parse_cluster(cluster: str | None, scheduler: str | None) -> ClusterSpec | N
 @contextmanager
 def open_cluster(spec: ClusterSpec) -> Iterator[Any]:  # yields a distributed.Client
     """A connected ``distributed.Client``; a LocalCluster is stopped on exit."""
-    import dask
-    from distributed import Client, LocalCluster
 
     # the scheduler runs in this process and logs every worker's arrival at INFO: the
     # CLI shows progress bars instead, and errors reach the user as one line anyway
-    logging.getLogger("distributed").setLevel(logging.ERROR)
+    dask_log = logging.getLogger("distributed")
+    level = dask_log.level
+    dask_log.setLevel(logging.ERROR)
+    try:
+        with _connected(spec) as client:
+            yield client
+    finally:
+        dask_log.setLevel(level)
+
+
+@contextmanager
+def _connected(spec: ClusterSpec) -> Iterator[Any]:
+    import dask
+    from distributed import Client, LocalCluster
 
     # the default 30 s connect timeout retries silently; a wrong address should fail fast
-    with dask.config.set({"distributed.comm.timeouts.connect": f"{CONNECT_TIMEOUT_S}s",
-                          "distributed.admin.tick.limit": "30s",
-                          "distributed.worker.daemon": False}):
+    with dask.config.set({"distributed.comm.timeouts.connect": f"{CONNECT_TIMEOUT_S}s"}):
         cluster = None
         try:
             if spec.kind is ClusterKind.LOCAL:
@@ -110,8 +119,12 @@ def open_cluster(spec: ClusterSpec) -> Iterator[Any]:  # yields a distributed.Cl
                                   ) from None
         try:
             if spec.kind is ClusterKind.LOCAL:
-                client.wait_for_workers(spec.n_workers, timeout=START_TIMEOUT_S)
-            elif not client.scheduler_info().get("workers"):
+                try:
+                    client.wait_for_workers(spec.n_workers, timeout=START_TIMEOUT_S)
+                except TimeoutError:
+                    raise ExpertPredError(f"{spec.describe()}: the workers did not start "
+                                          f"within {START_TIMEOUT_S:.0f} s") from None
+            elif not workers(client):
                 raise ExpertPredError(f"{spec.describe()}: the cluster has no workers")
             log.info("connected to %s (%d workers)", spec.describe(), len(workers(client)))
             yield client
