@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0  # an unreachable scheduler is an error after this, never a hang
 START_TIMEOUT_S = 120.0  # a LocalCluster's workers must be up by then (a busy 2-core box)
 CLOSE_TIMEOUT_S = 20.0  # closing the client / cluster waits at most this long
+WORKER_TTL = "1h"  # a local scheduler drops a worker silent this long (see open_cluster)
 MAX_LOCAL_WORKERS = 64  # more local worker processes than this is a typo, not a plan
 
 
@@ -100,14 +101,21 @@ def _connected(spec: ClusterSpec) -> Iterator[Any]:
     import dask
     from distributed import Client, LocalCluster
 
-    # the default 30 s connect timeout retries silently; a wrong address should fail fast
-    with dask.config.set({"distributed.comm.timeouts.connect": f"{CONNECT_TIMEOUT_S}s"}):
+    # the default 30 s connect timeout retries silently; a wrong address should fail fast.
+    # A local scheduler waits WORKER_TTL for a silent worker: a machine that pauses every
+    # process for minutes (SIGSTOP of low-priority jobs) resumes them all together, and
+    # the default 5 minutes would then drop healthy workers. A dead worker's closed
+    # connection is noticed at once whatever the TTL.
+    with dask.config.set({"distributed.comm.timeouts.connect": f"{CONNECT_TIMEOUT_S}s",
+                          "distributed.scheduler.worker-ttl": WORKER_TTL}):
         cluster = None
         try:
             if spec.kind is ClusterKind.LOCAL:
                 cluster = LocalCluster(n_workers=spec.n_workers, threads_per_worker=1,
                                        processes=True, host="127.0.0.1",
-                                       dashboard_address=None, silence_logs=logging.ERROR)
+                                       # any free loopback port: 8787 may be taken
+                                       dashboard_address="127.0.0.1:0",
+                                       silence_logs=logging.ERROR)
                 client = Client(cluster, timeout=START_TIMEOUT_S)
             else:
                 client = Client(spec.address, timeout=CONNECT_TIMEOUT_S)

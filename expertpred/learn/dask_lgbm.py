@@ -26,7 +26,9 @@ from .shards import Progress, RowSet
 
 log = logging.getLogger(__name__)
 
-NETWORK_TIMEOUT_MIN = 5  # LightGBM's socket time_out (minutes): a peer that vanished
+# LightGBM's socket time_out (minutes) for a peer that stopped answering; a dead worker is
+# noticed by the driver's guard at once, so this only bounds a hung (or paused) one
+NETWORK_TIMEOUT_MIN = 30
 
 
 # --- worker tasks -------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import logging
 import math
 import socket
 from datetime import timedelta
-from typing import Any
 
 import numpy as np
 
@@ -32,10 +31,10 @@ from .shards import Progress, RowSet, WorkerLostError
 
 log = logging.getLogger(__name__)
 
-COLLECTIVE_TIMEOUT_S = 120  # a rank waiting on a dead peer gives up (the driver sooner)
-
-
-STEP_VAR = "expertpred-ddp-epoch"  # a Dask Variable rank 0 sets after each epoch (progress)
+# a rank waiting on a peer that stopped answering gives up; a dead worker is noticed by the
+# driver's guard at once, so this only bounds a hung (or paused) one
+COLLECTIVE_TIMEOUT_S = 1800
+EPOCH_TOPIC = "expertpred-ddp-epoch"  # rank 0 logs a Dask event per epoch (progress)
 
 
 # --- worker tasks -------------------------------------------------------------------------------
@@ -62,7 +61,7 @@ def task_free_port() -> int:
 
 def task_rank(rank: int, world: int, host: str, port: int, parts: list[FeatureBatch | None],
               design: Design, mean: np.ndarray, std: np.ndarray, p: MLPPredictor,
-              n_global: int, n_l: int, e: int, var_name: str) -> list[np.ndarray] | None:
+              n_global: int, n_l: int, e: int, topic: str) -> list[np.ndarray] | None:
     """One DDP rank on this worker's partitions; rank 0 returns the trained weights."""
     import os
 
@@ -88,7 +87,6 @@ def task_rank(rank: int, world: int, host: str, port: int, parts: list[FeatureBa
         steps = math.ceil(n_global / p.batch_size)
         opt, sched = p.make_optimizer(torch, model, p.epochs * steps)
         local = max(1, round(p.batch_size * len(xs) / n_global))  # this rank's batch share
-        epoch_var = _variable(var_name) if rank == 0 else None
         for epoch in range(p.epochs):
             perm = torch.randperm(len(xs), generator=gen)
             for i in range(steps):
@@ -98,8 +96,8 @@ def task_rank(rank: int, world: int, host: str, port: int, parts: list[FeatureBa
                 loss.backward()
                 opt.step()
                 sched.step()
-            if epoch_var is not None:
-                epoch_var.set(epoch + 1)
+            if rank == 0:
+                _log_epoch(topic, epoch + 1)
         if rank != 0:
             return None
         return [q.detach().numpy().astype(np.float32).copy() for q in net.parameters()]
@@ -108,10 +106,10 @@ def task_rank(rank: int, world: int, host: str, port: int, parts: list[FeatureBa
         torch.set_num_threads(threads)
 
 
-def _variable(name: str) -> Any:
-    from distributed import Variable
+def _log_epoch(topic: str, epoch: int) -> None:
+    from distributed import get_worker
 
-    return Variable(name)
+    get_worker().log_event(topic, epoch)
 
 
 # --- the fit ------------------------------------------------------------------------------------
@@ -142,20 +140,17 @@ def fit_mlp(p: MLPPredictor, rows: RowSet, head: FeatureBatch,
     host = ranks[0].split("://")[-1].rsplit(":", 1)[0].strip("[]")
     port = rows.guard.gather(c.submit(task_free_port, workers=[ranks[0]], pure=False),
                              "ddp rendezvous")
-    var_name = f"{STEP_VAR}-{p.name}-{d}-{port}"
+    topic = f"{EPOCH_TOPIC}-{p.name}-{d}-{port}"
     progress.start(f"d={d}: {p.name} DDP (gloo) on {len(ranks)} ranks, {p.epochs} epochs",
                    p.epochs)
     futs = [c.submit(task_rank, r, len(ranks), host, port, held[w], design, mean, std, p,
-                     rows.n, rows.model.n_moe, rows.model.n_expert, var_name,
+                     rows.n, rows.model.n_moe, rows.model.n_expert, topic,
                      workers=[w], allow_other_workers=False, pure=False)
             for r, w in enumerate(ranks)]
-    var, done = _variable(var_name), [0]
+    done = [0]
 
     def tick() -> None:
-        try:
-            now = int(var.get(timeout=0.05))
-        except Exception:  # not set yet
-            return
+        now = max((int(msg) for _, msg in c.get_events(topic)), default=0)
         if now > done[0]:
             progress.advance(now - done[0])
             done[0] = now
