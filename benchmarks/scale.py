@@ -83,6 +83,7 @@ def child(mode: str, dataset: str, out: str, workers: int, predictors: str,
                              "--mlp_epochs=2", "--plots=false"])
     t0 = time.perf_counter()
     worker_peaks: list[float] = []
+    ladder: list[float] = []
     if mode == "single":
         fitted, _ = train(cfg)
     else:
@@ -93,10 +94,10 @@ def child(mode: str, dataset: str, out: str, workers: int, predictors: str,
             t0 = time.perf_counter()  # cluster start-up is not training
             marks = _PeakBeforeNextUse(client)
             fitted, _ = train_distributed(cfg, client, marks)
-            worker_peaks = sorted(client.run(peak_rss_mib).values())
+            worker_peaks, ladder = sorted(client.run(peak_rss_mib).values()), marks.ladder
     return {"mode": mode, "seconds": time.perf_counter() - t0, "driver_mib": peak_rss_mib(),
             "worker_mib": worker_peaks, "train_rows": fitted.train_rows,
-            "worker_mib_ladder": marks.ladder}
+            "worker_mib_ladder": ladder}
 
 
 class _PeakBeforeNextUse:
