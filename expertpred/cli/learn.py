@@ -19,13 +19,29 @@ _OVERRIDABLE = {"allow_extra_args": True, "ignore_unknown_options": True}
 def train_cmd(
     ctx: typer.Context,
     config: Path = typer.Option(None, "--config", help="training/configs/predictors-*.toml"),
+    cluster: str = typer.Option(None, "--cluster", metavar="local:N",
+                                help="Train on a Dask LocalCluster of N worker processes "
+                                     "(127.0.0.1)."),
+    scheduler: str = typer.Option(None, "--scheduler", metavar="tcp://HOST:PORT",
+                                  help="Train on an existing Dask cluster (its scheduler)."),
 ) -> None:
     """Fit next-layer expert predictors on a trace dataset's train split and save them to
-    <out>/models. Any --key=value overrides a config field (checked against it)."""
+    <out>/models. Any --key=value overrides a config field (checked against it).
+    --cluster / --scheduler: the same training on Dask (same rows, same tables)."""
+    from ..learn.cluster import parse_cluster
     from ..learn.train import load_config, train
 
+    spec = parse_cluster(cluster, scheduler)
     cfg = load_config(config, ctx.args)
-    fitted, paths = train(cfg)
+    if spec is None:
+        fitted, paths = train(cfg)
+    else:
+        from ..learn.cluster import open_cluster
+        from ..learn.distributed import train_distributed
+
+        console.print(f"training on a {spec.describe()}", highlight=False)
+        with open_cluster(spec) as client, _StepProgress() as progress:
+            fitted, paths = train_distributed(cfg, client, progress)
     # names stay whole on a pipe (rich assumes 80 columns): the number columns are narrow
     t = Table(title=f"predictors fitted ({cfg.dataset or 'synthetic traces'})",
               caption="seconds to fit, per offset d", box=box.SIMPLE_HEAD, pad_edge=False,
@@ -41,6 +57,32 @@ def train_cmd(
         console.print(f"skipped {name}: {why}")
     console.print(f"training rows per d: {fitted.train_rows}; saved {len(paths)} files to "
                   f"{Path(cfg.out) / 'models'}")
+
+
+class _StepProgress:
+    """A rich progress bar per step of distributed training (learn.shards.Progress)."""
+
+    def __enter__(self) -> _StepProgress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self._bar = Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=console, transient=False)
+        self._bar.__enter__()
+        self._task: int | None = None
+        return self
+
+    def start(self, step: str, total: int) -> None:
+        if self._task is not None:
+            t = self._bar.tasks[self._task]
+            self._bar.update(self._task, completed=t.total)
+        self._task = self._bar.add_task(step, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._task is not None:
+            self._bar.advance(self._task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(None, None, None)
 
 
 @app.command("evaluate", context_settings=_OVERRIDABLE)

@@ -61,6 +61,14 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
     def _fit(self, data: FeatureBatch) -> None:
         self._widths()  # a bad n_hidden fails before training
         super()._fit(data)
+        self._fold()
+
+    def set_weights(self, design: Design, mean: np.ndarray, std: np.ndarray,
+                    weights: list[np.ndarray]) -> None:
+        super().set_weights(design, mean, std, weights)
+        self._fold()
+
+    def _fold(self) -> None:
         # fold the standardisation into the first layer: W0 ((x - m) / s) = (W0 / s) x - ...
         w0 = self.weights_[0] / self.std_[None, :]
         b0 = self.weights_[1] - w0 @ self.mean_

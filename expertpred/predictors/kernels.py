@@ -32,16 +32,27 @@ def by_layer(w: np.ndarray, layer: np.ndarray, tables: np.ndarray) -> np.ndarray
     return out
 
 
-def layer_freq(data: FeatureBatch, alpha: float) -> np.ndarray:
-    """float32 (L, E): Laplace-smoothed share of each expert among the targets, per layer."""
+def layer_counts(data: FeatureBatch) -> np.ndarray:
+    """float64 (L, E): how often each expert is a target, per target layer (whole numbers,
+    so partial counts of disjoint row sets add up exactly)."""
     n_l, e = data.model.n_moe, data.model.n_expert
     counts = np.zeros((n_l, e), dtype=np.float64)
     tl = np.repeat(data.target_layer, data.targets.shape[1])
     tg = data.targets.reshape(-1).astype(np.int64)
     ok = tg >= 0
     np.add.at(counts, (tl[ok], tg[ok]), 1.0)
+    return counts
+
+
+def freq_from_counts(counts: np.ndarray, alpha: float) -> np.ndarray:
+    """float32 (L, E): Laplace-smoothed shares from :func:`layer_counts`."""
     c = counts + alpha
     return (c / c.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def layer_freq(data: FeatureBatch, alpha: float) -> np.ndarray:
+    """float32 (L, E): Laplace-smoothed share of each expert among the targets, per layer."""
+    return freq_from_counts(layer_counts(data), alpha)
 
 
 def normalised_current(x: FeatureBatch) -> np.ndarray:

@@ -27,6 +27,14 @@ from .forest import Forest, check_trees, flatten_boosters, group_forests
 log = logging.getLogger(__name__)
 
 
+def constant_label(pos: float, n: int) -> float | None:
+    """The log-odds score of an expert picked in ``pos`` of ``n`` rows when that is (almost)
+    always or never, where a booster has nothing to learn; None otherwise."""
+    if pos < 2 or pos > n - 2:
+        return float(np.log((pos + 0.5) / (n - pos + 0.5)))
+    return None
+
+
 class LightGBMPredictor(Predictor, name="lightgbm"):
     """Gradient-boosted trees over :func:`~expertpred.features.dense_features`."""
 
@@ -81,17 +89,24 @@ class LightGBMPredictor(Predictor, name="lightgbm"):
                              params=self._params(),
                              free_raw_data=False).construct()
             for j in range(e):
-                pos, n = float(y[j].sum()), y.shape[1]
-                if pos < 2 or pos > n - 2:  # (almost) constant label: no booster
-                    consts[gi, j] = np.log((pos + 0.5) / (n - pos + 0.5))
+                const = constant_label(float(y[j].sum()), y.shape[1])
+                if const is not None:  # (almost) constant label: no booster
+                    consts[gi, j] = const
                     models.append("")
                     continue
                 ds.set_label(y[j])
                 b = lgb.train(self._params(), ds, num_boost_round=self.n_estimators)
                 models.append(b.model_to_string())
+        self.set_boosters(groups, consts, models)
+
+    def set_boosters(self, groups: list[int], constants: np.ndarray, models: list[str]) -> None:
+        """The learned state from trained boosters (model strings, group-major, "" where the
+        label was constant): shared by this fit and the Dask one
+        (:mod:`expertpred.learn.dask_lgbm`)."""
         self.groups_ = np.asarray(groups, dtype=np.int64)
-        self.constants_ = consts
-        self.trees_, self.depths_, _ = flatten_boosters(models, len(groups), e)
+        self.constants_ = constants
+        self.trees_, self.depths_, _ = flatten_boosters(models, len(groups),
+                                                        constants.shape[1])
 
     # --- scoring: numpy only ----------------------------------------------------------------
     def _ready(self) -> None:

@@ -63,10 +63,7 @@ class MLPPredictor(Predictor, name="mlp"):
         self.mean_ = x.mean(axis=0).astype(np.float32)
         self.std_ = (x.std(axis=0) + 1e-3).astype(np.float32)
         xs = torch.from_numpy((x - self.mean_) / self.std_)
-        y = multihot(data.targets, e)
-        if self.loss == "softmax":
-            y = y / np.maximum(y.sum(axis=1, keepdims=True), 1.0)
-        ys = torch.from_numpy(y)
+        ys = torch.from_numpy(self.labels(data.targets, e))
         head = torch.from_numpy(data.layer.astype(np.int64))
 
         threads = torch.get_num_threads()
@@ -86,25 +83,15 @@ class MLPPredictor(Predictor, name="mlp"):
     def _train(self, torch: Any, xs: Any, ys: Any, head: Any, n_l: int, e: int) -> None:
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
-        layers, w = [], xs.shape[1]
-        for h in self._widths():
-            layers += [torch.nn.Linear(w, h), torch.nn.ReLU()]
-            w = h
-        net = torch.nn.Sequential(*layers, torch.nn.Linear(w, n_l * e))
-        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        net = self.make_net(torch, xs.shape[1], n_l, e)
         steps = self.epochs * ((len(xs) + self.batch_size - 1) // self.batch_size)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps)
+        opt, sched = self.make_optimizer(torch, net, steps)
         for epoch in range(self.epochs):
             perm = torch.randperm(len(xs), generator=gen)
             total = 0.0
             for i in range(0, len(xs), self.batch_size):
                 idx = perm[i: i + self.batch_size]
-                out = net(xs[idx]).view(len(idx), n_l, e)
-                logit = out[torch.arange(len(idx)), head[idx]]
-                if self.loss == "bce":
-                    loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ys[idx])
-                else:
-                    loss = -(ys[idx] * torch.log_softmax(logit, dim=1)).sum(dim=1).mean()
+                loss = self.batch_loss(torch, net, xs[idx], ys[idx], head[idx], n_l, e)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -113,6 +100,42 @@ class MLPPredictor(Predictor, name="mlp"):
             log.debug("%s epoch %d loss %.4f", self.name, epoch, total / len(xs))
         self.weights_ = [p.detach().numpy().astype(np.float32).copy()
                          for p in net.parameters()]
+
+    # --- the training pieces, shared with the data-parallel fit (learn/ddp.py) -------------
+    def make_net(self, torch: Any, n_in: int, n_l: int, e: int) -> Any:
+        """The network (seed torch first): hidden Linear + ReLU layers, then L·E outputs."""
+        layers, w = [], n_in
+        for h in self._widths():
+            layers += [torch.nn.Linear(w, h), torch.nn.ReLU()]
+            w = h
+        return torch.nn.Sequential(*layers, torch.nn.Linear(w, n_l * e))
+
+    def make_optimizer(self, torch: Any, net: Any, steps: int) -> tuple[Any, Any]:
+        """AdamW with a one-cycle learning rate over ``steps`` optimizer steps."""
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps)
+        return opt, sched
+
+    def batch_loss(self, torch: Any, net: Any, x: Any, y: Any, head: Any, n_l: int,
+                   e: int) -> Any:
+        """The loss of one batch: each row's logits are its source layer's head."""
+        out = net(x).view(len(x), n_l, e)
+        logit = out[torch.arange(len(x)), head]
+        if self.loss == "bce":
+            return torch.nn.functional.binary_cross_entropy_with_logits(logit, y)
+        return -(y * torch.log_softmax(logit, dim=1)).sum(dim=1).mean()
+
+    def labels(self, targets: np.ndarray, e: int) -> np.ndarray:
+        """float32 (n, E) training labels: the target set, normalised for ``softmax``."""
+        y = multihot(targets, e)
+        if self.loss == "softmax":
+            y = y / np.maximum(y.sum(axis=1, keepdims=True), 1.0)
+        return y
+
+    def set_weights(self, design: Design, mean: np.ndarray, std: np.ndarray,
+                    weights: list[np.ndarray]) -> None:
+        """The learned state from a network trained elsewhere (the data-parallel fit)."""
+        self.design_, self.mean_, self.std_, self.weights_ = design, mean, std, weights
 
     # --- scoring: numpy only, one kernel for batches and the online row ---------------------
     def _ready(self) -> None:

@@ -12,6 +12,13 @@ from .checks import ArtifactCheck
 from .kernels import by_layer, layer_freq, mean_recall, normalised_current, rank_hot
 from .transition import transition_table
 
+WEIGHT_ROWS = 20000  # training rows the weight is chosen on (a uniform sample)
+
+
+def weight_rows(n: int) -> np.ndarray:
+    """Which of ``n`` training rows choose the weight, in the order they are scored."""
+    return np.random.default_rng(0).permutation(n)[:WEIGHT_ROWS]
+
 
 class PreviousTokenTransitionPredictor(Predictor, name="previous-token+transition"):
     """``w`` is picked on the training data unless given."""
@@ -23,19 +30,21 @@ class PreviousTokenTransitionPredictor(Predictor, name="previous-token+transitio
     def _fit(self, data: FeatureBatch) -> None:
         self.table_ = transition_table(data, self.alpha)
         self.freq_ = layer_freq(data, self.alpha)
-        if self.weight is not None:
-            self.weight_ = float(self.weight)
-            return
-        sample = data.take(np.random.default_rng(0).permutation(len(data))[:20000])
+        self.weight_ = (float(self.weight) if self.weight is not None
+                        else self.choose_weight(data.take(weight_rows(len(data)))))
+
+    def choose_weight(self, sample: FeatureBatch) -> float:
+        """The grid weight with the best recall@k on ``sample`` (the rows of
+        :func:`weight_rows`), given the fitted ``table_`` and ``freq_``."""
         p, t = self._parts(sample)
-        k = data.model.n_expert_used
+        k = sample.model.n_expert_used
         best, best_w = -1.0, 0.5
         for w in np.linspace(0.0, 1.0, 11):
             top = np.argsort(-(w * p + (1 - w) * t), axis=1, kind="stable")[:, :k]
             r = mean_recall(top, sample.targets)
             if r > best + 1e-9:
                 best, best_w = r, float(w)
-        self.weight_ = best_w
+        return best_w
 
     def _parts(self, x: FeatureBatch) -> tuple[np.ndarray, np.ndarray]:
         tl = x.target_layer

@@ -13,8 +13,9 @@ from .checks import ArtifactCheck
 from .kernels import by_layer, normalised_current
 
 
-def transition_table(data: FeatureBatch, alpha: float) -> np.ndarray:
-    """float32 (L, E, E): row i of layer l = P(expert j at l + d | expert i at l)."""
+def transition_counts(data: FeatureBatch) -> np.ndarray:
+    """float64 (L, E, E): how often expert j at l + d follows expert i at l (whole numbers,
+    so partial counts of disjoint row sets add up exactly)."""
     n_l, e = data.model.n_moe, data.model.n_expert
     counts = np.zeros((n_l, e, e), dtype=np.float64)
     rows = np.arange(len(data))
@@ -25,8 +26,18 @@ def transition_table(data: FeatureBatch, alpha: float) -> np.ndarray:
         for b in range(tgt.shape[1]):
             ok = (src[:, a] >= 0) & (tgt[:, b] >= 0)
             np.add.at(counts, (lay[ok], src[ok, a], tgt[ok, b]), 1.0)
-    counts += alpha
-    return (counts / counts.sum(axis=2, keepdims=True)).astype(np.float32)
+    return counts
+
+
+def table_from_counts(counts: np.ndarray, alpha: float) -> np.ndarray:
+    """float32 (L, E, E) row-normalised, Laplace-smoothed :func:`transition_counts`."""
+    c = counts + alpha
+    return (c / c.sum(axis=2, keepdims=True)).astype(np.float32)
+
+
+def transition_table(data: FeatureBatch, alpha: float) -> np.ndarray:
+    """float32 (L, E, E): row i of layer l = P(expert j at l + d | expert i at l)."""
+    return table_from_counts(transition_counts(data), alpha)
 
 
 class TransitionPredictor(Predictor, name="transition"):
