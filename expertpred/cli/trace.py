@@ -47,6 +47,10 @@ def trace(
     exact: bool = flag("--exact", help="Exact numerics: no flash attention, f32 KV cache "
                                        "(router top-k then matches transformers on near-ties; "
                                        "slower)."),
+    workers: int = typer.Option(1, "--workers", min=1,
+                                help="llama.cpp processes tracing disjoint prompt chunks into "
+                                     "the one dataset; --threads is split among them (more "
+                                     "workers than prompts left: one per prompt)."),
 ) -> None:
     """Trace the router of every MoE layer for each prompt into a Parquet dataset directory."""
     from ..trace.run import TraceRunConfig
@@ -55,7 +59,7 @@ def trace(
                          limit=limit, max_tokens=max_tokens, n_ctx=n_ctx, threads=threads,
                          hidden=hidden, sampled=sampled, temperature=temperature, top_k=top_k,
                          top_p=top_p, seed=seed, resume=resume, shard_rows=shard_rows,
-                         exact=exact)
+                         exact=exact, workers=workers)
     print_trace_run(trace_prompts_with_progress(cfg))
 
 

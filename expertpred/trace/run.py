@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ExpertPredError
 from ..gguf.layout import file_sha256, model_info
@@ -25,6 +25,10 @@ from .dataset import (
     TraceWriter,
 )
 from .prompts import Prompt, load_prompts, read_prompt_file
+from .record import SequenceTrace
+
+if TYPE_CHECKING:
+    from .llama_tracer import LlamaTracer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,13 @@ class TraceRunConfig:
     resume: bool = False  # continue a dataset of the same model and settings
     shard_rows: int = 32768  # rows per Parquet shard: bounds the writer's memory
     exact: bool = False  # no flash attention, f32 KV cache: router top-k as transformers ranks it
+    # llama.cpp processes tracing disjoint prompt chunks (trace/parallel.py); like threads not
+    # part of the data: each sequence is the same whichever process traced it
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ExpertPredError(f"workers={self.workers}: expected >= 1 tracing process")
 
     def decoding(self) -> DecodingInfo:
         s = self.sampled
@@ -92,40 +103,69 @@ def manifest_info(cfg: TraceRunConfig, selection: list[Prompt]) -> ManifestInfo:
                         decoding=cfg.decoding(), capture_hidden=cfg.hidden)
 
 
+def open_tracer(cfg: TraceRunConfig, n_threads: int) -> LlamaTracer:
+    """The llama.cpp tracer of a run (serial, or one per parallel worker)."""
+    from .llama_tracer import EXACT_CONTEXT, LlamaTracer
+
+    return LlamaTracer(str(cfg.model), n_ctx=cfg.n_ctx, n_threads=n_threads,
+                       capture_hidden=cfg.hidden, seed=cfg.seed,
+                       context_params=EXACT_CONTEXT if cfg.exact else None)
+
+
+def trace_one(tracer: LlamaTracer, cfg: TraceRunConfig, p: Prompt) -> SequenceTrace:
+    """Trace prompt ``p``: seq_id = its index in the file, sampling seed = seed + index, so
+    a sequence is the same whichever run, resume or worker process traces it."""
+    try:
+        return tracer.trace(p.text, cfg.max_tokens, greedy=not cfg.sampled,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                            seed=cfg.seed + p.index, seq_id=p.index, prompt_id=p.id,
+                            domain=p.domain)
+    except ExpertPredError as exc:
+        raise ExpertPredError(f"{cfg.prompts}: prompt {p.id!r}: {exc}") from None
+
+
+def select_prompts(cfg: TraceRunConfig) -> list[Prompt]:
+    return load_prompts(cfg.prompts, split=cfg.split, domain=cfg.domain)[:cfg.limit]
+
+
 def trace_prompts(cfg: TraceRunConfig, progress: TraceProgress | None = None) -> TraceRunResult:
-    """Trace every selected prompt not yet in ``cfg.out``; see the module docstring."""
+    """Trace every selected prompt not yet in ``cfg.out``; see the module docstring.
+
+    ``cfg.workers > 1``: :func:`~expertpred.trace.parallel.trace_parallel` instead."""
+    if cfg.workers > 1:
+        from .parallel import trace_parallel
+
+        return trace_parallel(cfg, progress)
     start = time.perf_counter()
-    selection = load_prompts(cfg.prompts, split=cfg.split, domain=cfg.domain)[:cfg.limit]
+    selection = select_prompts(cfg)
     info = manifest_info(cfg, selection)  # one-line GGUFError for a dense / bad model
-    tokens = n_done = 0
     with TraceWriter(cfg.out, info, shard_rows=cfg.shard_rows, resume=cfg.resume) as writer:
         todo = [p for p in selection if p.index not in writer.done_seq_ids]
         if progress is not None:
             progress.start(len(todo), len(selection))
-        if todo:
-            from .llama_tracer import EXACT_CONTEXT, LlamaTracer
-
-            tracer = LlamaTracer(str(cfg.model), n_ctx=cfg.n_ctx, n_threads=cfg.threads,
-                                 capture_hidden=cfg.hidden, seed=cfg.seed,
-                                 context_params=EXACT_CONTEXT if cfg.exact else None)
-            t_trace = time.perf_counter()
-            try:
-                for p in todo:
-                    try:
-                        seq = tracer.trace(p.text, cfg.max_tokens, greedy=not cfg.sampled,
-                                           temperature=cfg.temperature, top_k=cfg.top_k,
-                                           top_p=cfg.top_p, seed=cfg.seed + p.index,
-                                           seq_id=p.index, prompt_id=p.id, domain=p.domain)
-                    except ExpertPredError as exc:
-                        raise ExpertPredError(f"{cfg.prompts}: prompt {p.id!r}: {exc}") from None
-                    writer.write(seq, split=p.split)
-                    tokens += seq.n_tokens
-                    n_done += 1
-                    if progress is not None:
-                        progress.advance(tokens, time.perf_counter() - t_trace)
-            finally:
-                tracer.close()
+        n_done, tokens = trace_in_process(cfg, writer, todo, progress)
     log.info("%s: traced %d sequences, %d tokens", cfg.out, n_done, tokens)
     return TraceRunResult(dataset=TraceDataset(cfg.out), n_selected=len(selection),
                           n_skipped=len(selection) - len(todo), n_traced=n_done, tokens=tokens,
                           seconds=time.perf_counter() - start)
+
+
+def trace_in_process(cfg: TraceRunConfig, writer: TraceWriter, todo: list[Prompt],
+                     progress: TraceProgress | None) -> tuple[int, int]:
+    """Trace ``todo`` in this process into ``writer``; (sequences, tokens) traced."""
+    tokens = n_done = 0
+    if not todo:
+        return 0, 0
+    tracer = open_tracer(cfg, cfg.threads)
+    t_trace = time.perf_counter()
+    try:
+        for p in todo:
+            seq = trace_one(tracer, cfg, p)
+            writer.write(seq, split=p.split)
+            tokens += seq.n_tokens
+            n_done += 1
+            if progress is not None:
+                progress.advance(tokens, time.perf_counter() - t_trace)
+    finally:
+        tracer.close()
+    return n_done, tokens

@@ -39,7 +39,8 @@ FORMAT_NAME = "expertpred.trace"
 
 FORMAT_VERSION = 1
 
-SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
+# shard-00000.parquet (one writer), shard-w01-00000.parquet (parallel tracing worker 1)
+SHARD_RE = re.compile(r"^shard-(?:w\d+-)?(\d{5,})\.parquet$")
 
 
 # Parquet key-value metadata keys of a shard.

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from enum import Enum
@@ -333,6 +334,25 @@ class TraceWriter:
     def shards(self) -> tuple[ShardInfo, ...]:
         return tuple(self._shards)
 
+    def add_shard(self, shard: ShardInfo) -> None:
+        """List a finished shard another process wrote into this directory (parallel tracing:
+        this writer is the one merger of the manifest). The shard must be on disk with its
+        listed size and hold no sequence the dataset already has."""
+        self._check_state()
+        path = self.out_dir / shard.name
+        if not SHARD_RE.match(shard.name) or not path.is_file():
+            raise self._fail(f"{path}: reported as a finished shard but not on disk")
+        dup = self._done.intersection(shard.seq_ids)
+        if dup:
+            raise self._fail(f"{path}: seq_id {min(dup)} is already in the dataset; expected "
+                             "disjoint prompt chunks per worker")
+        self._shards.append(shard)
+        # name order = worker then shard number: with contiguous prompt chunks per worker
+        # that is seq_id order, as a serial run writes it
+        self._shards.sort(key=lambda s: s.name)
+        self._done.update(shard.seq_ids)
+        self._write_manifest()
+
     def __enter__(self) -> TraceWriter:
         return self
 
@@ -468,10 +488,15 @@ class TraceWriter:
         assert table.num_rows == total
         return table
 
+    # file names of this writer's shards start so; parallel tracing workers use their own
+    # prefix (shard-wNN-), so two writers never pick the same name
+    shard_prefix = "shard-"
+
     def _next_name(self) -> str:
-        used = [int(m[1]) for p in self.out_dir.iterdir() if (m := SHARD_RE.match(p.name))]
-        used += [int(SHARD_RE.match(s.name)[1]) for s in self._shards]  # type: ignore[index]
-        return f"shard-{(max(used) + 1 if used else 0):05d}.parquet"
+        own = re.compile(re.escape(self.shard_prefix) + r"(\d{5,})\.parquet$")
+        names = [p.name for p in self.out_dir.iterdir()] + [s.name for s in self._shards]
+        used = [int(m[1]) for n in names if (m := own.match(n))]
+        return f"{self.shard_prefix}{(max(used) + 1 if used else 0):05d}.parquet"
 
     def _row_group_rows(self, table: pa.Table) -> int:
         per_row = max(1, table.nbytes // max(1, table.num_rows))
