@@ -130,20 +130,7 @@ def shuffled_first_baseline(experts: np.ndarray, seq_id: np.ndarray) -> np.ndarr
     >>> shuffled_first_baseline(x, np.array([0, 0, 0, 1, 1, 1])).round(4)  # (1/3*2 + 1*2) / 4
     array([0.6667])
     """
-    n, n_layer = experts.shape[:2]
-    if n == 0:
-        return np.full(n_layer, np.nan)
-    _, seq_rank, n_s = np.unique(seq_id, return_inverse=True, return_counts=True)
-    n_pairs = float((n_s - 1).sum())
-    if n_pairs == 0:
-        return np.full(n_layer, np.nan)
-    e = int(experts.max()) + 1
-    out = np.empty(n_layer)
-    for layer in range(n_layer):
-        c = np.bincount(seq_rank * e + experts[:, layer, 0], minlength=len(n_s) * e)
-        c = c.reshape(len(n_s), e).astype(np.float64)
-        out[layer] = ((c * (c - 1)).sum(axis=1) / n_s).sum() / n_pairs
-    return out
+    return _shuffled(experts, seq_id, int(experts.max()) + 1 if len(experts) else 1)[0]
 
 
 def shuffled_any_baseline(experts: np.ndarray, seq_id: np.ndarray,
@@ -156,26 +143,55 @@ def shuffled_any_baseline(experts: np.ndarray, seq_id: np.ndarray,
     >>> shuffled_any_baseline(x, np.zeros(3, int), 4).round(4)
     array([0.6667])
     """
-    n, n_layer, k = experts.shape
+    return _shuffled(experts, seq_id, n_expert)[1]
+
+
+def _shuffled(experts: np.ndarray, seq_id: np.ndarray,
+              n_expert: int) -> tuple[np.ndarray, np.ndarray]:
+    n_layer = experts.shape[1]
     _, seq_rank, n_s = np.unique(seq_id, return_inverse=True, return_counts=True)
     n_pairs = float((n_s - 1).sum())
-    if n == 0 or n_pairs == 0:
-        return np.full(n_layer, np.nan)
+    if len(experts) == 0 or n_pairs == 0:
+        return np.full(n_layer, np.nan), np.full(n_layer, np.nan)
+    first_v, any_v = shuffled_per_sequence(experts, seq_rank.reshape(-1), n_s, n_expert)
+    return (np.array([first_v[i].sum() for i in range(n_layer)]) / n_pairs,
+            np.array([any_v[i].sum() for i in range(n_layer)]) / n_pairs)
+
+
+def shuffled_per_sequence(experts: np.ndarray, seq_rank: np.ndarray, n_s: np.ndarray,
+                          n_expert: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each sequence's term of the two shuffled baselines, (L, n_seq) each, in seq order.
+
+    Rows sorted by sequence; ``seq_rank`` (N,) is each row's sequence 0..n_seq-1 and
+    ``n_s`` the rows per sequence. The baselines are the per-layer sums over sequences
+    divided by the pairs, sum(n_s - 1); the terms of a sequence depend on it alone, so a
+    streaming reader adds up the same terms shard by shard.
+    """
+    n, n_layer, k = experts.shape
+    n_seq = len(n_s)
+    first_v = np.zeros((n_layer, n_seq))
+    any_v = np.zeros((n_layer, n_seq))
+    if n == 0:
+        return first_v, any_v
+    for layer in range(n_layer):
+        c = np.bincount(seq_rank * n_expert + experts[:, layer, 0], minlength=n_seq * n_expert)
+        c = c.reshape(n_seq, n_expert).astype(np.float64)
+        first_v[layer] = (c * (c - 1)).sum(axis=1) / n_s
     # whole sequences per chunk keep every count exact and memory bounded
     per_chunk = max(1, MAX_SUBSET_KEYS // (2 ** k - 1))
     ends = np.cumsum(n_s)
-    out = np.zeros(n_layer)
     start_seq = 0
-    while start_seq < len(n_s):
+    while start_seq < n_seq:
         lo = int(ends[start_seq - 1]) if start_seq else 0
         stop_seq = max(start_seq + 1,
                        int(np.searchsorted(ends, lo + per_chunk, side="right")))
         hi = int(ends[stop_seq - 1])
         group = seq_rank[lo:hi] - start_seq
-        n_tok = n_s[seq_rank[lo:hi]].astype(np.float64)  # length of each token's sequence
         for layer in range(n_layer):
             met = -_containing(experts[lo:hi, layer, :], group, n_expert).sum(axis=0)
-            out[layer] += ((met - 1) / n_tok).sum()  # others met, weighted (n-1)/(n(n-1))
+            # tokens of the sequence each token meets, itself included: sum - n_s others
+            total = np.bincount(group, weights=met, minlength=stop_seq - start_seq)
+            ns = n_s[start_seq:stop_seq]
+            any_v[layer, start_seq:stop_seq] = (total - ns) / ns
         start_seq = stop_seq
-    return out / n_pairs
-
+    return first_v, any_v

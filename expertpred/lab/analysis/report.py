@@ -40,6 +40,7 @@ from .figures import write_figures
 from .markdown import locality_table, render_markdown
 from .records import RoutingReport
 from .routing import RoutingData, summarize
+from .streaming import COLUMNS, stream_summary
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ REPORT_FORMAT = "expertpred.routing-report"
 REPORT_VERSION = 1
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
-COLUMNS = ["seq_id", "pos", "phase", "domain", "experts"]  # no logits: keeps memory small
 
 
 class AnalysisError(ExpertPredError):
@@ -92,8 +92,8 @@ class Analysis:
 # --- loading -------------------------------------------------------------------------
 
 
-def load_routing(trace_dir: str | os.PathLike[str]) -> tuple[RoutingData, TraceDataset]:
-    """Open a trace dataset and read the routing columns (raises AnalysisError on bad input)."""
+def open_trace(trace_dir: str | os.PathLike[str]) -> TraceDataset:
+    """Open a trace dataset for analysis (raises AnalysisError on bad input)."""
     d = Path(trace_dir)
     if d.is_dir() and find_manifest(d) is None:
         inner = sorted(p.name for p in d.iterdir() if p.is_dir() and find_manifest(p))
@@ -112,15 +112,38 @@ def load_routing(trace_dir: str | os.PathLike[str]) -> tuple[RoutingData, TraceD
             f"k={ds.n_expert_used}, L={ds.n_moe_layer}; expected them to agree")
     if ds.n_rows == 0:
         raise AnalysisError(f"{d}: trace dataset has no tokens; expected at least one sequence")
+    return ds
+
+
+def load_routing(trace_dir: str | os.PathLike[str]) -> tuple[RoutingData, TraceDataset]:
+    """Open a trace dataset and read the routing columns of all of it into memory (the
+    analysis itself streams: :func:`~.streaming.stream_summary`)."""
+    ds = open_trace(trace_dir)
     cols = ds.to_numpy(COLUMNS)
     try:
         data = RoutingData.from_arrays(cols["experts"], cols["seq_id"], cols["pos"],
                                        cols["phase"], cols["domain"], ds.n_expert)
     except ValueError as exc:
-        raise AnalysisError(f"{d}: {exc}") from None
-    log.info("%s: %d sequences, %d tokens, domains %s", d, data.n_sequences, data.n_tokens,
-             data.domains)
+        raise AnalysisError(f"{ds.path}: {exc}") from None
+    log.info("%s: %d sequences, %d tokens, domains %s", ds.path, data.n_sequences,
+             data.n_tokens, data.domains)
     return data, ds
+
+
+def summarize_trace(trace_dir: str | os.PathLike[str], max_distance: int = 64,
+                    in_memory: bool = False) -> tuple[RoutingReport, int, TraceDataset]:
+    """The routing summary of a dataset and its prompt tokens: streamed shard by shard
+    (memory bounded by a shard), or ``in_memory`` (all routing columns at once; kept to
+    check the two agree and to measure the difference)."""
+    if in_memory:
+        data, ds = load_routing(trace_dir)
+        return summarize(data, max_distance=max_distance), int((data.phase == 0).sum()), ds
+    ds = open_trace(trace_dir)
+    try:
+        summary, n_prompt = stream_summary(ds, max_distance)
+    except ValueError as exc:
+        raise AnalysisError(f"{ds.path}: {exc}") from None
+    return summary, n_prompt, ds
 
 
 def _check_unlisted_shards(ds: TraceDataset) -> None:
@@ -193,8 +216,9 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def analyze_trace(trace_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                   max_distance: int = 64, thresholds: Thresholds | None = None,
-                  command: str | None = None) -> Analysis:
-    """Analyse a trace dataset and write the report directory (all or nothing)."""
+                  command: str | None = None, in_memory: bool = False) -> Analysis:
+    """Analyse a trace dataset and write the report directory (all or nothing); the
+    statistics stream over the shards unless ``in_memory``."""
     th = thresholds or Thresholds()
     if max_distance < 8:
         raise AnalysisError(f"max_distance={max_distance}; expected >= 8")
@@ -203,13 +227,12 @@ def analyze_trace(trace_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     if out.resolve() == trace.resolve() or trace.resolve() in out.resolve().parents:
         raise AnalysisError(f"{out}: inside the trace dataset {trace}; expected a report "
                             "directory outside it")
-    data, ds = load_routing(trace)
+    summary, n_prompt, ds = summarize_trace(trace, max_distance, in_memory)
     tmp = _prepare_output(out)
     try:
-        summary = summarize(data, max_distance=max_distance)
         answers = derive_answers(summary, ds.model, th)
         write_report(tmp, summary, answers, ds.model, th, trace_dir=trace,
-                     n_prompt=int((data.phase == 0).sum()), command=command)
+                     n_prompt=n_prompt, command=command)
         _publish(tmp, out)
     except OSError as exc:
         raise AnalysisError(f"{out}: cannot write the report ({exc.strerror or exc})") from None

@@ -30,8 +30,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ...trace.record import Phase, SequenceTrace
-from .baselines import (
+from ...trace.record import SequenceTrace
+
+# the statistics' building blocks, re-exported: callers and tests reach them through here
+from .baselines import (  # noqa: F401
     independent_any_baseline,
     independent_first_baseline,
     independent_overlap_baseline,
@@ -40,7 +42,7 @@ from .baselines import (
     uniform_any_baseline,
     uniform_first_baseline,
 )
-from .popularity import (
+from .popularity import (  # noqa: F401
     dead_experts,
     expert_counts,
     gini,
@@ -50,13 +52,9 @@ from .popularity import (
     zipf_slope,
 )
 from .records import (
-    CrossLayerSummary,
     DomainDivergence,
-    DomainPair,
     HeldoutRecall,
     LocalitySummary,
-    PopularitySummary,
-    ReuseSummary,
     RoutingReport,
     RoutingSummary,
 )
@@ -420,32 +418,9 @@ def heldout_recall(data: RoutingData) -> HeldoutRecall:
     ``popularity``: the layer's k most used experts; ``previous_layer``: a table keyed on
     the previous layer's first choice (NaN at layer 0). NaN with fewer than 2 sequences.
     """
-    x, n_expert, k, n_layer = data.experts, data.n_expert, data.k, data.n_layer
-    ids = np.unique(data.seq_id)
-    nan = np.full(n_layer, np.nan)
-    if len(ids) < 2:
-        return HeldoutRecall(popularity=nan, previous_layer=nan.copy())
-    fold = np.zeros(data.n_tokens, dtype=bool)
-    for d in data.domains:  # alternate sequences within each domain: both folds see both
-        rows = data.domain == d
-        fold |= rows & np.isin(data.seq_id, np.unique(data.seq_id[rows])[::2])
-    if fold.all():  # one sequence per domain
-        fold = np.isin(data.seq_id, ids[::2])
-    parts = [x[fold], x[~fold]]
-    counts = [expert_counts(p, n_expert) for p in parts]
-    f2s = [first_to_set_counts(p, n_expert) for p in parts]
-    hits_pop = np.zeros(n_layer)
-    hits_prev = np.zeros(max(n_layer - 1, 0))
-    tot = np.zeros(n_layer)
-    for a, b in ((0, 1), (1, 0)):  # fit on a, score on b
-        t = counts[b].sum(axis=-1).astype(np.float64)
-        hits_pop += np.nan_to_num(lookup_topn_recall(counts[a][:, None, :],
-                                                     counts[b][:, None, :], k)) * t
-        if n_layer > 1:
-            hits_prev += np.nan_to_num(lookup_topn_recall(f2s[a], f2s[b], k)) * t[1:]
-        tot += t
-    prev = np.concatenate([[np.nan], hits_prev / np.maximum(tot[1:], 1)])
-    return HeldoutRecall(popularity=hits_pop / np.maximum(tot, 1), previous_layer=prev)
+    from .summary import counts_of, heldout_from_counts
+
+    return heldout_from_counts(counts_of(data))
 
 
 # --- domains -------------------------------------------------------------------------
@@ -469,103 +444,46 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def routing_summary(data: RoutingData, max_distance: int = 64) -> RoutingSummary:
-    """All statistics of one set of tokens, as numpy arrays and numbers (no I/O)."""
-    x, n_expert, k = data.experts, data.n_expert, data.k
-    counts = expert_counts(x, n_expert)
-    first_counts = expert_counts(x, n_expert, first_only=True)
-    shares = usage_shares(counts)
-    hist = reuse_histogram(x, data.seq_id, data.pos, max_distance)
-    cdf = reuse_cdf(hist)
-    geo = geometric_reuse_cdf(k / n_expert, max_distance)
-    trans = transition_counts(x, n_expert)
-    f2s = first_to_set_counts(x, n_expert)
-    h_next = entropy_bits(trans.sum(axis=-2)) if len(trans) else np.zeros(0)
-    mi = mutual_information(trans) if len(trans) else np.zeros(0)
-    popular_next = (topn_coverage(counts[1:], k) if len(trans) else np.zeros(0))
-    return RoutingSummary(
-        n_tokens=data.n_tokens,
-        n_sequences=data.n_sequences,
-        popularity=PopularitySummary(
-            counts=counts,
-            first_counts=first_counts,
-            share=shares,
-            share_vs_uniform=shares * n_expert,
-            zipf_slope=zipf_slope(counts),
-            gini=gini(counts),
-            dead=dead_experts(counts),
-            hot=hot_experts(counts),
-            top_k_coverage=topn_coverage(counts, k),
-            max_share_ratio=np.nanmax(shares, axis=-1) * n_expert,
-            min_share_ratio=np.nanmin(shares, axis=-1) * n_expert,
-            share_noise=math.sqrt(n_expert / max(data.n_tokens * k, 1)),
-        ),
-        locality=locality_summary(data),
-        locality_decode=locality_summary(data.select(data.phase == Phase.DECODE)),
-        reuse=ReuseSummary(
-            max_distance=max_distance,
-            hist=hist,
-            cold_share=usage_shares(hist)[:, 0],
-            cdf=cdf,
-            within_1=cdf[:, 0],
-            within_8=cdf[:, min(8, max_distance) - 1],
-            median=median_reuse_distance(hist),
-            uniform_cdf=geo,
-            uniform_within_1=float(geo[0]),
-            uniform_within_8=float(geo[min(8, max_distance) - 1]),
-        ),
-        cross_layer=CrossLayerSummary(
-            transition_counts=trans,
-            first_to_set_counts=f2s,
-            mi_bits=mi,
-            mi_baseline_bits=mi_independence_baseline(trans) if len(trans) else mi,
-            h_next_bits=h_next,
-            nmi=np.divide(mi, h_next, out=np.zeros_like(mi), where=h_next > 0),
-            first_accuracy=conditional_topn_recall(trans, 1) if len(trans) else mi,
-            first_accuracy_baseline=(topn_coverage(first_counts[1:], 1) if len(trans)
-                                     else mi),
-            topk_recall=conditional_topn_recall(f2s, k) if len(trans) else mi,
-            topk_recall_baseline=popular_next,
-        ),
-        heldout_recall=heldout_recall(data),
-    )
+    """All statistics of one set of tokens, as numpy arrays and numbers (no I/O): assembled
+    from additive counts (:mod:`.summary`), as the streaming analysis assembles them."""
+    from .summary import counts_of, summary_from_counts
+
+    return summary_from_counts(counts_of(data, max_distance))
 
 
 def locality_summary(data: RoutingData) -> LocalitySummary:
     """Keep rates of the consecutive tokens of ``data`` per layer, and their baselines."""
-    x, n_expert, k = data.experts, data.n_expert, data.k
-    counts = expert_counts(x, n_expert)
-    loc = temporal_locality(x, data.pairs)
-    return LocalitySummary(
-        n_pairs=loc.n_pairs, first=loc.first, any=loc.any, overlap=loc.overlap,
-        first_uniform=uniform_first_baseline(n_expert),
-        any_uniform=uniform_any_baseline(n_expert, k),
-        overlap_uniform=k / n_expert,
-        first_independent=independent_first_baseline(expert_counts(x, n_expert, True)),
-        any_independent=independent_any_baseline(x, n_expert),
-        overlap_independent=independent_overlap_baseline(counts, data.n_tokens, k),
-        first_shuffled=shuffled_first_baseline(x, data.seq_id),
-        any_shuffled=shuffled_any_baseline(x, data.seq_id, n_expert),
-    )
+    from .summary import locality_counts, locality_from_counts
+
+    return locality_from_counts(locality_counts(data), data.n_expert, data.k)
+
+
+def domain_halves(seq_id: np.ndarray, domain: np.ndarray,
+                  doms: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per domain with at least two sequences: the ids of its first half (alternate
+    sequences), the noise floor of :func:`domain_divergence`."""
+    out = {}
+    for d in doms:
+        ids = np.unique(seq_id[domain == d])
+        if len(ids) >= 2:
+            out[d] = ids[::2]
+    return out
 
 
 def domain_divergence(data: RoutingData) -> DomainDivergence:
     """Per-layer JS divergence of expert usage between every two domains, and a noise floor:
     the divergence between two halves (alternate sequences) of the same domain."""
+    from .summary import divergence_from_counts
+
     doms = data.domains
     counts = {d: expert_counts(data.experts[data.domain == d], data.n_expert) for d in doms}
-    pairs = [DomainPair(a=a, b=b, jsd=js_divergence(counts[a], counts[b]))
-             for i, a in enumerate(doms) for b in doms[i + 1:]]
-    floors = []
-    for d in doms:
+    halves = {}
+    for d, first in domain_halves(data.seq_id, data.domain, doms).items():
         rows = data.domain == d
-        ids = np.unique(data.seq_id[rows])
-        if len(ids) < 2:
-            continue
-        half = np.isin(data.seq_id, ids[::2])
-        floors.append(js_divergence(expert_counts(data.experts[rows & half], data.n_expert),
-                                    expert_counts(data.experts[rows & ~half], data.n_expert)))
-    floor = np.mean(floors, axis=0) if floors else np.full(data.n_layer, np.nan)
-    return DomainDivergence(domains=doms, pairs=pairs, floor=floor)
+        half = np.isin(data.seq_id, first)
+        halves[d] = (expert_counts(data.experts[rows & half], data.n_expert),
+                     expert_counts(data.experts[rows & ~half], data.n_expert))
+    return divergence_from_counts(doms, counts, halves, data.n_layer)
 
 
 def summarize(data: RoutingData, max_distance: int = 64,

@@ -235,6 +235,14 @@ class TraceDataset:
             # end: to_numpy() and the other bulk reads then return nothing
             data.check()
 
+    def iter_shards(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """One whole shard at a time (these columns), sha256-checked: every table holds
+        whole sequences, so per-sequence statistics can be added up shard by shard with
+        memory bounded by one shard (its bytes and the columns read)."""
+        cols = self._columns(columns)
+        for s in self.shards:
+            yield self._read(s, cols)[0]
+
     def _mask(self, batch: pa.RecordBatch, split: str | None, domain: str | None,
               seq_ids: set[int] | None) -> np.ndarray | None:
         mask: np.ndarray | None = None
