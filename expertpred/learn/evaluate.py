@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,9 @@ from ..predictors.nextuse import NextUseModel
 from ..units import human_bytes
 from .cachesim import prefetch_plan, simulate
 from .metrics import exact_set_hit, grouped_mean, nanmean, precision_at_k, recall_at_k
+from .scoring import access_stream, feature_batches, score_offset
 from .train import (
+    NEXTUSE_FILE,
     FitResult,
     PredictorsConfig,
     TraceSource,
@@ -159,9 +161,50 @@ def _scenarios(cfg: PredictorsConfig, source: TraceSource) -> list[tuple[str, li
     return sc
 
 
+def _score(cfg: PredictorsConfig, source: TraceSource, fitted: FitResult,
+           test_ids: Sequence[int], ks: Sequence[int], in_memory: bool) -> list[ScoreRow]:
+    """Every fitted predictor at every offset on the test sequences: streamed in bounded
+    batches (:mod:`.scoring`), or with all examples of an offset in memory."""
+    model = source.model
+    rows: list[ScoreRow] = []
+    for d in cfg.offsets:
+        fc = FeatureConfig(d=d, history_decay=cfg.history_decay)
+        phase = phase_value(cfg.eval_phase)
+        if in_memory:
+            x = build_features(source.sequences(test_ids), model, fc, phase=phase)
+            for pname, by_d in fitted.predictors.items():
+                if d in by_d:
+                    rows += score_predictions(by_d[d].predict_topk(x, max(ks)), x, ks, pname, d)
+            continue
+        sums = score_offset(feature_batches(source.sequences(test_ids), model, fc, phase),
+                            fitted.predictors, d, ks, model.n_moe)
+        if sums and not any(acc.n_rows for by_k in sums.values() for acc in by_k.values()):
+            raise ExpertPredError("no examples: the trace selection is empty (or every "
+                                  f"sequence is shorter than needed for d={d})")
+        for pname, by_k in sums.items():
+            rows += [ScoreRow(predictor=pname, d=d, k=int(k), n_rows=acc.n_rows,
+                              recall=_clean(acc.mean("recall")),
+                              precision=_clean(acc.mean("precision")),
+                              exact=_clean(acc.mean("exact")),
+                              recall_per_layer=[_clean(v) for v in acc.per_layer("recall")])
+                     for k, acc in by_k.items()]
+    return rows
+
+
+def _nextuse(cfg: PredictorsConfig, source: TraceSource,
+             models_dir: str | os.PathLike[str] | None) -> NextUseModel:
+    """The learned residency policy's model: the one ``train`` saved next to the
+    predictors when evaluating saved predictors, else fitted on the train split."""
+    if models_dir is not None and (Path(models_dir) / NEXTUSE_FILE).is_file():
+        return NextUseModel.load(Path(models_dir) / NEXTUSE_FILE)
+    return fit_nextuse(cfg, source, source.select(split="train"))
+
+
 def evaluate(cfg: PredictorsConfig, models_dir: str | os.PathLike[str] | None = None,
-             source: TraceSource | None = None) -> EvaluationReport:
-    """Run every scenario; with ``models_dir``, in-domain uses the saved predictors."""
+             source: TraceSource | None = None, in_memory: bool = False) -> EvaluationReport:
+    """Run every scenario; with ``models_dir``, in-domain uses the saved predictors (and
+    the saved next-use model). Test examples stream in bounded batches unless
+    ``in_memory`` (the earlier path, kept to compare the two and measure the difference)."""
     source = source or open_source(cfg)
     model = source.model
     k = model.n_expert_used
@@ -181,16 +224,7 @@ def evaluate(cfg: PredictorsConfig, models_dir: str | os.PathLike[str] | None = 
             fitted = fit_all(cfg, source, train_ids)
         if name == "in-domain":
             in_domain = fitted
-        rows: list[ScoreRow] = []
-        for d in cfg.offsets:
-            x = build_features(source.sequences(test_ids), model,
-                               FeatureConfig(d=d, history_decay=cfg.history_decay),
-                               phase=phase_value(cfg.eval_phase))
-            for pname, by_d in fitted.predictors.items():
-                if d not in by_d:
-                    continue
-                top = by_d[d].predict_topk(x, max(ks))
-                rows += score_predictions(top, x, ks, pname, d)
+        rows = _score(cfg, source, fitted, test_ids, ks, in_memory)
         scenarios.append(Scenario(
             name=name, n_train_seqs=len(train_ids), n_test_seqs=len(test_ids),
             train_rows={str(d): n for d, n in fitted.train_rows.items()},
@@ -200,7 +234,7 @@ def evaluate(cfg: PredictorsConfig, models_dir: str | os.PathLike[str] | None = 
         ))
     assert in_domain is not None
     cache = cache_report(cfg, source, in_domain, source.select(split="test"),
-                         fit_nextuse(cfg, source, source.select(split="train")))
+                         _nextuse(cfg, source, models_dir), in_memory=in_memory)
     return EvaluationReport(config=config_dict(cfg), source=source.description,
                             model=model.to_dict(), scenarios=scenarios, cache=cache,
                             goals=goals(scenarios, cache, model.n_expert_used, cfg))
@@ -218,22 +252,13 @@ def _expert_bytes(source: TraceSource) -> np.ndarray:
 
 def cache_report(cfg: PredictorsConfig, source: TraceSource, fitted: FitResult,
                  test_ids: Sequence[int], nextuse: NextUseModel | None = None,
-                 ) -> CacheReport:
+                 in_memory: bool = False) -> CacheReport:
     """Hit rate and bytes per token of each cache policy on the test tokens, per budget;
     ``learned`` (the residency policy driven by the ``nextuse`` model) when given."""
     model = source.model
     keep = phase_value(cfg.eval_phase)
     # 1. the access stream: test sequences one after another, tokens in order
-    index: dict[tuple[int, int], int] = {}
-    chunks, tok_chunks = [], []
-    for t in source.sequences(test_ids):
-        pos = np.arange(t.n_tokens) if keep is None else np.flatnonzero(t.phase == keep)
-        for p in pos.tolist():
-            index[(t.seq_id, p)] = len(index)
-        chunks.append(t.experts[pos])
-        tok_chunks.append(t.tokens[pos])
-    experts = np.concatenate(chunks).astype(np.int64)
-    tokens = np.concatenate(tok_chunks).astype(np.int64)
+    experts, tokens, index = access_stream(source.sequences(test_ids), keep)
     t_len, n_l, k = experts.shape
     pk = cfg.cache_prefetch_k or k
     sizes = _expert_bytes(source)
@@ -245,12 +270,14 @@ def cache_report(cfg: PredictorsConfig, source: TraceSource, fitted: FitResult,
         for d in range(1, cfg.cache_depth + 1):
             if d not in by_d:
                 return None
-            x = build_features(source.sequences(test_ids), model,
-                               FeatureConfig(d=d, history_decay=cfg.history_decay), phase=keep)
-            top = by_d[d].predict_topk(x, pk)
+            fc = FeatureConfig(d=d, history_decay=cfg.history_decay)
+            batches: Iterable[FeatureBatch] = (
+                [build_features(source.sequences(test_ids), model, fc, phase=keep)]
+                if in_memory else feature_batches(source.sequences(test_ids), model, fc, keep))
             arr = np.full((t_len, n_l, pk), -1, dtype=np.int64)
-            g = np.array([index[(s, p)] for s, p in zip(x.seq.tolist(), x.position.tolist())])
-            arr[g, x.layer.astype(np.int64)] = top
+            for x in batches:
+                arr[index.rows(x.seq, x.position), x.layer.astype(np.int64)] = \
+                    by_d[d].predict_topk(x, pk)
             predicted[d] = arr
         return prefetch_plan(predicted, model.n_expert, experts=experts, wrap=cfg.cache_depth)
 
