@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,4,16", help="multiples of the 1x trace")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--commands", default="analyze,evaluate")
+    ap.add_argument("--data", type=Path, help="reuse (or keep) the datasets and models here")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -115,15 +116,18 @@ def main() -> None:
         child(cmd, path, Path(dataset), Path(work))
         return
     sizes = [int(s) for s in a.sizes.split(",")]
-    root = Path(tempfile.mkdtemp(prefix="scale-outofcore-"))
+    root = a.data or Path(tempfile.mkdtemp(prefix="scale-outofcore-"))
     try:
-        t0 = time.perf_counter()
-        data = build(root, sizes)
         from expertpred.learn.train import load_config, train
         from expertpred.trace.dataset import TraceDataset
 
-        train(load_config(None, config(data[sizes[0]], root)))  # -> root/models
-        print(f"built {len(sizes)} datasets and trained in {time.perf_counter() - t0:.0f} s")
+        t0 = time.perf_counter()
+        todo = [s for s in sizes if not (root / f"x{s}" / "_manifest.json").is_file()]
+        data = {**build(root, todo), **{s: root / f"x{s}" for s in sizes if s not in todo}}
+        if not (root / "models").is_dir():
+            train(load_config(None, config(build(root, [1])[1] if 1 not in data else data[1],
+                                           root)))  # -> root/models, fitted on 1x
+        print(f"datasets and models ready in {time.perf_counter() - t0:.0f} s", flush=True)
         rows = []
         for cmd in a.commands.split(","):
             for size in sizes:
@@ -138,7 +142,8 @@ def main() -> None:
                     rows.append((cmd, size, ds.n_rows, ds.n_bytes, path, runs))
         report(rows, sizes)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if a.data is None:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def report(rows: list, sizes: list[int]) -> None:
