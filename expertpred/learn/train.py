@@ -64,6 +64,7 @@ class PredictorsConfig:
     mlp_lr: float = 2e-3
     mlp_loss: str = "bce"  # "bce" or "softmax"
     mlp_use_hidden: bool = True
+    mlp_max_rows: int = 200_000  # uniform sample of the MLP's training rows (memory bound)
     fast_mlp_hidden: int = 256  # the default online predictor: width of its hidden layers
     fast_mlp_layers: int = 1  # 1 or 2 hidden layers (each adds one gemv per online step)
     fast_mlp_epochs: int = 20
@@ -242,7 +243,8 @@ def predictor_params(cfg: PredictorsConfig, name: str, gguf_path: str = "") -> d
                 "gguf_path": gguf_path if cfg.gate_features else ""}
     if name == "mlp":
         return {"hidden_size": cfg.mlp_hidden, "epochs": cfg.mlp_epochs, "lr": cfg.mlp_lr,
-                "loss": cfg.mlp_loss, "use_hidden": cfg.mlp_use_hidden, "seed": cfg.seed,
+                "loss": cfg.mlp_loss, "use_hidden": cfg.mlp_use_hidden,
+                "max_rows": cfg.mlp_max_rows, "seed": cfg.seed,
                 "gguf_path": gguf_path if cfg.gate_features else ""}
     if name == "fast-mlp":
         return {"hidden_size": cfg.fast_mlp_hidden, "n_hidden": cfg.fast_mlp_layers,
