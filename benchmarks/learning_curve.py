@@ -5,7 +5,9 @@ docs/learning-curve.md) under ``<runs>/<model>/``:
 
 - ``test``: the fixed held-out set (test-split prompts, greedy, 32 tokens), the same for
   every size so the points compare;
-- ``train-s*``: the training pool (train-split prompts, sampled decoding, one seed per run).
+- ``train-s*``: the training pool (train-split prompts, sampled decoding, one seed per run);
+- ``test-exact`` (optional): the test set traced again with ``--exact``; the script then
+  prints how often the two numerics select the same experts (label noise).
 
 A size is a multiple of the shipped trace's tokens (``datasets/traces/<model>``). It takes
 the first pool sequences up to that many tokens (each run shuffled once with a fixed seed,
@@ -170,6 +172,28 @@ def run_point(cfg: PredictorsConfig, sel: Selection) -> list[dict[str, Any]]:
     return rows
 
 
+def numerics_agreement(default: Path, exact: Path) -> dict[str, float]:
+    """Share of the experts selected under the default numerics that ``--exact`` numerics
+    (no flash attention, f32 KV) also select, per phase, over the tokens before the two
+    greedy runs first differ: the noise the trace's numerics put into the labels."""
+    a = {t.seq_id: t for t in TraceDataset(default).sequences()}
+    hits, n = np.zeros(2), np.zeros(2)
+    diverged = 0
+    for t in TraceDataset(exact).sequences():
+        u = a[t.seq_id]
+        m = min(u.n_tokens, t.n_tokens)
+        diff = np.flatnonzero(u.tokens[:m] != t.tokens[:m])
+        diverged += len(diff) > 0
+        end = int(diff[0]) if len(diff) else m
+        same = (u.experts[:end, :, :, None] == t.experts[:end, :, None, :]).any(-1).sum(-1)
+        for ph in (0, 1):
+            rows = u.phase[:end] == ph
+            hits[ph] += same[rows].sum()
+            n[ph] += rows.sum() * u.experts.shape[1] * u.experts.shape[2]
+    return {"prompt": float(hits[0] / n[0]), "decode": float(hits[1] / n[1]),
+            "diverged": diverged, "sequences": len(a)}
+
+
 def shipped_tokens(model: str) -> int:
     return int(json.loads((ROOT / "datasets" / "traces" / model / "_manifest.json")
                           .read_text())["totals"]["rows"])
@@ -287,7 +311,15 @@ def main() -> None:
     for other in args.merge:  # points measured by other runs (e.g. in parallel)
         points.update(json.loads(other.read_text()))
     measure(args, points)
-    Console(width=160).print(table(points))
+    console = Console(width=160)
+    console.print(table(points))
+    for model in args.models:
+        if (args.runs / model / "test-exact").exists():
+            agree = numerics_agreement(args.runs / model / "test", args.runs / model / "test-exact")
+            console.print(f"{model}: --exact numerics select the same experts on "
+                          f"{agree['decode']:.4f} of decode and {agree['prompt']:.4f} of "
+                          f"prompt selections ({agree['diverged']} of {agree['sequences']} "
+                          "greedy test sequences diverge; compared up to the divergence)")
     if points:
         plot(points, args.plot)
         print(f"wrote {args.json}, {args.plot}")
