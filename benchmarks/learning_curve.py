@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # every row is used: the caps exist for memory, and the point is to see more data
 NO_CAP = ("--max_train_rows=100000000", "--lgb_max_rows=100000000",
           "--mlp_max_rows=100000000")
+COLORS = {"lightgbm": "tab:blue", "mlp": "tab:red"}  # one color per rung in every panel
 TRAIN_SCORED_SEQS = 74  # training sequences scored for train recall (= the test set's size)
 
 
@@ -247,6 +248,26 @@ def table(points: dict[str, dict[str, Any]]) -> Table:
     return t
 
 
+def markdown(points: dict[str, dict[str, Any]]) -> str:
+    """The table as Markdown (docs/learning-curve.md)."""
+    by: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for r in points.values():
+        by.setdefault((r["model"], r["tag"] != "base", r["tag"], r["tokens"], r["predictor"]),
+                      {})[r["d"]] = r
+    lines = ["| model | recipe | size | tokens | seqs | rung | d=1 | d=2 | train d=1 | "
+             "near-tie d=1 | misses at ties | rows d=1 | fit s d=1 |", "|---" * 13 + "|"]
+
+    def f(ds: dict[int, dict[str, Any]], d: int, k: str) -> str:
+        return f"{ds[d][k]:.3f}" if d in ds and ds[d].get(k) is not None else "–"
+    for (model, _, tag, tokens, name), ds in sorted(by.items()):
+        o = ds.get(1, next(iter(ds.values())))
+        lines.append(f"| {model} | {tag} | {o['size']:g}x | {tokens:,} | {o['sequences']} | "
+                     f"{name} | {f(ds, 1, 'recall')} | {f(ds, 2, 'recall')} | "
+                     f"{f(ds, 1, 'train_recall')} | {f(ds, 1, 'recall_near_tie')} | "
+                     f"{f(ds, 1, 'misses_near_tie')} | {o['train_rows']:,} | {o['fit_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def plot(points: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -264,12 +285,14 @@ def plot(points: dict[str, dict[str, Any]], path: Path) -> None:
         for (name, tag, d), pts in sorted(curves.items()):
             pts.sort()
             x = [p[0] for p in pts]
-            label = f"{name} d={d}" + ("" if tag == "base" else f" [{tag}]")
-            line, = ax.plot(x, [p[1] for p in pts], marker="o", label=label,
-                            linestyle="-" if d == 1 else ":")
-            if d == 1 and tag == "base":
+            color = COLORS.get(name, "grey")
+            base = tag == "base"
+            ax.plot(x, [p[1] for p in pts], marker="o" if base else "x", color=color,
+                    linestyle="-" if d == 1 else ":", alpha=1.0 if d == 1 else 0.6,
+                    label=f"{name} d={d}" + ("" if base else f" [{tag}]"))
+            if d == 1 and base:
                 ax.plot(x, [p[2] for p in pts], marker=".", linestyle="--", alpha=0.5,
-                        color=line.get_color(), label=f"{name} d=1 train")
+                        color=color, label=f"{name} d=1 train")
         ax.axhline(0.95, color="grey", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("traced training tokens")
@@ -296,6 +319,7 @@ def main() -> None:
                     help="drop the router inputs (the shipped traces have none)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a predictor-config override (repeatable), e.g. lgb_rounds=200")
+    ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     ap.add_argument("--merge", type=Path, action="append", default=[],
                     help="another run's --json whose points join this one (repeatable)")
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "learning-curve" /
@@ -311,11 +335,17 @@ def main() -> None:
     for other in args.merge:  # points measured by other runs (e.g. in parallel)
         points.update(json.loads(other.read_text()))
     measure(args, points)
+    if args.merge:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(points, indent=1, sort_keys=True))
     console = Console(width=160)
     console.print(table(points))
+    if args.markdown:
+        print(markdown(points))
     for model in args.models:
-        if (args.runs / model / "test-exact").exists():
-            agree = numerics_agreement(args.runs / model / "test", args.runs / model / "test-exact")
+        exact = args.runs / model / "test-exact"
+        if (exact / "_manifest.json").exists() and TraceDataset(exact).complete:
+            agree = numerics_agreement(args.runs / model / "test", exact)
             console.print(f"{model}: --exact numerics select the same experts on "
                           f"{agree['decode']:.4f} of decode and {agree['prompt']:.4f} of "
                           f"prompt selections ({agree['diverged']} of {agree['sequences']} "
