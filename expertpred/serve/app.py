@@ -176,8 +176,7 @@ def build_model(cfg: ServeConfig, stats: ServeStats) -> ServedLlama:
     if unknown:
         k = unknown[0]
         raise ExpertPredError(f"plugin option {k}={cfg.plugin_kwargs[k]!r}: this build's "
-                              "PluginConfig has no such option"
-                              + (" (the residency manager, issue 11)" if k == "budget" else ""))
+                              "PluginConfig has no such option")
     routing = sink = None
     if cfg.trace_out is not None:
         from ..gguf.layout import read_layout
