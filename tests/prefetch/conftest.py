@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import time
@@ -68,10 +69,13 @@ def layout(model_file) -> MoELayout:
 @pytest.fixture
 def cold_model(model_file) -> Path:
     # a hint issued by an earlier test may still be reading: pages under I/O cannot be
-    # dropped until it completes, so evict again until the file is cold (bounded)
+    # dropped until it completes, so evict again until the file is cold (bounded). An
+    # earlier test's engine or mapping that only a reference cycle keeps alive still maps
+    # the file, and mapped pages cannot be dropped: collect it first (seen once in CI)
     deadline = time.monotonic() + 10.0
     with FileMapping(model_file) as fm:
         while True:
+            gc.collect()
             make_cold(model_file)
             if not fm.mincore().any() or time.monotonic() > deadline:
                 break
