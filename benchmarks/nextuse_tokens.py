@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import tomllib
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,18 @@ from expertpred.predictors.nextuse import NextUseConfig, NextUseModel
 log = logging.getLogger(__name__)
 
 
+def test_stream(cfg: PredictorsConfig, src: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluated stream: the test split's (experts, token ids) in execution order, only
+    the positions of ``cfg.eval_phase`` (what ``expertpred evaluate`` simulates)."""
+    keep = phase_value(cfg.eval_phase)
+    ex, tk = [], []
+    for t in src.sequences(src.select(split="test")):
+        pos = np.arange(t.n_tokens) if keep is None else np.flatnonzero(t.phase == keep)
+        ex.append(t.experts[pos])
+        tk.append(t.tokens[pos])
+    return np.concatenate(ex).astype(np.int64), np.concatenate(tk).astype(np.int64)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="a training/configs/predictors-*.toml")
@@ -34,13 +47,7 @@ def main() -> None:
         cfg = PredictorsConfig(**tomllib.load(f))
     src = open_source(cfg)
     train = list(src.sequences(src.select(split="train")))
-    keep = phase_value(cfg.eval_phase)
-    ex, tk = [], []
-    for t in src.sequences(src.select(split="test")):
-        pos = np.arange(t.n_tokens) if keep is None else np.flatnonzero(t.phase == keep)
-        ex.append(t.experts[pos])
-        tk.append(t.tokens[pos])
-    experts, tokens = np.concatenate(ex).astype(np.int64), np.concatenate(tk).astype(np.int64)
+    experts, tokens = test_stream(cfg, src)
     sizes = _expert_bytes(src)
     total = int(sizes.sum()) * src.model.n_expert
     base = NextUseConfig(horizon=cfg.residency_horizon, history_decay=cfg.history_decay,

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from nextuse_tokens import test_stream  # noqa: E402 - the same evaluated stream
 
 from expertpred.learn.evaluate import _expert_bytes  # noqa: E402
 from expertpred.learn.residency_policy import (  # noqa: E402
@@ -35,7 +38,6 @@ from expertpred.learn.train import (  # noqa: E402
     PredictorsConfig,
     fit_nextuse,
     open_source,
-    phase_value,
 )
 
 log = logging.getLogger("residency_gap")
@@ -66,13 +68,7 @@ def main() -> None:
     with open(a.config, "rb") as f:
         cfg = PredictorsConfig(**tomllib.load(f))
     src = open_source(cfg)
-    keep = phase_value(cfg.eval_phase)
-    ex, tk = [], []
-    for t in src.sequences(src.select(split="test")):
-        pos = np.arange(t.n_tokens) if keep is None else np.flatnonzero(t.phase == keep)
-        ex.append(t.experts[pos])
-        tk.append(t.tokens[pos])
-    experts, tokens = np.concatenate(ex).astype(np.int64), np.concatenate(tk).astype(np.int64)
+    experts, tokens = test_stream(cfg, src)
     sizes = _expert_bytes(src)
     total = int(sizes.sum()) * src.model.n_expert
     model = fit_nextuse(cfg, src, src.select(split="train"))

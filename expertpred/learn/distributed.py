@@ -46,6 +46,7 @@ from .train import (
     phase_value,
     predictor_params,
     save_all,
+    skip_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -186,11 +187,9 @@ def fit_all_distributed(cfg: PredictorsConfig, source: TraceSource, train_ids: S
             if name in res.skipped:
                 continue
             p = make_predictor(name, **predictor_params(cfg, name, source.gguf_path))
-            if p.needs_hidden and head.hidden is None:
-                res.skipped[name] = "the traces have no hidden states"
-                continue
-            if name == "gate-lookahead" and not source.gguf_path:
-                res.skipped[name] = "no model file (set gguf=...)"
+            why = skip_reason(p, head.hidden is not None, source.gguf_path)
+            if why:
+                res.skipped[name] = why
                 continue
             t0 = time.perf_counter()
             res.predictors.setdefault(name, {})[d] = fit_one(p, rows, head, tables, progress)

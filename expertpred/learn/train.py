@@ -234,6 +234,15 @@ def _check_traced_model(gguf: Path, ds: Any) -> None:  # ds: trace.dataset.Trace
 
 # --- fitting ----------------------------------------------------------------------------------
 
+def skip_reason(p: Predictor, has_hidden: bool, gguf_path: str) -> str:
+    """Why rung ``p`` cannot be fitted on these traces ("" when it can)."""
+    if p.needs_hidden and not has_hidden:
+        return "the traces have no hidden states"
+    if p.name == "gate-lookahead" and not gguf_path:
+        return "no model file (set gguf=...)"
+    return ""
+
+
 def predictor_params(cfg: PredictorsConfig, name: str, gguf_path: str = "") -> dict[str, Any]:
     """Constructor arguments of predictor ``name`` under ``cfg``."""
     if name == "lightgbm":
@@ -288,11 +297,9 @@ def fit_all(cfg: PredictorsConfig, source: TraceSource, train_ids: Sequence[int]
             if name in res.skipped:
                 continue
             p = make_predictor(name, **predictor_params(cfg, name, source.gguf_path))
-            if p.needs_hidden and data.hidden is None:
-                res.skipped[name] = "the traces have no hidden states"
-                continue
-            if name == "gate-lookahead" and not source.gguf_path:
-                res.skipped[name] = "no model file (set gguf=...)"
+            why = skip_reason(p, data.hidden is not None, source.gguf_path)
+            if why:
+                res.skipped[name] = why
                 continue
             t0 = time.perf_counter()
             p.fit(data)
