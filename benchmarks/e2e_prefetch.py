@@ -71,8 +71,11 @@ RESIDENCY = "d0=kernel,predictor=learned,oracle=belady"
 class ModeSpec:
     """One column of the benchmark: a mode and its variant,
     ``mode[~predictor][@method[:qd[:chunk_mib]]][+random][+queued|+inline][+thread]
-    [^checkout]``; ``~NAME`` runs another saved predictor than ``--predictor-name`` (e.g.
-    ``predictor~fast-mlp+thread``), ``+thread`` runs it off the inference thread."""
+    [+pyswitch][+t1][^checkout]``; ``~NAME`` runs another saved predictor than
+    ``--predictor-name`` (e.g. ``predictor~fast-mlp+thread``), ``+thread`` runs it off the
+    inference thread, ``+pyswitch`` keeps Python's 5 ms GIL switch interval (the plugin's
+    default is ``DEFAULT_SWITCH_INTERVAL``), ``+t1`` runs llama.cpp on one thread instead of
+    ``--threads``."""
 
     label: str  # as given in --modes, e.g. "d0@pread:8"
     mode: str  # key of PLUGIN_MODE
@@ -84,8 +87,13 @@ class ModeSpec:
     root: Path  # checkout whose expertpred the child imports
     predictor_name: str | None = None  # None: --predictor-name
     thread: bool = False  # PluginConfig.predict_thread
+    # PluginConfig.switch_interval=None: Python's 5 ms instead of the plugin's default
+    pyswitch: bool = False
+    # llama.cpp on 1 thread: on 2 cores its second thread spins at every barrier, also while
+    # the eval callback runs, and leaves the callback and our threads one core
+    t1: bool = False
 
-    FLAGS = frozenset({"random", "queued", "inline", "thread"})
+    FLAGS = frozenset({"random", "queued", "inline", "thread", "pyswitch", "t1"})
 
     @classmethod
     def parse(cls, label: str) -> ModeSpec:
@@ -100,12 +108,14 @@ class ModeSpec:
         qd, _, chunk = io.partition(":")
         if mode not in PLUGIN_MODE or (pname and mode != "predictor"):
             sys.exit(f"error: --modes {label!r}: expected mode[~predictor][@method[:qd["
-                     f":chunk_mib]]][+random][+queued|+inline][+thread][^checkout], mode one "
-                     f"of {', '.join(PLUGIN_MODE)} (~predictor only with mode predictor)")
+                     f":chunk_mib]]][+random][+queued|+inline][+thread][+pyswitch][+t1][^checkout]"
+                     f", mode one of {', '.join(PLUGIN_MODE)} (~predictor only with mode "
+                     "predictor)")
         return cls(label, mode, method or None, int(qd) if qd else None,
                    float(chunk) if chunk else None, "random" in flags,
                    True if "inline" in flags else False if "queued" in flags else None,
-                   Path(root) if root else ROOT, pname or None, "thread" in flags)
+                   Path(root) if root else ROOT, pname or None, "thread" in flags,
+                   "pyswitch" in flags, "t1" in flags)
 
 
 # --- child: one generation, inside the cgroup -------------------------------------------------
@@ -191,6 +201,8 @@ def child(a: argparse.Namespace) -> None:
     extra = residency_kwargs(a.residency, a.budget, nextuse) if mode != "off" else {}
     if a.min_share is not None:
         extra["min_share"] = a.min_share
+    if a.py_switch:
+        extra["switch_interval"] = None
     engine_kwargs: dict[str, Any] = {}
     if a.chunk_mib:
         engine_kwargs["chunk_bytes"] = int(a.chunk_mib * 2**20)
@@ -315,7 +327,7 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int,
            "--model", str(model), "--source", str(a.ref), "--predictor", str(predictor),
            "--oracle", str(oracle), "--tokens", str(a.tokens), "--lookahead",
            str(a.lookahead), "--method", spec.method or a.method, "--queue-depth",
-           str(spec.queue_depth or a.queue_depth), "--threads", str(a.threads),
+           str(spec.queue_depth or a.queue_depth), "--threads", str(1 if spec.t1 else a.threads),
            "--predictor-name", pname, "--residency", policy,
            "--budget", str(a.budget or 0)]
     if a.no_repack:
@@ -330,6 +342,8 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int,
         cmd += ["--min-share", str(a.min_share)]
     if a.sync_requests:
         cmd.append("--sync-requests")
+    if spec.pyswitch:
+        cmd.append("--py-switch")
     if spec.thread:
         cmd.append("--predict-thread")
     row: dict[str, Any] = {"mode": spec.label, "residency": policy}
@@ -528,6 +542,7 @@ def parse_args() -> argparse.Namespace:
                     help="Engine calls on the inference thread (the old path).")
     ap.add_argument("--predict-thread", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--py-switch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--train-prompts", type=int, default=80)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, help="Write rows and summary here.")

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -159,6 +160,9 @@ class PrefetchPlugin:
         # 3. per-sequence state, then the threads
         self._reset_state()
         self._start_threads()
+        self._switch_before = sys.getswitchinterval()
+        if self.config.switch_interval is not None and self.mode is not Mode.OFF:
+            sys.setswitchinterval(self.config.switch_interval)
         self._started = True
         return self
 
@@ -261,6 +265,7 @@ class PrefetchPlugin:
             self.residency_.flush()
             self._final_residency = self.residency_.stats()
             self.residency_.close()
+        sys.setswitchinterval(self._switch_before)
         self._started = False
 
     def __enter__(self) -> PrefetchPlugin:

@@ -33,6 +33,15 @@ DEFAULT_LOOKAHEAD = 1
 # at least this share of the predictor's score mass for its layer, so that low-confidence
 # guesses do not spend disk bandwidth (precision per threshold measured in docs/e2e.md).
 DEFAULT_MIN_SHARE = 0.25
+# The GIL switch interval while the plugin runs (Python's own is 5 ms). The callback runs
+# on llama.cpp's thread and must take the GIL back quickly: numpy calls inside a prediction
+# release the GIL, one of the engine's or the manager's threads takes it, and the callback
+# then waits until that thread is made to give it back, up to the interval. Measured under
+# the e2e memory limit: a lookup prediction costs 0.26-0.29 ms of CPU but 2.7-3.9 ms of
+# wall, with 0 major faults and ~1 voluntary context switch each; at 0.5 ms the wall time
+# fell to 2.2-2.6 ms and decode tok/s rose 1.05-1.16x (docs/e2e.md, "Where the callback's
+# time goes").
+DEFAULT_SWITCH_INTERVAL = 0.0005
 
 
 class Mode(enum.StrEnum):
@@ -105,6 +114,8 @@ class PluginConfig:
     # a learned predictor's cost leaves the inference thread; predictions finished after
     # their target layer routed are counted (late_predictions) and not requested
     predict_thread: bool = False
+    # sys.setswitchinterval while started, restored at close; None leaves Python's
+    switch_interval: float | None = DEFAULT_SWITCH_INTERVAL
     engine_kwargs: Mapping[str, Any] = field(default_factory=dict)  # more EngineConfig fields
     recorder: RoutingRecorder | None = None  # serve --trace-out: receives every row's routing
     residency: ResidencyConfig | None = None  # expert residency manager; None: kernel reclaim
@@ -114,3 +125,7 @@ class PluginConfig:
         share = DEFAULT_MIN_SHARE if self.min_share is None else float(self.min_share)
         object.__setattr__(self, "min_share", share)
         object.__setattr__(self, "engine_kwargs", dict(self.engine_kwargs or {}))
+        si = self.switch_interval
+        if si is not None and not (isinstance(si, int | float) and 0 < si <= 1):
+            raise ExpertPredError(f"switch_interval={si!r}: expected seconds in (0, 1] or "
+                                  "None")

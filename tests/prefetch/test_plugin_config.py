@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 
@@ -45,3 +46,17 @@ def test_llama_keywords_and_config_reach_the_plugin() -> None:
         assert llm.plugin.config == dataclasses.replace(cfg, method="pread")
         assert llm.plugin.engine_ is not None and llm.plugin.engine_.queue_depth == 3
         assert llm.n_batch == 32  # the Llama keyword reached Llama
+
+
+@pytest.mark.parametrize("interval", [0.0005, None])
+def test_switch_interval_is_set_while_started_and_restored(interval: float | None) -> None:
+    before = sys.getswitchinterval()
+    with PrefetchPlugin(model_gguf("tiny-mixtral"), mode="d0", switch_interval=interval):
+        assert sys.getswitchinterval() == pytest.approx(interval or before)
+    assert sys.getswitchinterval() == before
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, 2.0, "fast"])
+def test_bad_switch_interval_is_one_line_error(bad: object) -> None:
+    with pytest.raises(ExpertPredError, match="switch_interval="):
+        PluginConfig(switch_interval=bad)  # type: ignore[arg-type]
