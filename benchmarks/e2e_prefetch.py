@@ -457,18 +457,26 @@ def table(summary: dict[str, dict[str, Any]], limit: int) -> str:
 
 
 def cachesim_floor(oracle: Path, lay: MoELayout, n_prompt: int, steps: int,
-                   budget: int) -> dict[str, float]:
+                   budget: int, nextuse: Path | None = None) -> dict[str, float]:
     """cachesim's bytes per decode token of this greedy run at ``budget`` bytes of experts:
     the prompt (token-major, as the simulator orders it) warms the cache, then the
-    decode tokens' bytes are the difference."""
+    decode tokens' bytes are the difference. With ``nextuse`` also ``learned``, the
+    policy (c) runs, on the same stream: what (c) would read if nothing but its policy's
+    misses were read."""
     from expertpred.learn.cachesim import simulate
+    from expertpred.predictors.nextuse import NextUseModel
 
-    experts = np.load(oracle)["experts"].astype(np.int64)
+    z = np.load(oracle)
+    experts, tokens = z["experts"].astype(np.int64), z["tokens"].astype(np.int64)
     bpe = lay.bytes_per_expert()
     out = {"budget_experts": budget // bpe}
-    for pol in ("lru", "belady"):
-        full = simulate(experts[:n_prompt + steps], pol, budget, bpe, lay.n_expert)
-        warmup = simulate(experts[:n_prompt], pol, budget, bpe, lay.n_expert)
+    model = NextUseModel.load(nextuse) if nextuse is not None and nextuse.exists() else None
+    for pol in ("lru", "belady") + (("learned",) if model is not None else ()):
+        kw = {"model": model} if pol == "learned" else {}
+        full = simulate(experts[:n_prompt + steps], pol, budget, bpe, lay.n_expert,
+                        tokens=tokens[:n_prompt + steps], **kw)
+        warmup = simulate(experts[:n_prompt], pol, budget, bpe, lay.n_expert,
+                          tokens=tokens[:n_prompt], **kw)
         total = full.demand_bytes + full.prefetch_bytes
         pre = warmup.demand_bytes + warmup.prefetch_bytes
         out[pol] = (total - pre) / steps / 2**30
@@ -619,6 +627,7 @@ def main() -> None:
               f"peak={row.get('peak', 0) / 2**30:.2f} GiB", flush=True)
     if a.json:  # the rows first: a failing summary must not lose the runs
         a.json.write_text(json.dumps({"rows": rows, "io": io_rows}, indent=1, default=str))
+    a.nextuse = predictors[a.predictor_name] / "nextuse.npz"  # (c)'s policy, simulated
     report(a, rows, io_rows, specs, lay, limit, size, oracle, model)
 
 
@@ -641,15 +650,27 @@ def report(a: argparse.Namespace, rows: list[dict[str, Any]], io_rows: list[dict
             if any(r["mode"] == "stock" for r in ok) else 0
         budget = max(0, limit - int(size - lay.expert_bytes) - int(anon))
         floor = cachesim_floor(oracle, lay, ok[0]["prompt_tokens"], ok[0]["steps"],
-                               a.budget or budget)
+                               a.budget or budget,
+                               a.nextuse)
+        learned = f", learned {floor['learned']:.3f}" if "learned" in floor else ""
         print(f"cachesim at the effective expert budget {(a.budget or budget) / 2**30:.2f} GiB "
               f"({floor['budget_experts']} of {lay.n_expert * len(lay.moe_layers)} experts; "
               f"limit - non-expert bytes - stock RssAnon {anon / 2**20:.0f} MiB): GiB read / "
-              f"token LRU {floor['lru']:.2f}, Belady {floor['belady']:.2f}")
+              f"token LRU {floor['lru']:.3f}, Belady {floor['belady']:.3f}{learned}")
         if "predictor" in summary:
             c = statistics.median(summary["predictor"]["gib_tok"])
             print(f"(c) GiB read / token over Belady: {c / floor['belady']:.2f} (goal <= 1.3)"
                   if floor["belady"] > 0 else "(c) Belady floor is 0")
+            if floor.get("learned", 0) > 0 and floor["belady"] > 0:
+                # the gap in two parts: the policy's own misses (simulated on this run's
+                # stream), and what the run read beyond them (prefetch waste, reclaim, faults)
+                print(f"(c) split: policy (simulated learned / Belady) "
+                      f"{floor['learned'] / floor['belady']:.2f} x execution (measured / "
+                      f"simulated learned) {c / floor['learned']:.2f}")
+        if "oracle" in summary and floor["belady"] > 0:
+            d = statistics.median(summary["oracle"]["gib_tok"])
+            print(f"(d) GiB read / token over Belady: {d / floor['belady']:.2f} (its "
+                  "execution overhead: same policy, same stream)")
     for line in ratios(summary, rows):
         print(line)
     for m in [m for m in summary if m.startswith("predictor")]:
