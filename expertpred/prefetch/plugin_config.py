@@ -34,13 +34,12 @@ DEFAULT_LOOKAHEAD = 1
 # guesses do not spend disk bandwidth (precision per threshold measured in docs/e2e.md).
 DEFAULT_MIN_SHARE = 0.25
 # The GIL switch interval while the plugin runs (Python's own is 5 ms). The callback runs
-# on llama.cpp's thread and must take the GIL back quickly: numpy calls inside a prediction
-# release the GIL, one of the engine's or the manager's threads takes it, and the callback
-# then waits until that thread is made to give it back, up to the interval. Measured under
-# the e2e memory limit: a lookup prediction costs 0.26-0.29 ms of CPU but 2.7-3.9 ms of
-# wall, with 0 major faults and ~1 voluntary context switch each; at 0.5 ms the wall time
-# fell to 2.2-2.6 ms and decode tok/s rose 1.05-1.16x (docs/e2e.md, "Where the callback's
-# time goes").
+# on llama.cpp's thread beside the engine's and the manager's Python threads, and a thread
+# waiting for the GIL makes its holder yield only after this interval. Measured under the
+# e2e memory limit: a lookup prediction costs 0.26-0.29 ms of CPU but 2.7-3.9 ms of wall,
+# with 0 major faults and ~1 voluntary context switch each; at 0.5 ms the wall time fell to
+# 2.2-2.6 ms and decode tok/s was 1.01-1.16x in four side-by-side runs (docs/e2e.md,
+# "Where the callback's time goes").
 DEFAULT_SWITCH_INTERVAL = 0.0005
 
 
