@@ -673,6 +673,12 @@ def report(a: argparse.Namespace, rows: list[dict[str, Any]], io_rows: list[dict
                   "execution overhead: same policy, same stream)")
     for line in ratios(summary, rows):
         print(line)
+    for m in summary:  # the manager's thread takes CPU from llama.cpp's compute
+        st = [r["stats"] for r in rows if r["mode"] == m and "stats" in r]
+        cpu = [x["residency_cpu_seconds"] / max(1, x.get("residency_steps", 1)) * 1e3
+               for x in st if "residency_cpu_seconds" in x]
+        if cpu and any(cpu):
+            print(f"{m}: residency manager CPU {med_range(cpu, '{:.2f}')} ms per layer step")
     for m in [m for m in summary if m.startswith("predictor")]:
         st = [r["stats"] for r in rows if r["mode"] == m and "stats" in r]
         n = [x.get("predictions", 0) for x in st]

@@ -83,6 +83,7 @@ def test_eviction_verified_by_mincore(wide) -> None:
     assert toks == ref
     r = st.residency
     assert r.enabled and r.evict_errors == 0 and r.counters.evictions > 0
+    assert r.cpu_seconds > 0  # the manager thread's CPU time is counted
     assert r.counters.peak_resident_bytes <= budget
     # the page cache agrees with the bookkeeping: experts it evicted are gone (up to one
     # layer's d0 reads the engine may still finish after an eviction), the total is in budget

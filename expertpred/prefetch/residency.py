@@ -177,6 +177,9 @@ class ResidencyStats:
     measured_resident_bytes: int  # expert bytes mincore found resident at the last check
     mincore_checks: int  # how many checks so far
     dropped_posts: int  # records refused because the handoff was full
+    # CPU time of the manager's thread: on a 2-core box it is taken from llama.cpp's compute
+    # (the learned policy re-predicts a layer's row per step)
+    cpu_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         from dataclasses import asdict
@@ -195,6 +198,7 @@ class _Live:
     measured_resident_bytes: int = 0
     mincore_checks: int = 0
     dropped_posts: int = 0
+    cpu_seconds: float = 0.0
     pending_bypass: list[int] = field(default_factory=list)
 
 
@@ -339,6 +343,7 @@ class ResidencyManager:
         while not self._stop.is_set():
             self._wake.wait(0.05)
             self._wake.clear()
+            cpu0 = time.thread_time()
             while self._ops and not self._stop.is_set():
                 self._busy = True
                 try:
@@ -357,6 +362,7 @@ class ResidencyManager:
                     self._disable(f"internal error: {type(exc).__name__}: {exc}")
                 finally:
                     self._busy = False
+            self._live.cpu_seconds += time.thread_time() - cpu0
 
     def _apply_step(self, t: int, li: int, experts: tuple[int, ...]) -> None:
         bypassed, self._live.pending_bypass = self._live.pending_bypass, []
@@ -495,4 +501,5 @@ class ResidencyManager:
             disabled_reason=self._disabled, counters=c, evict_calls=live.evict_calls,
             evict_errors=live.evict_errors,
             measured_resident_bytes=live.measured_resident_bytes,
-            mincore_checks=live.mincore_checks, dropped_posts=live.dropped_posts)
+            mincore_checks=live.mincore_checks, dropped_posts=live.dropped_posts,
+            cpu_seconds=live.cpu_seconds)
