@@ -43,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +71,12 @@ RESIDENCY = "d0=kernel,predictor=learned,oracle=belady"
 class ModeSpec:
     """One column of the benchmark: a mode and its variant,
     ``mode[~predictor][@method[:qd[:chunk_mib]]][+random][+queued|+inline][+thread]
-    [+pyswitch][+t1][^checkout]``; ``~NAME`` runs another saved predictor than
+    [+pyswitch][+t1][+dontneed][^checkout]``; ``~NAME`` runs another saved predictor than
     ``--predictor-name`` (e.g. ``predictor~fast-mlp+thread``), ``+thread`` runs it off the
     inference thread, ``+pyswitch`` keeps Python's 5 ms GIL switch interval (the plugin's
     default is ``DEFAULT_SWITCH_INTERVAL``), ``+t1`` runs llama.cpp on one thread instead of
-    ``--threads``."""
+    ``--threads``, ``+dontneed`` evicts with ``MADV_DONTNEED`` instead of the manager's
+    default advice."""
 
     label: str  # as given in --modes, e.g. "d0@pread:8"
     mode: str  # key of PLUGIN_MODE
@@ -92,8 +93,9 @@ class ModeSpec:
     # llama.cpp on 1 thread: on 2 cores its second thread spins at every barrier, also while
     # the eval callback runs, and leaves the callback and our threads one core
     t1: bool = False
+    dontneed: bool = False  # ResidencyConfig.evict_advice = MADV_DONTNEED
 
-    FLAGS = frozenset({"random", "queued", "inline", "thread", "pyswitch", "t1"})
+    FLAGS = frozenset({"random", "queued", "inline", "thread", "pyswitch", "t1", "dontneed"})
 
     @classmethod
     def parse(cls, label: str) -> ModeSpec:
@@ -108,14 +110,15 @@ class ModeSpec:
         qd, _, chunk = io.partition(":")
         if mode not in PLUGIN_MODE or (pname and mode != "predictor"):
             sys.exit(f"error: --modes {label!r}: expected mode[~predictor][@method[:qd["
-                     f":chunk_mib]]][+random][+queued|+inline][+thread][+pyswitch][+t1][^checkout]"
+                     f":chunk_mib]]][+random][+queued|+inline][+thread][+pyswitch][+t1][+dontneed][^checkout]"
                      f", mode one of {', '.join(PLUGIN_MODE)} (~predictor only with mode "
                      "predictor)")
         return cls(label, mode, method or None, int(qd) if qd else None,
                    float(chunk) if chunk else None, "random" in flags,
                    True if "inline" in flags else False if "queued" in flags else None,
                    Path(root) if root else ROOT, pname or None, "thread" in flags,
-                   "pyswitch" in flags, "t1" in flags)
+                   "pyswitch" in flags, "t1" in flags,
+                   "dontneed" in flags)
 
 
 # --- child: one generation, inside the cgroup -------------------------------------------------
@@ -124,8 +127,8 @@ class ModeSpec:
 def residency_kwargs(policy: str, budget: int | None, nextuse: Path | None) -> dict[str, Any]:
     """Plugin keywords selecting ``policy`` (a ``ResidencyConfig``); exits with one line if
     this checkout's plugin has no residency manager."""
-    if policy in ("", "none"):
-        return {}
+    if policy in ("", "none", "kernel"):
+        return {}  # kernel: no manager at all, today's behaviour (no bookkeeping thread)
     from expertpred.prefetch import plugin
 
     options = set(inspect.signature(plugin.PrefetchPlugin.__init__).parameters)
@@ -168,6 +171,9 @@ def no_repack() -> None:
     low.llama_model_default_params = params
 
 
+RES_MARK: dict[str, float] = {}  # the residency manager's counters at the first token
+
+
 def generate_marked(llm: Any, n_tokens: int) -> tuple[list[int], int, tuple[Any, float],
                                                        tuple[Any, float]]:
     """Greedy generation of PROMPT with process I/O and time marked when the first token is
@@ -179,6 +185,9 @@ def generate_marked(llm: Any, n_tokens: int) -> tuple[list[int], int, tuple[Any,
     def on_token(tok: int) -> None:
         if not marks:
             marks.append((proc_io(), time.perf_counter()))
+            res = getattr(getattr(llm, "plugin", None), "residency_", None)
+            if res is not None:  # a racy read, not a flush: the decode must not wait
+                RES_MARK.update(cpu=res._live.cpu_seconds, steps=res.set_.counters.steps)
 
     toks, n_prompt, _, _ = generate_greedy(llm, PROMPT, n_tokens, on_token)
     end = (proc_io(), time.perf_counter())
@@ -199,6 +208,10 @@ def child(a: argparse.Namespace) -> None:
         oracle = OracleTrace.load(a.oracle)
     nextuse = a.predictor / "nextuse.npz" if a.predictor else None
     extra = residency_kwargs(a.residency, a.budget, nextuse) if mode != "off" else {}
+    if a.dontneed and "residency" in extra:
+        from expertpred.prefetch.sysmem import Madvice
+
+        extra["residency"] = replace(extra["residency"], evict_advice=int(Madvice.DONTNEED))
     if a.min_share is not None:
         extra["min_share"] = a.min_share
     if a.py_switch:
@@ -231,6 +244,10 @@ def child(a: argparse.Namespace) -> None:
         "prompt_tokens": n_prompt, "prompt_s": t2 - t1, "prompt_read": (io2 - io1).read_bytes,
         "steps": steps, "decode_s": t3 - t2, "decode_read": gen.read_bytes,
         "decode_majflt": gen.majflt, "tokens": toks, "rss_anon": anon,
+        "decode_residency_cpu": (st.residency.cpu_seconds - RES_MARK["cpu"]
+                                 if st.residency is not None and RES_MARK else None),
+        "decode_residency_steps": (st.residency.counters.steps - RES_MARK["steps"]
+                                   if st.residency is not None and RES_MARK else None),
         "stats": st.as_dict(),
         "unbalanced": getattr(eng, "unbalanced", lambda: {})() if eng is not None else {},
     }, default=str), flush=True)
@@ -344,6 +361,8 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int,
         cmd.append("--sync-requests")
     if spec.pyswitch:
         cmd.append("--py-switch")
+    if spec.dontneed:
+        cmd.append("--dontneed")
     if spec.thread:
         cmd.append("--predict-thread")
     row: dict[str, Any] = {"mode": spec.label, "residency": policy}
@@ -551,6 +570,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--predict-thread", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--py-switch", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dontneed", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--train-prompts", type=int, default=80)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, help="Write rows and summary here.")
@@ -677,8 +697,15 @@ def report(a: argparse.Namespace, rows: list[dict[str, Any]], io_rows: list[dict
         st = [r["stats"] for r in rows if r["mode"] == m and "stats" in r]
         cpu = [x["residency_cpu_seconds"] / max(1, x.get("residency_steps", 1)) * 1e3
                for x in st if "residency_cpu_seconds" in x]
+        dec = [r["decode_residency_cpu"] / max(1, r["decode_residency_steps"]) * 1e3
+               for r in rows if r["mode"] == m and r.get("decode_residency_cpu") is not None]
+        tok = [r["decode_residency_cpu"] / r["steps"] * 1e3 for r in rows
+               if r["mode"] == m and r.get("decode_residency_cpu") is not None]
         if cpu and any(cpu):
-            print(f"{m}: residency manager CPU {med_range(cpu, '{:.2f}')} ms per layer step")
+            print(f"{m}: residency manager CPU {med_range(cpu, '{:.2f}')} ms per layer step "
+                  f"over the run" + (f", {med_range(dec, '{:.2f}')} in decode "
+                                     f"({med_range(tok, '{:.1f}')} ms per decode token)"
+                                     if dec else ""))
     for m in [m for m in summary if m.startswith("predictor")]:
         st = [r["stats"] for r in rows if r["mode"] == m and "stats" in r]
         n = [x.get("predictions", 0) for x in st]

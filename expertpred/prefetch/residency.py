@@ -74,6 +74,11 @@ class ResidencyConfig:
     evict_mappings: bool = True  # MADV_PAGEOUT on every mapping of the model, not only fadvise
     evict_advice: int = int(Madvice.PAGEOUT)  # the madvise advice that evicts (tests vary it)
     record: bool = False  # keep every applied record (`records_`) for replay checks
+    # seconds between mincore checks of the bookkeeping (0: every token). One check of a
+    # 3 GiB file costs ~55 ms of CPU (mincore of 787k pages + the per-expert sums); every
+    # token it was most of the manager's 54-76 ms of CPU per decode token on tiny-olmoe,
+    # taken from llama.cpp's compute on 2 cores (docs/e2e.md)
+    mincore_interval: float = 5.0
 
 
 def make_config(policy: str, budget_bytes: int | None = None,
@@ -199,6 +204,7 @@ class _Live:
     mincore_checks: int = 0
     dropped_posts: int = 0
     cpu_seconds: float = 0.0
+    mincore_at: float = float("-inf")  # time.monotonic() of the last mincore check
     pending_bypass: list[int] = field(default_factory=list)
 
 
@@ -397,9 +403,13 @@ class ResidencyManager:
         if why:
             self._disable(why)
             return
-        if self.set_.policy.manages or self._live.mincore_checks == 0:
-            self._live.measured_resident_bytes = int(self.measured().sum())
-            self._live.mincore_checks += 1
+        live, now = self._live, time.monotonic()
+        due = (self.set_.policy.manages
+               and now - live.mincore_at >= self.config.mincore_interval)
+        if due or live.mincore_checks == 0:
+            live.measured_resident_bytes = int(self.measured().sum())
+            live.mincore_checks += 1
+            live.mincore_at = now
 
     # --- eviction ------------------------------------------------------------------------
     def _evict(self, keys: list[int] | tuple[int, ...]) -> None:
