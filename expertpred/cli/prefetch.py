@@ -137,8 +137,10 @@ def _print_run(cfg: RunConfig, res: RunResult) -> None:
         rc = r.counters
         t.add_row("residency / budget", f"{r.active_policy} / {human_bytes(r.budget_bytes)}"
                   + ("" if r.enabled else f" ({r.disabled_reason})"))
-        t.add_row("resident: bookkeeping / mincore",
-                  f"{human_bytes(rc.resident_bytes)} / {human_bytes(r.measured_resident_bytes)}")
+        # mincore runs at attach and then at most every mincore_interval (it is costly)
+        t.add_row("resident: bookkeeping / mincore (last check)",
+                  f"{human_bytes(rc.resident_bytes)} / {human_bytes(r.measured_resident_bytes)}"
+                  f" ({r.mincore_checks} checks)")
         t.add_row("evictions / bypasses", f"{rc.evictions} ({human_bytes(rc.evicted_bytes)}) / "
                   f"{rc.bypasses} ({human_bytes(rc.bypassed_bytes)})")
         hr = rc.hits / rc.accesses if rc.accesses else 0.0
