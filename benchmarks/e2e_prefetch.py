@@ -71,7 +71,8 @@ RESIDENCY = "d0=kernel,predictor=learned,oracle=belady"
 class ModeSpec:
     """One column of the benchmark: a mode and its variant,
     ``mode[~predictor][@method[:qd[:chunk_mib]]][+random][+queued|+inline][+thread]
-    [+pyswitch][+t1][+dontneed][^checkout]``; ``~NAME`` runs another saved predictor than
+    [+norandom][+pyswitch][+t1][+dontneed][^checkout]``; ``~NAME`` runs another saved
+    predictor than
     ``--predictor-name`` (e.g. ``predictor~fast-mlp+thread``), ``+thread`` runs it off the
     inference thread, ``+pyswitch`` keeps Python's 5 ms GIL switch interval (the plugin's
     default is ``DEFAULT_SWITCH_INTERVAL``), ``+t1`` runs llama.cpp on one thread instead of
@@ -83,7 +84,9 @@ class ModeSpec:
     method: str | None  # I/O method override
     queue_depth: int | None  # queue depth override
     chunk_mib: float | None  # engine chunk size override
-    random: bool  # madvise(MADV_RANDOM) llama.cpp's mapping (no fault read-around)
+    # madvise(MADV_RANDOM) llama.cpp's mapping (no fault read-around): +random True,
+    # +norandom False, neither None (the plugin's default: by expert size)
+    random: bool | None
     inline: bool | None  # demand hints on the callback's thread (None: engine default)
     root: Path  # checkout whose expertpred the child imports
     predictor_name: str | None = None  # None: --predictor-name
@@ -95,7 +98,8 @@ class ModeSpec:
     t1: bool = False
     dontneed: bool = False  # ResidencyConfig.evict_advice = MADV_DONTNEED
 
-    FLAGS = frozenset({"random", "queued", "inline", "thread", "pyswitch", "t1", "dontneed"})
+    FLAGS = frozenset({"random", "norandom", "queued", "inline", "thread", "pyswitch", "t1",
+                       "dontneed"})
 
     @classmethod
     def parse(cls, label: str) -> ModeSpec:
@@ -110,11 +114,12 @@ class ModeSpec:
         qd, _, chunk = io.partition(":")
         if mode not in PLUGIN_MODE or (pname and mode != "predictor"):
             sys.exit(f"error: --modes {label!r}: expected mode[~predictor][@method[:qd["
-                     f":chunk_mib]]][+random][+queued|+inline][+thread][+pyswitch][+t1][+dontneed][^checkout]"
+                     f":chunk_mib]]][+random|+norandom][+queued|+inline][+thread][+pyswitch][+t1][+dontneed][^checkout]"
                      f", mode one of {', '.join(PLUGIN_MODE)} (~predictor only with mode "
                      "predictor)")
         return cls(label, mode, method or None, int(qd) if qd else None,
-                   float(chunk) if chunk else None, "random" in flags,
+                   float(chunk) if chunk else None,
+                   True if "random" in flags else False if "norandom" in flags else None,
                    True if "inline" in flags else False if "queued" in flags else None,
                    Path(root) if root else ROOT, pname or None, "thread" in flags,
                    "pyswitch" in flags, "t1" in flags,
@@ -227,7 +232,8 @@ def child(a: argparse.Namespace) -> None:
     llm = PrefetchLlama(a.model, mode=mode, predictor=preds, oracle=oracle,
                         lookahead=a.lookahead if mode in ("predictor", "oracle") else None,
                         method=a.method, queue_depth=a.queue_depth,
-                        madvise_random=a.madvise_random,
+                        madvise_random=a.madvise_random or (False if a.no_madvise_random
+                                                            else None),
                         async_requests=not a.sync_requests, predict_thread=a.predict_thread,
                         n_ctx=256, n_threads=a.threads,
                         use_mmap=a.mode != "nommap", seed=0, **extra)
@@ -351,6 +357,8 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int,
         cmd.append("--no-repack")
     if a.madvise_random or spec.random:
         cmd.append("--madvise-random")
+    elif spec.random is False:
+        cmd.append("--no-madvise-random")
     if spec.chunk_mib:
         cmd += ["--chunk-mib", str(spec.chunk_mib)]
     if spec.inline is not None:
@@ -558,7 +566,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--lookahead", type=int, default=1)
     ap.add_argument("--method", default="fadvise")
     ap.add_argument("--queue-depth", type=int, default=8)
-    ap.add_argument("--madvise-random", action="store_true")
+    ap.add_argument("--madvise-random", action="store_true",
+                    help="MADV_RANDOM in every mode (default: the plugin's, by expert size)")
+    ap.add_argument("--no-madvise-random", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--chunk-mib", type=float, default=0.0,
                     help="Engine chunk size (0: the engine's default).")
     ap.add_argument("--inline-demand", type=int, default=-1,

@@ -32,9 +32,10 @@ Method = Annotated[str, typer.Option("--method", help="pread | fadvise | madvise
 QueueDepth = Annotated[int, typer.Option("--queue-depth", min=1, help="Prefetch queue depth.")]
 Lookahead = Annotated[int | None, typer.Option(
     "--lookahead", min=0, help="Prefetch layers l+1..l+D (default: 1, the next layer only).")]
-MadviseRandom = Annotated[bool, typer.Option(
-    "--madvise-random",
-    help="madvise(MADV_RANDOM) llama.cpp's mapping: no fault read-around.")]
+MadviseRandom = Annotated[bool | None, typer.Option(
+    "--madvise-random/--no-madvise-random",
+    help="madvise(MADV_RANDOM) llama.cpp's mapping: no fault read-around (default: on when "
+         "the experts are smaller than 32 MiB).")]
 Threads = Annotated[int, typer.Option("--threads", min=1, help="llama.cpp threads.")]
 PredictThread = Annotated[bool, typer.Option(
     "--predict-thread",
@@ -60,7 +61,7 @@ def run(
     method: Method = "fadvise",
     queue_depth: QueueDepth = 8,
     lookahead: Lookahead = None,
-    madvise_random: MadviseRandom = False,
+    madvise_random: MadviseRandom = None,
     predict_thread: PredictThread = False,
     threads: Threads = 2,
     n_ctx: int = typer.Option(512, "--n-ctx", min=8, help="llama.cpp context size."),
@@ -184,7 +185,7 @@ def serve(
                                          "(default: 0.25)."),
     prefetch_k: int = typer.Option(None, "--prefetch-k", min=1,
                                    help="Experts prefetched per look-ahead layer."),
-    madvise_random: MadviseRandom = False,
+    madvise_random: MadviseRandom = None,
     predict_thread: PredictThread = False,
     sync_requests: bool = flag("--sync-requests", help="Engine calls on the inference thread."),
     threads: Threads = 2,

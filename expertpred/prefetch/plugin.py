@@ -80,6 +80,7 @@ from .plugin_config import (
     DEFAULT_LOOKAHEAD,
     DEFAULT_MIN_SHARE,
     DEFAULT_PREDICTOR,
+    MADV_RANDOM_MAX_EXPERT_BYTES,
     Mode,
     PluginConfig,
     PredictorProvider,
@@ -303,8 +304,15 @@ class PrefetchPlugin:
 
     def advise_mapping(self) -> int:
         """``madvise(MADV_RANDOM)`` every mapping of the model file in this process, if
-        ``madvise_random``; returns the bytes advised (0 when not asked or not mapped)."""
-        if not (self.config.madvise_random and self.enabled):
+        ``madvise_random`` (None: when the largest expert is below
+        ``MADV_RANDOM_MAX_EXPERT_BYTES``); returns the bytes advised (0 when not asked or not
+        mapped)."""
+        want = self.config.madvise_random
+        if want is None and self.enabled:
+            lay = self.layout_
+            largest = max(lay.bytes_per_expert(b) for b in lay.moe_layers)
+            want = largest < MADV_RANDOM_MAX_EXPERT_BYTES
+        if not (want and self.enabled):
             return 0
         try:
             self._madvised = madvise_file_mappings(self.gguf_path, MADV_RANDOM)

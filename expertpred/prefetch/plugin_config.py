@@ -41,6 +41,14 @@ DEFAULT_MIN_SHARE = 0.25
 # 2.2-2.6 ms and decode tok/s was 1.01-1.16x in four side-by-side runs (docs/e2e.md,
 # "Where the callback's time goes").
 DEFAULT_SWITCH_INTERVAL = 0.0005
+# madvise_random=None turns MADV_RANDOM on for models whose experts are smaller than this.
+# With the prefetcher, fault read-around mostly reads neighbouring experts nobody asked for;
+# without it the kernel keeps only what was read or touched. Measured side by side (docs/
+# e2e.md, "MADV_RANDOM on llama.cpp's mapping"): 3 MiB experts d0 / (c) / (d) 1.13x / 1.09x
+# / 1.19x, 12 MiB 1.32x / 1.02x / 1.05x, 48 MiB 1.23x / 0.92x / 0.63x (a page the engine
+# has not read yet becomes a synchronous 4 KiB fault). The cut between 12 and 48 MiB is an
+# interpolation; nothing between was measured.
+MADV_RANDOM_MAX_EXPERT_BYTES = 32 << 20
 
 
 class Mode(enum.StrEnum):
@@ -106,7 +114,9 @@ class PluginConfig:
     wrap: bool = True  # offsets past the last layer reach the next token's first layers
     method: str = "fadvise"  # io.METHODS name: fadvise hints the page cache, no user copy
     queue_depth: int = 8  # reads in flight: one layer's experts issued together
-    madvise_random: bool = False  # MADV_RANDOM on llama.cpp's mapping: no fault read-around
+    # MADV_RANDOM on llama.cpp's mapping: no fault read-around. None: on when the largest
+    # expert is below MADV_RANDOM_MAX_EXPERT_BYTES
+    madvise_random: bool | None = None
     min_share: float = DEFAULT_MIN_SHARE  # confidence gate; 0 prefetches every prediction
     async_requests: bool = True  # post to the dispatcher: the engine's lock stays off inference
     # features + predictor on a thread of their own: the callback only posts the routing, so

@@ -39,7 +39,7 @@ class RunConfig:
     method: str = "fadvise"  # prefetch I/O: pread | fadvise | madvise | io_uring
     queue_depth: int = 8  # prefetch requests in flight
     lookahead: int | None = None  # prefetch layers l+1..l+D; None = the plugin's default
-    madvise_random: bool = False  # MADV_RANDOM on llama.cpp's mapping: no fault read-around
+    madvise_random: bool | None = None  # MADV_RANDOM on llama.cpp's mapping; None: by expert size
     predict_thread: bool = False  # predictor off the inference thread (late ones counted)
     threads: int = 2  # llama.cpp threads
     n_ctx: int = 512  # llama.cpp context size

@@ -60,3 +60,20 @@ def test_switch_interval_is_set_while_started_and_restored(interval: float | Non
 def test_bad_switch_interval_is_one_line_error(bad: object) -> None:
     with pytest.raises(ExpertPredError, match="switch_interval="):
         PluginConfig(switch_interval=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("setting,advised", [(None, True), (False, False), (True, True)])
+def test_madvise_random_defaults_to_on_for_small_experts(setting, advised) -> None:
+    # the shipped models' experts are KiBs, far below MADV_RANDOM_MAX_EXPERT_BYTES
+    with PrefetchLlama(model_gguf("tiny-mixtral"), mode="d0", madvise_random=setting,
+                       n_ctx=256, n_threads=1, seed=0) as llm:
+        assert (llm.prefetch_stats().madvised_bytes > 0) is advised
+
+
+def test_madvise_random_default_is_off_for_large_experts(monkeypatch) -> None:
+    from expertpred.prefetch import plugin
+
+    monkeypatch.setattr(plugin, "MADV_RANDOM_MAX_EXPERT_BYTES", 1)  # every expert is larger
+    with PrefetchLlama(model_gguf("tiny-mixtral"), mode="d0", n_ctx=256, n_threads=1,
+                       seed=0) as llm:
+        assert llm.prefetch_stats().madvised_bytes == 0
