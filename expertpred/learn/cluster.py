@@ -3,7 +3,9 @@
 ``local:N`` starts a ``LocalCluster`` of N worker processes on 127.0.0.1 (one thread each:
 the work is numpy / LightGBM / torch, which release the GIL but would oversubscribe the
 cores with more threads); ``tcp://HOST:PORT`` connects to the scheduler of an existing
-cluster, whose workers must have this version of expertpred installed. Both are opened by
+cluster, whose workers must run the same expertpred code: tasks are pickled by reference,
+so each worker runs its own copy of every function, and :func:`open_cluster` checks that
+the copies are the driver's (:func:`code_fingerprint`). Both are opened by
 :func:`open_cluster`, a context manager whose close is bounded.
 
 Dask is imported here and below only: the single-machine path never loads it.
@@ -11,14 +13,17 @@ Dask is imported here and below only: the single-machine path never loads it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..errors import ExpertPredError
 
 log = logging.getLogger(__name__)
@@ -134,6 +139,7 @@ def _connected(spec: ClusterSpec) -> Iterator[Any]:
                                           f"within {START_TIMEOUT_S:.0f} s") from None
             elif not workers(client):
                 raise ExpertPredError(f"{spec.describe()}: the cluster has no workers")
+            check_code(client)
             log.info("connected to %s (%d workers)", spec.describe(), len(workers(client)))
             yield client
         finally:
@@ -147,3 +153,32 @@ def workers(client: Any) -> list[str]:
     each time: ``client.scheduler_info()`` returns a cache that a background refresh
     overwrites with totals only, which would read as workers gone."""
     return sorted(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
+
+
+def code_fingerprint() -> tuple[str, str]:
+    """(version + sha256 prefix of this expertpred's ``*.py`` files, where they are).
+
+    Two installs of the same version can still differ (a checkout on another commit);
+    the hash tells them apart."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}", str(root)
+
+
+def check_code(client: Any) -> None:
+    """Every worker runs this expertpred (:func:`code_fingerprint`), or one error line."""
+    mine, where = code_fingerprint()
+    try:
+        theirs = client.run(code_fingerprint)
+    except Exception as exc:  # a worker without expertpred cannot even unpickle the call
+        raise ExpertPredError(f"the Dask workers cannot run expertpred ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:160]}): install expertpred "
+                              f"{mine} on every worker (or set its PYTHONPATH)") from None
+    for addr in sorted(theirs):
+        got, at = theirs[addr]
+        if got != mine:
+            raise ExpertPredError(f"dask worker {addr} runs expertpred {got} from {at}; this "
+                                  f"driver runs {mine} from {where}: install the same "
+                                  "expertpred on every worker (or set its PYTHONPATH)")

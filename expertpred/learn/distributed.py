@@ -13,7 +13,7 @@ the work runs changes:
 4. the MLPs: torch ``DistributedDataParallel`` over gloo, one rank per worker holding
    partitions (:mod:`.ddp`);
 5. the next-use model of the learned residency policy: one task on a worker (it is not a
-   reduction yet; it reads the training traces itself).
+   reduction yet; it reads the training partitions' sequences itself).
 
 Every fit finishes before anything is written, and a worker that dies mid-training is one
 error line (:class:`~.shards.WorkerLostError`), so a failed run leaves no partial models.
@@ -30,18 +30,27 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import FeatureBatch, FeatureConfig
+from ..features import FeatureBatch, FeatureConfig, ModelInfo
 from ..predictors import Predictor, make_predictor
 from ..predictors.kernels import freq_from_counts, layer_counts
 from ..predictors.prev_transition import weight_rows
 from ..predictors.transition import table_from_counts, transition_counts
-from .shards import Guard, NoProgress, Progress, RowSet, ShardInput, WorkerLostError
+from .shards import (
+    Guard,
+    NoProgress,
+    Progress,
+    RowSet,
+    ShardInput,
+    WorkerLostError,
+    check_dataset,
+    task_sequences,
+)
 from .train import (
     NEXTUSE_FILE,
     FitResult,
     PredictorsConfig,
     TraceSource,
-    fit_nextuse,
+    fit_nextuse_on,
     open_source,
     phase_value,
     predictor_params,
@@ -68,8 +77,9 @@ def task_add_counts(a: tuple[np.ndarray, np.ndarray],
     return a[0] + b[0], a[1] + b[1]  # whole numbers below 2**53: exact in any order
 
 
-def task_nextuse(cfg: PredictorsConfig, train_ids: list[int]) -> Any:
-    return fit_nextuse(cfg, open_source(cfg), train_ids)
+def task_nextuse(cfg: PredictorsConfig, model: ModelInfo, inputs: list[ShardInput]) -> Any:
+    """The next-use model on the partitions' sequences (read here, on one worker)."""
+    return fit_nextuse_on(cfg, model, task_sequences(inputs))
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -80,7 +90,10 @@ def shard_inputs(client: Any, source: TraceSource, seq_ids: Sequence[int]) -> li
     want = set(int(i) for i in seq_ids)
     if source._dataset is not None:
         ds = source._dataset
-        inputs = [ShardInput(str(ds.path), tuple(i for i in s.seq_ids if i in want))
+        # absolute: a worker's working directory is its own (another machine's, maybe)
+        path = str(ds.path.absolute())
+        check_dataset(client, path)
+        inputs = [ShardInput(path, tuple(i for i in s.seq_ids if i in want))
                   for s in ds.shards]
         inputs = [i for i in inputs if i.seq_ids]
     else:
@@ -215,7 +228,8 @@ def train_distributed(cfg: PredictorsConfig, client: Any,
     fitted = fit_all_distributed(cfg, source, train_ids, client, progress)
     progress.start("next-use model (one worker task)", 1)
     guard = Guard(client)
-    nextuse = guard.gather(client.submit(task_nextuse, cfg, list(train_ids), pure=False),
+    inputs = shard_inputs(client, source, train_ids)
+    nextuse = guard.gather(client.submit(task_nextuse, cfg, source.model, inputs, pure=False),
                            "the next-use model")
     progress.advance()
     guard.check("training")  # the last chance to fail before anything is written

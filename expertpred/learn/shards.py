@@ -18,6 +18,7 @@ The functions prefixed ``task_`` run on the workers.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -127,6 +128,41 @@ def _sequences(inp: ShardInput) -> Any:
     from ..trace.dataset import TraceDataset
 
     return TraceDataset(inp.dataset).sequences(seq_ids=list(inp.seq_ids))
+
+
+def task_sequences(inputs: Sequence[ShardInput]) -> Any:
+    """The partitions' sequences one after another (the stream order)."""
+    return (t for inp in inputs for t in _sequences(inp))
+
+
+def dataset_identity(dataset: str) -> str:
+    """sha256 of the trace dataset's manifest as this process opens it (``error: why``
+    when it cannot): run on every worker by :func:`check_dataset`."""
+    from ..trace.dataset import TraceDataset
+
+    try:
+        return hashlib.sha256(TraceDataset(dataset).manifest_path.read_bytes()).hexdigest()
+    except (ExpertPredError, OSError) as exc:
+        return "error: " + " ".join(str(exc).split())[:200]
+
+
+def check_dataset(client: Any, dataset: str) -> None:
+    """Every worker opens ``dataset`` (an absolute path) and finds the driver's manifest:
+    workers read their shards themselves, so a missing path (no shared filesystem) or
+    another dataset there is one error line now, not a failed task later."""
+    want = dataset_identity(dataset)
+    if want.startswith("error: "):
+        raise ExpertPredError(want[len("error: "):])
+    theirs = client.run(dataset_identity, dataset)
+    for addr in sorted(theirs):
+        got = theirs[addr]
+        if got != want:
+            why = got[len("error: "):] if got.startswith("error: ") else \
+                "its manifest differs from this driver's (another dataset at that path)"
+            raise ExpertPredError(f"dask worker {addr} cannot read the trace dataset "
+                                  f"{dataset}: {why}; every worker reads its shards itself, "
+                                  "so the dataset must be at this path on every worker (a "
+                                  "shared filesystem)")
 
 
 def task_count_rows(inp: ShardInput, n_src: int, phase: int | None) -> int:

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,16 +323,22 @@ def save_all(fitted: FitResult, models_dir: str | os.PathLike[str]) -> list[Path
 def fit_nextuse(cfg: PredictorsConfig, source: TraceSource,
                 train_ids: Sequence[int]) -> NextUseModel:
     """The learned residency policy's next-use model, on the same training sequences."""
+    return fit_nextuse_on(cfg, source.model, source.sequences(train_ids))
+
+
+def fit_nextuse_on(cfg: PredictorsConfig, model: ModelInfo,
+                   sequences: Iterable[SequenceTrace]) -> NextUseModel:
+    """:func:`fit_nextuse` on ``sequences`` in stream order (a Dask worker has no source)."""
     nc = NextUseConfig(horizon=cfg.residency_horizon, history_decay=cfg.history_decay,
                        seed=cfg.seed, reuse_hidden=cfg.residency_reuse_hidden,
                        reuse_epochs=cfg.residency_reuse_epochs)
     keep = phase_value(cfg.residency_phase)
     experts, tokens = [], []
-    for t in source.sequences(train_ids):
+    for t in sequences:
         pos = np.arange(t.n_tokens) if keep is None else np.flatnonzero(t.phase == keep)
         experts.append(t.experts[pos])
         tokens.append(t.tokens[pos])
-    return NextUseModel(source.model.n_moe, source.model.n_expert, nc).fit(
+    return NextUseModel(model.n_moe, model.n_expert, nc).fit(
         [np.concatenate(experts)], [np.concatenate(tokens)])
 
 
