@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,4,16", help="multiples of the 1x trace")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--commands", default="analyze,evaluate")
+    ap.add_argument("--paths", default="streamed,in-memory", help="which paths to run")
     ap.add_argument("--data", type=Path, help="reuse (or keep) the datasets and models here")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -132,7 +133,7 @@ def main() -> None:
         for cmd in a.commands.split(","):
             for size in sizes:
                 ds = TraceDataset(data[size])
-                for path in ("streamed", "in-memory"):
+                for path in a.paths.split(","):
                     runs = []
                     for r in range(a.rounds):
                         runs.append(measure(cmd, path, data[size], root))

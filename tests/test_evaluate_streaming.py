@@ -1,4 +1,5 @@
-"""`evaluate` scores in bounded batches: the same report as with every example in memory."""
+"""`evaluate` scores in bounded batches and simulates the cache in chunks: the same report
+as with every example, and the whole access stream, in memory."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from expertpred.learn import cachestream, scoring
 from expertpred.learn import evaluate as ev
-from expertpred.learn import scoring
 from expertpred.learn.train import fit_all, load_config, open_source
 
 SHIPPED = Path(__file__).resolve().parents[1] / "datasets" / "traces"
@@ -27,7 +28,8 @@ def test_streamed_scores_and_cache_equal_in_memory(name: str, tmp_path: Path,
     k = src.model.n_expert_used
     ks = (k, 2 * k)
     whole = ev._score(cfg, src, fitted, test_ids, ks, in_memory=True)
-    cache_whole = ev.cache_report(cfg, src, fitted, test_ids, in_memory=True)
+    nextuse = ev.fit_nextuse(cfg, src, src.select(split="train"))
+    cache_whole = ev.cache_report(cfg, src, fitted, test_ids, nextuse, in_memory=True)
     # small batches: the test split becomes many batches, each ranked on its own
     monkeypatch.setattr(scoring, "BATCH_ROWS", 300)
     n_batches = sum(1 for _ in scoring.feature_batches(
@@ -43,5 +45,12 @@ def test_streamed_scores_and_cache_equal_in_memory(name: str, tmp_path: Path,
             assert abs(got.recall - want.recall) < 0.05
         else:
             assert got == want  # every number, bit for bit (ScoreRow equality)
-    assert ev.cache_report(cfg, src, fitted, test_ids, in_memory=False) == cache_whole
-    assert any(r.policy == "predictive:fast-mlp" for r in cache_whole.results)
+    # the cache simulation in chunks: many of them, and sequences of every length between
+    assert ev.cache_report(cfg, src, fitted, test_ids, nextuse, in_memory=False) == cache_whole
+    monkeypatch.setattr(cachestream, "CHUNK_TOKENS", 40)
+    n_chunks = sum(1 for _ in cachestream.chunks(src.sequences(test_ids),
+                                                 ev.phase_value("decode")))
+    assert n_chunks > 3
+    assert ev.cache_report(cfg, src, fitted, test_ids, nextuse, in_memory=False) == cache_whole
+    assert {"lru", "lfu", "learned", "belady", "predictive:fast-mlp", "predictive:oracle"} == {
+        r.policy for r in cache_whole.results}

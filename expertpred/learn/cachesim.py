@@ -117,45 +117,62 @@ def simulate(experts: np.ndarray, policy: str | Policy, capacity_bytes: int,
                            c.miss_bytes, 0)
     if prefetch is None:
         raise ExpertPredError("predictive cache policy needs a prefetch plan")
-    keys = np.where(experts >= 0, np.arange(n_l)[None, :, None] * n_e + experts, -1)
-    accesses = int((keys >= 0).sum())
-    # LRU with prefetch inserts, one access at a time (the replay benchmark's order)
-    cache: OrderedDict[int, int] = OrderedDict()
-    used = hits = demand = pre = 0
     pf = np.asarray(prefetch)
     if pf.shape[:2] != (t_len, n_l):
         raise ExpertPredError(f"prefetch plan shape {pf.shape}, expected ({t_len}, {n_l}, P)")
+    lru = PrefetchLRU(capacity_bytes, sizes, n_e)
+    lru.feed(experts, pf)
+    return lru.result(policy.value)
 
-    def load(key: int, size: int) -> None:
-        nonlocal used
-        while cache and used + size > capacity_bytes:
-            _, s = cache.popitem(last=False)
-            used -= s
-        if size <= capacity_bytes:
-            cache[key] = size
-            used += size
 
-    for t in range(t_len):
-        for li in range(n_l):
-            for key in keys[t, li].tolist():
-                if key < 0:
-                    continue
-                if key in cache:
-                    hits += 1
-                    cache.move_to_end(key)
-                else:
-                    demand += int(sizes[li])
-                    load(key, int(sizes[li]))
-            for key in pf[t, li].tolist():
-                if key < 0:
-                    continue
-                if key in cache:
-                    cache.move_to_end(key)
-                else:
-                    s = int(sizes[key // n_e])
-                    pre += s
-                    load(key, s)
-    return CacheResult(policy.value, capacity_bytes, t_len, accesses, hits, demand, pre)
+class PrefetchLRU:
+    """The ``predictive`` policy's cache: LRU with prefetch inserts, one access at a time
+    (the replay benchmark's order), fed the access stream in pieces in stream order."""
+
+    def __init__(self, capacity_bytes: int, sizes: np.ndarray, n_expert: int) -> None:
+        self.capacity_bytes, self.sizes, self.n_expert = capacity_bytes, sizes, n_expert
+        self.cache: OrderedDict[int, int] = OrderedDict()  # key -> bytes, LRU first
+        self.used = self.hits = self.demand = self.pre = self.accesses = self.n_tokens = 0
+
+    def _load(self, key: int, size: int) -> None:
+        while self.cache and self.used + size > self.capacity_bytes:
+            _, s = self.cache.popitem(last=False)
+            self.used -= s
+        if size <= self.capacity_bytes:
+            self.cache[key] = size
+            self.used += size
+
+    def feed(self, experts: np.ndarray, plan: np.ndarray) -> None:
+        """The next tokens' accesses int (T, L, k) and their prefetch plan (T, L, P)."""
+        t_len, n_l, _ = experts.shape
+        n_e, sizes, cache = self.n_expert, self.sizes, self.cache
+        keys = np.where(experts >= 0, np.arange(n_l)[None, :, None] * n_e + experts, -1)
+        self.accesses += int((keys >= 0).sum())
+        self.n_tokens += t_len
+        for t in range(t_len):
+            for li in range(n_l):
+                for key in keys[t, li].tolist():
+                    if key < 0:
+                        continue
+                    if key in cache:
+                        self.hits += 1
+                        cache.move_to_end(key)
+                    else:
+                        self.demand += int(sizes[li])
+                        self._load(key, int(sizes[li]))
+                for key in plan[t, li].tolist():
+                    if key < 0:
+                        continue
+                    if key in cache:
+                        cache.move_to_end(key)
+                    else:
+                        s = int(sizes[key // n_e])
+                        self.pre += s
+                        self._load(key, s)
+
+    def result(self, policy: str) -> CacheResult:
+        return CacheResult(policy, self.capacity_bytes, self.n_tokens, self.accesses,
+                           self.hits, self.demand, self.pre)
 
 
 def prefetch_plan(predicted: dict[int, np.ndarray], n_expert: int,

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,8 @@ from ..features import FeatureBatch, FeatureConfig, build_features
 from ..predictors import Predictor
 from ..predictors.nextuse import NextUseModel
 from ..units import human_bytes
-from .cachesim import prefetch_plan, simulate
+from .cachesim import CacheResult, prefetch_plan, simulate
+from .cachestream import StreamSpec, simulate_stream
 from .metrics import exact_set_hit, grouped_mean, nanmean, precision_at_k, recall_at_k
 from .scoring import access_stream, feature_batches, score_offset
 from .train import (
@@ -254,52 +255,71 @@ def cache_report(cfg: PredictorsConfig, source: TraceSource, fitted: FitResult,
                  test_ids: Sequence[int], nextuse: NextUseModel | None = None,
                  in_memory: bool = False) -> CacheReport:
     """Hit rate and bytes per token of each cache policy on the test tokens, per budget;
-    ``learned`` (the residency policy driven by the ``nextuse`` model) when given."""
+    ``learned`` (the residency policy driven by the ``nextuse`` model) when given. The test
+    tokens stream in chunks (:mod:`.cachestream`) unless ``in_memory`` (the earlier path:
+    the whole access stream, plans and Belady index at once; kept to compare)."""
+    model = source.model
+    keep = phase_value(cfg.eval_phase)
+    sizes = _expert_bytes(source)
+    total = int(sizes.sum()) * model.n_expert
+    k = model.n_expert_used
+    pk = cfg.cache_prefetch_k or k
+    policies = ("lru", "lfu", "belady") if nextuse is None else ("lru", "lfu", "learned",
+                                                                  "belady")
+    depths = range(1, cfg.cache_depth + 1)
+    prefetchers = {p: fitted.predictors[p] for p in dict.fromkeys([cfg.cache_predictor,
+                                                                   "oracle"])
+                   if p in fitted.predictors and all(d in fitted.predictors[p] for d in depths)}
+    caps = tuple(int(b * total) for b in cfg.cache_budgets)
+    if in_memory:
+        t_len, by_cap = _cache_in_memory(cfg, source, test_ids, sizes, caps, policies,
+                                         prefetchers, nextuse)
+    else:
+        spec = StreamSpec(caps, policies, prefetchers, cfg.cache_depth, pk, cfg.history_decay,
+                          keep)
+        t_len, by_cap = simulate_stream(lambda: source.sequences(test_ids), model, sizes,
+                                        spec, nextuse)
+    results: list[CacheRow] = []
+    for b, res in zip(cfg.cache_budgets, by_cap):
+        names = [*policies, *(f"predictive:{p}" for p in prefetchers)]
+        results += [CacheRow(budget=b, **{**r.to_dict(), "policy": name})
+                    for name, r in zip(names, res)]
+    return CacheReport(n_tokens=t_len, expert_bytes_total=total, prefetch_k=pk,
+                       depth=cfg.cache_depth, results=results)
+
+
+def _cache_in_memory(cfg: PredictorsConfig, source: TraceSource, test_ids: Sequence[int],
+                     sizes: np.ndarray, caps: Sequence[int], policies: Sequence[str],
+                     prefetchers: dict[str, dict[int, Predictor]],
+                     nextuse: NextUseModel | None) -> tuple[int, list[list[CacheResult]]]:
+    """:func:`cache_report`'s earlier path: every array of the whole test stream at once."""
     model = source.model
     keep = phase_value(cfg.eval_phase)
     # 1. the access stream: test sequences one after another, tokens in order
     experts, tokens, index = access_stream(source.sequences(test_ids), keep)
     t_len, n_l, k = experts.shape
     pk = cfg.cache_prefetch_k or k
-    sizes = _expert_bytes(source)
-    total = int(sizes.sum()) * model.n_expert
 
     # 2. prefetch plans: predicted top-k for l+1..l+depth at every (token, layer)
-    def plan_for(by_d: dict[int, Predictor]) -> np.ndarray | None:
+    def plan_for(by_d: dict[int, Predictor]) -> np.ndarray:
         predicted = {}
         for d in range(1, cfg.cache_depth + 1):
-            if d not in by_d:
-                return None
             fc = FeatureConfig(d=d, history_decay=cfg.history_decay)
-            batches: Iterable[FeatureBatch] = (
-                [build_features(source.sequences(test_ids), model, fc, phase=keep)]
-                if in_memory else feature_batches(source.sequences(test_ids), model, fc, keep))
+            x = build_features(source.sequences(test_ids), model, fc, phase=keep)
             arr = np.full((t_len, n_l, pk), -1, dtype=np.int64)
-            for x in batches:
-                arr[index.rows(x.seq, x.position), x.layer.astype(np.int64)] = \
-                    by_d[d].predict_topk(x, pk)
+            arr[index.rows(x.seq, x.position), x.layer.astype(np.int64)] = \
+                by_d[d].predict_topk(x, pk)
             predicted[d] = arr
         return prefetch_plan(predicted, model.n_expert, experts=experts, wrap=cfg.cache_depth)
 
-    plans: dict[str, np.ndarray] = {}
-    for pname in dict.fromkeys([cfg.cache_predictor, "oracle"]):
-        if pname in fitted.predictors:
-            plan = plan_for(fitted.predictors[pname])
-            if plan is not None:
-                plans[pname] = plan
-    results: list[CacheRow] = []
-    for b in cfg.cache_budgets:
-        cap = int(b * total)
-        for pol in ("lru", "lfu", "belady") if nextuse is None else (
-                "lru", "lfu", "learned", "belady"):
-            r = simulate(experts, pol, cap, sizes, model.n_expert, model=nextuse,
-                         tokens=tokens)
-            results.append(CacheRow(budget=b, **r.to_dict()))
-        for pname, plan in plans.items():
-            r = simulate(experts, "predictive", cap, sizes, model.n_expert, prefetch=plan)
-            results.append(CacheRow(budget=b, **{**r.to_dict(), "policy": f"predictive:{pname}"}))
-    return CacheReport(n_tokens=t_len, expert_bytes_total=total, prefetch_k=pk,
-                       depth=cfg.cache_depth, results=results)
+    plans = {p: plan_for(by_d) for p, by_d in prefetchers.items()}
+    out = []
+    for cap in caps:
+        out.append([simulate(experts, pol, cap, sizes, model.n_expert, model=nextuse,
+                             tokens=tokens) for pol in policies]
+                   + [simulate(experts, "predictive", cap, sizes, model.n_expert,
+                               prefetch=plan) for plan in plans.values()])
+    return t_len, out
 
 
 def _recall_table(scenarios: Sequence[Scenario], scenario: str,

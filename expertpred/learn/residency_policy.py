@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
@@ -112,36 +112,63 @@ class LFUPolicy(ResidencyPolicy, policy_name="lfu"):
         return self.counts_
 
 
+@dataclass(frozen=True)
+class UseIndex:
+    """The recorded uses of tokens ``t0 ..`` of a run, by flat key, and what lies beyond."""
+
+    uses: list[np.ndarray]  # per flat key: its use steps (t * n_layer + li), ascending
+    later: np.ndarray  # int64 (n_keys,) each key's first use step after these tokens (NEVER)
+
+
+def use_index(future: np.ndarray, n_layer: int, n_expert: int, t0: int = 0,
+              later: np.ndarray | None = None) -> UseIndex:
+    """The :class:`UseIndex` of ``future`` (int (T, L, k) experts of tokens ``t0 ..
+    t0 + T``, -1 = none); ``later``: first use steps after them (None: never)."""
+    f = np.asarray(future)
+    if f.ndim != 3 or f.shape[1] != n_layer:
+        raise ExpertPredError(f"belady: recorded experts of shape {f.shape}, expected "
+                              f"(T, {n_layer}, k)")
+    t_idx, l_idx, _ = np.nonzero(f >= 0)
+    keys = l_idx.astype(np.int64) * n_expert + f[f >= 0].astype(np.int64)
+    steps = (t_idx.astype(np.int64) + t0) * n_layer + l_idx  # step order: token-major
+    order = np.lexsort((steps, keys))
+    keys, steps = keys[order], steps[order]
+    bounds = np.searchsorted(keys, np.arange(n_layer * n_expert + 1))
+    if later is None:
+        later = np.full(n_layer * n_expert, NEVER, np.int64)
+    return UseIndex([steps[bounds[k]:bounds[k + 1]] for k in range(n_layer * n_expert)],
+                    later)
+
+
 class BeladyPolicy(ResidencyPolicy, policy_name="belady"):
     """Evict the expert whose next use is farthest in ``future`` (int (T, L, k) experts of
     the same greedy run by token position, -1 = none); bypass when that is an expert just
-    used. Optimal for equal sizes (MIN); a near-optimum when sizes differ by layer."""
+    used. Optimal for equal sizes (MIN); a near-optimum when sizes differ by layer.
+
+    ``future=None``: the run arrives in windows (:meth:`window`, before the window's first
+    step), each knowing its keys' first use after it, so no window needs the whole run."""
 
     bypasses = True
 
-    def __init__(self, future: np.ndarray) -> None:
+    def __init__(self, future: np.ndarray | None) -> None:
         self.future = future
 
     def bind(self, n_layer: int, n_expert: int) -> None:
         super().bind(n_layer, n_expert)
-        f = np.asarray(self.future)
-        if f.ndim != 3 or f.shape[1] != n_layer:
-            raise ExpertPredError(f"belady: recorded experts of shape {f.shape}, expected "
-                                  f"(T, {n_layer}, k)")
-        t_idx, l_idx, _ = np.nonzero(f >= 0)
-        keys = l_idx.astype(np.int64) * n_expert + f[f >= 0].astype(np.int64)
-        steps = t_idx.astype(np.int64) * n_layer + l_idx  # step order: token-major
-        order = np.lexsort((steps, keys))
-        keys, steps = keys[order], steps[order]
-        bounds = np.searchsorted(keys, np.arange(n_layer * n_expert + 1))
-        self._uses = [steps[bounds[k]:bounds[k + 1]] for k in range(n_layer * n_expert)]
         self.next_use_ = np.full(n_layer * n_expert, NEVER, np.int64)
+        if self.future is not None:
+            self.window(use_index(self.future, n_layer, n_expert))
+
+    def window(self, index: UseIndex) -> None:
+        """Answer next uses from ``index`` from now on."""
+        self._index = index
 
     def _after(self, keys: np.ndarray, step: int) -> None:
+        uses, later = self._index.uses, self._index.later
         for k in keys.tolist():
-            u = self._uses[k]
+            u = uses[k]
             i = int(np.searchsorted(u, step, side="right"))
-            self.next_use_[k] = u[i] if i < len(u) else NEVER
+            self.next_use_[k] = u[i] if i < len(u) else later[k]
 
     def observe(self, t: int, li: int, experts: np.ndarray, clock: int) -> None:
         self._after(li * self.n_expert_ + experts, t * self.n_layer_ + li)
@@ -435,6 +462,18 @@ class Record(NamedTuple):
     experts: tuple[int, ...]  # expert ids (STEP) or flat keys (PREFETCH, ADOPT)
 
 
+def apply(rs: ResidencySet, r: Record) -> None:
+    """Feed one record to ``rs`` (what the plugin's manager does with it)."""
+    if r.event is Event.STEP:
+        rs.step(r.t, r.li, r.experts)
+    elif r.event is Event.PREFETCH:
+        rs.prefetch(r.t, r.li, r.experts)
+    elif r.event is Event.TOKEN:
+        rs.begin_token(r.t, r.experts[0])
+    else:
+        rs.adopt(r.experts)
+
+
 def replay(records: Iterable[Record], policy: ResidencyPolicy, budget_bytes: int,
            n_layer: int, n_expert: int, sizes: int | np.ndarray,
            layer_budgets: np.ndarray | None = None) -> ResidencySet:
@@ -442,15 +481,25 @@ def replay(records: Iterable[Record], policy: ResidencyPolicy, budget_bytes: int
     feeds its own set the same way, so both decide alike by construction."""
     rs = ResidencySet(policy, n_layer, n_expert, sizes, budget_bytes, layer_budgets)
     for r in records:
-        if r.event is Event.STEP:
-            rs.step(r.t, r.li, r.experts)
-        elif r.event is Event.PREFETCH:
-            rs.prefetch(r.t, r.li, r.experts)
-        elif r.event is Event.TOKEN:
-            rs.begin_token(r.t, r.experts[0])
-        else:
-            rs.adopt(r.experts)
+        apply(rs, r)
     return rs
+
+
+def step_records(experts: np.ndarray, tokens: np.ndarray | None = None,
+                 t0: int = 0) -> Iterator[Record]:
+    """Records of int (T, L, k) ``experts`` (-1 = none) as tokens ``t0 .. t0 + T``: each
+    token's id first (when ``tokens`` (T,) are given, as the plugin tells them), then its
+    layers' steps."""
+    t_len, n_l, _ = experts.shape
+    rows = experts.astype(np.int64).tolist()
+    ids = None if tokens is None else np.asarray(tokens, np.int64).tolist()
+    if ids is not None and len(ids) != t_len:
+        raise ExpertPredError(f"{len(ids)} token ids for {t_len} tokens of accesses")
+    for t in range(t_len):
+        if ids is not None:
+            yield Record(Event.TOKEN, t0 + t, -1, (ids[t],))
+        for li in range(n_l):
+            yield Record(Event.STEP, t0 + t, li, tuple(e for e in rows[t][li] if e >= 0))
 
 
 def simulate_steps(experts: np.ndarray, policy: ResidencyPolicy, budget_bytes: int,
@@ -467,13 +516,6 @@ def simulate_steps(experts: np.ndarray, policy: ResidencyPolicy, budget_bytes: i
     if not policy.manages:
         raise ExpertPredError(f"residency policy {policy.name!r} cannot be simulated: the "
                               "kernel's reclaim decides; measure it end to end")
-    t_len, n_l, _ = experts.shape
-    rows = experts.astype(np.int64).tolist()
-    ids = None if tokens is None else np.asarray(tokens, np.int64).tolist()
-    if ids is not None and len(ids) != t_len:
-        raise ExpertPredError(f"{len(ids)} token ids for {t_len} tokens of accesses")
-    records = (r for t in range(t_len)
-               for r in ([] if ids is None else [Record(Event.TOKEN, t, -1, (ids[t],))])
-               + [Record(Event.STEP, t, li, tuple(e for e in rows[t][li] if e >= 0))
-                  for li in range(n_l)])
-    return replay(records, policy, budget_bytes, n_l, n_expert, sizes, layer_budgets)
+    n_l = experts.shape[1]
+    return replay(step_records(experts, tokens), policy, budget_bytes, n_l, n_expert, sizes,
+                  layer_budgets)

@@ -9,8 +9,8 @@ one dataset shard at a time, examples are built in bounded batches
 multiples of 1/k (recall, precision) or 0/1 (exact set), so their sums are exact for k a
 power of two (every shipped model) and the report equals the in-memory one bit for bit.
 
-What stays proportional to the test tokens is the cache simulation's access stream (T, L,
-k) and its prefetch plans (T, L, P): Belady-MIN needs every future access.
+The cache simulation streams too, in chunks of whole sequences (:mod:`.cachestream`);
+:func:`access_stream` builds one chunk's accesses (or, on the in-memory path, all of them).
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ from .metrics import exact_set_hit, precision_at_k, recall_at_k
 
 log = logging.getLogger(__name__)
 
-BATCH_ROWS = 1 << 16  # examples per scored batch: bounds memory (~E+L*E floats per row)
+# examples per scored batch: bounds memory (~E+L*E floats per row, ~2.4 KB with the
+# predictors' temporaries at 8 layers x 32 experts). Small enough that the batch is no
+# larger than a small test split's examples: then memory does not grow with the split
+BATCH_ROWS = 1 << 13
 
 
 @dataclass
