@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -72,6 +72,14 @@ def _kept(t: SequenceTrace, keep: int | None) -> int:
     return int(t.n_tokens if keep is None else np.count_nonzero(t.phase == keep))
 
 
+def _detached(t: SequenceTrace) -> SequenceTrace:
+    """``t`` with arrays of its own: the reader's are views of the whole shard's Arrow
+    buffers, so a chunk of sequences from several shards would keep all of them alive."""
+    arrays = ("tokens", "phase", "experts", "weights", "logits", "hidden")
+    return replace(t, **{f: np.array(getattr(t, f)) for f in arrays
+                         if getattr(t, f) is not None})
+
+
 def chunks(sequences: Iterator[SequenceTrace], keep: int | None,
            chunk_tokens: int | None = None) -> Iterator[Chunk]:
     """The access stream of ``sequences`` (tokens of phase ``keep``) in chunks of whole
@@ -80,7 +88,7 @@ def chunks(sequences: Iterator[SequenceTrace], keep: int | None,
     pending: list[SequenceTrace] = []
     n = t0 = 0
     for t in sequences:
-        pending.append(t)
+        pending.append(_detached(t))
         n += _kept(t, keep)
         if n >= size:
             yield Chunk(t0, *access_stream(iter(pending), keep), tuple(pending))

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 # LightGBM's socket time_out (minutes) for a peer that stopped answering; a dead worker is
 # noticed by the driver's guard at once, so this only bounds a hung (or paused) one
 NETWORK_TIMEOUT_MIN = 30
+# LightGBM's sockets have that timeout (SO_RCVTIMEO), and on Linux such a recv fails with
+# EINTR when its process is stopped and continued (SIGSTOP / SIGCONT: a box that pauses
+# low-priority jobs does that), see signal(7). Nothing was trained then: fit it again
+EINTR_RETRIES = 2
 
 
 # --- worker tasks -------------------------------------------------------------------------------
@@ -81,9 +85,17 @@ def _train_booster(p: LightGBMPredictor, client: Any, x: Any, y: Any, shared: bo
     params = p._params()
     params.pop("num_threads")  # lightgbm.dask uses each worker's thread count
     params["time_out"] = NETWORK_TIMEOUT_MIN
-    model = lgb.DaskLGBMClassifier(client=client, n_estimators=p.n_estimators, **params)
-    model.fit(x, y, categorical_feature=[0] if shared else "auto")
-    return model.to_local().booster_.model_to_string()
+    for attempt in range(EINTR_RETRIES + 1):
+        model = lgb.DaskLGBMClassifier(client=client, n_estimators=p.n_estimators, **params)
+        try:
+            model.fit(x, y, categorical_feature=[0] if shared else "auto")
+        except lgb.basic.LightGBMError as exc:
+            if "Interrupted system call" not in str(exc) or attempt == EINTR_RETRIES:
+                raise
+            log.warning("lightgbm.dask: %s; training the booster again", exc)
+            continue
+        return model.to_local().booster_.model_to_string()
+    raise AssertionError("unreachable")
 
 
 def fit_lightgbm(p: LightGBMPredictor, rows: RowSet, head: FeatureBatch,
