@@ -82,7 +82,10 @@ def scheduler(tmp_path_factory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("dask-cli")
     dask = [sys.executable, "-m", "dask"]
     procs = [_start([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0",
-                     "--no-dashboard", "--scheduler-file", str(root / "scheduler.json")],
+                     "--no-dashboard", "--scheduler-file", str(root / "scheduler.json"),
+                     # should this test die without its teardown: the scheduler goes away
+                     # by itself (and its workers with it, --death-timeout)
+                     "--idle-timeout", "3600"],
                     root, root / "scheduler.log")]
     try:
         deadline = time.monotonic() + START_S
