@@ -29,7 +29,7 @@ from expertpred.errors import ExpertPredError
 from expertpred.features import FeatureConfig, build_features
 from expertpred.learn.evaluate import score_predictions
 from expertpred.learn.train import load_config, open_source, phase_value
-from expertpred.predictors.base import load_all
+from expertpred.predictors.base import load_all, model_path
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "training/configs/predictors-tiny-qwen3moe.toml"
@@ -137,7 +137,7 @@ def test_cli_on_a_dask_cli_cluster_matches_one_process(scheduler, tmp_path):
     assert "Dask scheduler " + scheduler in r.stdout
     one, many = tmp_path / "one/models", tmp_path / "many/models"
     for name in TABLES.split(","):
-        f = f"{name}-d1.npz"
+        f = model_path(one, name, 1).name
         assert (one / f).read_bytes() == (many / f).read_bytes(), f
     cfg = load_config(CONFIG, [f"--dataset={ROOT / 'datasets/traces/tiny-qwen3moe'}"])
     source = open_source(cfg)
@@ -149,7 +149,7 @@ def test_cli_on_a_dask_cli_cluster_matches_one_process(scheduler, tmp_path):
         assert a.files == b.files
         for k in a.files:
             if a[k].dtype.kind == "f":
-                np.testing.assert_allclose(a[k], b[k], rtol=1e-9, atol=1e-12, err_msg=k)
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-8, atol=1e-10, err_msg=k)
             else:
                 assert np.array_equal(a[k], b[k]), k
 
