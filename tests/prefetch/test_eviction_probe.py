@@ -41,6 +41,10 @@ def test_eviction_table_matches_docs(rows, evictor):
     got = {r.situation: r.dropped for r in rows if r.evictor == evictor}
     for situation, dropped in zip(SITUATIONS, EXPECTED[evictor]):
         if dropped:
-            assert got[situation] == 1.0, (evictor, situation)
+            # MADV_PAGEOUT is best effort: a page another reclaimer has isolated at that
+            # moment is skipped (a fresh-clone CI run beside a busy `expertpred demo` saw
+            # 60 of 64 pages dropped; this machine also runs DAMON's kdamond). "Dropped"
+            # means nearly all; "kept" stays exact.
+            assert got[situation] >= 0.9, (evictor, situation, got[situation])
         else:
             assert got[situation] == 0.0, (evictor, situation)
