@@ -140,8 +140,6 @@ def residency_kwargs(policy: str, budget: int | None, nextuse: Path | None) -> d
     if hasattr(plugin, "PluginConfig"):  # the plugin's options are PluginConfig's fields
         options |= {f.name for f in fields(plugin.PluginConfig)}
     if "residency" not in options:
-        if policy == "kernel":
-            return {}  # the kernel's reclaim: what the plugin does without a manager
         sys.exit(f"error: residency policy {policy!r} needs the plugin's residency manager "
                  "(expertpred/prefetch/residency.py), not in this checkout; run with "
                  "--residency none")
@@ -191,8 +189,9 @@ def generate_marked(llm: Any, n_tokens: int) -> tuple[list[int], int, tuple[Any,
         if not marks:
             marks.append((proc_io(), time.perf_counter()))
             res = getattr(getattr(llm, "plugin", None), "residency_", None)
-            if res is not None:  # a racy read, not a flush: the decode must not wait
-                RES_MARK.update(cpu=res._live.cpu_seconds, steps=res.set_.counters.steps)
+            if res is not None:  # its own stats(), not the plugin's: no flush, no wait
+                mark = res.stats()
+                RES_MARK.update(cpu=mark.cpu_seconds, steps=mark.counters.steps)
 
     toks, n_prompt, _, _ = generate_greedy(llm, PROMPT, n_tokens, on_token)
     end = (proc_io(), time.perf_counter())

@@ -32,6 +32,8 @@ Method = Annotated[str, typer.Option("--method", help="pread | fadvise | madvise
 QueueDepth = Annotated[int, typer.Option("--queue-depth", min=1, help="Prefetch queue depth.")]
 Lookahead = Annotated[int | None, typer.Option(
     "--lookahead", min=0, help="Prefetch layers l+1..l+D (default: 1, the next layer only).")]
+# 32 MiB is prefetch.plugin_config.MADV_RANDOM_MAX_EXPERT_BYTES, written out: the CLI
+# imports the prefetch room only when a command runs (`--help` stays fast)
 MadviseRandom = Annotated[bool | None, typer.Option(
     "--madvise-random/--no-madvise-random",
     help="madvise(MADV_RANDOM) llama.cpp's mapping: no fault read-around (default: on when "

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..features import FeatureBatch, FeatureConfig, ModelInfo
-from ..predictors import Predictor, make_predictor
+from ..predictors import Predictor
 from ..predictors.kernels import freq_from_counts, layer_counts
 from ..predictors.prev_transition import weight_rows
 from ..predictors.transition import table_from_counts, transition_counts
@@ -53,9 +53,8 @@ from .train import (
     fit_nextuse_on,
     open_source,
     phase_value,
-    predictor_params,
+    rung_to_fit,
     save_all,
-    skip_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -197,12 +196,8 @@ def fit_all_distributed(cfg: PredictorsConfig, source: TraceSource, train_ids: S
         head = rows.head(f"features (d={d})")
         tables = _Tables(rows)
         for name in names:
-            if name in res.skipped:
-                continue
-            p = make_predictor(name, **predictor_params(cfg, name, source.gguf_path))
-            why = skip_reason(p, head.hidden is not None, source.gguf_path)
-            if why:
-                res.skipped[name] = why
+            p = rung_to_fit(cfg, name, source.gguf_path, head.hidden is not None, res.skipped)
+            if p is None:
                 continue
             t0 = time.perf_counter()
             res.predictors.setdefault(name, {})[d] = fit_one(p, rows, head, tables, progress)

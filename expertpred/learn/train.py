@@ -234,13 +234,19 @@ def _check_traced_model(gguf: Path, ds: Any) -> None:  # ds: trace.dataset.Trace
 
 # --- fitting ----------------------------------------------------------------------------------
 
-def skip_reason(p: Predictor, has_hidden: bool, gguf_path: str) -> str:
-    """Why rung ``p`` cannot be fitted on these traces ("" when it can)."""
+def rung_to_fit(cfg: PredictorsConfig, name: str, gguf_path: str, has_hidden: bool,
+                skipped: dict[str, str]) -> Predictor | None:
+    """Rung ``name`` built from ``cfg``, or None when it is skipped or cannot be fitted on
+    these traces (then ``skipped[name]`` says why). The single-process and the Dask fit
+    loops both ask here."""
+    if name in skipped:
+        return None
+    p = make_predictor(name, **predictor_params(cfg, name, gguf_path))
     if p.needs_hidden and not has_hidden:
-        return "the traces have no hidden states"
-    if p.name == "gate-lookahead" and not gguf_path:
-        return "no model file (set gguf=...)"
-    return ""
+        skipped[name] = "the traces have no hidden states"
+    elif p.name == "gate-lookahead" and not gguf_path:
+        skipped[name] = "no model file (set gguf=...)"
+    return None if name in skipped else p
 
 
 def predictor_params(cfg: PredictorsConfig, name: str, gguf_path: str = "") -> dict[str, Any]:
@@ -294,12 +300,8 @@ def fit_all(cfg: PredictorsConfig, source: TraceSource, train_ids: Sequence[int]
                               phase=phase_value(cfg.train_phase))
         res.train_rows[d] = len(data)
         for name in names:
-            if name in res.skipped:
-                continue
-            p = make_predictor(name, **predictor_params(cfg, name, source.gguf_path))
-            why = skip_reason(p, data.hidden is not None, source.gguf_path)
-            if why:
-                res.skipped[name] = why
+            p = rung_to_fit(cfg, name, source.gguf_path, data.hidden is not None, res.skipped)
+            if p is None:
                 continue
             t0 = time.perf_counter()
             p.fit(data)
