@@ -215,16 +215,16 @@ class LearnedPolicy(ResidencyPolicy, policy_name="learned"):
         self.state_.begin_token(token)
 
     def value(self) -> np.ndarray:
-        p = np.maximum(self.state_.prob, self.boost_.reshape(self.state_.prob.shape))
-        if not self.distance:
-            return p.reshape(-1)
         n_l = self.n_layer_
         steps = (np.arange(n_l) - self.layer_ - 1) % n_l + 1  # to each layer's next routing
-        if self.model.has_reuse:
+        boost = self.boost_.reshape(n_l, self.n_expert_)
+        if self.distance and self.model.has_reuse:
             # the regressed reuse distance in tokens (a prefetched expert: its next routing)
-            d = np.where(self.boost_.reshape(p.shape) > 0, 1.0,
-                         np.exp2(np.clip(self.state_.log_dist, 0.0, None)))
+            d = np.where(boost > 0, 1.0, np.exp2(np.clip(self.state_.log_dist, 0.0, None)))
             return -(steps[:, None] + n_l * (d - 1.0)).reshape(-1)
+        p = np.maximum(self.state_.prob, boost)
+        if not self.distance:
+            return p.reshape(-1)
         h = self.model.config.horizon
         q = 1.0 - np.power(np.clip(1.0 - p, 0.0, 1.0), 1.0 / h)  # per-token use probability
         if not self.model.uses_tokens:

@@ -382,10 +382,17 @@ class NextUseState:
         self.used = np.zeros((l_n, e_n), bool)
         self.age = np.full((l_n, e_n), NEVER_AGE, np.int64)
         self.history = np.zeros((l_n, e_n), np.float32)
-        self.prob = model.pop_.astype(np.float64).copy()
+        self._prob = model.pop_.astype(np.float64).copy()
         # the probabilities as the rows routed, before the next id was told: a row that
         # learns "not the next token" still returns later at about this rate
-        self.prob_routed = self.prob.copy()
+        self._prob_routed = self._prob.copy()
+        # rows whose probabilities are due: computed when read, because a policy ranking by
+        # the distance head never reads them (the logistic rows were ~30 % of its CPU per
+        # step). A row's inputs only change when its layer routes again, which re-marks it,
+        # so a late computation equals an immediate one. _due_nxt: the next id it knows
+        self._due = np.zeros(model.n_layer, bool)
+        self._due_nxt = np.full(model.n_layer, -1, np.int64)
+        self._due_routed = np.zeros(model.n_layer, bool)
         d = model.config.history_decay
         self._dec, self._inc = np.float32(d), np.float32(1.0 - d)
         self.token = -1  # id of the token being evaluated (-1 = not told)
@@ -405,10 +412,31 @@ class NextUseState:
                     self.log_dist[j] = self.model.reuse_.predict(self.reuse.columns(j, True))
         if not self.model.uses_tokens or not self.routed.any():
             return
-        j = np.flatnonzero(self.routed)
-        self.prob[j] = self.model.predict_rows(
-            self.used[j], self.age[j], self.history[j], j, self.row_token[j],
-            np.full(len(j), self.token, np.int64))
+        self._due |= self.routed
+        self._due_nxt[self.routed] = self.token
+
+    def _rows(self, j: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        return self.model.predict_rows(self.used[j], self.age[j], self.history[j], j,
+                                       self.row_token[j], nxt)
+
+    @property
+    def prob(self) -> np.ndarray:
+        """float64 (L, E): P(used within the horizon) from each layer's latest row (and the
+        next id, once told); layers not routed yet: popularity."""
+        if self._due.any():
+            j = np.flatnonzero(self._due)
+            self._prob[j] = self._rows(j, self._due_nxt[j])
+            self._due[j] = False
+        return self._prob
+
+    @property
+    def prob_routed(self) -> np.ndarray:
+        """float64 (L, E): the same rows' probabilities as they routed (next id unknown)."""
+        if self._due_routed.any():
+            j = np.flatnonzero(self._due_routed)
+            self._prob_routed[j] = self._rows(j, np.full(len(j), -1, np.int64))
+            self._due_routed[j] = False
+        return self._prob_routed
 
     def observe(self, layer: int, experts: Sequence[int] | np.ndarray) -> None:
         ex = np.asarray(experts, np.int64)
@@ -421,10 +449,8 @@ class NextUseState:
             np.float32)
         self.routed[layer] = True
         self.row_token[layer] = self.token
-        self.prob[layer] = self.model.predict_rows(
-            row[None], self.age[layer][None], self.history[layer][None],
-            np.array([layer]), self.row_token[layer:layer + 1], np.array([-1]))[0]
-        self.prob_routed[layer] = self.prob[layer]
+        self._due[layer] = self._due_routed[layer] = True
+        self._due_nxt[layer] = -1
         if self.reuse is not None:
             self.reuse.observe(layer, ex)
             self.log_dist[layer] = self.model.reuse_.predict(self.reuse.columns(layer, False))

@@ -89,6 +89,8 @@ class ReuseTracker:
         self.prev: list[int] = []  # last earlier position of the same id (-1 = none)
         self.last: dict[int, int] = {}  # id -> its latest position
         self._decays = np.asarray(DECAYS)[:, None]
+        self._n_f = n_reuse_features(l_n, model.uses_tokens)
+        self._bucket_ids = np.arange(1, N_BUCKETS)
 
     def begin_token(self, token: int) -> None:
         v = int(token)
@@ -146,36 +148,52 @@ class ReuseTracker:
         return np.where(s < FAR, s - a, FAR)
 
     def columns(self, layer: int, known_next: bool) -> np.ndarray:
-        """float64 (E, F): design columns of ``layer``'s row (F = n_reuse_features)."""
+        """float64 (E, F): design columns of ``layer``'s row (F = n_reuse_features).
+
+        Filled into one array, block by block: the policy builds a row at every routing and
+        at every boundary, and one numpy call per column was most of its CPU."""
         m = self.model
-        u = self.used[layer].astype(np.float64)
-        cols = [u]
-        b, g = buckets(self.age[layer]), buckets(self.gap[layer])
-        cols += [(b == i).astype(np.float64) for i in range(1, N_BUCKETS)]
-        cols += [(g == i).astype(np.float64) for i in range(1, N_BUCKETS)]
-        cols += list(np.log1p(self.edc[:, layer]))
-        cols.append(np.log1p(np.minimum(self.age[layer], 64)).astype(np.float64))
-        cols.append(np.log(m.pop_[layer]))
-        tr = u @ m.trans_[layer] / u.sum() if u.any() else m.pop_[layer]
-        cols.append(np.log(tr))
-        cols += [np.full_like(u, float(j == layer)) for j in range(m.n_layer)]
+        n_b = N_BUCKETS - 1
+        x = np.zeros((m.n_expert, self._n_f))
+        u = self.used[layer]
+        x[:, 0] = u
+        x[:, 1:1 + n_b] = buckets(self.age[layer])[:, None] == self._bucket_ids
+        x[:, 1 + n_b:1 + 2 * n_b] = buckets(self.gap[layer])[:, None] == self._bucket_ids
+        c0 = 1 + 2 * n_b
+        x[:, c0:c0 + len(DECAYS)] = np.log1p(self.edc[:, layer]).T
+        c0 += len(DECAYS)
+        x[:, c0] = np.log1p(np.minimum(self.age[layer], 64))
+        x[:, c0 + 1] = np.log(m.pop_[layer])
+        n_u = int(u.sum())
+        x[:, c0 + 2] = np.log(u @ m.trans_[layer] / n_u if n_u else m.pop_[layer])
+        c0 += 3
+        x[:, c0 + layer] = 1.0
+        c0 += m.n_layer
         p = int(self.pos[layer])
         if m.uses_tokens:
             cur = self.ids[p] if 0 <= p < len(self.ids) else -1
             nxt = self.ids[p + 1] if known_next and 0 <= p + 1 < len(self.ids) else -1
             layer_arr = np.array([layer])
-            cols.append(m._token_dev(m.tok_cur_, np.array([cur]), layer_arr, 1)[0])
-            cols.append(m._token_dev(m.tok_nxt_, np.array([nxt]), layer_arr, 1)[0])
+            x[:, c0] = m._token_dev(m.tok_cur_, np.array([cur]), layer_arr, 1)[0]
+            x[:, c0 + 1] = m._token_dev(m.tok_nxt_, np.array([nxt]), layer_arr, 1)[0]
+            c0 += 2
         c = self.copy_distance(layer, known_next)
-        has = (c < FAR).astype(np.float64)
-        cols += [has, np.log2(np.minimum(c, CAP)) * has, np.full_like(u, float(has.any())),
-                 (c == 1).astype(np.float64), ((c >= 2) & (c <= 3)).astype(np.float64)]
+        has = c < FAR
+        if has.any():
+            x[:, c0] = has
+            x[:, c0 + 1] = np.log2(np.minimum(c, CAP)) * has
+            x[:, c0 + 2] = 1.0
+            x[:, c0 + 3] = c == 1
+            x[:, c0 + 4] = (c >= 2) & (c <= 3)
         # the occurrence before: a second vote, and whether both agree on "soon"
         c2 = self.copy_distance(layer, known_next, back=2)
-        has2 = (c2 < FAR).astype(np.float64)
-        cols += [has2, np.log2(np.minimum(c2, CAP)) * has2, np.full_like(u, float(has2.any())),
-                 ((c2 <= 3) & (c <= 3)).astype(np.float64)]
-        return np.stack(cols, axis=1)
+        has2 = c2 < FAR
+        if has2.any():
+            x[:, c0 + 5] = has2
+            x[:, c0 + 6] = np.log2(np.minimum(c2, CAP)) * has2
+            x[:, c0 + 7] = 1.0
+            x[:, c0 + 8] = (c2 <= 3) & (c <= 3)
+        return x
 
 
 def next_use_distance(used: np.ndarray) -> np.ndarray:
