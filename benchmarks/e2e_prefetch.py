@@ -71,7 +71,8 @@ RESIDENCY = "d0=kernel,predictor=learned,oracle=belady"
 class ModeSpec:
     """One column of the benchmark: a mode and its variant,
     ``mode[~predictor][@method[:qd[:chunk_mib]]][+random][+queued|+inline][+thread]
-    [+norandom][+pyswitch][+t1][+dontneed][^checkout]``; ``~NAME`` runs another saved
+    [+norandom][+pyswitch][+t1][+dontneed][%policy][^checkout]``; ``%policy`` overrides
+    ``--residency`` for this column (e.g. ``d0%learned``); ``~NAME`` runs another saved
     predictor than
     ``--predictor-name`` (e.g. ``predictor~fast-mlp+thread``), ``+thread`` runs it off the
     inference thread, ``+pyswitch`` keeps Python's 5 ms GIL switch interval (the plugin's
@@ -97,6 +98,9 @@ class ModeSpec:
     # the eval callback runs, and leaves the callback and our threads one core
     t1: bool = False
     dontneed: bool = False  # ResidencyConfig.evict_advice = MADV_DONTNEED
+    # residency policy of this column (None: --residency's for its mode): separates what
+    # the residency policy and what the prefetch predictor add, side by side in one run
+    policy: str | None = None
 
     FLAGS = frozenset({"random", "norandom", "queued", "inline", "thread", "pyswitch", "t1",
                        "dontneed"})
@@ -104,6 +108,7 @@ class ModeSpec:
     @classmethod
     def parse(cls, label: str) -> ModeSpec:
         rest, _, root = label.partition("^")
+        rest, _, policy = rest.partition("%")
         parts = rest.split("+")  # a predictor name may hold "+": flags are the known tails
         flags: list[str] = []
         while len(parts) > 1 and parts[-1] in cls.FLAGS:
@@ -114,7 +119,7 @@ class ModeSpec:
         qd, _, chunk = io.partition(":")
         if mode not in PLUGIN_MODE or (pname and mode != "predictor"):
             sys.exit(f"error: --modes {label!r}: expected mode[~predictor][@method[:qd["
-                     f":chunk_mib]]][+random|+norandom][+queued|+inline][+thread][+pyswitch][+t1][+dontneed][^checkout]"
+                     f":chunk_mib]]][+random|+norandom][+queued|+inline][+thread][+pyswitch][+t1][+dontneed][%policy][^checkout]"
                      f", mode one of {', '.join(PLUGIN_MODE)} (~predictor only with mode "
                      "predictor)")
         return cls(label, mode, method or None, int(qd) if qd else None,
@@ -123,7 +128,7 @@ class ModeSpec:
                    True if "inline" in flags else False if "queued" in flags else None,
                    Path(root) if root else ROOT, pname or None, "thread" in flags,
                    "pyswitch" in flags, "t1" in flags,
-                   "dontneed" in flags)
+                   "dontneed" in flags, policy or None)
 
 
 # --- child: one generation, inside the cgroup -------------------------------------------------
@@ -342,7 +347,7 @@ def load_avg() -> str:
 
 def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int,
             predictors: dict[str, Path], oracle: Path) -> dict[str, Any]:
-    policy = a.residency_map.get(spec.mode, "none")
+    policy = spec.policy or a.residency_map.get(spec.mode, "none")
     pname = spec.predictor_name or a.predictor_name
     predictor = predictors[pname]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--mode", spec.mode,
@@ -605,7 +610,7 @@ def main() -> None:
     specs = [ModeSpec.parse(m) for m in a.modes.split(",") if m]
     a.residency_map = ({} if a.residency in ("", "none") else
                        dict(kv.split("=", 1) for kv in a.residency.split(",")))
-    for policy in {a.residency_map.get(s.mode) for s in specs} - {None, "kernel"}:
+    for policy in {s.policy or a.residency_map.get(s.mode) for s in specs} - {None, "kernel"}:
         residency_kwargs(policy, None, None)  # one error line now, not one per child
     source = a.source or ROOT / "models" / a.model_name / "model.gguf"
     if a.source:
