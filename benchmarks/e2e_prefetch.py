@@ -52,6 +52,7 @@ from pagecache import warm
 
 from expertpred.gguf.layout import MoELayout, file_sha256, read_layout
 from expertpred.lab.cgroup import MemoryCgroup, evict_file, proc_io, residency, why_unavailable
+from expertpred.learn.residency_policy import POLICIES
 from expertpred.learn.train import model_path as saved_path
 from expertpred.prefetch.plugin import DEFAULT_PREDICTOR
 
@@ -71,14 +72,15 @@ RESIDENCY = "d0=kernel,predictor=learned,oracle=belady"
 class ModeSpec:
     """One column of the benchmark: a mode and its variant,
     ``mode[~predictor][@method[:qd[:chunk_mib]]][+random][+queued|+inline][+thread]
-    [+norandom][+pyswitch][+t1][+dontneed][%policy][^checkout]``; ``%policy`` overrides
+    [+norandom][+pyswitch][+t1][+dontneed|+cold][%policy][^checkout]``; ``%policy`` overrides
     ``--residency`` for this column (e.g. ``d0%learned``); ``~NAME`` runs another saved
     predictor than
     ``--predictor-name`` (e.g. ``predictor~fast-mlp+thread``), ``+thread`` runs it off the
     inference thread, ``+pyswitch`` keeps Python's 5 ms GIL switch interval (the plugin's
     default is ``DEFAULT_SWITCH_INTERVAL``), ``+t1`` runs llama.cpp on one thread instead of
     ``--threads``, ``+dontneed`` evicts with ``MADV_DONTNEED`` instead of the manager's
-    default advice."""
+    default advice, ``+cold`` only marks the evicted experts ``MADV_COLD`` (the cgroup's
+    reclaim frees them when it needs room)."""
 
     label: str  # as given in --modes, e.g. "d0@pread:8"
     mode: str  # key of PLUGIN_MODE
@@ -98,12 +100,13 @@ class ModeSpec:
     # the eval callback runs, and leaves the callback and our threads one core
     t1: bool = False
     dontneed: bool = False  # ResidencyConfig.evict_advice = MADV_DONTNEED
+    cold: bool = False  # ResidencyConfig.evict_advice = MADV_COLD
     # residency policy of this column (None: --residency's for its mode): separates what
     # the residency policy and what the prefetch predictor add, side by side in one run
     policy: str | None = None
 
     FLAGS = frozenset({"random", "norandom", "queued", "inline", "thread", "pyswitch", "t1",
-                       "dontneed"})
+                       "dontneed", "cold"})
 
     @classmethod
     def parse(cls, label: str) -> ModeSpec:
@@ -117,9 +120,12 @@ class ModeSpec:
         mode, _, pname = rest.partition("~")
         method, _, io = io.partition(":")
         qd, _, chunk = io.partition(":")
+        if policy and policy not in POLICIES:
+            sys.exit(f"error: --modes {label!r}: residency policy {policy!r}, expected one of "
+                     f"{', '.join(sorted(POLICIES))} (flags go before %policy: d0+cold%learned)")
         if mode not in PLUGIN_MODE or (pname and mode != "predictor"):
             sys.exit(f"error: --modes {label!r}: expected mode[~predictor][@method[:qd["
-                     f":chunk_mib]]][+random|+norandom][+queued|+inline][+thread][+pyswitch][+t1][+dontneed][%policy][^checkout]"
+                     f":chunk_mib]]][+random|+norandom][+queued|+inline][+thread][+pyswitch][+t1][+dontneed|+cold][%policy][^checkout]"
                      f", mode one of {', '.join(PLUGIN_MODE)} (~predictor only with mode "
                      "predictor)")
         return cls(label, mode, method or None, int(qd) if qd else None,
@@ -128,7 +134,7 @@ class ModeSpec:
                    True if "inline" in flags else False if "queued" in flags else None,
                    Path(root) if root else ROOT, pname or None, "thread" in flags,
                    "pyswitch" in flags, "t1" in flags,
-                   "dontneed" in flags, policy or None)
+                   "dontneed" in flags, "cold" in flags, policy or None)
 
 
 # --- child: one generation, inside the cgroup -------------------------------------------------
@@ -217,10 +223,11 @@ def child(a: argparse.Namespace) -> None:
         oracle = OracleTrace.load(a.oracle)
     nextuse = a.predictor / "nextuse.npz" if a.predictor else None
     extra = residency_kwargs(a.residency, a.budget, nextuse) if mode != "off" else {}
-    if a.dontneed and "residency" in extra:
+    if (a.dontneed or a.cold) and "residency" in extra:
         from expertpred.prefetch.sysmem import Madvice
 
-        extra["residency"] = replace(extra["residency"], evict_advice=int(Madvice.DONTNEED))
+        advice = Madvice.COLD if a.cold else Madvice.DONTNEED
+        extra["residency"] = replace(extra["residency"], evict_advice=int(advice))
     if a.min_share is not None:
         extra["min_share"] = a.min_share
     if a.py_switch:
@@ -375,6 +382,8 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int,
         cmd.append("--py-switch")
     if spec.dontneed:
         cmd.append("--dontneed")
+    if spec.cold:
+        cmd.append("--cold")
     if spec.thread:
         cmd.append("--predict-thread")
     row: dict[str, Any] = {"mode": spec.label, "residency": policy}
@@ -585,6 +594,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--py-switch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dontneed", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--train-prompts", type=int, default=80)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, help="Write rows and summary here.")

@@ -37,7 +37,7 @@ def main() -> None:
         raise SystemExit(f"error: {a.file}: {size} bytes, expected >= {a.ranges * 4 * n}")
     offsets = [i * 4 * n for i in range(a.ranges)]
     with open(a.file, "rb") as f:
-        for advice in (Madvice.PAGEOUT, Madvice.DONTNEED):
+        for advice in (Madvice.PAGEOUT, Madvice.DONTNEED, Madvice.COLD):
             mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
             view = np.frombuffer(mm, np.uint8)
             adv, fad = [], []

@@ -94,6 +94,29 @@ def test_eviction_verified_by_mincore(wide) -> None:
     assert toks_k == ref and measured_k.sum() > 2 * (budget + slack)
 
 
+def test_cold_eviction_marks_and_keeps(wide) -> None:
+    """MADV_COLD only marks the evicted experts for reclaim: with no memory limit nothing
+    reclaims them, so they stay cached (PAGEOUT drops them, test above), the manager makes
+    no fadvise call after it, and the output is unchanged."""
+    from expertpred.prefetch.sysmem import Madvice
+
+    path, ref = wide
+    lay = read_layout(path)
+    budget = int(lay.nbytes.sum()) // 4
+    slack = layer_selection_bytes(lay)
+    cfg = ResidencyConfig("lru", budget, evict_advice=int(Madvice.COLD))
+    toks, st, (measured, book), _ = _run(path, cfg)
+    assert toks == ref
+    r = st.residency
+    assert r.enabled and r.evict_errors == 0 and r.counters.evictions > 0
+    assert r.counters.peak_resident_bytes <= budget  # the bookkeeping still keeps the budget
+    assert measured[~book].sum() > 2 * slack  # the page cache kept what it evicted
+    # same decisions with PAGEOUT, one call more per range: its POSIX_FADV_DONTNEED
+    _, st_p, _, _ = _run(path, ResidencyConfig("lru", budget))
+    assert st_p.residency.counters == r.counters
+    assert r.evict_calls < st_p.residency.evict_calls
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu", "learned", "belady"])
 def test_manager_equals_replay(wide, nextuse_model, policy: str, tmp_path: Path) -> None:
     path, ref = wide

@@ -437,6 +437,10 @@ class ResidencyManager:
                 if not fm.closed:
                     fm.madvise(offset, nbytes, self.config.evict_advice)
                     self._live.evict_calls += 1
+        if self.config.evict_advice == Madvice.COLD:
+            # MADV_COLD only marks the pages as the next to reclaim and frees nothing: the
+            # cgroup's reclaim frees them when room is needed, so dropping them now is moot
+            return
         os.posix_fadvise(self.fd_, offset, nbytes, os.POSIX_FADV_DONTNEED)
         self._live.evict_calls += 1
 
