@@ -310,6 +310,9 @@ class ResidencySet:
         self.last_use = np.full(n_layer * n_expert, -1, np.int64)  # clock of last use/admit
         self.counters = ResidencyCounters()
         self.clock = 0  # one tick per step or prefetch; ties inside a tick: key order
+        # keys of the latest step: their matmuls may still run while a prefetch for the next
+        # layer is admitted, so a prefetch that evicts one defers it like a bypass
+        self._inflight = np.zeros(0, np.int64)
 
     @property
     def used_bytes(self) -> int:
@@ -330,6 +333,7 @@ class ResidencySet:
         c.miss_bytes += miss_bytes
         self.policy.observe(t, li, ex, self.clock)
         evict, bypass = self._admit(keys)
+        self._inflight = keys
         return StepDecision(int(hit.sum()), int((~hit).sum()), miss_bytes, evict, bypass)
 
     def begin_token(self, t: int, token: int) -> None:
@@ -337,7 +341,9 @@ class ResidencySet:
         self.policy.begin_token(t, int(token))
 
     def prefetch(self, t: int, li: int, keys: Iterable[int]) -> StepDecision:
-        """Speculatively admit flat ``keys`` at token ``t``, layer ``li`` (already routed)."""
+        """Speculatively admit flat ``keys`` at token ``t``, layer ``li`` (already routed).
+        ``evict``: now (prefetched keys dropped at once among them); ``bypass``: keys of
+        layer ``li``'s step, to evict after its matmuls (at the next step)."""
         k = np.unique(np.asarray(list(keys), dtype=np.int64))
         k = k[(k >= 0) & ~self.resident[k]] if k.size else k
         if not self.policy.manages or not k.size:
@@ -345,7 +351,7 @@ class ResidencySet:
         self.counters.prefetch_admits += len(k)
         self.counters.prefetch_bytes += int(self.sizes[k].sum())
         self.policy.prefetched(t, li, k, self.clock)
-        evict, bypass = self._admit(k)
+        evict, bypass = self._admit(k, self._inflight)
         return StepDecision(0, 0, 0, evict, bypass)
 
     def adopt(self, keys: Iterable[int]) -> tuple[int, ...]:
@@ -363,7 +369,10 @@ class ResidencySet:
         evict, _ = self._trim(np.zeros_like(self.resident))
         return evict
 
-    def _admit(self, keys: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _admit(self, keys: np.ndarray, inflight: np.ndarray | None = None,
+               ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Admit ``keys`` and trim; victims among ``keys`` and ``inflight`` are bypasses,
+        deferred (the second list) if in ``inflight``, else if ``inflight`` is None."""
         if not self.policy.manages:
             self.clock += 1
             return (), ()
@@ -375,10 +384,16 @@ class ResidencySet:
         np.add.at(self.layer_bytes, new // self.n_expert, self.sizes[new])
         current = np.zeros_like(self.resident)
         current[keys] = True
-        return self._trim(current)
+        if inflight is None:
+            return self._trim(current, current)
+        defer = np.zeros_like(self.resident)
+        defer[inflight] = True
+        return self._trim(current | defer, defer)
 
-    def _trim(self, current: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Evict by policy until within the budget; ``current`` keys evicted are bypasses."""
+    def _trim(self, current: np.ndarray, defer: np.ndarray | None = None,
+              ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Evict by policy until within the budget; ``current`` keys evicted are bypasses,
+        returned second if in ``defer`` (evict after their matmuls), else first (now)."""
         c = self.counters
         evict: list[int] = []
         bypass: list[int] = []
@@ -394,7 +409,7 @@ class ResidencySet:
                 c.resident_bytes -= size
                 self.layer_bytes[k // self.n_expert] -= size
                 if current[k]:
-                    bypass.append(k)
+                    (bypass if defer is not None and defer[k] else evict).append(k)
                     c.bypasses += 1
                     c.bypassed_bytes += size
                 else:

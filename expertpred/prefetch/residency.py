@@ -392,8 +392,10 @@ class ResidencyManager:
             self.records_.append(Record(Event.PREFETCH, t, li_now, keys))
         with self._lock:
             d = self.set_.prefetch(t, li_now, keys)
-        self._evict(d.evict)
-        self._evict(d.bypass)  # prefetched and dropped: nothing uses it yet
+        self._evict(d.evict)  # including prefetched keys dropped at once: nothing uses them yet
+        # the routed layer's experts the prefetch displaced: its matmuls may be running now
+        # (evicting mid-matmul re-reads them by faults); evict them at the next step
+        self._live.pending_bypass.extend(d.bypass)
 
     def _token_boundary(self) -> None:
         """Once per token: check the file and measure residency."""

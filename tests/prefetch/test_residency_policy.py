@@ -125,6 +125,18 @@ def test_bypass_keeps_the_returning_expert() -> None:
     assert simulate(ex, "lru", 1, n_expert=5).hits == 0
 
 
+def test_prefetch_defers_the_routed_layers_experts() -> None:
+    # two layers of 4 experts, room for 2. Layer 0 routes {0, 1}; the prefetch of layer 1's
+    # expert 4 + 0 must displace one of them, whose matmul may still be running: it comes
+    # back as a bypass (evicted at the next step), never as an eviction now
+    ex = np.array([[[0, 1], [0, 2]], [[2, 3], [1, 3]]])
+    rs = ResidencySet(make_policy("belady", future=ex), 2, 4, 1, 2)
+    rs.step(0, 0, [0, 1])
+    d = rs.prefetch(0, 0, [4])
+    assert d.evict == () and len(d.bypass) == 1 and d.bypass[0] in (0, 1)
+    assert rs.counters.bypasses == 1 and rs.used_bytes == 2
+
+
 def test_replay_records_equal_simulation(nextuse_model) -> None:
     ex = stream(30, seed=5)
     for name in ("lru", "lfu", "learned", "belady"):
