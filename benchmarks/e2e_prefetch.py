@@ -730,17 +730,21 @@ def report(a: argparse.Namespace, rows: list[dict[str, Any]], io_rows: list[dict
                   f"over the run" + (f", {med_range(dec, '{:.2f}')} in decode "
                                      f"({med_range(tok, '{:.1f}')} ms per decode token)"
                                      if dec else ""))
-    for m in [m for m in summary if m.startswith("predictor")]:
-        st = [r["stats"] for r in rows if r["mode"] == m and "stats" in r]
+    for m in summary:  # every plugin mode: what the callback costs the inference thread
+        st = [r["stats"] for r in rows if r["mode"] == m and r.get("stats", {}).get(
+            "layer_events")]
+        if not st:
+            continue
+        cb = [x.get("callback_seconds", 0.0) / x["layer_events"] * 1e6 for x in st]
         n = [x.get("predictions", 0) for x in st]
+        pred = ""
         if sum(n):
             us = sum(x.get("predict_seconds", 0.0) for x in st) / sum(n) * 1e6
             late = sum(x.get("late_predictions", 0) for x in st)
-            cb = [x.get("callback_seconds", 0.0) / max(1, x.get("layer_events", 1)) * 1e6
-                  for x in st]
-            print(f"{m}: {sum(n)} predictions, {us:.1f} µs each, {late} late "
-                  f"({100 * late / sum(n):.1f} %); inference thread in the callback "
-                  f"{med_range(cb, '{:.1f}')} µs per layer")
+            pred = f"{sum(n)} predictions, {us:.1f} µs each, {late} late " \
+                   f"({100 * late / sum(n):.1f} %); "
+        print(f"{m}: {pred}inference thread in the callback {med_range(cb, '{:.1f}')} µs "
+              "per layer")
     bad = [r["mode"] for r in rows if r.get("unbalanced")]
     print(f"engine ledgers balanced in every run: {not bad} {bad or ''}")
     print(f"load average at the end: {load_avg()}")
