@@ -248,7 +248,7 @@ class PrefetchPlugin:
                 prefetch_k=self.pk_, counters=self._c, request=self._request,
                 on_error=self._error, threaded=cfg.predict_thread)
         self.residency_: ResidencyManager | None = None
-        self._res_hold: list[tuple[int, list[int]]] | None = None  # prefetches to post
+        self._hold: list[tuple[int, list[int], bool]] | None = None  # prefetches to post
         if self.residency is not None and self.mode is not Mode.OFF:
             future = self.oracle.experts if self.oracle is not None else None
             self.residency_ = ResidencyManager(self.gguf_path, lay, self.residency,
@@ -411,37 +411,55 @@ class PrefetchPlugin:
             c.ubatches += 1
             c.tokens += n
         used = np.unique(experts).tolist()
-        if self.async_requests:
-            eng.post_use(block, used)
-        else:
-            eng.advance(block)
-            eng.on_use(block, used)
-            eng.request(block, used, priority=Priority.DEMAND)
         c.d0_requests += len(used)
         # positions of these rows: the last n rows of the ubatch (output rows at the top)
         pos0 = self._n_past + self._ub_start + self._ub_rows - n
         if self.recorder is not None:
             self._rec_pos[li] = pos0
             self.recorder.record(li, pos0, experts, scores)
-        res = self.residency_
-        # the manager hears of this layer only after its prefetches are decided: posting
-        # wakes its thread, which then took the GIL from the prediction (the callback's wall
-        # per layer was 1-3.5 ms with prefetching, 0.2-0.3 ms with d0 alone; docs/e2e.md)
-        self._res_hold = [] if res is not None and not self.config.predict_thread else None
+        if self.config.predict_thread or self.mode is Mode.D0:
+            self._post_layer(li, block, used, pos0, n, [])
+            self._ahead_step(li, experts, pos0, n)  # a predict thread posts its own requests
+            return
+        # Inline: decide this layer's prefetches before posting anything. Every post wakes a
+        # thread (the dispatcher, the residency manager) that then contends for the GIL with
+        # the prediction: the callback's wall per layer was 1.9-3.5 ms with prefetching, 0.2-
+        # 0.3 ms with d0 alone (docs/e2e.md). The demand reads wait for the prediction's CPU.
+        self._hold = []
         try:
-            if self.mode is Mode.PREDICTOR:
-                self._predictor_step(li, experts, pos0)
-            elif self.mode is Mode.ORACLE:
-                self._oracle_step(li, pos0, n)
+            self._ahead_step(li, experts, pos0, n)
         finally:
-            held, self._res_hold = self._res_hold, None
+            held, self._hold = self._hold, None
+        self._post_layer(li, block, used, pos0, n, held)
+
+    def _ahead_step(self, li: int, experts: np.ndarray, pos0: int, n: int) -> None:
+        if self.mode is Mode.PREDICTOR:
+            self._predictor_step(li, experts, pos0)
+        elif self.mode is Mode.ORACLE:
+            self._oracle_step(li, pos0, n)
+
+    def _post_layer(self, li: int, block: int, used: list[int], pos0: int, n: int,
+                    held: list[tuple[int, list[int], bool]]) -> None:
+        """Post layer ``li``'s demand reads of ``used``, then the ``held`` prefetches, then
+        the residency manager's records in its order: token, step, the step's prefetches."""
+        eng = self.engine_
+        assert eng is not None
+        if self.async_requests:
+            eng.post_use(block, used)
+        else:
+            eng.advance(block)
+            eng.on_use(block, used)
+            eng.request(block, used, priority=Priority.DEMAND)
+        for blk, ex, nxt in held:
+            self._post_request(blk, ex, nxt)
+        res = self.residency_
         if res is not None:
             i = pos0 + n - 1 - self._n_past  # the last row's token: the sampled one in decode
             if li == 0 and 0 <= i < len(self._tokens):
                 res.post_token(pos0 + n - 1, self._tokens[i])
             res.post_step(pos0 + n - 1, li, used)
-            for layer, ex in held or ():
-                res.post_prefetch(layer, ex)  # after the step they follow, as before
+            for blk, ex, _ in held:
+                res.post_prefetch(self.blocks_.index(blk), ex)
 
     def _ahead(self, li: int, d: int) -> tuple[int, bool]:
         return ahead(li, d, self.n_moe_, self.wrap)
@@ -490,12 +508,15 @@ class PrefetchPlugin:
         self._path.routed(li, pos0, experts[0], logits[0], self._token_at(pos0))
 
     def _request(self, block: int, experts: list[int], next_token: bool) -> None:
-        assert self.engine_ is not None
+        if self._hold is not None:  # inline, inside the callback: posted at its end
+            self._hold.append((block, experts, next_token))
+            return
         if self.residency_ is not None:
-            if self._res_hold is not None:  # inside the callback: posted at its end
-                self._res_hold.append((self.blocks_.index(block), experts))
-            else:
-                self.residency_.post_prefetch(self.blocks_.index(block), experts)
+            self.residency_.post_prefetch(self.blocks_.index(block), experts)
+        self._post_request(block, experts, next_token)
+
+    def _post_request(self, block: int, experts: list[int], next_token: bool) -> None:
+        assert self.engine_ is not None
         if self.async_requests:
             self.engine_.post_request(block, experts, next_token)
         else:
