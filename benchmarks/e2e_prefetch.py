@@ -693,13 +693,20 @@ def report(a: argparse.Namespace, rows: list[dict[str, Any]], io_rows: list[dict
         anon = statistics.median(r.get("rss_anon", 0) for r in ok if r["mode"] == "stock") \
             if any(r["mode"] == "stock" for r in ok) else 0
         budget = max(0, limit - int(size - lay.expert_bytes) - int(anon))
+        derived = [r["stats"]["residency_budget_bytes"] for r in ok
+                   if r.get("stats", {}).get("residency_budget_bytes")]
+        src = ("--budget" if a.budget else
+               f"limit - non-expert bytes - stock RssAnon {anon / 2**20:.0f} MiB")
+        if derived and not a.budget:  # the managers derived theirs: simulate at that one
+            budget = int(statistics.median(derived))
+            src = "the managers' own derived budget, median"
         floor = cachesim_floor(oracle, lay, ok[0]["prompt_tokens"], ok[0]["steps"],
                                a.budget or budget,
                                a.nextuse)
         learned = f", learned {floor['learned']:.3f}" if "learned" in floor else ""
         print(f"cachesim at the effective expert budget {(a.budget or budget) / 2**30:.2f} GiB "
               f"({floor['budget_experts']} of {lay.n_expert * len(lay.moe_layers)} experts; "
-              f"limit - non-expert bytes - stock RssAnon {anon / 2**20:.0f} MiB): GiB read / "
+              f"{src}): GiB read / "
               f"token LRU {floor['lru']:.3f}, Belady {floor['belady']:.3f}{learned}")
         if "predictor" in summary:
             c = statistics.median(summary["predictor"]["gib_tok"])
