@@ -43,7 +43,15 @@ import numpy as np
 from ..errors import ExpertPredError
 from ..features import _history, multihot
 from .base import NotFittedError
-from .reuse import CAP, ReuseHead, ReuseTracker, fit_reuse, n_reuse_features, reuse_rows
+from .reuse import (
+    CAP,
+    ReuseHead,
+    ReuseTracker,
+    fit_dist_tables,
+    fit_reuse,
+    n_reuse_features,
+    reuse_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,8 @@ class NextUseConfig:
     reuse_l2: float = 1e-3  # ridge of the distance head, per row
     reuse_hidden: int = 0  # hidden units of the distance head's MLP (0 = ridge only)
     reuse_epochs: int = 0  # epochs of that MLP
+    dist_tables: bool = True  # the distance head also reads per-id mean distances (needs
+    # token ids): +0.5 to +0.6 points of hit rate on tiny-olmoe at 32 of 64 per layer
 
     def __post_init__(self) -> None:
         if self.horizon < 1:
@@ -240,6 +250,9 @@ class NextUseModel:
         self.n_train_rows_ = int(len(x))
         if cfg.reuse:
             # 3. the distance head: every row state of every sequence, as online
+            if self.uses_tokens and cfg.dist_tables:
+                self.dist_cur_, self.dist_nxt_ = fit_dist_tables(self, seqs, toks,
+                                                                 cfg.token_prior)
             self.reuse_ = fit_reuse(self, seqs, None if tokens is None else toks,
                                     cfg.reuse_l2, cfg.reuse_hidden, cfg.reuse_epochs, cfg.seed)
         return self
@@ -265,6 +278,11 @@ class NextUseModel:
 
     def _n_features(self) -> int:
         return 4 + (N_BUCKETS - 1) + self.n_layer + (2 if self.uses_tokens else 0)
+
+    @property
+    def has_dist_tables(self) -> bool:
+        """The distance head reads the per-id mean distance tables (older files do not)."""
+        return self.uses_tokens and hasattr(self, "dist_cur_")
 
     @property
     def has_reuse(self) -> bool:
@@ -327,6 +345,8 @@ class NextUseModel:
                 "config": asdict(self.config), "n_train_rows": self.n_train_rows_}
         tok = ({"tok_ids": self.tok_ids_, "tok_cur": self.tok_cur_, "tok_nxt": self.tok_nxt_}
                if self.uses_tokens else {})
+        if self.has_dist_tables:
+            tok.update(dist_cur=self.dist_cur_, dist_nxt=self.dist_nxt_)
         if self.has_reuse:
             tok.update(self.reuse_.arrays())
         with open(path, "wb") as f:
@@ -352,14 +372,19 @@ class NextUseModel:
                     m.tok_ids_, m.tok_cur_ = z["tok_ids"].astype(np.int64), z["tok_cur"]
                     m.tok_nxt_ = z["tok_nxt"]
                     want_tok = (len(m.tok_ids_), m.n_layer, m.n_expert)
-                    if m.tok_cur_.shape != want_tok or m.tok_nxt_.shape != want_tok:
-                        raise ValueError(f"token tables of shape {m.tok_cur_.shape}, "
-                                         f"expected {want_tok}")
+                    if "dist_cur" in z.files:  # files from before them lack the tables
+                        m.dist_cur_, m.dist_nxt_ = z["dist_cur"], z["dist_nxt"]
+                    for name in ("tok_cur_", "tok_nxt_", "dist_cur_", "dist_nxt_"):
+                        tab = getattr(m, name, None)
+                        if tab is not None and (tab.shape != want_tok
+                                                or tab.dtype != np.float64):
+                            raise ValueError(f"{name[:-1]} table of shape {tab.shape} "
+                                             f"{tab.dtype}, expected {want_tok} float64")
                 m.n_train_rows_ = int(meta["n_train_rows"])
                 if "reuse_coef" in z.files:  # files from before the distance head lack it
                     m.reuse_ = ReuseHead.from_arrays(
                         {k: z[k] for k in z.files if k.startswith("reuse_")},
-                        n_reuse_features(m.n_layer, m.uses_tokens))
+                        n_reuse_features(m.n_layer, m.uses_tokens, m.has_dist_tables))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ExpertPredError(f"{p}: not a next-use model .npz ({exc})") from None
         want = (m.n_layer, m.n_expert, m.n_expert)

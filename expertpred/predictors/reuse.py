@@ -31,7 +31,7 @@ step by step, so online == offline by construction. Numpy only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,10 +43,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DistTables = tuple[np.ndarray, np.ndarray]  # per-id mean distance deviations: (cur, nxt)
+
 DECAYS = (0.5, 0.8, 0.9, 0.97)  # EDC time scales: ~2, 5, 10, 33 tokens
 CAP = 32  # distances are regressed up to this many tokens (Belady capped at 16-32 = Belady)
 WINDOW = 256  # tokens of routing the copy feature may look back over
 FAR = 1 << 30  # "no use known": age of a never used expert, copy distance without a match
+DIST_FOLDS = 5  # folds of the out-of-fold distance tables the training rows read
 AGE_EDGES = (1, 2, 3, 5, 9, 17)  # bucket b holds values in [edge[b-1], edge[b]); 0 = 0
 N_BUCKETS = len(AGE_EDGES) + 2
 
@@ -61,10 +64,10 @@ def buckets(v: np.ndarray) -> np.ndarray:
     return np.where(v >= FAR, N_BUCKETS - 1, b)
 
 
-def n_reuse_features(n_layer: int, uses_tokens: bool) -> int:
+def n_reuse_features(n_layer: int, uses_tokens: bool, dist_tables: bool = False) -> int:
     """Columns of :meth:`ReuseTracker.columns` (one weight each in the ``.npz``)."""
     return (1 + 2 * (N_BUCKETS - 1) + len(DECAYS) + 3 + n_layer + (2 if uses_tokens else 0)
-            + 5 + 4)
+            + 5 + 4 + (4 if dist_tables else 0))
 
 
 class ReuseTracker:
@@ -89,8 +92,11 @@ class ReuseTracker:
         self.prev: list[int] = []  # last earlier position of the same id (-1 = none)
         self.last: dict[int, int] = {}  # id -> its latest position
         self._decays = np.asarray(DECAYS)[:, None]
-        self._n_f = n_reuse_features(l_n, model.uses_tokens)
+        self._n_f = n_reuse_features(l_n, model.uses_tokens, model.has_dist_tables)
         self._bucket_ids = np.arange(1, N_BUCKETS)
+        # the per-id mean distance tables the columns read (training swaps in out-of-fold
+        # ones, :func:`reuse_rows`)
+        self.dist = (model.dist_cur_, model.dist_nxt_) if model.has_dist_tables else None
 
     def begin_token(self, token: int) -> None:
         v = int(token)
@@ -193,6 +199,14 @@ class ReuseTracker:
             x[:, c0 + 6] = np.log2(np.minimum(c2, CAP)) * has2
             x[:, c0 + 7] = 1.0
             x[:, c0 + 8] = (c2 <= 3) & (c <= 3)
+        if self.dist is not None:
+            # the training text's mean distance after these ids, with its own weights where
+            # this run has an earlier occurrence to copy (the run's own text is the better
+            # guess there) and where it has none
+            c0 += 9 if has.any() else 10
+            for tab, v in zip(self.dist, (cur, nxt), strict=True):
+                x[:, c0] = m._token_dev(tab, np.array([v]), layer_arr, 1)[0]
+                c0 += 2
         return x
 
 
@@ -212,10 +226,14 @@ def next_use_distance(used: np.ndarray) -> np.ndarray:
 
 
 def reuse_rows(model: NextUseModel, experts: np.ndarray, tokens: np.ndarray | None,
+               fold_tables: Sequence[DistTables] | None = None,
+               fold_of: np.ndarray | None = None,
                ) -> Iterable[tuple[int, int, bool, np.ndarray]]:
     """Replay one sequence through a fresh tracker as the online policy sees it; yields
     (token, layer, known_next, columns (E, F)) for every row state: after each routing,
-    and (with token ids) again at each boundary for the rows of the previous token."""
+    and (with token ids) again at each boundary for the rows of the previous token.
+    ``fold_tables`` / ``fold_of`` (int (T,)): the rows of token t read the distance tables
+    ``fold_tables[fold_of[t]]`` (training: tables counted without t's fold)."""
     ex = np.asarray(experts)
     t_len, n_l, _ = ex.shape
     tr = ReuseTracker(model)
@@ -223,8 +241,12 @@ def reuse_rows(model: NextUseModel, experts: np.ndarray, tokens: np.ndarray | No
         if tokens is not None:
             tr.begin_token(int(tokens[t]))
             if t > 0 and model.uses_tokens:
+                if fold_tables is not None:
+                    tr.dist = fold_tables[fold_of[t - 1]]
                 for j in range(n_l):
                     yield t - 1, j, True, tr.columns(j, True)
+        if fold_tables is not None:
+            tr.dist = fold_tables[fold_of[t]]
         for j in range(n_l):
             tr.observe(j, ex[t, j])
             yield t, j, False, tr.columns(j, False)
@@ -279,21 +301,85 @@ class ReuseHead:
         return cls(**a)
 
 
+def reuse_labels(experts: np.ndarray, n_expert: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 (T, L, E) log2 min(distance, CAP), bool (T, L, E) known) of one sequence:
+    a distance the sequence's end cuts off before CAP is unknown.
+
+    >>> y, ok = reuse_labels(np.array([[[0]], [[1]], [[0]]]), 2)
+    >>> y[:, 0, 0].tolist(), ok[:, 0, 0].tolist()
+    ([1.0, 0.0, 5.0], [True, True, False])
+    """
+    s = np.asarray(experts)
+    used = np.zeros((*s.shape[:2], n_expert), bool)
+    t_idx, l_idx, k_idx = np.nonzero(s >= 0)
+    used[t_idx, l_idx, s[t_idx, l_idx, k_idx]] = True
+    dist = next_use_distance(used)
+    rest = (len(s) - 1 - np.arange(len(s)))[:, None, None]
+    return np.log2(np.minimum(dist, CAP).astype(np.float64)), (dist <= rest) | (rest >= CAP)
+
+
+def fit_dist_tables(model: NextUseModel, sequences: list[np.ndarray],
+                    tokens: list[np.ndarray], prior: float,
+                    keep: list[np.ndarray] | None = None) -> DistTables:
+    """float64 (n_ids, L, E) twice: the mean log2 reuse distance from the rows whose own
+    token (``cur``) / next token (``nxt``) has id ``model.tok_ids_[i]``, smoothed with
+    ``prior`` rows of the layer-expert mean and minus that mean (0 = no evidence).
+    ``keep``: bool (T,) per sequence, the rows counted (None: all).
+
+    The per-id probability tables know only the next token; greedy text after an id
+    repeats itself for several tokens, so its mean distance also knows the tokens after."""
+    ids = model.tok_ids_
+    shape = (len(ids), model.n_layer, model.n_expert)
+    sums = {k: np.zeros(shape) for k in ("cur", "nxt")}
+    cnts = {k: np.zeros(shape) for k in ("cur", "nxt")}
+    tot, n_tot = np.zeros(shape[1:]), np.zeros(shape[1:])
+    for n, (s, tk) in enumerate(zip(sequences, tokens, strict=True)):
+        y, ok = reuse_labels(s, model.n_expert)
+        if keep is not None:
+            ok = ok & keep[n][:, None, None]
+        y = np.where(ok, y, 0.0)
+        tot += y.sum(axis=0)
+        n_tot += ok.sum(axis=0)
+        tk = np.asarray(tk, np.int64)
+        for key, v, rows in (("cur", tk, slice(None)), ("nxt", tk[1:], slice(0, -1))):
+            i = np.minimum(np.searchsorted(ids, v), len(ids) - 1)
+            found = ids[i] == v
+            np.add.at(sums[key], i[found], y[rows][found])
+            np.add.at(cnts[key], i[found], ok[rows][found])
+    mu = tot / np.maximum(n_tot, 1.0)
+    return tuple((sums[k] + prior * mu) / (cnts[k] + prior) - mu  # type: ignore[return-value]
+                 for k in ("cur", "nxt"))
+
+
+def out_of_fold(model: NextUseModel, sequences: list[np.ndarray], tokens: list[np.ndarray],
+                prior: float, folds: int = DIST_FOLDS,
+                ) -> tuple[list[np.ndarray], list[DistTables]]:
+    """(fold of each token per sequence, the tables counted without each fold): the
+    training rows read tables that did not see their own distances. Folds are contiguous
+    ranges of the sequences' tokens in order."""
+    lens = [len(s) for s in sequences]
+    pos = np.arange(sum(lens))
+    fold = np.minimum(pos * folds // max(len(pos), 1), folds - 1)
+    fold_of = np.split(fold, np.cumsum(lens)[:-1])
+    tables = [fit_dist_tables(model, sequences, tokens, prior, [f != k for f in fold_of])
+              for k in range(folds)]
+    return fold_of, tables
+
+
 def _rows(model: NextUseModel, sequences: list[np.ndarray],
-          tokens: list[np.ndarray] | None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """(columns (n, F), label (n,)) of every row state with a known distance."""
+          tokens: list[np.ndarray] | None, prior: float,
+          ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """(columns (n, F), label (n,)) of every row state with a known distance; the
+    distance tables out of fold (in-sample ones let the ridge trust them too much: the
+    learned policy then read 1.5x more than without them on a looping greedy run)."""
+    fold_of, tables = (out_of_fold(model, sequences, tokens, prior)
+                       if model.has_dist_tables and tokens is not None
+                       else ([None] * len(sequences), None))
     for i, s in enumerate(sequences):
-        s = np.asarray(s)
-        used = np.zeros((*s.shape[:2], model.n_expert), bool)
-        t_idx, l_idx, k_idx = np.nonzero(s >= 0)
-        used[t_idx, l_idx, s[t_idx, l_idx, k_idx]] = True
-        dist = next_use_distance(used)
-        y_all = np.log2(np.minimum(dist, CAP).astype(np.float64))
-        rest = len(s) - 1 - np.arange(len(s))
+        y_all, known = reuse_labels(s, model.n_expert)
         tk = None if tokens is None else tokens[i]
-        for t, j, _, x in reuse_rows(model, s, tk):
-            # a distance cut off by the sequence's end before CAP is unknown: left out
-            ok = (dist[t, j] <= rest[t]) | (rest[t] >= CAP)
+        for t, j, _, x in reuse_rows(model, np.asarray(s), tk, tables, fold_of[i]):
+            ok = known[t, j]
             yield x[ok], y_all[t, j][ok]
 
 
@@ -302,8 +388,9 @@ def fit_reuse(model: NextUseModel, sequences: list[np.ndarray],
               epochs: int = 0, seed: int = 0) -> ReuseHead:
     """Ridge on log2 min(distance, CAP) over every row state of ``sequences``; then, with
     ``hidden`` > 0, the MLP on the ridge's residual (torch, CPU, ``epochs`` of Adam)."""
-    n_f = n_reuse_features(model.n_layer, model.uses_tokens)
-    xs, ys = zip(*_rows(model, sequences, tokens), strict=True) if sequences else ((), ())
+    n_f = n_reuse_features(model.n_layer, model.uses_tokens, model.has_dist_tables)
+    rows = _rows(model, sequences, tokens, model.config.token_prior)
+    xs, ys = zip(*rows, strict=True) if sequences else ((), ())
     x = np.concatenate(xs) if xs else np.zeros((0, n_f))
     y = np.concatenate(ys) if ys else np.zeros(0)
     if not len(x):
