@@ -22,6 +22,10 @@ per-token-id tables):
   followed that occurrence predicts the routing that follows now (prompt-lookup decoding's
   idea, applied to experts). Once the next token's id is known (the argmax, at the token
   boundary) the alignment uses it and also covers the next token itself.
+- **per-id mean distances**: the training text's mean log2 distance after the row's own
+  token id and after the next one (once told), i.e. the copy idea with the training text
+  as the run to copy from; the training rows read them out of fold, and they get their own
+  weights where the run has a copy anchor and where it has none.
 
 :class:`ReuseTracker` owns the per-run state and builds the design columns of one layer
 row; training (:func:`fit_reuse`), offline prediction and the online policy all run it
