@@ -278,7 +278,6 @@ class OnlineFeatures:
         self.history_decay = history_decay
         # one FeatureConfig per d, made once: building it per call was ~1 µs of the row
         self._configs: dict[int, FeatureConfig] = {}
-        self._seq_arr = np.zeros(1, dtype=np.int64)
         self.reset()
 
     def reset(self) -> None:
@@ -293,7 +292,13 @@ class OnlineFeatures:
         self._token = 0
         self._phase = int(Phase.DECODE)
         self._layer = -1
+        self._top = -1  # highest layer updated for the current token (above it: unset rows)
         self._step: dict[str, Any] | None = None  # shared columns of the current layer-step
+        # read-only one-element columns shared by the rows of a token (or of a layer): they
+        # never change once made, and making them per step was ~2 µs of the step
+        self._layers = [_frozen(np.array([li], dtype=np.int16)) for li in range(n_l)]
+        self._token_cols: dict[str, np.ndarray] = {}
+        self._seq_col: tuple[int, np.ndarray] | None = None
         self.seq_id = 0
 
     def next_token(self, token: int, phase: int = Phase.DECODE) -> None:
@@ -305,9 +310,14 @@ class OnlineFeatures:
             self._hist = dec * self._hist + inc * multihot(self._cur, self.model.n_expert)
             self._prev = self._cur.copy()
         self._cur = np.full_like(self._cur, NO_EXPERT)
+        self._logits16.fill(0)  # rows handed out are copies: filling in place is safe
         self._hidden = [None] * self.model.n_moe
         self._position += 1
-        self._token, self._phase, self._layer = int(token), int(phase), -1
+        self._token, self._phase, self._layer, self._top = int(token), int(phase), -1, -1
+        self._token_cols = {
+            "position": _frozen(np.array([self._position], dtype=np.int32)),
+            "token": _frozen(np.array([self._token], dtype=np.int32)),
+            "phase": _frozen(np.array([self._phase], dtype=np.int8))}
         self._step = None
 
     def update(self, layer: int, logits: np.ndarray, experts: np.ndarray,
@@ -322,28 +332,29 @@ class OnlineFeatures:
         self._cur[layer] = np.asarray(experts, dtype=np.int16).reshape(-1)
         self._hidden[layer] = None if hidden is None else np.asarray(hidden, np.float16)
         self._layer = layer
+        self._top = max(self._top, layer)
         self._step = None
 
     def _step_columns(self) -> dict[str, Any]:
         """The columns every offset ``d`` of this layer-step shares, built once per step.
 
-        Fresh arrays per step (copies of the state), so rows handed out stay valid after
-        the next :meth:`update`; only ``history`` differs between offsets.
+        Fresh copies of the state where it changes within a token (experts, layer logits,
+        logits, hidden), read-only shared arrays where it does not (position, token, phase,
+        layer, seq), so rows handed out stay valid after the next :meth:`update`; only
+        ``history`` differs between offsets.
         """
         l_ = self._layer
         cur = self._cur.copy()
-        cur[l_ + 1:] = NO_EXPERT  # layers not routed yet (same values as the batch mask)
         lg = self._logits16.copy()
-        lg[l_ + 1:] = 0
+        if self._top > l_:  # a layer above l_ was updated: mask it as the batch does
+            cur[l_ + 1:] = NO_EXPERT
+            lg[l_ + 1:] = 0
+        if self._seq_col is None or self._seq_col[0] != self.seq_id:
+            self._seq_col = (self.seq_id, _frozen(np.array([self.seq_id], dtype=np.int64)))
         h = self._hidden[l_]
-        self._seq_arr[0] = self.seq_id
         self._step = {
-            "model": self.model, "seq": self._seq_arr.copy(),
-            "position": np.array([self._position], dtype=np.int32),
-            "token": np.array([self._token], dtype=np.int32),
-            "phase": np.array([self._phase], dtype=np.int8),
-            "layer": np.array([l_], dtype=np.int16),
-            "logits": self._logits[l_][None].copy(),
+            "model": self.model, "seq": self._seq_col[1], **self._token_cols,
+            "layer": self._layers[l_], "logits": self._logits[l_:l_ + 1].copy(),
             "experts": cur[None], "prev_experts": self._prev[None],
             "hidden": None if h is None else h[None].copy(), "targets": None,
             "layer_logits": lg[None],
@@ -368,6 +379,12 @@ class OnlineFeatures:
         x = object.__new__(FeatureBatch)
         x.__dict__.update(cols, config=cfg, history=self._hist[l_ + d:l_ + d + 1])
         return x
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a`` made read-only (a column shared by several rows must not be written)."""
+    a.flags.writeable = False
+    return a
 
 
 from .dense import (  # noqa: E402  (dense.py builds on the records above)

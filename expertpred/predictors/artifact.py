@@ -152,13 +152,7 @@ class PredictorSet:
     def topk_shares(self, d: int, x: FeatureBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(experts, shares): the top ``k`` experts as :meth:`topk` and each one's share of
         the row's non-negative score mass, in [0, 1] (all 1 when no score is positive)."""
-        s = self.by_d[d].predict_row(x)
-        top = np.argsort(-s, kind="stable")[:k]
-        pos = np.maximum(s, 0.0)
-        tot = pos.sum()
-        if tot > 0:
-            return top, pos[top] / tot
-        return top, np.ones(len(top), np.float32)
+        return self.by_d[d].predict_topk_shares(x, k)
 
     def pack(self) -> Artifact:
         """This set in the artifact format (header + arrays), not yet written."""

@@ -129,6 +129,10 @@ class Predictor:
         self._check(x)
         return self._row(x, self._row_key(x)).copy()
 
+    def predict_topk_shares(self, x: FeatureBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The plugin's gated call on one row: :func:`top_shares` of :meth:`predict_row`."""
+        return top_shares(self.predict_row(x), k)
+
     def _row(self, x: FeatureBatch, key: Hashable | None) -> np.ndarray:
         """1-D scores of one checked row: from the cache when ``key`` is set (not a copy)."""
         if key is None:
@@ -318,3 +322,15 @@ def load_all(models_dir: str | os.PathLike[str], model: ModelInfo,
             p.model_.check_same(model, str(path))
             out.setdefault(name, {})[d] = p
     return out
+
+
+def top_shares(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(experts, shares) of the 1-D scores ``s`` (overwritten): the top ``k`` by score as
+    ``predict_topk`` ranks them (stable: ties to the lower id) and each one's share of the
+    non-negative score mass, in [0, 1] (all 1 when no score is positive)."""
+    top = np.argsort(-s, kind="stable")[:k]
+    pos = np.maximum(s, 0.0, out=s)
+    tot = pos.sum()
+    if tot > 0:
+        return top, pos[top] / tot
+    return top, np.ones(len(top), np.float32)

@@ -25,10 +25,11 @@ import logging
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import DenseRow, FeatureBatch, ModelInfo, design_parts
+from ..features import FeatureBatch, ModelInfo, design_parts
 from .base import Arrays, Spec
 from .checks import ArtifactCheck
 from .design import Design
+from .fast_mlp_row import RowKernel
 from .mlp import MLPPredictor, check_layers
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,11 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
         self._hidden = [(w, b) for w, b in zip(self.weights_[:-2:2], self.weights_[1:-2:2])]
         self._heads = np.ascontiguousarray(w_last.reshape(-1, e, w_last.shape[1]))  # (L, E, H)
         self._head_bias = b_last.reshape(-1, e)
-        self._acts = [np.empty(w.shape[0], dtype=np.float32) for w, _ in self._hidden]
-        self._row_kernel: dict[int, _SplitFirstLayer] = {}  # by hidden width of the rows
+        self._row_kernel: dict[int, RowKernel] = {}  # by hidden width of the rows
 
     def _scores(self, x: FeatureBatch) -> np.ndarray:
         if len(x) == 1 and not self.design_.uses_gate:
-            return self._scores_row(x)
+            return self._scores_row(x)[None]
         a = self.design_.matrix(x)
         for w, b in self._hidden:
             a = np.maximum(a @ w.T + b, 0.0)
@@ -97,23 +97,25 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
         return np.einsum("nh,neh->ne", a, self._heads[lay]) + self._head_bias[lay]
 
     def _scores_row(self, x: FeatureBatch) -> np.ndarray:
-        """One row: the split first layer, then a gemv per layer into preallocated
-        activations, then its source layer's head."""
+        """(E,) scores of one row: :class:`~.fast_mlp_row.RowKernel` (the first layer
+        accumulated over the token's layers, biases folded in)."""
         n_h = 0 if x.hidden is None or "hidden" not in self.design_.parts else x.hidden.shape[1]
-        first = self._row_kernel.get(n_h)
-        if first is None:
-            first = self._row_kernel[n_h] = _SplitFirstLayer(self.design_, self._hidden[0],
-                                                             n_h)
-        a = first(x, self._acts[0])
-        for (w, b), out in zip(self._hidden[1:], self._acts[1:]):
-            np.dot(w, a, out=out)
-            out += b
-            np.maximum(out, 0.0, out=out)
-            a = out
-        li = int(x.layer[0])
-        s = np.dot(self._heads[li], a)
-        s += self._head_bias[li]
-        return s[None]
+        kernel = self._row_kernel.get(n_h)
+        if kernel is None:
+            kernel = self._row_kernel[n_h] = RowKernel(self.design_, self.weights_, n_h)
+        return kernel.scores(x)
+
+    def predict_topk_shares(self, x: FeatureBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The plugin's gated call in one pass over a fresh score row (no copy, no cache):
+        the same operations and values as the generic one."""
+        if len(x) != 1 or self.design_.uses_gate:
+            return super().predict_topk_shares(x, k)
+        self._check(x)
+        n_h = 0 if x.hidden is None or "hidden" not in self.design_.parts else x.hidden.shape[1]
+        kernel = self._row_kernel.get(n_h)
+        if kernel is None:
+            kernel = self._row_kernel[n_h] = RowKernel(self.design_, self.weights_, n_h)
+        return kernel.topk_shares(x, k)
 
     # --- the artifact ------------------------------------------------------------------------
     @classmethod
@@ -142,72 +144,3 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
                                   "relu (1 or 2 times), linear")
         self.design_ = Design.from_artifact(self.model_, spec, arrays, self.name)
         self.weights_ = [arrays[f"{'wb'[i % 2]}{i // 2}"] for i in range(2 * n + 2)]
-
-
-class _SplitFirstLayer:
-    """``relu(W0 x + b0)`` for one design row ``x`` without building it: a gemv over the
-    real-valued columns plus a gather-sum of the columns whose multi-hot input is 1 (the
-    layer one-hot folded into a per-layer bias). Same function as the dense product, summed
-    in another order (float32 rounding differs in the last bits)."""
-
-    REAL = ("logits", "history", "layer_logits", "position", "hidden")
-
-    def __init__(self, design: Design, first: tuple[np.ndarray, np.ndarray], n_hidden: int):
-        w0, b0 = first
-        self.enc = DenseRow(design.model, design.parts, design.layer_onehot, n_hidden)
-        if self.enc.width != design.n_features:
-            raise ExpertPredError(f"{design.owner}: {self.enc.width} input features, trained "
-                                  f"with {design.n_features} (hidden states present in one "
-                                  "and not the other?)")
-        spans = self.enc.spans
-        self.real = [p for p in self.REAL if p in spans and spans[p][1] > spans[p][0]]
-        cols = np.concatenate([np.arange(*spans[p]) for p in self.real]) if self.real \
-            else np.zeros(0, np.intp)
-        self.w_real = np.ascontiguousarray(w0[:, cols])
-        # rows = input columns, plus a zero row for padding ids (the DenseRow trash slot)
-        self.w_cols = np.zeros((w0.shape[1] + 1, w0.shape[0]), dtype=np.float32)
-        self.w_cols[:-1] = w0.T
-        lo = spans["layer"][0] if "layer" in spans and design.layer_onehot else None
-        n_l = design.model.n_moe
-        self.bias = [b0 + (w0[:, lo + li] if lo is not None else 0.0) for li in range(n_l)]
-        self.bias = [np.ascontiguousarray(b, dtype=np.float32) for b in self.bias]
-        self.layer_int = spans["layer"][0] if "layer" in spans and not design.layer_onehot \
-            else None
-        self._log1p: dict[int, np.ndarray] = {}
-        self._ones = np.ones(n_l * design.model.n_expert_used * 4 + 8, dtype=np.float32)
-
-    def _real(self, x: FeatureBatch) -> np.ndarray:
-        vals = []
-        for p in self.real:
-            if p == "logits":
-                vals.append(x.logits[0])
-            elif p == "history":
-                vals.append(x.history[0])
-            elif p == "layer_logits":
-                vals.append(x.layer_logits[0].reshape(-1))
-            elif p == "hidden":
-                vals.append(x.hidden[0])
-            else:  # position: the same float32 log1p as the batch encoder
-                t = int(x.position[0])
-                v = self._log1p.get(t)
-                if v is None:
-                    v = self._log1p[t] = np.log1p(x.position[:1].astype(np.float32))
-                vals.append(v)
-        return np.concatenate(vals).astype(np.float32, copy=False)
-
-    def __call__(self, x: FeatureBatch, out: np.ndarray) -> np.ndarray:
-        li = int(x.layer[0])
-        pos_a, off, _ = self.enc._plans.get((li, x.config.d)) or self.enc.plan(li, x.config.d)
-        if self.real:
-            np.dot(self.w_real, self._real(x), out=out)
-        else:
-            out.fill(0.0)
-        if len(pos_a):
-            ids = np.concatenate((x.experts[0].ravel(), x.prev_experts[0].ravel()))[pos_a]
-            rows = self.w_cols.take(np.where(ids >= 0, off + ids, self.enc.width), axis=0)
-            out += np.dot(self._ones[:len(rows)], rows)  # a gemv: faster than .sum(axis=0)
-        if self.layer_int is not None:
-            out += self.w_cols[self.layer_int] * np.float32(li)
-        out += self.bias[li]
-        np.maximum(out, 0.0, out=out)
-        return out
