@@ -99,11 +99,15 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
     def _scores_row(self, x: FeatureBatch) -> np.ndarray:
         """(E,) scores of one row: :class:`~.fast_mlp_row.RowKernel` (the first layer
         accumulated over the token's layers, biases folded in)."""
+        return self._kernel(x).scores(x)
+
+    def _kernel(self, x: FeatureBatch) -> RowKernel:
+        """The row kernel for the hidden width of ``x`` (built on first use)."""
         n_h = 0 if x.hidden is None or "hidden" not in self.design_.parts else x.hidden.shape[1]
         kernel = self._row_kernel.get(n_h)
         if kernel is None:
             kernel = self._row_kernel[n_h] = RowKernel(self.design_, self.weights_, n_h)
-        return kernel.scores(x)
+        return kernel
 
     def predict_topk_shares(self, x: FeatureBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The plugin's gated call in one pass over a fresh score row (no copy, no cache):
@@ -111,11 +115,7 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
         if len(x) != 1 or self.design_.uses_gate:
             return super().predict_topk_shares(x, k)
         self._check(x)
-        n_h = 0 if x.hidden is None or "hidden" not in self.design_.parts else x.hidden.shape[1]
-        kernel = self._row_kernel.get(n_h)
-        if kernel is None:
-            kernel = self._row_kernel[n_h] = RowKernel(self.design_, self.weights_, n_h)
-        return kernel.topk_shares(x, k)
+        return self._kernel(x).topk_shares(x, k)
 
     # --- the artifact ------------------------------------------------------------------------
     @classmethod

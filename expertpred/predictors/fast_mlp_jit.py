@@ -38,78 +38,58 @@ JIT = numba is not None
 
 # --- numpy: the reference and the fallback ----------------------------------------------------
 
-def advance_np(cur: np.ndarray, ids: np.ndarray, w_ll: np.ndarray, ll: np.ndarray,
-               use_ll: bool, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def advance_np(cur: np.ndarray, experts: np.ndarray, li: int, w_ll: np.ndarray,
+               vin: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(this layer's (2·H1,) gathered rows — [:H1] the step's ``current``, [H1:] the
     accumulator's ``current_all`` — and the accumulator with the layer added).
-    ``cur``: (E+1, 2·H1) table (row E zero: padding ids -1 wrap onto it); ``w_ll``:
-    (E, H1) the layer's logits' rows."""
-    h1 = base.shape[0]
-    t = np.add.reduce(cur.take(ids, axis=0, mode="wrap"), axis=0)
-    after = base + np.add.reduce(w_ll * ll[:, None], axis=0) if use_ll else base.copy()
+
+    ``cur``: (L, E+1, 2·H1) tables (row E zero: padding ids -1 wrap onto it); ``experts``
+    the row's (1, L, k) ids; ``w_ll``: (L, E, H1) each layer's logits' rows (zeros
+    without that part); ``vin``: the step inputs, its last E the layer's logits."""
+    h1, e = base.shape[0], w_ll.shape[1]
+    t = np.add.reduce(cur[li].take(experts[0, li], axis=0, mode="wrap"), axis=0)
+    after = base + np.add.reduce(w_ll[li] * vin[-e:, None], axis=0)
     after += t[h1:]
     return t, after
 
 
-def step_np(cur: np.ndarray, ids: np.ndarray, w_ll: np.ndarray, ll: np.ndarray,
-            use_ll: bool, base: np.ndarray, token: np.ndarray, w_step: np.ndarray,
-            v: np.ndarray, later: np.ndarray, heads: np.ndarray, after: np.ndarray,
-            s: np.ndarray, top: np.ndarray, shares: np.ndarray) -> None:
-    """One step into the preallocated outputs: ``after`` (H1,) the accumulator with the
-    layer added, ``s`` (E,) the scores, ``top`` / ``shares`` (k,) the top ``k = len(top)``
-    experts (ties to the lower id) and their shares of the non-negative score mass (all 1
-    when none is positive). ``later``: (0, 0, 0) or (1, H1, H2) input-major."""
-    t, after[:] = advance_np(cur, ids, w_ll, ll, use_ll, base)
-    h1 = base.shape[0]
-    a = after + token
+def step_np(cur: np.ndarray, experts: np.ndarray, li: int, w_ll: np.ndarray,
+            vin: np.ndarray, base: np.ndarray, token: np.ndarray, w_step: np.ndarray,
+            later: np.ndarray, heads: np.ndarray, out: np.ndarray, top: np.ndarray) -> None:
+    """One step into the preallocated outputs: ``out`` = [the accumulator with the layer
+    added (H1), the scores (E), the shares (k)], ``top`` (k,) the top ``k`` experts (ties
+    to the lower id); a share is the expert's part of the non-negative score mass (all 1
+    when none is positive). ``vin`` = [logits, history, hidden (``w_step``'s rows), this
+    layer's logits (E)]; ``later``: (0, 0, 0) or (1, H1, H2) input-major."""
+    h1, e, k = base.shape[0], heads.shape[2], top.shape[0]
+    t, after = advance_np(cur, experts, li, w_ll, vin, base)
+    out[:h1] = after
+    a = after + token[li]
     a += t[:h1]
-    if len(v):
-        a += np.add.reduce(w_step * v[:, None], axis=0)
+    n = w_step.shape[0]
+    a += np.add.reduce(w_step * vin[:n, None], axis=0)
     np.maximum(a, 0.0, out=a)
     for w in later:
         a = np.add.reduce(w * a[:, None], axis=0)
         np.maximum(a, 0.0, out=a)
-    s[:] = np.add.reduce(heads * a[:, None], axis=0)
-    k = len(top)
+    s = out[h1:h1 + e]
+    s[:] = np.add.reduce(heads[li] * a[:, None], axis=0)
     if k == 0:
         return
     top[:] = np.argsort(-s, kind="stable")[:k]
     pos = np.maximum(s, 0.0)
     tot = np.cumsum(pos)[-1]
-    shares[:] = pos[top] / tot if tot > 0 else 1.0
+    out[h1 + e:] = pos[top] / tot if tot > 0 else 1.0
 
 
 # --- numba: the same operations, one call ---------------------------------------------------
 
-def _advance(cur, ids, w_ll, ll, use_ll, base):  # pragma: no cover - compiled
-    h1 = base.shape[0]
-    n2 = cur.shape[1]
-    e1 = cur.shape[0]
-    t = np.zeros(n2, np.float32)
-    for r in range(ids.shape[0]):
-        row = ids[r] % e1  # -1 -> the zero row E, as mode="wrap"
-        for i in range(n2):
-            t[i] += cur[row, i]
-    after = base.copy()
-    if use_ll:
-        acc = np.zeros(h1, np.float32)
-        for j in range(ll.shape[0]):
-            vj = ll[j]
-            for i in range(h1):
-                acc[i] += w_ll[j, i] * vj
-        for i in range(h1):
-            after[i] += acc[i]
-    for i in range(h1):
-        after[i] += t[h1 + i]
-    return t, after
-
-
-def _gemv(w, v):  # pragma: no cover - compiled
-    # zero inputs are skipped: adding their ±0 products leaves every partial sum's value
-    # unchanged (only the sign of an all-zero sum can differ), and after a ReLU about half
-    # the inputs are zero
+def _gemv(w, v, n):  # pragma: no cover - compiled
+    # the first n inputs; zero inputs are skipped: adding their ±0 products leaves every
+    # partial sum's value unchanged (only the sign of an all-zero sum can differ), and
+    # after a ReLU about half the inputs are zero
     out = np.zeros(w.shape[1], np.float32)
-    for j in range(w.shape[0]):
+    for j in range(n):
         vj = v[j]
         if vj == 0:
             continue
@@ -118,30 +98,39 @@ def _gemv(w, v):  # pragma: no cover - compiled
     return out
 
 
-def _step(cur, ids, w_ll, ll, use_ll, base, token, w_step, v, later, heads, after, s,
-          top, shares):  # pragma: no cover - compiled
-    t, acc = _advance_jit(cur, ids, w_ll, ll, use_ll, base)
-    h1 = base.shape[0]
+def _advance(cur, experts, li, w_ll, vin, base):  # pragma: no cover - compiled
+    h1, e, n2, e1 = base.shape[0], w_ll.shape[1], cur.shape[2], cur.shape[1]
+    t = np.zeros(n2, np.float32)
+    for r in range(experts.shape[2]):
+        row = experts[0, li, r] % e1  # -1 -> the zero row E, as mode="wrap"
+        for i in range(n2):
+            t[i] += cur[li, row, i]
+    acc = _gemv_jit(w_ll[li], vin[vin.shape[0] - e:], e)
+    after = np.empty(h1, np.float32)
+    for i in range(h1):
+        after[i] = base[i] + acc[i]
+        after[i] += t[h1 + i]
+    return t, after
+
+
+def _step(cur, experts, li, w_ll, vin, base, token, w_step, later, heads, out,
+          top):  # pragma: no cover - compiled
+    h1, e, k = base.shape[0], heads.shape[2], top.shape[0]
+    t, after = _advance_jit(cur, experts, li, w_ll, vin, base)
+    g = _gemv_jit(w_step, vin, w_step.shape[0])
     a = np.empty(h1, np.float32)
     for i in range(h1):
-        after[i] = acc[i]
-        a[i] = acc[i] + token[i]
+        out[i] = after[i]
+        a[i] = after[i] + token[li, i]
         a[i] += t[i]
-    if v.shape[0] > 0:
-        g = _gemv_jit(w_step, v)
-        for i in range(h1):
-            a[i] += g[i]
-    for i in range(h1):
+        a[i] += g[i]
         a[i] = max(a[i], np.float32(0.0))
     for n in range(later.shape[0]):
-        a = _gemv_jit(later[n], a)
+        a = _gemv_jit(later[n], a, a.shape[0])
         for i in range(a.shape[0]):
             a[i] = max(a[i], np.float32(0.0))
-    g = _gemv_jit(heads, a)
-    e = g.shape[0]
-    for i in range(e):
-        s[i] = g[i]
-    k = top.shape[0]
+    s = _gemv_jit(heads[li], a, a.shape[0])
+    out[h1:h1 + e] = s
     if k == 0:
         return
     used = np.zeros(e, np.bool_)
@@ -156,13 +145,13 @@ def _step(cur, ids, w_ll, ll, use_ll, base, token, w_step, v, later, heads, afte
     for i in range(e):
         tot += max(s[i], np.float32(0.0))
     for r in range(k):
-        shares[r] = max(s[top[r]], np.float32(0.0)) / tot if tot > 0 else np.float32(1.0)
+        out[h1 + e + r] = max(s[top[r]], np.float32(0.0)) / tot if tot > 0 else 1.0
 
 
 if JIT:
     _jit = numba.njit(cache=True, nogil=True)
-    _advance_jit = _jit(_advance)
     _gemv_jit = _jit(_gemv)
+    _advance_jit = _jit(_advance)
     advance = _advance_jit
     step = _jit(_step)
 else:

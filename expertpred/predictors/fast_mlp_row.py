@@ -92,16 +92,16 @@ class RowKernel:
         cols = np.concatenate([np.arange(*sp[p]) for p in self.real]) if self.real else \
             np.zeros(0, np.intp)
         self.w_step = np.ascontiguousarray(wt[cols])  # (|v|, H+1)
-        self.v = np.zeros((1, len(cols)), np.float32)
-        self.v_row = self.v[0]
+        # the step's inputs: [logits, history, hidden, this layer's logits (E)]
+        self.vin = np.zeros((1, len(cols) + e), np.float32)
+        self.vin_row = self.vin[0]
+        self._no_ll = np.zeros((1, e), np.float32)  # the last E without that part
         # per layer: its router logits -> the accumulator, (L, E, H+1)
         self.ll = "layer_logits" in sp
         self.w_ll = np.zeros((n_l, e, h + 1), np.float32)
         if self.ll:
             lo = sp["layer_logits"][0]
             self.w_ll[:] = wt[lo:lo + n_l * e].reshape(n_l, e, h + 1)
-        self.s_buf = np.zeros(e, np.float32)  # the step's scores (copied when returned)
-        self.ll_buf = np.zeros(e, np.float32)  # float32 copy of one layer's float16 logits
 
     def _build_tables(self, wt: np.ndarray, sp: dict[str, tuple[int, int]],
                       layer_onehot: bool) -> None:
@@ -132,7 +132,7 @@ class RowKernel:
     # --- one row -------------------------------------------------------------------------------
     def scores(self, x: FeatureBatch) -> np.ndarray:
         """float32 (E,) scores of the one row of ``x`` (a fresh array)."""
-        return self._run(x, 0)[0].copy()
+        return self._run(x, 0)[0]
 
     def topk_shares(self, x: FeatureBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The top ``k`` experts (ties to the lower id) and their shares of the row's
@@ -156,17 +156,17 @@ class RowKernel:
         else:  # a new token, or not the row after the last one: rebuild from this row
             token, base = self._start(x)
             for j in range(li):  # the same sums in the same order as the steps did
-                base = fast_mlp_jit.advance(self.cur[j], ex[0, j], self.w_ll[j],
-                                            self._ll(x, j), self.ll, base)[1]
-        if self.real:
-            np.concatenate(self._real_parts(x), axis=1, out=self.v)
-        after, s = np.empty(self.h + 1, np.float32), self.s_buf
-        top, shares = np.empty(k, np.int64), np.empty(k, np.float32)
-        fast_mlp_jit.step(self.cur[li], ex[0, li], self.w_ll[li], self._ll(x, li), self.ll,
-                          base, token[li], self.w_step, self.v_row, self.later,
-                          self.heads[li], after, s, top, shares)
-        self._carry = _Carry(li, key, eb, lb, token, base, after)
-        return s, top, shares
+                if self.ll:
+                    self.vin[0, -self.e:] = lgs[0, j]
+                base = fast_mlp_jit.advance(self.cur, ex, j, self.w_ll, self.vin_row,
+                                            base)[1]
+        np.concatenate(self._inputs(x, li), axis=1, out=self.vin)
+        h1, e = self.h + 1, self.e
+        out, top = np.empty(h1 + e + k, np.float32), np.empty(k, np.int64)
+        fast_mlp_jit.step(self.cur, ex, li, self.w_ll, self.vin_row, base, token,
+                          self.w_step, self.later, self.heads, out, top)
+        self._carry = _Carry(li, key, eb, lb, token, base, out[:h1])
+        return out[h1:h1 + e], top, out[h1 + e:]
 
     def _continued(self, li: int, key: tuple[object, ...], eb: bytes,
                    lb: bytes) -> tuple[np.ndarray, np.ndarray] | None:
@@ -196,16 +196,13 @@ class RowKernel:
         token = self.layer + rows[:, h1:2 * h1] + rows[tgt, 2 * h1:]
         return token, acc
 
-    def _ll(self, x: FeatureBatch, li: int) -> np.ndarray:
-        """Layer li's router logits as float32 (the buffer; zeros without the part)."""
-        if self.ll:
-            self.ll_buf[:] = x.layer_logits[0, li]
-        return self.ll_buf
-
-    def _real_parts(self, x: FeatureBatch) -> list[np.ndarray]:
-        """(1, n) arrays of [logits, history, hidden] (the order of ``w_step``'s rows)."""
-        return [x.logits if p == "logits" else x.history if p == "history" else x.hidden
-                for p in self.real]
+    def _inputs(self, x: FeatureBatch, li: int) -> list[np.ndarray]:
+        """(1, n) arrays of [logits, history, hidden] (``w_step``'s rows), then layer li's
+        router logits (float16, cast by the concatenation)."""
+        parts = [x.logits if p == "logits" else x.history if p == "history" else x.hidden
+                 for p in self.real]
+        parts.append(x.layer_logits[:, li] if self.ll else self._no_ll)
+        return parts
 
 
 def _extend(w: np.ndarray, b: np.ndarray) -> np.ndarray:
