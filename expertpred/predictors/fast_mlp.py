@@ -86,6 +86,10 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
         self._heads = np.ascontiguousarray(w_last.reshape(-1, e, w_last.shape[1]))  # (L, E, H)
         self._head_bias = b_last.reshape(-1, e)
         self._row_kernel: dict[int, RowKernel] = {}  # by hidden width of the rows
+        if not self.design_.uses_gate and not self.design_.uses_hidden:
+            # the plugin's kernel, built (and its step compiled) now: at load, not on the
+            # first token
+            self._row_kernel[0] = RowKernel(self.design_, self.weights_, 0)
 
     def _scores(self, x: FeatureBatch) -> np.ndarray:
         if len(x) == 1 and not self.design_.uses_gate:

@@ -148,6 +148,26 @@ def _step(cur, experts, li, w_ll, vin, base, token, w_step, later, heads, out,
         out[h1 + e + r] = max(s[top[r]], np.float32(0.0)) / tot if tot > 0 else 1.0
 
 
+def warm() -> None:
+    """Compile (or load from numba's cache) the step for the argument types the row kernel
+    passes, so that the first online prediction does not pay for it on the inference
+    thread (a cold compile takes seconds)."""
+    global _warm
+    if _warm or not JIT:
+        return
+    h1, e, n_l, k = 3, 2, 2, 1
+    f32 = np.float32
+    cur, w_ll = np.zeros((n_l, e + 1, 2 * h1), f32), np.zeros((n_l, e, h1), f32)
+    experts, vin, base = np.zeros((1, n_l, k), np.int16), np.zeros(e + 1, f32), np.zeros(h1, f32)
+    token, w_step = np.zeros((n_l, h1), f32), np.zeros((1, h1), f32)
+    later, heads = np.zeros((0, 0, 0), f32), np.zeros((n_l, h1, e), f32)
+    advance(cur, experts, 0, w_ll, vin, base)
+    step(cur, experts, 0, w_ll, vin, base, token, w_step, later, heads,
+         np.zeros(h1 + e + k, f32), np.zeros(k, np.int64))
+    _warm = True
+
+
+_warm = False
 if JIT:
     _jit = numba.njit(cache=True, nogil=True)
     _gemv_jit = _jit(_gemv)
