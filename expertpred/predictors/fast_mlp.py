@@ -9,11 +9,12 @@ few matrix-vector products:
    summarise poorly (tiny-qwen3moe, 32 experts: +2 points recall@4 in a 64-wide MLP);
 2. the input standardisation is folded into the first layer after training
    (``W0 / std``, ``b0 - (W0 / std) @ mean``), so a row goes into the first product raw;
-3. the one-row kernel never builds the design row: the first layer is a gemv over the
-   real-valued inputs (logits, history, layer_logits, position, hidden) plus the sum of the
-   first-layer columns of the multi-hot inputs that are 1 (a gather of ~L·k rows instead
-   of a product with mostly zeros); later layers are gemvs (``W @ a`` on 1-D vectors: a
-   (1, F) @ (F, H) matmul is a slower matrix-matrix call).
+3. the one-row kernel (:class:`~.fast_mlp_row.RowKernel`) never builds the design row and
+   accumulates the first layer over a token's layers: the parts that only grow within a
+   token (every layer's logits and experts so far, the previous token's experts) are a
+   running sum, so a step adds one layer's worth and the per-step inputs; its arithmetic
+   is one compiled call (:mod:`.fast_mlp_jit`, numba, with a numpy twin that gives the
+   same values).
 
 The batch kernel (evaluation) computes the same function on many rows.
 """
@@ -112,6 +113,13 @@ class FastMLPPredictor(MLPPredictor, name="fast-mlp"):
         if kernel is None:
             kernel = self._row_kernel[n_h] = RowKernel(self.design_, self.weights_, n_h)
         return kernel
+
+    def predict_topk(self, x: FeatureBatch, k: int) -> np.ndarray:
+        """One row (the plugin's ungated call): the kernel's own top-k, no score copy."""
+        if len(x) != 1 or self.design_.uses_gate or not 1 <= k <= self.model_.n_expert:
+            return super().predict_topk(x, k)
+        self._check(x)
+        return self._kernel(x).topk_shares(x, k)[0][None]
 
     def predict_topk_shares(self, x: FeatureBatch, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The plugin's gated call in one pass over a fresh score row (no copy, no cache):

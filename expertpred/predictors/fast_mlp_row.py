@@ -8,15 +8,19 @@ part of ``W0 x`` is a running sum (the *accumulator*); a step adds one layer to 
 then the per-step inputs (this layer's logits, the target's history, the hidden state,
 ``current`` / ``prev_target`` / ``prev_source`` / the layer one-hot). A step's cost no
 longer grows with the number of layers (the dense first layer read 937 inputs on
-tiny-qwen3moe and 3409 on tiny-olmoe; a step now reads ~3·E plus ~4·k gathered rows).
+tiny-qwen3moe and 3409 on tiny-olmoe; a step now reads ~3·E inputs and k gathered rows;
+the previous token's parts are summed once, at the token's first row).
 
 Every bias is folded into the products by a constant input 1 (an extra last unit of each
-layer, ``relu(1) = 1``), so a step is a few numpy calls: ~15 instead of ~30.
+layer, ``relu(1) = 1``). A step's arithmetic (gather, products, ReLUs, head, top-k and
+shares) is one call of :func:`.fast_mlp_jit.step` (compiled, or its numpy twin); around it
+a step makes ~6 numpy calls (the continuation check's bytes, one concatenation of the
+step's inputs, the output buffers).
 
 The result is a pure function of the row: the accumulator is reused only when the row
 continues the one it was built from (same position, same previous token's experts, same
 experts and layer logits at the layers below), checked on the rows' bytes; otherwise it
-is rebuilt from the row by replaying the same per-layer additions (``_advance``), so the
+is rebuilt from the row by replaying the same per-layer additions (``advance``), so the
 sums are done in the same order and the scores are bit-identical either way. Against the
 batch kernel (one dense product) only the summation order differs: float32 rounding in
 the last bits.

@@ -80,6 +80,7 @@ def test_topk_shares_equal_generic(shape, traces):
         top, shares = p.predict_topk_shares(x, k)
         s = p.predict_row(x)
         np.testing.assert_array_equal(top, np.argsort(-s, kind="stable")[:k])
+        np.testing.assert_array_equal(p.predict_topk(x, k), top[None])
         pos = np.maximum(s, 0.0)
         want = pos[top] / pos.sum() if pos.sum() > 0 else np.ones(k, np.float32)
         np.testing.assert_allclose(shares, want, rtol=1e-5)
