@@ -92,9 +92,15 @@ class ReuseTracker:
         self.edc = np.zeros((len(DECAYS), l_n, e_n))
         self.pos = np.full(l_n, -1, np.int64)  # position of each layer's latest row
         self.ring = np.zeros((window, l_n, e_n), bool)  # routing by position % window
-        self.ids: list[int] = []  # id of each position (-1 = not told)
-        self.prev: list[int] = []  # last earlier position of the same id (-1 = none)
-        self.last: dict[int, int] = {}  # id -> its latest position
+        # the told positions ``base ..`` (older ones are dropped, see _forget): per position
+        # its id (-1 = not told), the last earlier position of the same id (-1 = none) and
+        # how many earlier positions have that id (the length of its chain of prev links)
+        self.base = 0
+        self.ids: list[int] = []
+        self.prev: list[int] = []
+        self.occ: list[int] = []
+        self.last: dict[int, int] = {}  # id -> its latest position (bounded by the vocab)
+        self.count: dict[int, int] = {}  # id -> how many positions had it
         self._decays = np.asarray(DECAYS)[:, None]
         self._n_f = n_reuse_features(l_n, model.uses_tokens, model.has_dist_tables)
         self._bucket_ids = np.arange(1, N_BUCKETS)
@@ -102,13 +108,40 @@ class ReuseTracker:
         # ones, :func:`reuse_rows`)
         self.dist = (model.dist_cur_, model.dist_nxt_) if model.has_dist_tables else None
 
+    @property
+    def told(self) -> int:
+        """Positions whose id was told so far."""
+        return self.base + len(self.ids)
+
     def begin_token(self, token: int) -> None:
         v = int(token)
-        p = len(self.ids)
+        p = self.told
         self.prev.append(self.last.get(v, -1) if v >= 0 else -1)
+        self.occ.append(self.count.get(v, 0) if v >= 0 else 0)
         self.ids.append(v)
         if v >= 0:
             self.last[v] = p
+            self.count[v] = self.count.get(v, 0) + 1
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop the positions no row can tell apart any more, so the state is bounded by
+        the window, not by the run (the cache simulation feeds one tracker the whole test
+        stream). A row of position p reads the ids of p and p + 1 and follows prev links
+        from there; an anchor ``a <= p - window - CAP`` gives a copy distance ``>= CAP``
+        (its first use is searched in the last ``window`` positions only), which the
+        columns see as CAP, the same for every such anchor. Positions below ``min(pos) -
+        window - CAP`` are such anchors for every row from now on (positions only grow);
+        dropped in steps of ``window`` so the list shifts stay amortised O(1)."""
+        floor = int(self.pos.min()) - self.window - CAP + 1
+        if floor - self.base >= self.window:
+            n = floor - self.base
+            del self.ids[:n], self.prev[:n], self.occ[:n]
+            self.base = floor
+
+    def token_id(self, p: int) -> int:
+        """The id told for position ``p`` (-1: not told yet, or before the run)."""
+        return self.ids[p - self.base] if 0 <= p < self.told else -1
 
     def observe(self, layer: int, experts: Iterable[int] | np.ndarray) -> None:
         ex = np.asarray(experts, np.int64)
@@ -132,11 +165,17 @@ class ReuseTracker:
         return np.where(seg.any(axis=0), lo + seg.argmax(axis=0), FAR)
 
     def _anchor(self, p: int, back: int) -> int:
-        """The ``back``-th last earlier position with the id of position ``p`` (-1: none)."""
+        """The ``back``-th last earlier position with the id of position ``p`` (-1: none).
+        Once the chain of prev links passes the dropped positions, the first dropped one
+        stands for the answer: every row sees them alike (see :meth:`_forget`)."""
+        if back <= 0:
+            return p
+        if not 0 <= p < self.told or self.occ[p - self.base] < back:
+            return -1
         for _ in range(back):
-            if not 0 <= p < len(self.prev):
-                return -1
-            p = self.prev[p]
+            if p < self.base:
+                return p
+            p = self.prev[p - self.base]
         return p
 
     def copy_distance(self, layer: int, known_next: bool, back: int = 1) -> np.ndarray:
@@ -181,8 +220,8 @@ class ReuseTracker:
         c0 += m.n_layer
         p = int(self.pos[layer])
         if m.uses_tokens:
-            cur = self.ids[p] if 0 <= p < len(self.ids) else -1
-            nxt = self.ids[p + 1] if known_next and 0 <= p + 1 < len(self.ids) else -1
+            cur = self.token_id(p)
+            nxt = self.token_id(p + 1) if known_next else -1
             layer_arr = np.array([layer])
             x[:, c0] = m._token_dev(m.tok_cur_, np.array([cur]), layer_arr, 1)[0]
             x[:, c0 + 1] = m._token_dev(m.tok_nxt_, np.array([nxt]), layer_arr, 1)[0]

@@ -6,7 +6,8 @@
 3. The head beats a constant on held-out tokens. 4. Save / load round-trips it; files
    without it load and the policy falls back to the probability ranking; a damaged head is
    one ``ExpertPredError``. 5. On a repeating stream the learned policy reads fewer bytes
-   than LRU.
+   than LRU. 6. The tracker's per-position ids are bounded by its window, not by the run,
+   and its columns equal those of the unbounded id lists it replaced, bit for bit.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import expertpred.predictors.reuse as reuse
 from expertpred.errors import ExpertPredError
 from expertpred.learn.cachesim import simulate
 from expertpred.predictors.nextuse import NextUseConfig, NextUseModel
-from expertpred.predictors.reuse import FAR, ReuseTracker, next_use_distance
+from expertpred.predictors.reuse import CAP, FAR, WINDOW, ReuseTracker, next_use_distance
 
 N_L, N_E, K = 3, 8, 2
 PREFIX = 10  # random tokens before the loop starts
@@ -174,3 +175,73 @@ def test_mlp_head_online_equals_offline_and_round_trips(tmp_path) -> None:
             np.savez(f, **{**arrays, key: bad})
         with pytest.raises(ExpertPredError, match="bad.npz"):
             NextUseModel.load(tmp_path / "bad.npz")
+
+
+class UnboundedTracker(ReuseTracker):
+    """The id bookkeeping as it was before it was bounded: every position's id and prev
+    link kept for the whole run (the reference for the bounded one)."""
+
+    def __init__(self, model: NextUseModel, window: int) -> None:
+        super().__init__(model, window)
+        self.all_ids: list[int] = []
+        self.all_prev: list[int] = []
+        self.all_last: dict[int, int] = {}
+
+    def begin_token(self, token: int) -> None:
+        v = int(token)
+        self.all_prev.append(self.all_last.get(v, -1) if v >= 0 else -1)
+        self.all_ids.append(v)
+        if v >= 0:
+            self.all_last[v] = len(self.all_ids) - 1
+
+    def token_id(self, p: int) -> int:
+        return self.all_ids[p] if 0 <= p < len(self.all_ids) else -1
+
+    def _anchor(self, p: int, back: int) -> int:
+        for _ in range(back):
+            if not 0 <= p < len(self.all_prev):
+                return -1
+            p = self.all_prev[p]
+        return p
+
+
+def test_bounded_ids_equal_the_unbounded_lists(model) -> None:
+    # a small window and ids that come back after short and long gaps (some never, some
+    # not told): anchors fall before the dropped positions again and again
+    window, n_tok = 4, 600
+    rng = np.random.default_rng(4)
+    ids = np.minimum(rng.zipf(1.3, n_tok), 200) - 2  # ids -1 (not told) .. 198
+    ex = np.stack([rng.choice(N_E, (N_L, K)) for _ in range(n_tok)])
+    ex[rng.random((n_tok, N_L, K)) < 0.1] = -1
+    bounded, reference = ReuseTracker(model, window), UnboundedTracker(model, window)
+    old_anchors = 0
+    for t in range(n_tok):
+        for tr in (bounded, reference):
+            tr.begin_token(int(ids[t]))
+        for j in range(N_L):
+            for known_next in (True, False):
+                if known_next and t == 0:
+                    continue
+                np.testing.assert_array_equal(bounded.columns(j, known_next),
+                                              reference.columns(j, known_next))
+                a = reference._anchor(int(reference.pos[j]) + known_next, 2)
+                old_anchors += 0 <= a < bounded.base
+            for tr in (bounded, reference):
+                tr.observe(j, ex[t, j])
+            np.testing.assert_array_equal(bounded.columns(j, False),
+                                          reference.columns(j, False))
+        # what the tracker keeps: at most about two windows (+ CAP) of positions
+        assert len(bounded.ids) <= 2 * window + CAP + 2
+    assert old_anchors > 50  # the dropped positions were asked for, and often
+    assert bounded.base > n_tok - 3 * window - CAP
+
+
+def test_the_policy_state_does_not_grow_with_the_run(model) -> None:
+    ex, ids = looping(4 * WINDOW, seed=2)
+    st = model.online()
+    for t in range(len(ex)):
+        st.begin_token(int(ids[t]))
+        for j in range(N_L):
+            st.observe(j, ex[t, j])
+    assert len(st.reuse.ids) == len(st.reuse.prev) <= 2 * WINDOW + CAP + 2 < len(ex)
+    assert st.reuse.told == len(ex)
