@@ -399,8 +399,7 @@ class PrefetchPlugin:
     def _on_routed(self, li: int, experts: np.ndarray, scores: np.ndarray | None) -> None:
         """Layer ``li`` (MoE index) has routed ``experts`` (n, k) on ``scores`` (n, E; when
         captured) for this ubatch's rows."""
-        c, eng = self._c, self.engine_
-        assert eng is not None
+        c = self._c
         n = len(experts)
         block = self.blocks_[li]
         c.layer_events += 1

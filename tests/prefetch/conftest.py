@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from expertpred.gguf.layout import MoELayout, read_layout
@@ -91,3 +92,17 @@ def model_copy(model_file, tmp_path) -> Path:
     shutil.copyfile(model_file, dst)
     make_cold(dst)
     return dst
+
+
+def assert_reuse_online_equals_offline(model, ex: np.ndarray, ids: np.ndarray) -> None:
+    """The policy's online ``NextUseState.log_dist`` equals the offline ``predict_reuse`` of
+    the same sequence, bit for bit, after every routing and after every boundary."""
+    routed, told = model.predict_reuse(ex, ids)
+    st = model.online()
+    for t in range(len(ex)):
+        st.begin_token(int(ids[t]))
+        if t:
+            np.testing.assert_array_equal(st.log_dist, told[t - 1])
+        for j in range(ex.shape[1]):
+            st.observe(j, ex[t, j])
+            np.testing.assert_array_equal(st.log_dist[j], routed[t, j])

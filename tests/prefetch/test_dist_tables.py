@@ -17,6 +17,8 @@ from expertpred.errors import ExpertPredError
 from expertpred.predictors.nextuse import NextUseConfig, NextUseModel
 from expertpred.predictors.reuse import CAP, FAR, fit_dist_tables, next_use_distance, out_of_fold
 
+from .conftest import assert_reuse_online_equals_offline
+
 N_L, N_E, K = 3, 8, 2
 N_ID = 40  # ids follow a fixed cycle of this length; a run covers less than one cycle
 
@@ -87,15 +89,7 @@ def test_training_rows_read_out_of_fold_tables(model) -> None:
 
 def test_online_equals_offline_with_tables(model) -> None:
     ex, ids = corpus(1, seed=7)[0]
-    routed, told = model.predict_reuse(ex, ids)
-    st = model.online()
-    for t in range(len(ex)):
-        st.begin_token(int(ids[t]))
-        if t:
-            np.testing.assert_array_equal(st.log_dist, told[t - 1])
-        for j in range(N_L):
-            st.observe(j, ex[t, j])
-            np.testing.assert_array_equal(st.log_dist[j], routed[t, j])
+    assert_reuse_online_equals_offline(model, ex, ids)
 
 
 def test_tables_round_trip_and_damage_is_one_error(model, tmp_path) -> None:

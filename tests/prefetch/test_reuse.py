@@ -24,6 +24,8 @@ from expertpred.learn.cachesim import simulate
 from expertpred.predictors.nextuse import NextUseConfig, NextUseModel
 from expertpred.predictors.reuse import CAP, FAR, WINDOW, ReuseTracker, next_use_distance
 
+from .conftest import assert_reuse_online_equals_offline
+
 N_L, N_E, K = 3, 8, 2
 PREFIX = 10  # random tokens before the loop starts
 
@@ -90,15 +92,7 @@ def test_copy_distance_is_exact_on_a_loop(model) -> None:
 def test_reuse_online_equals_offline(model) -> None:
     assert model.has_reuse
     ex, ids = looping(40, seed=5)
-    routed, told = model.predict_reuse(ex, ids)
-    st = model.online()
-    for t in range(len(ex)):
-        st.begin_token(int(ids[t]))
-        if t:
-            np.testing.assert_array_equal(st.log_dist, told[t - 1])
-        for j in range(N_L):
-            st.observe(j, ex[t, j])
-            np.testing.assert_array_equal(st.log_dist[j], routed[t, j])
+    assert_reuse_online_equals_offline(model, ex, ids)
 
 
 def test_reuse_head_beats_a_constant(model) -> None:
