@@ -142,14 +142,18 @@ def concat(batches: list[FeatureBatch]) -> FeatureBatch:
 
 # --- batch builder ---------------------------------------------------------------------------
 
-def _history(experts: np.ndarray, n_expert: int, decay: float) -> np.ndarray:
-    """float32 (T, L, E): h[t] = decay·h[t-1] + (1-decay)·onehot(experts[t-1]), h[0] = 0.
+def _history(experts: np.ndarray, n_expert: int, decay: float,
+             h0: np.ndarray | None = None) -> np.ndarray:
+    """float32 (T, L, E): h[t] = decay·h[t-1] + (1-decay)·onehot(experts[t-1]), h[0] = h0
+    (0 by default; a stream cut in pieces passes the state its previous piece ended in).
 
     Same float32 operations in the same order as :meth:`OnlineFeatures.next_token`.
     """
     t_len, n_l, _ = experts.shape
     out = np.zeros((t_len, n_l, n_expert), dtype=np.float32)
-    h = np.zeros((n_l, n_expert), dtype=np.float32)
+    h = np.zeros((n_l, n_expert), dtype=np.float32) if h0 is None else h0.astype(np.float32)
+    if t_len:
+        out[0] = h
     dec, inc = np.float32(decay), np.float32(1.0 - decay)
     for t in range(1, t_len):
         h = dec * h + inc * multihot(experts[t - 1], n_expert)

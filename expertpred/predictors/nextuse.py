@@ -34,7 +34,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Self
 
@@ -43,6 +43,14 @@ import numpy as np
 from ..errors import ExpertPredError
 from ..features import _history, multihot
 from .base import NotFittedError
+from .nextuse_parts import (
+    StreamStart,
+    TableSums,
+    grad_hess,
+    newton,
+    sample_keys,
+    table_sums,
+)
 from .reuse import (
     CAP,
     ReuseHead,
@@ -100,10 +108,11 @@ def _age_buckets(age: np.ndarray) -> np.ndarray:
 N_BUCKETS = len(AGE_EDGES) + 2
 
 
-def _ages(used: np.ndarray) -> np.ndarray:
-    """int64 (T, L, E): tokens since last use at or before each token (0 = used then)."""
+def _ages(used: np.ndarray, age0: np.ndarray | None = None) -> np.ndarray:
+    """int64 (T, L, E): tokens since last use at or before each token (0 = used then);
+    ``age0``: the ages the tokens before these left (a piece of a longer stream)."""
     out = np.empty(used.shape, np.int64)
-    age = np.full(used.shape[1:], NEVER_AGE, np.int64)
+    age = np.full(used.shape[1:], NEVER_AGE, np.int64) if age0 is None else age0.copy()
     for t in range(used.shape[0]):
         age = np.where(used[t], 0, np.minimum(age + 1, NEVER_AGE))
         out[t] = age
@@ -124,14 +133,17 @@ class _Rows:
 
 
 def sequence_rows(experts: np.ndarray, n_expert: int, config: NextUseConfig,
-                  tokens: np.ndarray | None = None) -> _Rows:
+                  tokens: np.ndarray | None = None, start: StreamStart | None = None,
+                  n_own: int | None = None) -> _Rows:
     """The state after each (token, layer) of one sequence's experts (T, L, k) and, when
-    given, its token ids (T,)."""
+    given, its token ids (T,). A piece of a longer stream passes the ``start`` state and
+    its continuation after its ``n_own`` tokens (the targets and the next id read it)."""
     ex = np.asarray(experts)
     t_len, n_l, _ = ex.shape
     used = multihot(ex.reshape(t_len * n_l, -1), n_expert).reshape(t_len, n_l, n_expert) > 0
     pad = np.concatenate([ex, np.full((1, *ex.shape[1:]), -1, ex.dtype)])
-    hist = _history(pad, n_expert, config.history_decay)[1:]  # h after token t
+    hist = _history(pad, n_expert, config.history_decay,  # h after token t
+                    None if start is None else start.history)[1:]
     c = np.concatenate([np.zeros((1, n_l, n_expert), np.int32),
                         np.cumsum(used, axis=0, dtype=np.int32)])
     end = np.minimum(np.arange(t_len) + 1 + config.horizon, t_len)
@@ -141,7 +153,11 @@ def sequence_rows(experts: np.ndarray, n_expert: int, config: NextUseConfig,
     if len(cur) != t_len:
         raise ExpertPredError(f"{len(cur)} token ids for {t_len} tokens of experts")
     nxt = np.concatenate([cur[1:], [-1]])
-    return _Rows(used, _ages(used), hist, target, valid, cur, nxt)
+    rows = _Rows(used, _ages(used, None if start is None else start.age), hist, target,
+                 valid, cur, nxt)
+    if n_own is None:
+        return rows
+    return _Rows(**{f.name: getattr(rows, f.name)[:n_own] for f in fields(_Rows)})
 
 
 class NextUseModel:
@@ -209,44 +225,14 @@ class NextUseModel:
         if not rows:
             raise ExpertPredError(f"next-use model: no sequence longer than the horizon "
                                   f"({cfg.horizon} tokens)")
-        l_n, e_n, a = self.n_layer, self.n_expert, cfg.alpha
-        # 1. transition and popularity tables: counts over valid (t, j) rows
-        co = np.zeros((l_n, e_n, e_n))
-        seen = np.zeros((l_n, e_n))
-        hit = np.zeros((l_n, e_n))
-        n_rows = 0
-        for r in rows:
-            u = r.used[r.valid].astype(np.float64)
-            y = r.target[r.valid].astype(np.float64)
-            co += np.einsum("tli,tle->lie", u, y)
-            seen += u.sum(axis=0)
-            hit += y.sum(axis=0)
-            n_rows += len(u)
-        self.trans_ = (co + a * (hit[:, None, :] + a) / (n_rows + 2 * a)) / (seen[:, :, None] + a)
-        self.pop_ = (hit + a) / (n_rows + 2 * a)
-        if cfg.token_features and tokens is not None:
-            self._fit_token_tables(rows)
+        # 1. transition, popularity and token tables: counts over valid (t, j) rows
+        self.set_tables(table_sums(rows, self.n_layer, self.n_expert,
+                                   cfg.token_features and tokens is not None))
         # 2. logistic weights on a uniform sample of (token, layer) rows
-        used = np.concatenate([r.used[r.valid] for r in rows]).reshape(-1, e_n)
-        age = np.concatenate([r.age[r.valid] for r in rows]).reshape(-1, e_n)
-        hist = np.concatenate([r.history[r.valid] for r in rows]).reshape(-1, e_n)
-        y = np.concatenate([r.target[r.valid] for r in rows]).reshape(-1, e_n)
-        cur = np.concatenate([np.repeat(r.cur[r.valid], l_n) for r in rows])
-        nxt = np.concatenate([np.repeat(r.nxt[r.valid], l_n) for r in rows])
-        layer = np.tile(np.arange(l_n), len(used) // l_n)
-        keep = max(1, cfg.max_rows // e_n)  # the token model fits on twice this (below)
-        if len(used) > keep:
-            idx = np.sort(np.random.default_rng(cfg.seed).permutation(len(used))[:keep])
-            used, age, hist, y, layer = used[idx], age[idx], hist[idx], y[idx], layer[idx]
-            cur, nxt = cur[idx], nxt[idx]
-        if self.uses_tokens:
-            # each row twice: with the next id (after the token boundary) and without (from
-            # its layer's routing to the boundary); online, both states make decisions
-            used, age, hist, y, layer, cur = (np.concatenate([a, a]) for a in (
-                used, age, hist, y, layer, cur))
-            nxt = np.concatenate([nxt, np.full_like(nxt, -1)])
-        x = self._columns(used, age, hist, layer, cur, nxt).reshape(-1, self._n_features())
-        self.coef_ = _logistic(x, y.reshape(-1).astype(np.float64), cfg.l2, cfg.newton_steps)
+        n = sum(int(r.valid.sum()) for r in rows) * self.n_layer
+        keys = sample_keys(cfg.seed, n)
+        x, y = self.design(rows, keys <= self.sample_threshold(keys))
+        self.coef_ = _logistic(x, y, cfg.l2, cfg.newton_steps)
         self.n_train_rows_ = int(len(x))
         if cfg.reuse:
             # 3. the distance head: every row state of every sequence, as online
@@ -257,24 +243,47 @@ class NextUseModel:
                                     cfg.reuse_l2, cfg.reuse_hidden, cfg.reuse_epochs, cfg.seed)
         return self
 
-    def _fit_token_tables(self, rows: list[_Rows]) -> None:
-        """Per token id v and (layer, expert): log-odds of P(target | v) for the row's own
-        token and for the next one, smoothed with ``token_prior`` rows of popularity, minus
-        the popularity's log-odds (so an unseen or unknown id adds 0)."""
-        cur = np.concatenate([r.cur[r.valid] for r in rows])
-        nxt = np.concatenate([r.nxt[r.valid] for r in rows])
-        y = np.concatenate([r.target[r.valid] for r in rows]).astype(np.float64)
-        ids = np.unique(np.concatenate([cur, nxt]))
-        self.tok_ids_ = ids[ids >= 0]
+    def set_tables(self, s: TableSums) -> None:
+        """The transition and popularity tables from their counts, and (when ``s`` counted
+        token ids) per token id v and (layer, expert) the log-odds of P(target | v) for the
+        row's own token and for the next one, smoothed with ``token_prior`` rows of
+        popularity, minus the popularity's log-odds (so an unseen or unknown id adds 0)."""
+        a = self.config.alpha
+        self.trans_ = (s.co + a * (s.hit[:, None, :] + a) / (s.n_rows + 2 * a)) / (
+            s.seen[:, :, None] + a)
+        self.pop_ = (s.hit + a) / (s.n_rows + 2 * a)
+        if not s.tokens:
+            return
+        self.tok_ids_ = s.ids
         m, pop = self.config.token_prior, self.pop_
-        for name, key in (("tok_cur_", cur), ("tok_nxt_", nxt)):
-            ok = key >= 0
-            i = np.searchsorted(self.tok_ids_, key[ok])
-            cnt = np.bincount(i, minlength=len(self.tok_ids_)).astype(np.float64)
-            ysum = np.zeros((len(self.tok_ids_), *pop.shape))
-            np.add.at(ysum, i, y[ok])
+        for name, cnt, ysum in zip(("tok_cur_", "tok_nxt_"), s.cnt, s.ysum, strict=True):
             p = (ysum + m * pop) / (cnt[:, None, None] + m)
             setattr(self, name, _logit(p) - _logit(pop)[None])
+
+    def sample_threshold(self, keys: np.ndarray) -> float:
+        """The largest key kept: the ``max_rows // E``-th smallest (every key if fewer)."""
+        keep = max(1, self.config.max_rows // self.n_expert)  # the token model doubles it
+        return float(np.partition(keys, keep - 1)[keep - 1]) if len(keys) > keep else np.inf
+
+    def design(self, rows: Sequence[_Rows], pick: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(columns (n, F), target (n,)) of the valid (token, layer) rows of ``rows`` where
+        ``pick`` (bool, one per such row in stream order) is set."""
+        l_n, e_n = self.n_layer, self.n_expert
+        used = np.concatenate([r.used[r.valid] for r in rows]).reshape(-1, e_n)[pick]
+        age = np.concatenate([r.age[r.valid] for r in rows]).reshape(-1, e_n)[pick]
+        hist = np.concatenate([r.history[r.valid] for r in rows]).reshape(-1, e_n)[pick]
+        y = np.concatenate([r.target[r.valid] for r in rows]).reshape(-1, e_n)[pick]
+        cur = np.concatenate([np.repeat(r.cur[r.valid], l_n) for r in rows])[pick]
+        nxt = np.concatenate([np.repeat(r.nxt[r.valid], l_n) for r in rows])[pick]
+        layer = np.tile(np.arange(l_n), len(pick) // l_n)[pick]
+        if self.uses_tokens:
+            # each row twice: with the next id (after the token boundary) and without (from
+            # its layer's routing to the boundary); online, both states make decisions
+            used, age, hist, y, layer, cur = (np.concatenate([a, a]) for a in (
+                used, age, hist, y, layer, cur))
+            nxt = np.concatenate([nxt, np.full_like(nxt, -1)])
+        x = self._columns(used, age, hist, layer, cur, nxt).reshape(-1, self._n_features())
+        return x, y.reshape(-1).astype(np.float64)
 
     def _n_features(self) -> int:
         return 4 + (N_BUCKETS - 1) + self.n_layer + (2 if self.uses_tokens else 0)
@@ -482,18 +491,7 @@ class NextUseState:
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int) -> np.ndarray:
-    """Ridge-regularized logistic regression by Newton's method (x: (n, F), y in {0, 1})."""
-    w = np.zeros(x.shape[1])
-    reg = l2 * len(x) * np.eye(x.shape[1])
-    for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-(x @ w)))
-        g = x.T @ (p - y) + reg @ w
-        h = (x * (p * (1 - p))[:, None]).T @ x + reg
-        step = np.linalg.solve(h, g)
-        w -= step
-        if np.abs(step).max() < 1e-6:
-            break
-    return w
+    return newton(lambda w: grad_hess(x, y, w), len(x), x.shape[1], l2, steps)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DistTables = tuple[np.ndarray, np.ndarray]  # per-id mean distance deviations: (cur, nxt)
+# the sums behind them: per id (cur, nxt) distance sums and counts, per (layer, expert) both
+DistSums = tuple[DistTables, DistTables, np.ndarray, np.ndarray]
 
 DECAYS = (0.5, 0.8, 0.9, 0.97)  # EDC time scales: ~2, 5, 10, 33 tokens
 CAP = 32  # distances are regressed up to this many tokens (Belady capped at 16-32 = Belady)
@@ -270,17 +272,22 @@ def next_use_distance(used: np.ndarray) -> np.ndarray:
 
 def reuse_rows(model: NextUseModel, experts: np.ndarray, tokens: np.ndarray | None,
                fold_tables: Sequence[DistTables] | None = None,
-               fold_of: np.ndarray | None = None,
+               fold_of: np.ndarray | None = None, tracker: ReuseTracker | None = None,
+               start: int = 0, stop: int | None = None,
                ) -> Iterable[tuple[int, int, bool, np.ndarray]]:
     """Replay one sequence through a fresh tracker as the online policy sees it; yields
     (token, layer, known_next, columns (E, F)) for every row state: after each routing,
     and (with token ids) again at each boundary for the rows of the previous token.
     ``fold_tables`` / ``fold_of`` (int (T,)): the rows of token t read the distance tables
-    ``fold_tables[fold_of[t]]`` (training: tables counted without t's fold)."""
+    ``fold_tables[fold_of[t]]`` (training: tables counted without t's fold).
+
+    A piece of a longer stream replays tokens ``start .. stop`` only, through the
+    ``tracker`` the tokens before ``start`` left (token ``start - 1`` is the previous
+    piece's last: its boundary rows are this piece's)."""
     ex = np.asarray(experts)
     t_len, n_l, _ = ex.shape
-    tr = ReuseTracker(model)
-    for t in range(t_len):
+    tr = ReuseTracker(model) if tracker is None else tracker
+    for t in range(start, t_len if stop is None else stop):
         if tokens is not None:
             tr.begin_token(int(tokens[t]))
             if t > 0 and model.uses_tokens:
@@ -371,6 +378,21 @@ def fit_dist_tables(model: NextUseModel, sequences: list[np.ndarray],
 
     The per-id probability tables know only the next token; greedy text after an id
     repeats itself for several tokens, so its mean distance also knows the tokens after."""
+    return dist_tables(dist_sums(model, sequences, tokens, keep), prior)
+
+
+def dist_tables(s: DistSums, prior: float) -> DistTables:
+    """:func:`fit_dist_tables` from the sums :func:`dist_sums` counted."""
+    sums, cnts, tot, n_tot = s
+    mu = tot / np.maximum(n_tot, 1.0)
+    return tuple((sums[k] + prior * mu) / (cnts[k] + prior) - mu  # type: ignore[return-value]
+                 for k in (0, 1))
+
+
+def dist_sums(model: NextUseModel, sequences: list[np.ndarray], tokens: list[np.ndarray],
+              keep: list[np.ndarray] | None = None) -> DistSums:
+    """The sums behind :func:`fit_dist_tables`: per id (own, next) the log2 distances and
+    their count, and per (layer, expert) all of them; sums, so pieces add."""
     ids = model.tok_ids_
     shape = (len(ids), model.n_layer, model.n_expert)
     sums = {k: np.zeros(shape) for k in ("cur", "nxt")}
@@ -389,9 +411,7 @@ def fit_dist_tables(model: NextUseModel, sequences: list[np.ndarray],
             found = ids[i] == v
             np.add.at(sums[key], i[found], y[rows][found])
             np.add.at(cnts[key], i[found], ok[rows][found])
-    mu = tot / np.maximum(n_tot, 1.0)
-    return tuple((sums[k] + prior * mu) / (cnts[k] + prior) - mu  # type: ignore[return-value]
-                 for k in ("cur", "nxt"))
+    return (sums["cur"], sums["nxt"]), (cnts["cur"], cnts["nxt"]), tot, n_tot
 
 
 def out_of_fold(model: NextUseModel, sequences: list[np.ndarray], tokens: list[np.ndarray],
@@ -419,11 +439,22 @@ def _rows(model: NextUseModel, sequences: list[np.ndarray],
                        if model.has_dist_tables and tokens is not None
                        else ([None] * len(sequences), None))
     for i, s in enumerate(sequences):
-        y_all, known = reuse_labels(s, model.n_expert)
-        tk = None if tokens is None else tokens[i]
-        for t, j, _, x in reuse_rows(model, np.asarray(s), tk, tables, fold_of[i]):
-            ok = known[t, j]
-            yield x[ok], y_all[t, j][ok]
+        yield from labelled_rows(model, s, None if tokens is None else tokens[i], tables,
+                                 fold_of[i])
+
+
+def labelled_rows(model: NextUseModel, experts: np.ndarray, tokens: np.ndarray | None,
+                  tables: Sequence[DistTables] | None, fold_of: np.ndarray | None,
+                  tracker: ReuseTracker | None = None, start: int = 0,
+                  stop: int | None = None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """(columns (n, F), label (n,)) of the rows of one sequence (or of a piece of the
+    stream, as :func:`reuse_rows`; its labels read the continuation after ``stop``) whose
+    distance is known."""
+    y_all, known = reuse_labels(experts, model.n_expert)
+    for t, j, _, x in reuse_rows(model, np.asarray(experts), tokens, tables, fold_of,
+                                 tracker, start, stop):
+        ok = known[t, j]
+        yield x[ok], y_all[t, j][ok]
 
 
 def fit_reuse(model: NextUseModel, sequences: list[np.ndarray],
