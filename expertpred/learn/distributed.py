@@ -12,8 +12,8 @@ the work runs changes:
 3. LightGBM: ``lightgbm.dask`` per (source layer, expert) on Dask arrays (:mod:`.dask_lgbm`);
 4. the MLPs: torch ``DistributedDataParallel`` over gloo, one rank per worker holding
    partitions (:mod:`.ddp`);
-5. the next-use model of the learned residency policy: one task on a worker (it is not a
-   reduction yet; it reads the training partitions' sequences itself).
+5. the next-use model of the learned residency policy: one task per shard, the stream's
+   state carried from piece to piece and every fit a sum over pieces (:mod:`.dask_nextuse`).
 
 Every fit finishes before anything is written, and a worker that dies mid-training is one
 error line (:class:`~.shards.WorkerLostError`), so a failed run leaves no partial models.
@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import ExpertPredError
-from ..features import FeatureBatch, FeatureConfig, ModelInfo
+from ..features import FeatureBatch, FeatureConfig
 from ..predictors import Predictor
 from ..predictors.kernels import freq_from_counts, layer_counts
 from ..predictors.prev_transition import weight_rows
 from ..predictors.transition import table_from_counts, transition_counts
+from .dask_nextuse import fit_nextuse_distributed
 from .shards import (
     Guard,
     NoProgress,
@@ -43,14 +44,12 @@ from .shards import (
     ShardInput,
     WorkerLostError,
     check_dataset,
-    task_sequences,
 )
 from .train import (
     NEXTUSE_FILE,
     FitResult,
     PredictorsConfig,
     TraceSource,
-    fit_nextuse_on,
     open_source,
     phase_value,
     rung_to_fit,
@@ -74,11 +73,6 @@ def task_counts(b: FeatureBatch) -> tuple[np.ndarray, np.ndarray]:
 def task_add_counts(a: tuple[np.ndarray, np.ndarray],
                     b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return a[0] + b[0], a[1] + b[1]  # whole numbers below 2**53: exact in any order
-
-
-def task_nextuse(cfg: PredictorsConfig, model: ModelInfo, inputs: list[ShardInput]) -> Any:
-    """The next-use model on the partitions' sequences (read here, on one worker)."""
-    return fit_nextuse_on(cfg, model, task_sequences(inputs))
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -221,12 +215,9 @@ def train_distributed(cfg: PredictorsConfig, client: Any,
     log.info("training on %d sequences of %s (distributed)", len(train_ids),
              source.description)
     fitted = fit_all_distributed(cfg, source, train_ids, client, progress)
-    progress.start("next-use model (one worker task)", 1)
     guard = Guard(client)
-    inputs = shard_inputs(client, source, train_ids)
-    nextuse = guard.gather(client.submit(task_nextuse, cfg, source.model, inputs, pure=False),
-                           "the next-use model")
-    progress.advance()
+    nextuse = fit_nextuse_distributed(cfg, source.model, client, guard,
+                                      shard_inputs(client, source, train_ids), progress)
     guard.check("training")  # the last chance to fail before anything is written
     paths = save_all(fitted, Path(cfg.out) / "models")
     paths.append(nextuse.save(Path(cfg.out) / "models" / NEXTUSE_FILE))

@@ -87,6 +87,8 @@ class PredictorsConfig:
     # (numpy inference; 32 read 1-3 % fewer bytes than ridge alone on all three shipped
     # traces at ~2x the fit time: docs/residency.md)
     residency_reuse_epochs: int = 4  # epochs of that MLP
+    residency_max_rows: int = 1_000_000  # (token, layer, expert) rows the next-use model's
+    # logistic fits on: a uniform sample of them, chosen by per-row keys
     plots: bool = True
     out: str = "runs/predictors"  # models/, report.json and plots land here
 
@@ -102,6 +104,9 @@ class PredictorsConfig:
                                       f"{', '.join(known)}")
         if not self.offsets or min(self.offsets) < 1:
             raise ExpertPredError(f"config offsets={list(self.offsets)}: expected d >= 1")
+        if self.residency_max_rows < 1:
+            raise ExpertPredError(f"config residency_max_rows={self.residency_max_rows}: "
+                                  "expected >= 1")
         if self.residency_horizon < 1:
             raise ExpertPredError(f"config residency_horizon={self.residency_horizon}: "
                                   "expected >= 1 token")
@@ -331,17 +336,30 @@ def fit_nextuse(cfg: PredictorsConfig, source: TraceSource,
 def fit_nextuse_on(cfg: PredictorsConfig, model: ModelInfo,
                    sequences: Iterable[SequenceTrace]) -> NextUseModel:
     """:func:`fit_nextuse` on ``sequences`` in stream order (a Dask worker has no source)."""
-    nc = NextUseConfig(horizon=cfg.residency_horizon, history_decay=cfg.history_decay,
-                       seed=cfg.seed, reuse_hidden=cfg.residency_reuse_hidden,
-                       reuse_epochs=cfg.residency_reuse_epochs)
+    experts, tokens = nextuse_stream(cfg, sequences)
+    return NextUseModel(model.n_moe, model.n_expert, nextuse_config(cfg)).fit(
+        [experts], [tokens])
+
+
+def nextuse_config(cfg: PredictorsConfig) -> NextUseConfig:
+    return NextUseConfig(horizon=cfg.residency_horizon, history_decay=cfg.history_decay,
+                         seed=cfg.seed, reuse_hidden=cfg.residency_reuse_hidden,
+                         reuse_epochs=cfg.residency_reuse_epochs,
+                         max_rows=cfg.residency_max_rows)
+
+
+def nextuse_stream(cfg: PredictorsConfig, sequences: Iterable[SequenceTrace],
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(experts (T, L, k), token ids (T,)): the ``residency_phase`` tokens of ``sequences``
+    one after another, the one stream the next-use model learns from (a serving process
+    keeps its residency across prompts)."""
     keep = phase_value(cfg.residency_phase)
     experts, tokens = [], []
     for t in sequences:
         pos = np.arange(t.n_tokens) if keep is None else np.flatnonzero(t.phase == keep)
         experts.append(t.experts[pos])
         tokens.append(t.tokens[pos])
-    return NextUseModel(model.n_moe, model.n_expert, nc).fit(
-        [np.concatenate(experts)], [np.concatenate(tokens)])
+    return np.concatenate(experts), np.concatenate(tokens)
 
 
 NEXTUSE_FILE = "nextuse.npz"  # in <out>/models, next to the ladder's predictors

@@ -203,3 +203,41 @@ def test_cluster_cli_trains_the_same_tables(tmp_path):
         assert f.read_bytes() == (tmp_path / "many/models" / f.name).read_bytes(), f.name
     got = np.load(tmp_path / "many/models/nextuse.npz")
     assert len(got.files) > 0
+
+
+@pytest.mark.parametrize("pieces", ["shards", "one-sequence"])
+def test_nextuse_model_per_shard_equals_single_process(client, tmp_path, pieces):
+    """The next-use model fitted one task per piece equals the one-process fit. With one
+    sequence per piece most pieces are shorter than the 33 tokens a row looks ahead, and
+    ``residency_max_rows`` makes the row sample bind: the carried state, the continuation
+    and the per-row sampling keys all have to be right."""
+    from expertpred.learn.dask_nextuse import fit_nextuse_distributed
+    from expertpred.learn.distributed import shard_inputs
+    from expertpred.learn.shards import Guard, NoProgress, ShardInput
+    from expertpred.learn.train import fit_nextuse
+    from expertpred.predictors.reuse import CAP
+
+    cfg = _cfg(tmp_path, *(["--residency_max_rows=20000"] if pieces != "shards" else []))
+    source = open_source(cfg)
+    ids = source.select(split="train")
+    one = fit_nextuse(cfg, source, ids)
+    if pieces == "shards":
+        inputs = shard_inputs(client, source, ids)
+    else:
+        inputs = client.scatter([ShardInput("", (t.seq_id,), (t,))
+                                 for t in source.sequences(ids)], broadcast=False)
+    many = fit_nextuse_distributed(cfg, source.model, client, Guard(client), inputs,
+                                   NoProgress())
+    with np.load(one.save(tmp_path / "one.npz")) as a, \
+            np.load(many.save(tmp_path / "many.npz")) as b:
+        assert a.files == b.files
+        for k in a.files:
+            if a[k].dtype.kind == "f":
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-8, atol=1e-10, err_msg=k)
+            else:
+                assert np.array_equal(a[k], b[k]), k
+    if pieces != "shards":  # the sample bound (rows twice: with and without the next id),
+        # and pieces shorter than a row's look-ahead were there
+        assert one.n_train_rows_ == many.n_train_rows_ <= 2 * 20000
+        decode = [int((t.phase == phase_value("decode")).sum()) for t in source.sequences(ids)]
+        assert min(decode) < CAP + 1, decode
