@@ -15,7 +15,7 @@ generating stays cheap), then trained twice, each run in a fresh child process:
 
 Reported per run: wall seconds, the driver's peak RSS (VmHWM) and each worker's peak RSS,
 and their growth from the smallest size; also the workers' peak when the ladder is done
-(before the next-use model's one task, which reads every training trace). Rounds alternate
+(before the next-use model's passes, one task per shard since session 6). Rounds alternate
 single / cluster so a noisy neighbour hits both. On a 2-core machine two workers cannot
 beat one process on time; the point is memory (the driver stays flat, a worker holds its
 shards) and that it runs.

@@ -45,6 +45,8 @@ from ..predictors.reuse import (
     dist_tables,
     labelled_rows,
     n_reuse_features,
+    ridge_solve,
+    ridge_sums,
 )
 from .shards import (
     Guard,
@@ -202,12 +204,8 @@ def task_ridge(model: NextUseModel, p: Piece, ctx: Context, before: Carry | None
     fold = ctx.folds(ctx.offset - first, len(ext.tokens))
     tr = None if before is None else _attach(before.tracker, model)
     n_f = n_reuse_features(model.n_layer, model.uses_tokens, model.has_dist_tables)
-    xtx, xty, n = np.zeros((n_f, n_f)), np.zeros(n_f), 0
-    for x, y in labelled_rows(model, ext.experts, ext.tokens, tables, fold, tr, first,
-                              first + len(p.tokens)):
-        xtx += x.T @ x
-        xty += x.T @ y
-        n += len(x)
+    xtx, xty, n = ridge_sums(labelled_rows(model, ext.experts, ext.tokens, tables, fold, tr,
+                                           first, first + len(p.tokens)), n_f)
     return xtx, xty, np.array([float(n)])
 
 
@@ -301,10 +299,7 @@ def fit_nextuse_distributed(cfg: PredictorsConfig, model_info: ModelInfo, client
         xtx, xty, n = reduce([client.submit(task_ridge, m, p, c, b, tables, pure=False)
                               for p, c, b in zip(pieces, ctxs, carries, strict=True)],
                              task_add_pair, "next-use distance head")
-        if not n[0]:
-            raise ExpertPredError("next-use model: no row with a known reuse distance")
-        n_f = len(xty)
-        model.reuse_ = ReuseHead(np.linalg.solve(xtx + nc.reuse_l2 * n[0] * np.eye(n_f), xty))
+        model.reuse_ = ReuseHead(ridge_solve(xtx, xty, int(n[0]), nc.reuse_l2))
     progress.advance()
     return model
 
