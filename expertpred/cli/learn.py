@@ -37,8 +37,10 @@ def train_cmd(
         fitted, paths = train(cfg)
     else:
         from ..learn.cluster import open_cluster
+        from ..learn.dask_nextuse import check_config
         from ..learn.distributed import train_distributed
 
+        check_config(cfg)  # before the cluster starts
         console.print(f"training on a {spec.describe()}", highlight=False)
         with open_cluster(spec) as client, _StepProgress() as progress:
             fitted, paths = train_distributed(cfg, client, progress)

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import ExpertPredError
 from ..features import ModelInfo
-from ..predictors.nextuse import NextUseModel, sequence_rows
+from ..predictors.nextuse import NextUseConfig, NextUseModel, sequence_rows
 from ..predictors.nextuse_parts import StreamStart, TableSums, grad_hess, newton, table_sums
 from ..predictors.reuse import (
     CAP,
@@ -211,6 +211,16 @@ def task_ridge(model: NextUseModel, p: Piece, ctx: Context, before: Carry | None
 
 # --- driver -------------------------------------------------------------------------------
 
+def check_config(cfg: PredictorsConfig) -> NextUseConfig:
+    """The next-use config, refused before any training when it has no distributed fit."""
+    nc = nextuse_config(cfg)
+    if nc.reuse_hidden > 0 and nc.reuse_epochs > 0:
+        raise ExpertPredError(f"config residency_reuse_hidden={nc.reuse_hidden}: the distance "
+                              "head's MLP has no distributed fit; set it to 0 or train "
+                              "without --cluster")
+    return nc
+
+
 def _contexts(ends: list[tuple[Piece, Piece | None, int]], ahead: int) -> list[Context]:
     """Each piece's offset, previous token and continuation, from every piece's ends."""
     total = sum(n for _, _, n in ends)
@@ -236,11 +246,7 @@ def fit_nextuse_distributed(cfg: PredictorsConfig, model_info: ModelInfo, client
                             guard: Guard, inputs: list[Any], progress: Progress,
                             ) -> NextUseModel:
     """:func:`~expertpred.learn.train.fit_nextuse` with one task per shard."""
-    nc = nextuse_config(cfg)
-    if nc.reuse_hidden > 0 and nc.reuse_epochs > 0:
-        raise ExpertPredError(f"config residency_reuse_hidden={nc.reuse_hidden}: the distance "
-                              "head's MLP has no distributed fit; set it to 0 or train "
-                              "without --cluster")
+    nc = check_config(cfg)
     model = NextUseModel(model_info.n_moe, model_info.n_expert, nc)
     progress.start("next-use model: 5 passes over the shards", 5)
     pieces = [client.submit(task_piece, cfg, inp, pure=False) for inp in inputs]

@@ -35,7 +35,7 @@ from ..predictors import Predictor
 from ..predictors.kernels import freq_from_counts, layer_counts
 from ..predictors.prev_transition import weight_rows
 from ..predictors.transition import table_from_counts, transition_counts
-from .dask_nextuse import fit_nextuse_distributed
+from .dask_nextuse import check_config, fit_nextuse_distributed
 from .shards import (
     Guard,
     NoProgress,
@@ -210,6 +210,7 @@ def train_distributed(cfg: PredictorsConfig, client: Any,
     """:func:`~expertpred.learn.train.train` on a Dask cluster; writes only after every fit
     (and the next-use model) succeeded."""
     progress = progress or NoProgress()
+    check_config(cfg)
     source = open_source(cfg)
     train_ids = source.select(split="train")
     log.info("training on %d sequences of %s (distributed)", len(train_ids),

@@ -175,6 +175,7 @@ def test_single_machine_path_imports_no_dask(tmp_path):
     (["--scheduler", "localhost:8786"], "expected tcp://HOST:PORT"),
     (["--cluster", "local:2", "--scheduler", "tcp://127.0.0.1:8786"], "got both"),
     (["--scheduler", "tcp://127.0.0.1:1"], "cannot connect"),
+    (["--cluster", "local:1", "--residency_reuse_hidden=32"], "no distributed fit"),
 ])
 def test_bad_cluster_values_are_one_error_line(tmp_path, args, match):
     t0 = time.monotonic()
