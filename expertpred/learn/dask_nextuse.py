@@ -301,7 +301,7 @@ def fit_nextuse_distributed(cfg: PredictorsConfig, model_info: ModelInfo, client
     # 5. the distance head's ridge
     if nc.reuse:
         m = client.scatter(model, broadcast=True, hash=False)
-        tables = client.scatter(folds, broadcast=True) if folds is not None else None
+        tables = client.scatter(folds, broadcast=True, hash=False) if folds is not None else None
         xtx, xty, n = reduce([client.submit(task_ridge, m, p, c, b, tables, pure=False)
                               for p, c, b in zip(pieces, ctxs, carries, strict=True)],
                              task_add_pair, "next-use distance head")

@@ -96,7 +96,10 @@ def shard_inputs(client: Any, source: TraceSource, seq_ids: Sequence[int]) -> li
                             for i in range(0, len(traces), SYNTHETIC_CHUNK))]
     if not inputs:
         raise ExpertPredError("too few examples to train: no training sequences selected")
-    return client.scatter(inputs, broadcast=False)
+    # hash=False: unique keys. The ladder scatters the same inputs first and releases them
+    # when it is done; content-hashed keys made this second scatter share those keys, and
+    # the late release cancelled the next-use model's tasks ("lost dependencies")
+    return client.scatter(inputs, broadcast=False, hash=False)
 
 
 # --- fitting --------------------------------------------------------------------------------
