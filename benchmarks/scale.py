@@ -74,13 +74,13 @@ def write_dataset(out: Path, tokens: int, shard_rows: int) -> int:
 
 
 def child(mode: str, dataset: str, out: str, workers: int, predictors: str,
-          offsets: str) -> dict:
+          offsets: str, extra: list[str]) -> dict:
     """One training run in this (fresh) process; returns its measurements."""
     from expertpred.learn.train import load_config, train
 
     cfg = load_config(None, [f"--dataset={dataset}", f"--out={out}",
                              f"--predictors={predictors}", f"--offsets={offsets}",
-                             "--mlp_epochs=2", "--plots=false"])
+                             "--mlp_epochs=2", "--plots=false", *extra])
     t0 = time.perf_counter()
     worker_peaks: list[float] = []
     ladder: list[float] = []
@@ -118,7 +118,7 @@ class _PeakBeforeNextUse:
 def run_child(args: argparse.Namespace, mode: str, dataset: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--dataset", str(dataset),
            "--out", str(out), "--workers", str(args.workers), "--predictors", args.predictors,
-           "--offsets", args.offsets]
+           "--offsets", args.offsets, *(f"--set={kv}" for kv in args.set)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode != 0:
@@ -138,13 +138,16 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per training run")
     ap.add_argument("--dir", default=None, help="where the synthetic datasets go")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training-config override (repeatable), e.g. max_train_rows=20000")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.dataset, args.out, args.workers,
-                               args.predictors, args.offsets)))
+                               args.predictors, args.offsets,
+                               [f"--{kv}" for kv in args.set])))
         return
     from expertpred.trace.dataset import TraceDataset
 

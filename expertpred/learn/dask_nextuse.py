@@ -263,7 +263,7 @@ def fit_nextuse_distributed(cfg: PredictorsConfig, model_info: ModelInfo, client
         return guard.gather(tree_reduce(client, futs, add), step)
 
     # 1. tables (and token tables): exact counts
-    m = client.scatter(model, broadcast=True, hash=False)
+    m = _everywhere(client, guard, model)
     per_piece = [client.submit(task_table_sums, m, p, c, pure=False)
                  for p, c in zip(pieces, ctxs, strict=True)]
     n_valid = guard.gather([client.submit(task_n_rows, s, pure=False) for s in per_piece],
@@ -278,7 +278,7 @@ def fit_nextuse_distributed(cfg: PredictorsConfig, model_info: ModelInfo, client
     # 2. distance tables: per-fold sums; a fold's out-of-fold table sums the others
     folds = None
     if model.uses_tokens and nc.dist_tables and nc.reuse:
-        m = client.scatter(model, broadcast=True, hash=False)
+        m = _everywhere(client, guard, model)
         by_fold = reduce([client.submit(task_dist_sums, m, p, c, pure=False)
                           for p, c in zip(pieces, ctxs, strict=True)], task_add_dist,
                          "next-use distance tables")
@@ -289,7 +289,7 @@ def fit_nextuse_distributed(cfg: PredictorsConfig, model_info: ModelInfo, client
                              or _zero_like(every), nc.token_prior) for k in range(DIST_FOLDS)]
     progress.advance()
     # 3. the chain: each piece's start state (serial, cheap)
-    m = client.scatter(model, broadcast=True, hash=False)
+    m = _everywhere(client, guard, model)
     carries: list[Any] = [None]
     for p in pieces[:-1]:
         carries.append(client.submit(task_carry, m, p, carries[-1], pure=False))
@@ -300,14 +300,21 @@ def fit_nextuse_distributed(cfg: PredictorsConfig, model_info: ModelInfo, client
     progress.advance()
     # 5. the distance head's ridge
     if nc.reuse:
-        m = client.scatter(model, broadcast=True, hash=False)
-        tables = client.scatter(folds, broadcast=True, hash=False) if folds is not None else None
+        m = _everywhere(client, guard, model)
+        tables = _everywhere(client, guard, folds) if folds is not None else None
         xtx, xty, n = reduce([client.submit(task_ridge, m, p, c, b, tables, pure=False)
                               for p, c, b in zip(pieces, ctxs, carries, strict=True)],
                              task_add_pair, "next-use distance head")
         model.reuse_ = ReuseHead(ridge_solve(xtx, xty, int(n[0]), nc.reuse_l2))
     progress.advance()
     return model
+
+
+def _everywhere(client: Any, guard: Guard, value: Any) -> Any:
+    """``value`` on every worker under a fresh key, watched: a scatter to a worker that
+    just died raises a connection error (or waits), which the guard names."""
+    return guard.run(lambda: client.scatter(value, broadcast=True, hash=False),
+                     "the next-use model's broadcast")
 
 
 def _sum_dist(parts: list[DistSums]) -> DistSums | None:
@@ -335,7 +342,7 @@ def _fit_logistic(model: NextUseModel, client: Any, guard: Guard, parts: list[li
                   for o, n in zip(offsets, n_rows, strict=True) if n]
         threshold = float(guard.gather(tree_reduce(client, bottom, task_merge_keys, keep),
                                        "next-use row sample")[keep - 1])
-    m = client.scatter(model, broadcast=True, hash=False)
+    m = _everywhere(client, guard, model)
     xy = [client.submit(task_design, m, p, c, b, seed, o, threshold, pure=False)
           for p, c, b, o in zip(pieces, ctxs, carries, offsets, strict=True)]
     n = int(sum(guard.gather([client.submit(task_len, f, pure=False) for f in xy],

@@ -122,31 +122,39 @@ def test_mlp_ddp_beats_best_table(client, tmp_path):
     assert mlp > max(tables.values()), (mlp, tables)
 
 
-def test_killed_worker_is_an_error_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("during", ["DDP", "next-use"])
+def test_killed_worker_is_an_error_and_writes_nothing(tmp_path, during):
+    """SIGKILL a worker while the MLP's ranks train, or between two of the next-use model's
+    passes over the shards (its pieces and carried state live on the workers)."""
     from expertpred.learn.cluster import ClusterKind, ClusterSpec, open_cluster
     from expertpred.learn.distributed import WorkerLostError, train_distributed
 
     cfg = _cfg(tmp_path, "--predictors=popularity,mlp", "--offsets=1", "--mlp_epochs=40")
     killed: list[int] = []
 
-    class KillDuringMLP:
+    class KillDuring:
         def __init__(self, client) -> None:
-            self.client = client
+            self.client, self.step = client, ""
+
+        def kill(self) -> None:
+            pids = self.client.run(os.getpid)
+            victim = pids[sorted(pids)[-1]]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
 
         def start(self, step: str, total: int) -> None:
-            if "DDP" in step and not killed:
+            self.step = step
+            if during == "DDP" and "DDP" in step and not killed:
                 time.sleep(1.0)  # the ranks are training
-                pids = self.client.run(os.getpid)
-                victim = pids[sorted(pids)[-1]]
-                os.kill(victim, signal.SIGKILL)
-                killed.append(victim)
+                self.kill()
 
         def advance(self, n: int = 1) -> None:
-            pass
+            if during == "next-use" and self.step.startswith("next-use") and not killed:
+                self.kill()  # after its first pass: the next ones need the dead worker's
 
     with open_cluster(ClusterSpec(ClusterKind.LOCAL, n_workers=2)) as c:
         with pytest.raises(WorkerLostError, match=r"died during .*no model was written"):
-            train_distributed(cfg, c, KillDuringMLP(c))
+            train_distributed(cfg, c, KillDuring(c))
     assert killed
     out = Path(cfg.out)
     assert not out.exists() or not any(out.rglob("*")), list(out.rglob("*"))
