@@ -62,6 +62,8 @@ def test_config_from_toml_and_overrides(tmp_path):
     ("", ["--predictors=popularity,foo"], "unknown predictor 'foo'; known: .*mlp"),
     ("", ["--eval_phase=prefill"], "expected 'all' or 'decode'"),
     ("", ["--cache_budgets=0,0.5"], "not a share"),
+    ("", ["--residency_max_rows=0"], "residency_max_rows=0: expected >= 1"),
+    ("", ["--residency_horizon=0"], "residency_horizon=0: expected >= 1 token"),
     ("not toml [", [], "not valid TOML"),
 ])
 def test_config_errors_are_one_line(tmp_path, text, overrides, match):
