@@ -72,7 +72,8 @@ RESIDENCY = "d0=kernel,predictor=learned,oracle=belady"
 class ModeSpec:
     """One column of the benchmark: a mode and its variant,
     ``mode[~predictor][@method[:qd[:chunk_mib]]][+random][+queued|+inline][+thread]
-    [+norandom][+pyswitch][+t1][+dontneed|+cold][%policy][^checkout]``; ``%policy`` overrides
+    [+norandom][+pyswitch][+t1][+dontneed|+cold][+nowrap][%policy][^checkout]``;
+    ``%policy`` overrides
     ``--residency`` for this column (e.g. ``d0%learned``); ``~NAME`` runs another saved
     predictor than
     ``--predictor-name`` (e.g. ``predictor~fast-mlp+thread``), ``+thread`` runs it off the
@@ -101,12 +102,15 @@ class ModeSpec:
     t1: bool = False
     dontneed: bool = False  # ResidencyConfig.evict_advice = MADV_DONTNEED
     cold: bool = False  # ResidencyConfig.evict_advice = MADV_COLD
+    # PluginConfig.wrap=False: no guess of the next token's first layers (the last layers'
+    # offsets past the end; previous-token experts, never gated by min_share)
+    nowrap: bool = False
     # residency policy of this column (None: --residency's for its mode): separates what
     # the residency policy and what the prefetch predictor add, side by side in one run
     policy: str | None = None
 
     FLAGS = frozenset({"random", "norandom", "queued", "inline", "thread", "pyswitch", "t1",
-                       "dontneed", "cold"})
+                       "dontneed", "cold", "nowrap"})
 
     @classmethod
     def parse(cls, label: str) -> ModeSpec:
@@ -125,7 +129,7 @@ class ModeSpec:
                      f"{', '.join(sorted(POLICIES))} (flags go before %policy: d0+cold%learned)")
         if mode not in PLUGIN_MODE or (pname and mode != "predictor"):
             sys.exit(f"error: --modes {label!r}: expected mode[~predictor][@method[:qd["
-                     f":chunk_mib]]][+random|+norandom][+queued|+inline][+thread][+pyswitch][+t1][+dontneed|+cold][%policy][^checkout]"
+                     f":chunk_mib]]][+random|+norandom][+queued|+inline][+thread][+pyswitch][+t1][+dontneed|+cold][+nowrap][%policy][^checkout]"
                      f", mode one of {', '.join(PLUGIN_MODE)} (~predictor only with mode "
                      "predictor)")
         return cls(label, mode, method or None, int(qd) if qd else None,
@@ -134,7 +138,7 @@ class ModeSpec:
                    True if "inline" in flags else False if "queued" in flags else None,
                    Path(root) if root else ROOT, pname or None, "thread" in flags,
                    "pyswitch" in flags, "t1" in flags,
-                   "dontneed" in flags, "cold" in flags, policy or None)
+                   "dontneed" in flags, "cold" in flags, "nowrap" in flags, policy or None)
 
 
 # --- child: one generation, inside the cgroup -------------------------------------------------
@@ -230,6 +234,8 @@ def child(a: argparse.Namespace) -> None:
         extra["residency"] = replace(extra["residency"], evict_advice=int(advice))
     if a.min_share is not None:
         extra["min_share"] = a.min_share
+    if a.no_wrap:
+        extra["wrap"] = False
     if a.py_switch:
         extra["switch_interval"] = None
     engine_kwargs: dict[str, Any] = {}
@@ -384,6 +390,8 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int,
         cmd.append("--dontneed")
     if spec.cold:
         cmd.append("--cold")
+    if spec.nowrap:
+        cmd.append("--no-wrap")
     if spec.thread:
         cmd.append("--predict-thread")
     row: dict[str, Any] = {"mode": spec.label, "residency": policy}
@@ -595,6 +603,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--py-switch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dontneed", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-wrap", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--train-prompts", type=int, default=80)
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path, help="Write rows and summary here.")
