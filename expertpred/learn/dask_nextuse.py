@@ -25,7 +25,9 @@ order of floating-point sums (tested within rtol 1e-8).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +36,14 @@ import numpy as np
 from ..errors import ExpertPredError
 from ..features import ModelInfo
 from ..predictors.nextuse import NextUseConfig, NextUseModel, sequence_rows
-from ..predictors.nextuse_parts import StreamStart, TableSums, grad_hess, newton, table_sums
+from ..predictors.nextuse_parts import (
+    StreamStart,
+    TableSums,
+    grad_hess,
+    newton,
+    sample_keys,
+    table_sums,
+)
 from ..predictors.reuse import (
     CAP,
     DIST_FOLDS,
@@ -57,7 +66,6 @@ from .shards import (
     task_sequences,
     tree_reduce,
 )
-from .shards import _keys as sample_keys_at
 from .train import PredictorsConfig, nextuse_config, nextuse_stream
 
 log = logging.getLogger(__name__)
@@ -137,13 +145,8 @@ def task_dist_sums(model: NextUseModel, p: Piece, ctx: Context) -> dict[int, Dis
 def task_add_dist(a: dict[int, DistSums], b: dict[int, DistSums]) -> dict[int, DistSums]:
     out = dict(a)
     for f, s in b.items():
-        out[f] = _add_dist(out[f], s) if f in out else s
+        out[f] = out[f] + s if f in out else s
     return out
-
-
-def _add_dist(a: DistSums, b: DistSums) -> DistSums:
-    return ((a[0][0] + b[0][0], a[0][1] + b[0][1]), (a[1][0] + b[1][0], a[1][1] + b[1][1]),
-            a[2] + b[2], a[3] + b[3])
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ def task_design(model: NextUseModel, p: Piece, ctx: Context, before: Carry | Non
     rows = sequence_rows(ext.experts, model.n_expert, model.config, ext.tokens,
                          None if before is None else before.start, n_own=len(p.tokens))
     n = int(rows.valid.sum()) * model.n_layer
-    return model.design([rows], sample_keys_at(seed, row_offset, n) <= threshold)
+    return model.design([rows], sample_keys(seed, n, row_offset) <= threshold)
 
 
 def task_grad_hess(xy: tuple[np.ndarray, np.ndarray], w: np.ndarray,
@@ -224,6 +227,7 @@ def check_config(cfg: PredictorsConfig) -> NextUseConfig:
 def _contexts(ends: list[tuple[Piece, Piece | None, int]], ahead: int) -> list[Context]:
     """Each piece's offset, previous token and continuation, from every piece's ends."""
     total = sum(n for _, _, n in ends)
+    none = Piece(ends[0][0].experts[:0], ends[0][0].tokens[:0])  # the stream's end
     out, offset = [], 0
     for k, (_, _, n) in enumerate(ends):
         nxt = [head for head, _, _ in ends[k + 1:]]
@@ -234,9 +238,8 @@ def _contexts(ends: list[tuple[Piece, Piece | None, int]], ahead: int) -> list[C
             heads.append(h)
             got += len(h.tokens)
         tail = ends[k - 1][1] if k else None
-        first = ends[0][0]
-        cont = Piece(np.concatenate([h.experts for h in heads] or [first.experts[:0]])[:ahead],
-                     np.concatenate([h.tokens for h in heads] or [first.tokens[:0]])[:ahead])
+        cont = Piece(np.concatenate([h.experts for h in heads] or [none.experts])[:ahead],
+                     np.concatenate([h.tokens for h in heads] or [none.tokens])[:ahead])
         out.append(Context(offset, total, tail, cont))
         offset += n
     return out
@@ -282,11 +285,12 @@ def fit_nextuse_distributed(cfg: PredictorsConfig, model_info: ModelInfo, client
         by_fold = reduce([client.submit(task_dist_sums, m, p, c, pure=False)
                           for p, c in zip(pieces, ctxs, strict=True)], task_add_dist,
                          "next-use distance tables")
-        every = _sum_dist(list(by_fold.values()))
+        every = functools.reduce(operator.add, by_fold.values())
         model.dist_cur_, model.dist_nxt_ = dist_tables(every, nc.token_prior)
         # a fold's rows read the tables of the other folds (no other: no evidence, 0)
-        folds = [dist_tables(_sum_dist([s for f, s in by_fold.items() if f != k])
-                             or _zero_like(every), nc.token_prior) for k in range(DIST_FOLDS)]
+        folds = [dist_tables(functools.reduce(operator.add, [
+            s for f, s in by_fold.items() if f != k], every.zeros_like()), nc.token_prior)
+            for k in range(DIST_FOLDS)]
     progress.advance()
     # 3. the chain: each piece's start state (serial, cheap)
     m = _everywhere(client, guard, model)
@@ -317,25 +321,13 @@ def _everywhere(client: Any, guard: Guard, value: Any) -> Any:
                      "the next-use model's broadcast")
 
 
-def _sum_dist(parts: list[DistSums]) -> DistSums | None:
-    out = None
-    for s in parts:
-        out = s if out is None else _add_dist(out, s)
-    return out
-
-
-def _zero_like(s: DistSums) -> DistSums:
-    z = np.zeros_like
-    return (z(s[0][0]), z(s[0][1])), (z(s[1][0]), z(s[1][1])), z(s[2]), z(s[3])
-
-
 def _fit_logistic(model: NextUseModel, client: Any, guard: Guard, parts: list[list[Any]],
                   n_valid: list[int], seed: int) -> tuple[np.ndarray, int]:
     """Newton on the key-sampled rows; (weights, rows fitted on)."""
     pieces, ctxs, carries = parts
     n_rows = [n * model.n_layer for n in n_valid]
     offsets = np.concatenate([[0], np.cumsum(n_rows)[:-1]]).astype(int).tolist()
-    keep = max(1, model.config.max_rows // model.n_expert)
+    keep = model.sample_size
     threshold = np.inf
     if sum(n_rows) > keep:
         bottom = [client.submit(task_bottom_keys, seed, o, n, keep, pure=False)

@@ -260,9 +260,14 @@ class NextUseModel:
             p = (ysum + m * pop) / (cnt[:, None, None] + m)
             setattr(self, name, _logit(p) - _logit(pop)[None])
 
+    @property
+    def sample_size(self) -> int:
+        """(token, layer) rows the logistic fits on at most (the token model doubles them)."""
+        return max(1, self.config.max_rows // self.n_expert)
+
     def sample_threshold(self, keys: np.ndarray) -> float:
-        """The largest key kept: the ``max_rows // E``-th smallest (every key if fewer)."""
-        keep = max(1, self.config.max_rows // self.n_expert)  # the token model doubles it
+        """The largest key kept: the ``sample_size``-th smallest (every key if fewer)."""
+        keep = self.sample_size
         return float(np.partition(keys, keep - 1)[keep - 1]) if len(keys) > keep else np.inf
 
     def design(self, rows: Sequence[_Rows], pick: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -75,33 +75,32 @@ def table_sums(rows: Sequence[_Rows], n_layer: int, n_expert: int,
         hit += y.sum(axis=0)
         n_rows += len(u)
     ids = np.zeros(0, np.int64)
-    cnt = ysum = ()
+    cnt = [np.zeros(0)] * 2
+    ysum = [np.zeros((0, n_layer, n_expert))] * 2
     if with_tokens:
         cur = np.concatenate([r.cur[r.valid] for r in rows])
         nxt = np.concatenate([r.nxt[r.valid] for r in rows])
         y = np.concatenate([r.target[r.valid] for r in rows]).astype(np.float64)
         ids = np.unique(np.concatenate([cur, nxt]))
         ids = ids[ids >= 0]
-        for key in (cur, nxt):
+        for n, key in enumerate((cur, nxt)):
             ok = key >= 0
             i = np.searchsorted(ids, key[ok])
-            cnt += (np.bincount(i, minlength=len(ids)).astype(np.float64),)
-            s = np.zeros((len(ids), n_layer, n_expert))
-            np.add.at(s, i, y[ok])
-            ysum += (s,)
-    else:
-        cnt = (np.zeros(0),) * 2
-        ysum = (np.zeros((0, n_layer, n_expert)),) * 2
-    return TableSums(co, seen, hit, n_rows, ids, cnt, ysum,  # type: ignore[arg-type]
+            cnt[n] = np.bincount(i, minlength=len(ids)).astype(np.float64)
+            ysum[n] = np.zeros((len(ids), n_layer, n_expert))
+            np.add.at(ysum[n], i, y[ok])
+    return TableSums(co, seen, hit, n_rows, ids, (cnt[0], cnt[1]), (ysum[0], ysum[1]),
                      with_tokens)
 
 
-def sample_keys(seed: int, n: int) -> np.ndarray:
-    """float64 (n,): the sampling key of each of the stream's ``n`` valid (token, layer)
-    rows, the ``j``-th draw of ``default_rng(seed)`` for row ``j``: a piece of the stream
-    draws its own after ``bit_generator.advance(offset)``, so the rows kept (the ``keep``
-    smallest keys) are the same whether one process or a cluster samples."""
-    return np.random.default_rng(seed).random(n)
+def sample_keys(seed: int, n: int, offset: int = 0) -> np.ndarray:
+    """float64 (n,): the sampling keys of the stream's valid (token, layer) rows ``offset ..
+    offset + n``, the ``j``-th draw of ``default_rng(seed)`` for row ``j`` (a piece draws its
+    own after ``bit_generator.advance(offset)``), so the rows kept (the smallest keys) are
+    the same whether one process or a cluster samples."""
+    rng = np.random.default_rng(seed)
+    rng.bit_generator.advance(offset)
+    return rng.random(n)
 
 
 def grad_hess(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DistTables = tuple[np.ndarray, np.ndarray]  # per-id mean distance deviations: (cur, nxt)
-# the sums behind them: per id (cur, nxt) distance sums and counts, per (layer, expert) both
-DistSums = tuple[DistTables, DistTables, np.ndarray, np.ndarray]
 
 DECAYS = (0.5, 0.8, 0.9, 0.97)  # EDC time scales: ~2, 5, 10, 33 tokens
 CAP = 32  # distances are regressed up to this many tokens (Belady capped at 16-32 = Belady)
@@ -381,11 +380,30 @@ def fit_dist_tables(model: NextUseModel, sequences: list[np.ndarray],
     return dist_tables(dist_sums(model, sequences, tokens, keep), prior)
 
 
+@dataclass(frozen=True)
+class DistSums:
+    """The sums behind the distance tables: sums, so a stream's pieces add."""
+
+    sums: DistTables  # float64 (n_ids, L, E) log2 distances per id: own, next
+    cnts: DistTables  # float64 (n_ids, L, E) how many: own, next
+    tot: np.ndarray  # float64 (L, E) all log2 distances
+    n_tot: np.ndarray  # float64 (L, E) how many
+
+    def __add__(self, o: DistSums) -> DistSums:
+        return DistSums((self.sums[0] + o.sums[0], self.sums[1] + o.sums[1]),
+                        (self.cnts[0] + o.cnts[0], self.cnts[1] + o.cnts[1]),
+                        self.tot + o.tot, self.n_tot + o.n_tot)
+
+    def zeros_like(self) -> DistSums:
+        z = np.zeros_like
+        return DistSums((z(self.sums[0]), z(self.sums[1])), (z(self.cnts[0]), z(self.cnts[1])),
+                        z(self.tot), z(self.n_tot))
+
+
 def dist_tables(s: DistSums, prior: float) -> DistTables:
     """:func:`fit_dist_tables` from the sums :func:`dist_sums` counted."""
-    sums, cnts, tot, n_tot = s
-    mu = tot / np.maximum(n_tot, 1.0)
-    return tuple((sums[k] + prior * mu) / (cnts[k] + prior) - mu  # type: ignore[return-value]
+    mu = s.tot / np.maximum(s.n_tot, 1.0)
+    return tuple((s.sums[k] + prior * mu) / (s.cnts[k] + prior) - mu  # type: ignore[return-value]
                  for k in (0, 1))
 
 
@@ -411,7 +429,7 @@ def dist_sums(model: NextUseModel, sequences: list[np.ndarray], tokens: list[np.
             found = ids[i] == v
             np.add.at(sums[key], i[found], y[rows][found])
             np.add.at(cnts[key], i[found], ok[rows][found])
-    return (sums["cur"], sums["nxt"]), (cnts["cur"], cnts["nxt"]), tot, n_tot
+    return DistSums((sums["cur"], sums["nxt"]), (cnts["cur"], cnts["nxt"]), tot, n_tot)
 
 
 def out_of_fold(model: NextUseModel, sequences: list[np.ndarray], tokens: list[np.ndarray],

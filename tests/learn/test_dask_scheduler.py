@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from expertpred.errors import ExpertPredError
@@ -30,6 +29,8 @@ from expertpred.features import FeatureConfig, build_features
 from expertpred.learn.evaluate import score_predictions
 from expertpred.learn.train import load_config, open_source, phase_value
 from expertpred.predictors.base import load_all, model_path
+
+from .conftest import assert_same_nextuse
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "training/configs/predictors-tiny-qwen3moe.toml"
@@ -145,13 +146,7 @@ def test_cli_on_a_dask_cli_cluster_matches_one_process(scheduler, tmp_path):
                       1) for m in (one, many))
     assert abs(r1 - rn) <= 0.01, (r1, rn)
     assert rn > 0.3
-    with np.load(one / "nextuse.npz") as a, np.load(many / "nextuse.npz") as b:
-        assert a.files == b.files
-        for k in a.files:
-            if a[k].dtype.kind == "f":
-                np.testing.assert_allclose(a[k], b[k], rtol=1e-8, atol=1e-10, err_msg=k)
-            else:
-                assert np.array_equal(a[k], b[k]), k
+    assert_same_nextuse(one / "nextuse.npz", many / "nextuse.npz")
 
 
 def _worker(scheduler: str, where: Path, pythonpath: Path = ROOT,

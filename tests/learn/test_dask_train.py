@@ -25,6 +25,8 @@ from expertpred.features import FeatureConfig, build_features
 from expertpred.learn.evaluate import score_predictions
 from expertpred.learn.train import fit_all, load_config, open_source, phase_value
 
+from .conftest import assert_same_nextuse
+
 ROOT = Path(__file__).resolve().parents[2]
 QWEN = ["--config", str(ROOT / "training/configs/predictors-tiny-qwen3moe.toml")]
 TABLES = "popularity,previous-token,transition,previous-token+transition"
@@ -237,14 +239,7 @@ def test_nextuse_model_per_shard_equals_single_process(client, tmp_path, pieces)
                                  for t in source.sequences(ids)], broadcast=False)
     many = fit_nextuse_distributed(cfg, source.model, client, Guard(client), inputs,
                                    NoProgress())
-    with np.load(one.save(tmp_path / "one.npz")) as a, \
-            np.load(many.save(tmp_path / "many.npz")) as b:
-        assert a.files == b.files
-        for k in a.files:
-            if a[k].dtype.kind == "f":
-                np.testing.assert_allclose(a[k], b[k], rtol=1e-8, atol=1e-10, err_msg=k)
-            else:
-                assert np.array_equal(a[k], b[k]), k
+    assert_same_nextuse(one.save(tmp_path / "one.npz"), many.save(tmp_path / "many.npz"))
     if pieces != "shards":  # the sample bound (rows twice: with and without the next id),
         # and pieces shorter than a row's look-ahead were there
         assert one.n_train_rows_ == many.n_train_rows_ <= 2 * 20000

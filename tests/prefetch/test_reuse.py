@@ -149,15 +149,8 @@ def test_mlp_head_online_equals_offline_and_round_trips(tmp_path) -> None:
     m = NextUseModel(N_L, N_E, cfg).fit([e for e, _ in data], [t for _, t in data])
     assert m.reuse_.w1.shape[1] == 8 and np.abs(m.reuse_.w2).sum() > 0
     ex, ids = looping(30, seed=8)
-    routed, told = m.predict_reuse(ex, ids)
-    st = m.online()
-    for t in range(len(ex)):
-        st.begin_token(int(ids[t]))
-        if t:
-            np.testing.assert_array_equal(st.log_dist, told[t - 1])
-        for j in range(N_L):
-            st.observe(j, ex[t, j])
-            np.testing.assert_array_equal(st.log_dist[j], routed[t, j])
+    assert_reuse_online_equals_offline(m, ex, ids)
+    routed = m.predict_reuse(ex, ids)[0]
     path = m.save(tmp_path / "mlp.npz")
     again = NextUseModel.load(path)
     np.testing.assert_array_equal(again.predict_reuse(ex, ids)[0], routed)

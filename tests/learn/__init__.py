@@ -1,0 +1,1 @@
+"""Distributed-training tests (a package, so they share conftest helpers)."""
