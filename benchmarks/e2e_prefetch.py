@@ -103,7 +103,7 @@ class ModeSpec:
     dontneed: bool = False  # ResidencyConfig.evict_advice = MADV_DONTNEED
     cold: bool = False  # ResidencyConfig.evict_advice = MADV_COLD
     # PluginConfig.wrap=False: no guess of the next token's first layers (the last layers'
-    # offsets past the end; previous-token experts, never gated by min_share)
+    # offsets past the end; previous-token experts, never gated by min_rel_share)
     nowrap: bool = False
     # residency policy of this column (None: --residency's for its mode): separates what
     # the residency policy and what the prefetch predictor add, side by side in one run
@@ -232,8 +232,8 @@ def child(a: argparse.Namespace) -> None:
 
         advice = Madvice.COLD if a.cold else Madvice.DONTNEED
         extra["residency"] = replace(extra["residency"], evict_advice=int(advice))
-    if a.min_share is not None:
-        extra["min_share"] = a.min_share
+    if a.min_rel_share is not None:
+        extra["min_rel_share"] = a.min_rel_share
     if a.no_wrap:
         extra["wrap"] = False
     if a.py_switch:
@@ -380,8 +380,8 @@ def run_one(a: argparse.Namespace, spec: ModeSpec, model: Path, limit: int,
         cmd += ["--chunk-mib", str(spec.chunk_mib)]
     if spec.inline is not None:
         cmd += ["--inline-demand", str(int(spec.inline))]
-    if a.min_share is not None:
-        cmd += ["--min-share", str(a.min_share)]
+    if a.min_rel_share is not None:
+        cmd += ["--min-rel-share", str(a.min_rel_share)]
     if a.sync_requests:
         cmd.append("--sync-requests")
     if spec.pyswitch:
@@ -594,8 +594,9 @@ def parse_args() -> argparse.Namespace:
                     help="Engine chunk size (0: the engine's default).")
     ap.add_argument("--inline-demand", type=int, default=-1,
                     help="EngineConfig.inline_demand 1/0 (-1: the engine's default).")
-    ap.add_argument("--min-share", type=float, default=None,
-                    help="Confidence gating of predicted experts (default: the plugin's).")
+    ap.add_argument("--min-rel-share", type=float, default=None,
+                    help="Confidence gating of predicted experts, in units of 1/k (default: "
+                         "the plugin's).")
     ap.add_argument("--sync-requests", action="store_true",
                     help="Engine calls on the inference thread (the old path).")
     ap.add_argument("--predict-thread", action="store_true", help=argparse.SUPPRESS)
@@ -650,7 +651,7 @@ def main() -> None:
           f"per expert, {per_tok / 2**30:.2f} GiB of experts per token; cgroup limit "
           f"{limit / 2**30:.2f} GiB; {a.tokens} tokens, lookahead {a.lookahead}, "
           f"{a.method} qd {a.queue_depth}, residency {a.residency_map or 'none'}, "
-          f"predictor {a.predictor_name}, min_share={a.min_share}; load average {load_avg()}",
+          f"predictor {a.predictor_name}, min_rel_share={a.min_rel_share}; load average {load_avg()}",
           flush=True)
     rows: list[dict[str, Any]] = []
     io_rows: list[dict[str, float]] = []

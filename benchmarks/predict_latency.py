@@ -16,8 +16,8 @@ Without ``--models`` it first trains the tiny-mixtral recipe into a temporary di
 (``expertpred train --config training/configs/predictors-tiny-mixtral.toml``, ~2 min).
 ``--in-memory`` also times the saved (non-exported) predictors for comparison. Rounds
 (``--rounds``, default 3) alternate the predictors; the table gives the median of the round
-medians and their range. ``--min-share`` (default 0.25, the plugin's default gating) times
-``topk_shares`` as the gated plugin calls it; ``--min-share 0`` plain ``topk``.
+medians and their range. ``--min-rel-share`` (default 0.5, the plugin's default gating) times
+``topk_shares`` as the gated plugin calls it; ``--min-rel-share 0`` plain ``topk``.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ def _pct(ns: list[int]) -> tuple[float, float]:
 
 
 def time_predictor(pset: Any, model: ModelInfo, seqs: list[Any], depth: int, k: int,
-                   min_calls: int, min_share: float = 0.0) -> dict[str, Any]:
+                   min_calls: int, min_rel_share: float = 0.0) -> dict[str, Any]:
     """Replay ``seqs`` token by token; time every full layer-step (all d = 1..depth).
-    ``min_share > 0``: the plugin's gated call (``topk_shares`` and the share mask)."""
+    ``min_rel_share > 0``: the plugin's gated call (``topk_shares`` and the share mask)."""
+    min_share = min_rel_share / k
     if min_share > 0:
         def ask(d: int, x: Any) -> Any:
             top, share = pset.topk_shares(d, x, k)
@@ -134,8 +135,8 @@ def main() -> None:
     ap.add_argument("--in-memory", action="store_true",
                     help="also time the saved predictors as loaded by expertpred train's "
                          "load_all (the same classes and kernels as the artifact)")
-    ap.add_argument("--min-share", type=float, default=0.25,
-                    help="the plugin's confidence gating (its DEFAULT_MIN_SHARE): time "
+    ap.add_argument("--min-rel-share", type=float, default=0.5,
+                    help="the plugin's confidence gating (its DEFAULT_MIN_REL_SHARE): time "
                          "topk_shares + the share mask; 0: plain topk")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over all predictors")
     ap.add_argument("--json", help="write the results here")
@@ -175,7 +176,7 @@ def main() -> None:
             k = pset.model.n_expert_used
             r = {"predictor": name, "round": rnd,
                  **time_predictor(pset, pset.model, seqs, args.depth, k, args.calls,
-                                  args.min_share)}
+                                  args.min_rel_share)}
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(f"\none online prediction: 1 token, 1 layer-step, d = 1..{args.depth} "

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from expertpred.cli import app
-from expertpred.prefetch.plugin import DEFAULT_LOOKAHEAD, DEFAULT_MIN_SHARE, DEFAULT_PREDICTOR
+from expertpred.prefetch.plugin import DEFAULT_LOOKAHEAD, DEFAULT_MIN_REL_SHARE, DEFAULT_PREDICTOR
 
 COMMANDS = [c.name or c.callback.__name__ for c in app.registered_commands]
 
@@ -32,7 +32,7 @@ def test_flags_take_no_value_and_help_names_no_code(command):
 def test_run_help_says_the_default_values():
     text = help_text("run")
     assert DEFAULT_PREDICTOR in text and f"default: {DEFAULT_LOOKAHEAD}," in text
-    assert f"(default: {DEFAULT_MIN_SHARE})" in help_text("serve")
+    assert f"(default: {DEFAULT_MIN_REL_SHARE})" in help_text("serve")
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

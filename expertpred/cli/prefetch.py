@@ -181,10 +181,11 @@ def serve(
     method: Method = "fadvise",
     queue_depth: QueueDepth = 8,
     lookahead: Lookahead = None,
-    min_share: float = typer.Option(None, "--min-share", min=0.0, max=1.0,
-                                    help="Confidence gate: prefetch a predicted expert only "
-                                         "when its predicted share is at least this "
-                                         "(default: 0.25)."),
+    min_rel_share: float = typer.Option(None, "--min-rel-share", min=0.0,
+                                        help="Confidence gate: prefetch a predicted expert "
+                                             "only when its share of the predicted score "
+                                             "mass is at least this times 1/k (default: "
+                                             "0.5)."),
     prefetch_k: int = typer.Option(None, "--prefetch-k", min=1,
                                    help="Experts prefetched per look-ahead layer."),
     madvise_random: MadviseRandom = None,
@@ -207,7 +208,7 @@ def serve(
         raise ExpertPredError("--mode oracle: not served (an oracle trace is one prompt's "
                               "greedy run); expected off, d0 or predictor")
     plugin: dict = {"mode": mode, "method": method, "queue_depth": queue_depth,
-                    "lookahead": lookahead, "min_share": min_share, "prefetch_k": prefetch_k,
+                    "lookahead": lookahead, "min_rel_share": min_rel_share, "prefetch_k": prefetch_k,
                     "madvise_random": madvise_random, "async_requests": not sync_requests,
                     "predict_thread": predict_thread}
     if mode == "predictor":

@@ -12,8 +12,8 @@ expert matmuls run) the plugin
 3. in ``predictor`` mode asks the predictor for layers ``l+1 .. l+D`` (features from the
    shared :class:`~expertpred.features.OnlineFeatures`), in ``oracle`` mode reads the true
    experts of those layers from a recorded trace of the same greedy run, and enqueues them;
-   predicted experts with less than ``min_share`` of the predictor's score mass are not
-   prefetched (confidence gating).
+   predicted experts with less than ``min_rel_share / k`` of the predictor's score mass
+   are not prefetched (confidence gating).
 
 With ``async_requests=True`` (default) steps 1-3 only post records to the engine's
 dispatcher thread (:meth:`PrefetchEngine.post_use` / ``post_request``, a deque append):
@@ -78,7 +78,7 @@ from .engine import PrefetchEngine, Priority
 from .oracle import OracleTrace
 from .plugin_config import (
     DEFAULT_LOOKAHEAD,
-    DEFAULT_MIN_SHARE,
+    DEFAULT_MIN_REL_SHARE,
     DEFAULT_PREDICTOR,
     MADV_RANDOM_MAX_EXPERT_BYTES,
     Mode,
@@ -101,7 +101,7 @@ log = logging.getLogger(__name__)
 # concepts live in plugin_config, plugin_stats, predictor_io and oracle; PrefetchLlama (in
 # llama_plugin) is served by the module __getattr__ at the end.
 __all__ = [
-    "DEFAULT_LOOKAHEAD", "DEFAULT_MIN_SHARE", "DEFAULT_PREDICTOR", "Mode", "OracleTrace",
+    "DEFAULT_LOOKAHEAD", "DEFAULT_MIN_REL_SHARE", "DEFAULT_PREDICTOR", "Mode", "OracleTrace",
     "PluginConfig", "PluginCounters", "PluginStats", "PredictorProvider", "PredictorSet",
     "PrefetchPlugin", "RoutingRecorder", "check_predictor_model",
     "generate_greedy", "load_predictors", "prompt_tokens",
@@ -119,8 +119,8 @@ class PrefetchPlugin:
     """The eval-callback side of online prefetching; owns the engine (``start``/``close``).
 
     ``config`` (or its fields as keywords) says what to prefetch and how; see
-    :class:`PluginConfig`. Of its fields: ``min_share`` gates out predicted experts whose
-    share of the predictor's score mass is low (a wrong 48 MiB prefetch under memory
+    :class:`PluginConfig`. Of its fields: ``min_rel_share`` gates out predicted experts
+    whose share of the predictor's score mass is low (a wrong 48 MiB prefetch under memory
     pressure evicts experts still needed); ``madvise_random`` takes effect in
     :meth:`advise_mapping`, called once the model is mapped (:class:`PrefetchLlama` does);
     a ``recorder`` also asks for every row's scores and mixing weights (costs graph
@@ -137,7 +137,7 @@ class PrefetchPlugin:
         self.oracle = cfg.oracle
         self.recorder = cfg.recorder
         self.residency = cfg.residency
-        self.min_share = cfg.min_share
+        self.min_rel_share = cfg.min_rel_share
         self.async_requests = cfg.async_requests
         self.wrap = cfg.wrap
         self.lookahead = cfg.lookahead
@@ -244,7 +244,8 @@ class PrefetchPlugin:
             assert self.predictor is not None
             self._path = PredictorPath(
                 self.predictor, self._features, n_moe=self.n_moe_, k=self.k_,
-                lookahead=self.lookahead_, wrap=self.wrap, min_share=self.min_share,
+                lookahead=self.lookahead_, wrap=self.wrap,
+                min_rel_share=self.min_rel_share,
                 prefetch_k=self.pk_, counters=self._c, request=self._request,
                 on_error=self._error, threaded=cfg.predict_thread)
         self.residency_: ResidencyManager | None = None

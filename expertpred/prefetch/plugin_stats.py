@@ -21,7 +21,7 @@ class PluginCounters:
     callback_errors: int = 0  # exceptions caught inside the callback
     callback_seconds: float = 0.0  # time spent inside the callback's ready phase
     predict_seconds: float = 0.0  # of which in the predictor
-    gated: int = 0  # predicted experts not prefetched (share below min_share)
+    gated: int = 0  # predicted experts not prefetched (share below min_rel_share / k)
     # predict_thread: predictions finished after their target layer had routed (not requested)
     late_predictions: int = 0
     predict_lag_seconds: float = 0.0  # predict_thread: callback post -> prediction start, summed

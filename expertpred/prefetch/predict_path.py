@@ -49,13 +49,13 @@ class PredictorPath:
     exception raised on the predict thread (inline, the callback's own handler does)."""
 
     def __init__(self, predictor: PredictorProvider, features: OnlineFeatures, *, n_moe: int,
-                 k: int, lookahead: int, wrap: bool, min_share: float, prefetch_k: int,
+                 k: int, lookahead: int, wrap: bool, min_rel_share: float, prefetch_k: int,
                  counters: PluginCounters, request: Request,
                  on_error: Callable[[BaseException], None], threaded: bool) -> None:
         self.predictor = predictor
         self.features = features
         self.n_moe, self.lookahead, self.wrap = n_moe, lookahead, wrap
-        self.min_share, self.pk = min_share, prefetch_k
+        self.min_share, self.pk = min_rel_share / k, prefetch_k  # the gate as a share
         self.c = counters
         self.request = request
         self.on_error = on_error

@@ -60,7 +60,7 @@ class ServeConfig:
     trace_out: Path | None = None  # append served routing to this trace dataset
     trace_text: bool = False  # keep prompt / completion text in the trace (private!)
     trace_shard_rows: int = 4096  # rows per trace shard: what a crash can lose at most
-    # PluginConfig fields (mode, predictor, lookahead, method, queue_depth, min_share,
+    # PluginConfig fields (mode, predictor, lookahead, method, queue_depth, min_rel_share,
     # madvise_random, residency, ...): checked against its fields by build_model
     plugin_kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -9,7 +9,7 @@ import pytest
 
 from expertpred.errors import ExpertPredError
 from expertpred.prefetch.plugin import (
-    DEFAULT_MIN_SHARE,
+    DEFAULT_MIN_REL_SHARE,
     Mode,
     PluginConfig,
     PrefetchLlama,
@@ -18,12 +18,18 @@ from expertpred.prefetch.plugin import (
 from expertpred.shipped import model_gguf
 
 
-def test_config_normalizes_mode_and_min_share() -> None:
-    cfg = PluginConfig(mode="oracle", min_share=None)
-    assert cfg.mode is Mode.ORACLE and cfg.min_share == DEFAULT_MIN_SHARE
-    assert PluginConfig(min_share=0).min_share == 0.0
+def test_config_normalizes_mode_and_min_rel_share() -> None:
+    cfg = PluginConfig(mode="oracle", min_rel_share=None)
+    assert cfg.mode is Mode.ORACLE and cfg.min_rel_share == DEFAULT_MIN_REL_SHARE
+    assert PluginConfig(min_rel_share=0).min_rel_share == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.mode = Mode.D0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), "half"])
+def test_bad_gate_is_one_line_error(bad: object) -> None:
+    with pytest.raises(ExpertPredError, match="min_rel_share"):
+        PluginConfig(min_rel_share=bad)  # type: ignore[arg-type]
 
 
 def test_bad_mode_is_one_line_error() -> None:
@@ -32,10 +38,10 @@ def test_bad_mode_is_one_line_error() -> None:
 
 
 def test_keywords_replace_config_fields() -> None:
-    cfg = PluginConfig(mode="d0", queue_depth=3, min_share=0.5)
+    cfg = PluginConfig(mode="d0", queue_depth=3, min_rel_share=0.7)
     plugin = PrefetchPlugin("unused.gguf", cfg, queue_depth=5)
     assert plugin.config == dataclasses.replace(cfg, queue_depth=5)
-    assert plugin.mode is Mode.D0 and plugin.min_share == 0.5
+    assert plugin.mode is Mode.D0 and plugin.min_rel_share == 0.7
     assert PrefetchPlugin("unused.gguf", mode="off").config.mode is Mode.OFF
 
 
