@@ -21,7 +21,8 @@ the engine's lock and bookkeeping stay off the inference thread, and the account
 step 1 happens on that thread moments after the routing is known, in the same order.
    With ``wrap=True`` targets past the last MoE layer are the *next* token's first layers:
    the oracle knows them, the predictor (whose features stop at the last layer) repeats
-   this token's experts of that layer (the previous-token guess).
+   this token's experts of that layer (the previous-token guess). By default only the
+   oracle wraps: the predictor's guess there cost more than it saved.
 
 Modes (:class:`Mode`): ``off`` (no callback at all: stock llama.cpp), ``d0``, ``predictor``,
 ``oracle``. The callback never stalls or breaks inference: prefetch I/O runs on the engine's
@@ -139,7 +140,7 @@ class PrefetchPlugin:
         self.residency = cfg.residency
         self.min_rel_share = cfg.min_rel_share
         self.async_requests = cfg.async_requests
-        self.wrap = cfg.wrap
+        self.wrap = cfg.mode == Mode.ORACLE if cfg.wrap is None else cfg.wrap
         self.lookahead = cfg.lookahead
         self._started = False
 

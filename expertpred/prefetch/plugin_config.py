@@ -116,7 +116,12 @@ class PluginConfig:
     # DEFAULT_LOOKAHEAD within its offsets, oracle: 1, d0/off: 0)
     lookahead: int | None = None
     prefetch_k: int | None = None  # experts per look-ahead layer; None: the model's top-k
-    wrap: bool = True  # offsets past the last layer reach the next token's first layers
+    # offsets past the last layer reach the next token's first layers. None: the oracle
+    # does (it knows the next token), the predictor does not: its guess there is this
+    # token's experts of that layer, unscored and never gated, and without it (c) ran
+    # 1.15x / 1.05x / 1.00x on tiny-mixtral / tiny-qwen3moe / tiny-olmoe with fewer wasted
+    # bytes (docs/e2e.md, "Session 6 runs")
+    wrap: bool | None = None
     method: str = "fadvise"  # io.METHODS name: fadvise hints the page cache, no user copy
     queue_depth: int = 8  # reads in flight: one layer's experts issued together
     # MADV_RANDOM on llama.cpp's mapping: no fault read-around. None: on when the largest

@@ -83,3 +83,12 @@ def test_madvise_random_default_is_off_for_large_experts(monkeypatch) -> None:
     with PrefetchLlama(model_gguf("tiny-mixtral"), mode="d0", n_ctx=256, n_threads=1,
                        seed=0) as llm:
         assert llm.prefetch_stats().madvised_bytes == 0
+
+
+@pytest.mark.parametrize("mode,wrap,expected", [
+    ("predictor", None, False), ("oracle", None, True), ("predictor", True, True),
+    ("oracle", False, False)])
+def test_only_the_oracle_guesses_the_next_token_by_default(mode, wrap, expected) -> None:
+    # the predictor's guess for the next token's first layers (this token's experts) cost
+    # more reads than it saved end to end (docs/e2e.md, "Session 6 runs")
+    assert PrefetchPlugin("unused.gguf", mode=mode, wrap=wrap).wrap is expected
