@@ -134,8 +134,12 @@ def test_manager_equals_replay(wide, nextuse_model, policy: str, tmp_path: Path)
         toks = generate_greedy(llm, PROMPT, N_TOKENS)[0]
         assert mgr.flush(5.0)
         st = llm.prefetch_stats().residency
+        c = llm.prefetch_stats().counters
     assert toks == ref
     assert any(r.event == 1 for r in mgr.records_)  # prefetches were accounted too
+    # experts the manager held were not asked for again: every other one reached it
+    posted = sum(len(r.experts) for r in mgr.records_ if r.event == 1)
+    assert c.ahead_resident > 0 and posted == c.ahead_requests - c.ahead_resident
     told = [(r.t, r.experts[0]) for r in mgr.records_ if r.event == 3]  # Event.TOKEN
     assert len(told) > N_TOKENS // 2 and all(oracle.tokens[t] == v for t, v in told)
     pol = make_policy(policy, future=oracle.experts, model=nextuse_model)

@@ -509,6 +509,14 @@ class PrefetchPlugin:
         self._path.routed(li, pos0, experts[0], logits[0], self._token_at(pos0))
 
     def _request(self, block: int, experts: list[int], next_token: bool) -> None:
+        if self.residency_ is not None:
+            # an expert the manager keeps needs no read; its request only cost the engine a
+            # job and the manager a record, on threads that take the GIL from inference
+            keep = self.residency_.not_resident(self.blocks_.index(block), experts)
+            self._c.ahead_resident += len(experts) - len(keep)
+            if not keep:
+                return
+            experts = keep
         if self._hold is not None:  # inline, inside the callback: posted at its end
             self._hold.append((block, experts, next_token))
             return

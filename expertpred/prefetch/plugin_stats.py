@@ -16,6 +16,7 @@ class PluginCounters:
     layer_events: int = 0  # argsort nodes handled
     d0_requests: int = 0  # experts enqueued for the layer being computed
     ahead_requests: int = 0  # experts enqueued for layers ahead (predicted / oracle)
+    ahead_resident: int = 0  # of which not read: the residency manager holds them
     predictions: int = 0  # predictor calls
     oracle_misses: int = 0  # positions the oracle trace did not cover / disagreed on
     callback_errors: int = 0  # exceptions caught inside the callback

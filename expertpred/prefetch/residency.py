@@ -320,6 +320,15 @@ class ResidencyManager:
         """Layer ``li`` (MoE index) of the token at position ``t`` routed ``experts``."""
         self._post((self._STEP, t, li, tuple(experts)))
 
+    def not_resident(self, li: int, experts: list[int]) -> list[int]:
+        """Those of ``experts`` of MoE layer ``li`` that the bookkeeping does not hold.
+        Read without the lock, from the inference thread: a stale answer costs one hint
+        that was not needed, or one expert read on demand instead of ahead."""
+        if not self._started:
+            return experts
+        resident, base = self.set_.resident, li * self.n_expert_
+        return [e for e in experts if not resident[base + e]]
+
     def post_prefetch(self, li: int, experts: list[int]) -> None:
         """The engine was asked to read ``experts`` of MoE layer ``li`` ahead of use."""
         self._post((self._PREFETCH, -1, li, tuple(experts)))
