@@ -651,7 +651,8 @@ def main() -> None:
           f"per expert, {per_tok / 2**30:.2f} GiB of experts per token; cgroup limit "
           f"{limit / 2**30:.2f} GiB; {a.tokens} tokens, lookahead {a.lookahead}, "
           f"{a.method} qd {a.queue_depth}, residency {a.residency_map or 'none'}, "
-          f"predictor {a.predictor_name}, min_rel_share={a.min_rel_share}; load average {load_avg()}",
+          f"predictor {a.predictor_name}, min_rel_share={a.min_rel_share}; load average "
+          f"{load_avg()}",
           flush=True)
     rows: list[dict[str, Any]] = []
     io_rows: list[dict[str, float]] = []

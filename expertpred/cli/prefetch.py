@@ -208,8 +208,9 @@ def serve(
         raise ExpertPredError("--mode oracle: not served (an oracle trace is one prompt's "
                               "greedy run); expected off, d0 or predictor")
     plugin: dict = {"mode": mode, "method": method, "queue_depth": queue_depth,
-                    "lookahead": lookahead, "min_rel_share": min_rel_share, "prefetch_k": prefetch_k,
-                    "madvise_random": madvise_random, "async_requests": not sync_requests,
+                    "lookahead": lookahead, "min_rel_share": min_rel_share,
+                    "prefetch_k": prefetch_k, "madvise_random": madvise_random,
+                    "async_requests": not sync_requests,
                     "predict_thread": predict_thread}
     if mode == "predictor":
         if predictor is None:

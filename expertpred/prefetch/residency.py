@@ -324,7 +324,7 @@ class ResidencyManager:
         """Those of ``experts`` of MoE layer ``li`` that the bookkeeping does not hold.
         Read without the lock, from the inference thread: a stale answer costs one hint
         that was not needed, or one expert read on demand instead of ahead."""
-        if not self._started:
+        if not self._started or self._disabled:  # off or fallen back: the kernel decides
             return experts
         resident, base = self.set_.resident, li * self.n_expert_
         return [e for e in experts if not resident[base + e]]
