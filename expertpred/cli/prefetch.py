@@ -23,8 +23,9 @@ Predictor = Annotated[Path | None, typer.Option(
                         "artifact (mode predictor).")]
 PredictorName = Annotated[str | None, typer.Option(
     "--predictor-name", help="Which saved predictor (files <name>-d<d>.npz; default: "
-                             "previous-token+transition, the most accurate one fast enough "
-                             "for the inference thread).")]
+                             "fast-mlp, a learned predictor fast enough for the inference "
+                             "thread, or previous-token+transition where the directory has "
+                             "no usable fast-mlp).")]
 SourceModel = Annotated[Path | None, typer.Option(
     "--source-model", help="The model --model was widened from (the predictor was trained "
                            "on it).")]
@@ -197,7 +198,7 @@ def serve(
 ) -> None:
     """Serve the prefetching model behind an OpenAI-compatible API (llama_cpp.server):
     /v1/completions, /v1/chat/completions, /v1/models, plus Prometheus /metrics."""
-    from ..prefetch.plugin import DEFAULT_PREDICTOR, load_predictors
+    from ..prefetch.plugin import load_predictors
     from ..serve import ServeConfig
     from ..serve import serve as run_server
 
@@ -216,7 +217,7 @@ def serve(
         if predictor is None:
             raise ExpertPredError("--mode predictor needs --predictor DIR_OR_ARTIFACT")
         plugin["predictor"] = load_predictors(predictor, model,
-                                              name=predictor_name or DEFAULT_PREDICTOR,
+                                              name=predictor_name,
                                               source_model=source_model)
     if residency == "belady":
         raise ExpertPredError("--residency belady: not served (it needs a recorded trace of "

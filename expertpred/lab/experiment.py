@@ -140,7 +140,6 @@ def measure_generation(model: str, mode: str, tokens: int, threads: int = 2,
     """Load ``model`` with the plugin in ``mode`` (``off`` = stock llama.cpp), prefill
     :data:`PROMPT`, decode ``tokens`` greedy tokens; per-phase counters of this process."""
     from ..prefetch.plugin import (
-        DEFAULT_PREDICTOR,
         PluginConfig,
         PrefetchLlama,
         generate_greedy,
@@ -151,7 +150,7 @@ def measure_generation(model: str, mode: str, tokens: int, threads: int = 2,
     if mode == "predictor":
         if predictor is None:
             raise ExpertPredError("mode 'predictor' needs a predictor path")
-        preds = load_predictors(predictor, model, name=predictor_name or DEFAULT_PREDICTOR,
+        preds = load_predictors(predictor, model, name=predictor_name,
                                 source_model=source_model)
     io0, t0 = proc_io(), time.perf_counter()
     llm = PrefetchLlama(model, PluginConfig(mode=mode, predictor=preds), n_ctx=256,

@@ -81,6 +81,7 @@ from .plugin_config import (
     DEFAULT_LOOKAHEAD,
     DEFAULT_MIN_REL_SHARE,
     DEFAULT_PREDICTOR,
+    FALLBACK_PREDICTOR,
     MADV_RANDOM_MAX_EXPERT_BYTES,
     Mode,
     PluginConfig,
@@ -102,7 +103,8 @@ log = logging.getLogger(__name__)
 # concepts live in plugin_config, plugin_stats, predictor_io and oracle; PrefetchLlama (in
 # llama_plugin) is served by the module __getattr__ at the end.
 __all__ = [
-    "DEFAULT_LOOKAHEAD", "DEFAULT_MIN_REL_SHARE", "DEFAULT_PREDICTOR", "Mode", "OracleTrace",
+    "DEFAULT_LOOKAHEAD", "DEFAULT_MIN_REL_SHARE", "DEFAULT_PREDICTOR", "FALLBACK_PREDICTOR",
+    "Mode", "OracleTrace",
     "PluginConfig", "PluginCounters", "PluginStats", "PredictorProvider", "PredictorSet",
     "PrefetchPlugin", "RoutingRecorder", "check_predictor_model",
     "generate_greedy", "load_predictors", "prompt_tokens",

@@ -23,11 +23,15 @@ if TYPE_CHECKING:
 
 # The default predictor and lookahead of `expertpred run`, `load_predictors` and
 # benchmarks/e2e_prefetch.py. An online layer-step on the inference thread has a budget of
-# ~20 µs; this lookup predictor is the most accurate one that fits it (the learned ones,
-# fast-mlp the closest, cost more), and D = 1 is the lookahead validated end to end. The
-# per-step latencies and recall of each, and the end-to-end ratios, with the commands that
-# measured them, are in docs/export.md and docs/e2e.md.
-DEFAULT_PREDICTOR = "previous-token+transition"
+# ~20 µs. fast-mlp, a learned predictor, fits it (13.6-17.9 µs, recall@k 0.90-0.94 at d = 1
+# on the shipped traces against the lookup's 0.59-0.80; docs/export.md) and end to end it
+# ran 1.16x and 1.05x the lookup's tok/s with the k-scaled gate (docs/e2e.md, "Session 7";
+# 0.95-1.05x before it). D = 1 is the lookahead validated end to end.
+DEFAULT_PREDICTOR = "fast-mlp"
+# What the default falls back to, with a warning, where a predictor directory has no usable
+# fast-mlp (trained before it existed, or with router inputs, which the plugin does not
+# capture online): the most accurate table, 5 µs per layer-step.
+FALLBACK_PREDICTOR = "previous-token+transition"
 DEFAULT_LOOKAHEAD = 1
 # Confidence gating (PrefetchPlugin min_rel_share): prefetch a predicted expert only if its
 # share of the predictor's score mass for its layer is at least this many times 1/k, the

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ..errors import ExpertPredError
 from .plugin import (
-    DEFAULT_PREDICTOR,
     OracleTrace,
     PluginConfig,
     PluginStats,
@@ -82,7 +81,7 @@ def run_prompt(cfg: RunConfig) -> RunResult:
         if cfg.predictor is None:
             raise ExpertPredError("--mode predictor needs --predictor DIR_OR_ARTIFACT")
         preds = load_predictors(cfg.predictor, cfg.model,
-                                name=cfg.predictor_name or DEFAULT_PREDICTOR,
+                                name=cfg.predictor_name,
                                 source_model=cfg.source_model)
     belady = cfg.residency is not None and cfg.residency.policy == "belady"
     if mode == "oracle" or belady:
