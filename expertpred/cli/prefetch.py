@@ -107,7 +107,8 @@ def _print_run(cfg: RunConfig, res: RunResult) -> None:
     stop = (f"; stopped: context full (n_ctx {n_ctx}, prompt {n_prompt} tokens)"
             if len(toks) < max_tokens and n_prompt + len(toks) > n_ctx else "")
     console.print(f"[dim]generation ({len(toks)} tokens{stop}):[/] {text!r}", highlight=False)
-    t = Table(title=f"prefetch ({st.mode}, lookahead {st.lookahead})", show_header=False)
+    mode = f"{st.mode} {st.predictor}" if st.predictor else st.mode
+    t = Table(title=f"prefetch ({mode}, lookahead {st.lookahead})", show_header=False)
     t.add_row("decode tokens/s", f"{tps:.2f} ({t_decode:.2f} s; prompt {t_prompt:.2f} s)")
     c = st.counters
     t.add_row("callback errors", str(c.callback_errors) + (f" ({st.first_error})"

@@ -368,8 +368,9 @@ class PrefetchPlugin:
                 res = self.residency_.stats()
             else:
                 res = getattr(self, "_final_residency", None)
+        name = getattr(self.predictor, "name", "") if self.mode is Mode.PREDICTOR else ""
         return PluginStats(mode=self.mode.value, lookahead=getattr(self, "lookahead_", 0),
-                           counters=replace(self._c), engine=eng,
+                           predictor=str(name), counters=replace(self._c), engine=eng,
                            madvised_bytes=self._madvised, first_error=self._first_error,
                            residency=res)
 

@@ -40,9 +40,11 @@ class PluginStats:
     madvised_bytes: int = 0
     first_error: str = ""
     residency: ResidencyStats | None = None  # the residency manager's, when one runs
+    predictor: str = ""  # mode predictor: the predictor's registry name (which one ran)
 
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"mode": self.mode, "lookahead": self.lookahead,
+                                "predictor": self.predictor,
                                 "madvised_bytes": self.madvised_bytes,
                                 "first_error": self.first_error}
         d.update(asdict(self.counters))

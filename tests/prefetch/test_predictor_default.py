@@ -73,7 +73,7 @@ def test_default_falls_back_to_the_lookup(fitted, tmp_path: Path, caplog, keys, 
         f"{d}: the default predictor {DEFAULT_PREDICTOR} {why}; using {FALLBACK_PREDICTOR}"]
     # the plugin runs what was loaded (a router-input fast-mlp it would refuse)
     with PrefetchPlugin(model_gguf(NAME), mode="predictor", predictor=pset) as plugin:
-        assert plugin.lookahead_ == 1
+        assert plugin.lookahead_ == 1 and plugin.stats().predictor == FALLBACK_PREDICTOR
 
 
 def test_no_usable_predictor_names_the_default(fitted, tmp_path: Path) -> None:
