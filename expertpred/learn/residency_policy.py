@@ -17,7 +17,9 @@ Policies (registry :data:`POLICIES`, filled by ``__init_subclass__``):
   simulated: it is the behaviour we measure against);
 - ``lru``, ``lfu``: classic, never bypass;
 - ``learned``: keeps the experts a :class:`~expertpred.predictors.nextuse.NextUseModel`
-  rates most likely to be used within its horizon of tokens; bypasses;
+  rates most likely to be used within its horizon of tokens; bypasses. Two shadow sets
+  replay the same steps under the learned ranking and under LRU; while LRU's has missed
+  clearly fewer bytes lately (a repeating run whose working set fits), it follows LRU;
 - ``belady``: keeps the experts whose next use in a recorded trace of the same greedy run
   is nearest (MIN with bypass; the offline bound); bypasses.
 
@@ -43,6 +45,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NEVER = np.iinfo(np.int64).max  # next use of an expert the trace never uses again
+# learned's guard: the shadow sets forget missed bytes over about this many tokens, and LRU's
+# must have missed at most this share of learned's before the ranking follows LRU. On
+# tiny-qwen3moe's greedy run (a loop from ~30 tokens on) at 1 GiB, learned alone read 0.053 /
+# 0.033 GiB per token after 64 / 128 tokens and LRU 0.052 / 0.026, guarded 0.046 / 0.023; on
+# the shipped test streams the guard changed learned's bytes by 0 to +0.6 % (8 and 0.9: a
+# shorter memory or no margin switched on noise, +2-4 % on tiny-olmoe at 25 %; docs/
+# residency.md, "A guard against loops")
+GUARD_TOKENS = 8
+GUARD_MARGIN = 0.9
 
 
 class ResidencyPolicy(ABC):
@@ -57,14 +68,18 @@ class ResidencyPolicy(ABC):
     bypasses: ClassVar[bool] = False  # may evict an expert of the current step (bypass)
     manages: ClassVar[bool] = True  # False: evicts nothing (the kernel decides)
 
-    def __init_subclass__(cls, *, policy_name: str, **kw: object) -> None:
+    def __init_subclass__(cls, *, policy_name: str | None = None, **kw: object) -> None:
         super().__init_subclass__(**kw)
-        cls.name = policy_name
-        ResidencyPolicy.registry[policy_name] = cls
+        if policy_name is not None:  # None: a helper, not offered by name
+            cls.name = policy_name
+            ResidencyPolicy.registry[policy_name] = cls
 
     def bind(self, n_layer: int, n_expert: int) -> None:
         """Size the policy's state for ``n_layer`` MoE layers of ``n_expert`` experts."""
         self.n_layer_, self.n_expert_ = n_layer, n_expert
+
+    def attach(self, owner: ResidencySet) -> None:
+        """``owner`` is the set this policy steers (its sizes and budget); after bind."""
 
     def observe(self, t: int, li: int, experts: np.ndarray, clock: int) -> None:
         """Layer ``li`` of token ``t`` used ``experts`` (unique ids); ``clock`` = step no."""
@@ -184,13 +199,19 @@ class LearnedPolicy(ResidencyPolicy, policy_name="learned"):
     """Evict the expert with the lowest predicted probability of use within the model's
     horizon (a :class:`~expertpred.predictors.nextuse.NextUseModel`); bypass when that is
     an expert just used. A prefetched expert is valued 1 until its layer routes again (the
-    prefetch predictor already bet on it)."""
+    prefetch predictor already bet on it).
+
+    ``guard``: shadow sets under the same budget replay every step with this ranking and
+    with LRU; while LRU's missed at most ``GUARD_MARGIN`` of the bytes over the last
+    ``GUARD_TOKENS`` tokens, the ranking is LRU's. Without an owning set (a policy used
+    on its own) there is no guard."""
 
     bypasses = True
 
-    def __init__(self, model: NextUseModel, distance: bool = True) -> None:
+    def __init__(self, model: NextUseModel, distance: bool = True, guard: bool = True) -> None:
         self.model = model
         self.distance = distance
+        self.guard = guard
 
     def bind(self, n_layer: int, n_expert: int) -> None:
         super().bind(n_layer, n_expert)
@@ -201,20 +222,56 @@ class LearnedPolicy(ResidencyPolicy, policy_name="learned"):
         self.state_ = self.model.online()
         self.boost_ = np.zeros(n_layer * n_expert, np.float64)
         self.layer_ = n_layer - 1
+        self.owner_: ResidencySet | None = None
+        self.shadows_: tuple[ResidencySet, ResidencySet] | None = None
+        self.missed_ = np.zeros(2)  # decayed bytes the shadows missed: (learned, LRU)
+
+    def attach(self, owner: ResidencySet) -> None:
+        self.owner_ = owner if self.guard else None
+
+    def _shadow(self) -> tuple[ResidencySet, ResidencySet] | None:
+        """The shadow sets, made at the first step: the owner's budget is final by then."""
+        if self.shadows_ is None and self.owner_ is not None:
+            o = self.owner_
+            self.shadows_ = tuple(
+                ResidencySet(pol, self.n_layer_, self.n_expert_,
+                             o.sizes.reshape(self.n_layer_, self.n_expert_), o.budget_bytes,
+                             layer_budgets=o.layer_budgets)
+                for pol in (_Ranking(self), LRUPolicy()))
+        return self.shadows_
+
+    @property
+    def follows_lru(self) -> bool:
+        """Whether the ranking is LRU's now (the guard's decision)."""
+        return bool(self.missed_[1] < GUARD_MARGIN * self.missed_[0])
 
     def observe(self, t: int, li: int, experts: np.ndarray, clock: int) -> None:
         self.state_.observe(li, experts)
         self.layer_ = li
         e = self.n_expert_
         self.boost_[li * e:(li + 1) * e] = 0.0
+        if (shadows := self._shadow()) is not None:
+            decay = 1.0 - 1.0 / (self.n_layer_ * GUARD_TOKENS)
+            for i, rs in enumerate(shadows):
+                before = rs.counters.miss_bytes
+                rs.step(t, li, experts)
+                self.missed_[i] = decay * self.missed_[i] + (rs.counters.miss_bytes - before)
 
     def prefetched(self, t: int, li: int, keys: np.ndarray, clock: int) -> None:
         self.boost_[keys] = 1.0
+        for rs in self._shadow() or ():
+            rs.prefetch(t, li, keys)
 
     def begin_token(self, t: int, token: int) -> None:
         self.state_.begin_token(token)
 
     def value(self) -> np.ndarray:
+        if self.follows_lru:
+            return np.zeros(self.n_layer_ * self.n_expert_)  # ResidencySet's recency decides
+        return self.ranking()
+
+    def ranking(self) -> np.ndarray:
+        """The learned ranking itself (the guard's first shadow keeps by it)."""
         n_l = self.n_layer_
         steps = (np.arange(n_l) - self.layer_ - 1) % n_l + 1  # to each layer's next routing
         boost = self.boost_.reshape(n_l, self.n_expert_)
@@ -234,6 +291,19 @@ class LearnedPolicy(ResidencyPolicy, policy_name="learned"):
         p0 = np.maximum(self.state_.prob_routed, self.boost_.reshape(p.shape))
         q0 = 1.0 - np.power(np.clip(1.0 - p0, 0.0, 1.0), 1.0 / h)
         return -(steps[:, None] + n_l * (1.0 - q) / np.maximum(q0, 1e-9)).reshape(-1)
+
+
+class _Ranking(ResidencyPolicy):
+    """The learned ranking of a :class:`LearnedPolicy` for its shadow set: that policy's
+    state already saw every step."""
+
+    bypasses = True
+
+    def __init__(self, learned: LearnedPolicy) -> None:
+        self.learned = learned
+
+    def value(self) -> np.ndarray:
+        return self.learned.ranking()
 
 
 POLICIES: dict[str, type[ResidencyPolicy]] = ResidencyPolicy.registry
@@ -306,6 +376,7 @@ class ResidencySet:
             self.budget_bytes = int(lb.sum())
         self.layer_bytes = np.zeros(n_layer, np.int64)  # resident bytes per layer
         policy.bind(n_layer, n_expert)
+        policy.attach(self)
         self.resident = np.zeros(n_layer * n_expert, bool)
         self.last_use = np.full(n_layer * n_expert, -1, np.int64)  # clock of last use/admit
         self.counters = ResidencyCounters()
