@@ -252,7 +252,8 @@ class PrefetchPlugin:
                 prefetch_k=self.pk_, counters=self._c, request=self._request,
                 on_error=self._error, threaded=cfg.predict_thread)
         self.residency_: ResidencyManager | None = None
-        self._hold: list[tuple[int, list[int], bool]] | None = None  # prefetches to post
+        # prefetches to post at the callback's end: (MoE layer, experts, next token)
+        self._hold: list[tuple[int, list[int], bool]] | None = None
         if self.residency is not None and self.mode is not Mode.OFF:
             future = self.oracle.experts if self.oracle is not None else None
             self.residency_ = ResidencyManager(self.gguf_path, lay, self.residency,
@@ -454,16 +455,16 @@ class PrefetchPlugin:
             eng.advance(block)
             eng.on_use(block, used)
             eng.request(block, used, priority=Priority.DEMAND)
-        for blk, ex, nxt in held:
-            self._post_request(blk, ex, nxt)
+        for tgt, ex, nxt in held:
+            self._post_request(tgt, ex, nxt)
         res = self.residency_
         if res is not None:
             i = pos0 + n - 1 - self._n_past  # the last row's token: the sampled one in decode
             if li == 0 and 0 <= i < len(self._tokens):
                 res.post_token(pos0 + n - 1, self._tokens[i])
             res.post_step(pos0 + n - 1, li, used)
-            for blk, ex, _ in held:
-                res.post_prefetch(self.blocks_.index(blk), ex)
+            for tgt, ex, _ in held:
+                res.post_prefetch(tgt, ex)
 
     def _ahead(self, li: int, d: int) -> tuple[int, bool]:
         return ahead(li, d, self.n_moe_, self.wrap)
@@ -480,7 +481,7 @@ class PrefetchPlugin:
                 self._c.oracle_misses += 1
                 continue
             ex = np.unique(o.experts[lo:hi, tgt]).tolist()
-            self._request(self.blocks_[tgt], ex, nxt)
+            self._request(tgt, ex, nxt)
             self._c.ahead_requests += len(ex)
 
     def _oracle_agrees(self, pos0: int, n: int) -> bool:
@@ -511,24 +512,27 @@ class PrefetchPlugin:
         # experts and logits are this callback's own copies: safe to hand to another thread
         self._path.routed(li, pos0, experts[0], logits[0], self._token_at(pos0))
 
-    def _request(self, block: int, experts: list[int], next_token: bool) -> None:
+    def _request(self, tgt: int, experts: list[int], next_token: bool) -> None:
+        """Read ``experts`` of MoE layer ``tgt`` ahead (the predictor path's and the
+        oracle's :data:`~expertpred.prefetch.predict_path.Request`)."""
         if self.residency_ is not None:
             # an expert the manager keeps needs no read; its request only cost the engine a
             # job and the manager a record, on threads that take the GIL from inference
-            keep = self.residency_.not_resident(self.blocks_.index(block), experts)
+            keep = self.residency_.not_resident(tgt, experts)
             self._c.ahead_resident += len(experts) - len(keep)
             if not keep:
                 return
             experts = keep
         if self._hold is not None:  # inline, inside the callback: posted at its end
-            self._hold.append((block, experts, next_token))
+            self._hold.append((tgt, experts, next_token))
             return
         if self.residency_ is not None:
-            self.residency_.post_prefetch(self.blocks_.index(block), experts)
-        self._post_request(block, experts, next_token)
+            self.residency_.post_prefetch(tgt, experts)
+        self._post_request(tgt, experts, next_token)
 
-    def _post_request(self, block: int, experts: list[int], next_token: bool) -> None:
+    def _post_request(self, tgt: int, experts: list[int], next_token: bool) -> None:
         assert self.engine_ is not None
+        block = self.blocks_[tgt]  # the engine reads by the model's block numbers
         if self.async_requests:
             self.engine_.post_request(block, experts, next_token)
         else:
