@@ -7,7 +7,8 @@ guesses kept and their precision (was the expert routed at layer l + 1?): the ta
 default gate was chosen from (docs/e2e.md, "Session 7").
 
     python benchmarks/gate_precision.py --model-name tiny-olmoe \\
-        --predictors /tmp/olmoe-bench/predictors/c28edad80655/models
+        --predictors /tmp/olmoe-bench/predictors/c28edad80655/models \\
+        [--predictor-name previous-token+transition]
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ def main() -> None:
     ap.add_argument("--model-name", required=True, help="a shipped model: models/<name>")
     ap.add_argument("--predictors", type=Path, required=True,
                     help="expertpred train's <out>/models (or an exported artifact)")
+    ap.add_argument("--predictor-name", default=None,
+                    help="which saved predictor (default: the plugin's, as expertpred run "
+                         "loads it)")
     ap.add_argument("--gates", default="0,0.3,0.35,0.4,0.45,0.5,0.55,0.6",
                     help="min_rel_share values, comma-separated")
     a = ap.parse_args()
-    ps = load_predictors(a.predictors, ROOT / "models" / a.model_name / "model.gguf")
+    ps = load_predictors(a.predictors, ROOT / "models" / a.model_name / "model.gguf",
+                         name=a.predictor_name)
     p = ps.by_d[1]
     k = p.model_.n_expert_used
     rel: list[np.ndarray] = []
@@ -47,8 +52,8 @@ def main() -> None:
             rel.append(share * k)
             hit.append(np.isin(top, b.targets[i]))
     r, h = np.concatenate(rel), np.concatenate(hit)
-    print(f"{a.model_name}: top-{k}, {len(r)} guesses at d = 1 on the test split's decode "
-          f"tokens (default gate {DEFAULT_MIN_REL_SHARE})")
+    print(f"{a.model_name}, {ps.name}: top-{k}, {len(r)} guesses at d = 1 on the test "
+          f"split's decode tokens (default gate {DEFAULT_MIN_REL_SHARE})")
     for g in (float(x) for x in a.gates.split(",")):
         keep = r >= g
         prec = f"{h[keep].mean():.3f}" if keep.any() else "-"

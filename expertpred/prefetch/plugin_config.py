@@ -40,7 +40,8 @@ DEFAULT_LOOKAHEAD = 1
 # absolute 0.25 chosen on tiny-mixtral's top-2 gated every lookup guess of the top-4 and
 # top-8 models. At 0.5 (0.25 at k = 2, as before) the lookup's kept guesses at d = 1 on the
 # shipped test decode tokens have precision 0.83 / 0.94 / 0.98 (tiny-mixtral / qwen3moe /
-# olmoe, 20 / 3 / 26 % kept; docs/e2e.md, "Session 7").
+# olmoe, 20 / 3 / 26 % kept), fast-mlp's 0.98 / 0.97 / 0.99 (76 % kept; benchmarks/
+# gate_precision.py, docs/e2e.md "Session 7").
 DEFAULT_MIN_REL_SHARE = 0.5
 # The GIL switch interval while the plugin runs (Python's own is 5 ms). The callback runs
 # on llama.cpp's thread beside the engine's and the manager's Python threads, and a thread
