@@ -13,8 +13,9 @@ few matrix-vector products:
    accumulates the first layer over a token's layers: the parts that only grow within a
    token (every layer's logits and experts so far, the previous token's experts) are a
    running sum, so a step adds one layer's worth and the per-step inputs; its arithmetic
-   is one compiled call (:mod:`.fast_mlp_jit`, numba, with a numpy twin that gives the
-   same values).
+   is one compiled call (:mod:`.fast_mlp_jit`: numba's code, compiled ahead of time so that
+   numba stays out of the serving process (:mod:`.fast_mlp_aot`), with a numpy twin that
+   gives the same values).
 
 The batch kernel (evaluation) computes the same function on many rows.
 """

@@ -1,5 +1,9 @@
 """fast-mlp's per-step arithmetic, compiled with numba when it is installed, else numpy.
 
+Which implementation runs is decided once per process by :func:`resolve`: by default the
+step compiled ahead of time (:mod:`.fast_mlp_aot`), which keeps numba and LLVM out of the
+serving process; numba's in-process JIT or the numpy twin on request or as fallbacks.
+
 Why compiled: a step is ~20 small operations on vectors of a few hundred floats, and each
 numpy call costs 0.3–0.7 µs of dispatch on this machine: the numpy step spent most of its
 ~15 µs in call overhead (``docs/export.md``, "A learned default?"). One compiled call does
@@ -18,6 +22,7 @@ inner loop an independent multiply-add per output (vectorised) instead of a redu
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -25,16 +30,12 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-try:  # optional: without it (or with EXPERTPRED_NO_JIT=1) the numpy twin runs
-    if os.environ.get("EXPERTPRED_NO_JIT"):
-        raise ImportError("EXPERTPRED_NO_JIT is set")
-    import numba
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    numba = None
-    log.debug("fast-mlp: numba not available (%s), the numpy step runs", exc)
-
-JIT = numba is not None
-
+# numba is imported only when the in-process JIT is chosen (see resolve): importing it and
+# compiling cost the serving process ~50 MB of anonymous memory and ~75 MB of library
+# pages, which a memory-limited run takes from its expert budget (docs/export.md)
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+JIT = HAVE_NUMBA  # a compiled step can exist here (tests compare it with the twin)
+KINDS = ("aot", "jit", "numpy")
 
 # --- numpy: the reference and the fallback ----------------------------------------------------
 
@@ -148,13 +149,62 @@ def _step(cur, experts, li, w_ll, vin, base, token, w_step, later, heads, out,
         out[h1 + e + r] = max(s[top[r]], np.float32(0.0)) / tot if tot > 0 else 1.0
 
 
-def warm() -> None:
-    """Compile (or load from numba's cache) the step for the argument types the row kernel
-    passes, so that the first online prediction does not pay for it on the inference
-    thread (a cold compile takes seconds)."""
-    global _warm
-    if _warm or not JIT:
-        return
+def resolve() -> str:
+    """Choose the step's implementation once per process and bind :data:`advance` /
+    :data:`step` to it; returns its kind.
+
+    - ``aot`` (default): the step compiled ahead of time by numba into a small extension
+      module (:mod:`.fast_mlp_aot`, built once per machine in a subprocess and cached).
+      Importing it loads neither numba nor LLVM into this process.
+    - ``jit``: numba's JIT in this process (the AOT build failed, or
+      ``EXPERTPRED_KERNEL=jit``).
+    - ``numpy``: the twin (numba missing, ``EXPERTPRED_KERNEL=numpy`` or
+      ``EXPERTPRED_NO_JIT=1``).
+    """
+    global KIND, advance, step, _gemv_jit, _advance_jit
+    if KIND is not None:
+        return KIND
+    want = os.environ.get("EXPERTPRED_KERNEL", "aot").strip().lower() or "aot"
+    if os.environ.get("EXPERTPRED_NO_JIT"):
+        want = "numpy"
+    if want not in KINDS:
+        log.warning("EXPERTPRED_KERNEL=%s: expected one of %s; using aot", want,
+                    ", ".join(KINDS))
+        want = "aot"
+    if want != "numpy" and not HAVE_NUMBA:
+        log.debug("fast-mlp: numba not installed, the numpy step runs")
+        want = "numpy"
+    if want == "aot":
+        from . import fast_mlp_aot
+        mod, why = fast_mlp_aot.load()
+        if mod is not None:
+            advance, step, KIND = mod.advance, mod.step, "aot"
+            return KIND
+        log.warning("fast-mlp: no ahead-of-time compiled step (%s); compiling it in this "
+                    "process with numba's JIT, which keeps ~50 MB of LLVM and numba in "
+                    "memory", why)
+        want = "jit"
+    if want == "jit":
+        import numba
+        jit = numba.njit(cache=True, nogil=True)
+        _gemv_jit = jit(_gemv)
+        _advance_jit = jit(_advance)
+        advance, step, KIND = _advance_jit, jit(_step), "jit"
+        _warm_jit()
+        return KIND
+    advance, step, KIND = advance_np, step_np, "numpy"
+    return KIND
+
+
+def warm() -> str:
+    """Resolve the step (:func:`resolve`) before the first online prediction, so that the
+    inference thread never pays for a build or a compile; returns the kind."""
+    return resolve()
+
+
+def _warm_jit() -> None:
+    """Compile (or load from numba's cache) the JIT step for the argument types the row
+    kernel passes (a cold compile takes seconds)."""
     h1, e, n_l, k = 3, 2, 2, 1
     f32 = np.float32
     cur, w_ll = np.zeros((n_l, e + 1, 2 * h1), f32), np.zeros((n_l, e, h1), f32)
@@ -164,16 +214,10 @@ def warm() -> None:
     advance(cur, experts, 0, w_ll, vin, base)
     step(cur, experts, 0, w_ll, vin, base, token, w_step, later, heads,
          np.zeros(h1 + e + k, f32), np.zeros(k, np.int64))
-    _warm = True
 
 
-_warm = False
-if JIT:
-    _jit = numba.njit(cache=True, nogil=True)
-    _gemv_jit = _jit(_gemv)
-    _advance_jit = _jit(_advance)
-    advance = _advance_jit
-    step = _jit(_step)
-else:
-    advance = advance_np
-    step = step_np
+KIND: str | None = None  # set by resolve()
+# until resolve(): the twin (the compiled helpers are bound by resolve("jit"))
+advance = advance_np
+step = step_np
+_gemv_jit = _advance_jit = None

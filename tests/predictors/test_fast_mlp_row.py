@@ -90,7 +90,9 @@ def test_topk_shares_equal_generic(shape, traces):
 @pytest.mark.skipif(not fast_mlp_jit.JIT, reason="numba not installed: only the numpy twin")
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_compiled_step_equals_numpy_twin(shape, traces, monkeypatch):
-    """The numba step and its numpy fallback: the same values, row by row (every output)."""
+    """The compiled step this process resolves (ahead of time by default) and its numpy
+    fallback: the same values, row by row (every output)."""
+    assert fast_mlp_jit.resolve() in ("aot", "jit")
     p = _fit(traces, **SHAPES[shape])
     rows = _rows(p, traces[7])
     k = SPEC.n_expert_used
@@ -117,3 +119,54 @@ def test_row_kernel_rejects_rows_without_layer_logits(traces):
     bad.__dict__.update(x.__dict__, layer_logits=None)
     with pytest.raises(Exception, match="layer_logits"):
         p.predict_row(bad)
+
+
+_CHILD = """
+import sys, numpy as np
+from expertpred.features import OnlineFeatures
+from expertpred.predictors import fast_mlp_jit
+from expertpred.predictors.base import Predictor
+p = Predictor.load(sys.argv[1])
+z = np.load(sys.argv[2], allow_pickle=False)
+online = OnlineFeatures(p.model_, history_decay=p.feature_config_.history_decay)
+out = []
+for t in range(len(z["tokens"])):
+    online.next_token(int(z["tokens"][t]), int(z["phase"][t]))
+    for li in range(z["experts"].shape[1]):
+        online.update(li, z["logits"][t, li], z["experts"][t, li], z["hidden"][t, li])
+        x = online.features(int(sys.argv[4]))
+        if x is not None:
+            out.append(p.predict_row(x))
+np.save(sys.argv[3], np.stack(out))
+print(fast_mlp_jit.KIND, "numba" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(not fast_mlp_jit.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("kind", ["aot", "jit", "numpy"])
+def test_each_kernel_in_a_fresh_process(kind, traces, tmp_path, monkeypatch):
+    """A serving process picks the step by ``EXPERTPRED_KERNEL``: every kind gives the
+    numpy twin's scores bit for bit, and the default (``aot``) and ``numpy`` never import
+    numba, whose JIT keeps ~50 MB of LLVM in the process."""
+    import os
+    import subprocess
+    import sys
+
+    p = _fit(traces, hidden_size=16)
+    art = p.save(tmp_path / "fast-mlp.npz")
+    seq = traces[7]
+    np.savez(tmp_path / "seq.npz", tokens=seq.tokens, phase=seq.phase, logits=seq.logits,
+             experts=seq.experts, hidden=seq.hidden)
+    env = dict(os.environ, EXPERTPRED_KERNEL=kind)
+    env.pop("EXPERTPRED_NO_JIT", None)
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(art), str(tmp_path / "seq.npz"),
+                        str(tmp_path / "out.npy"), str(D)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    got_kind, numba_loaded = r.stdout.split()
+    assert got_kind == kind
+    assert numba_loaded == str(kind == "jit")
+    monkeypatch.setattr(fast_mlp_jit, "step", fast_mlp_jit.step_np)
+    monkeypatch.setattr(fast_mlp_jit, "advance", fast_mlp_jit.advance_np)
+    twin = np.stack([p.predict_row(x) for x in _rows(p, seq)])
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), twin)
