@@ -116,6 +116,9 @@ def build(dest: Path) -> str:
     try:
         env = dict(os.environ, EXPERTPRED_KERNEL="jit")  # the builder compiles with numba
         env.pop("EXPERTPRED_NO_JIT", None)
+        # the builder imports this very package, wherever it was imported from here
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             r = subprocess.run([sys.executable, "-m", __name__, str(tmp)], env=env,
                                capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)

@@ -170,3 +170,27 @@ def test_each_kernel_in_a_fresh_process(kind, traces, tmp_path, monkeypatch):
     monkeypatch.setattr(fast_mlp_jit, "advance", fast_mlp_jit.advance_np)
     twin = np.stack([p.predict_row(x) for x in _rows(p, seq)])
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), twin)
+
+
+@pytest.mark.skipif(not fast_mlp_jit.HAVE_NUMBA, reason="numba not installed")
+def test_unbuildable_aot_falls_back_to_the_jit_with_one_warning(tmp_path):
+    """A cache that cannot be written (here: a file where the directory should be) costs
+    one warning naming why, and the JIT runs instead."""
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a directory")
+    env = dict(os.environ, EXPERTPRED_KERNEL="aot", EXPERTPRED_KERNEL_CACHE=str(blocker))
+    env.pop("EXPERTPRED_NO_JIT", None)
+    code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from expertpred.predictors import fast_mlp_jit\n"
+            "print(fast_mlp_jit.resolve())\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["jit"]
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("WARNING")]
+    assert len(warnings) == 1 and "no ahead-of-time compiled step" in warnings[0]
+    assert str(blocker) in warnings[0]
