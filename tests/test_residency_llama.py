@@ -150,6 +150,57 @@ def test_manager_equals_replay(wide, nextuse_model, policy: str, tmp_path: Path)
         [r for r in mgr.records_ if r.event == 0])
 
 
+def test_lost_experts_leave_the_bookkeeping(wide) -> None:
+    """Kept experts that leave the page cache anyway (the cgroup's reclaim does it during a
+    prompt's batch; here the same kernel call, made behind the manager's back between two
+    decode tokens) are found with mincore at the next token boundary: recorded as LOST, no
+    longer counted resident, and the decisions still replay exactly."""
+    path, ref = wide
+    lay = read_layout(path)
+    budget = int(lay.nbytes.sum()) // 4
+    cfg = ResidencyConfig("lru", budget, record=True, mincore_interval=0.0)
+    taken: list[int] = []
+    with PrefetchLlama(path, mode="d0", residency=cfg, madvise_random=True, **LLAMA) as llm:
+        mgr = llm.plugin.residency_
+
+        def on_token(tok: int) -> None:
+            if len(taken) == 0 and mgr.set_.counters.steps > 3 * mgr.n_layer_:
+                assert mgr.flush(5.0)
+                held = np.flatnonzero(mgr.set_.resident)
+                # the most recently used: LRU would keep them longest
+                taken.extend(held[np.argsort(-mgr.set_.last_use[held], kind="stable")][:6]
+                             .tolist())
+                mgr._evict(taken)  # the kernel's own eviction, not the policy's decision
+
+        assert generate_greedy(llm, PROMPT, N_TOKENS, on_token=on_token)[0] == ref
+        assert mgr.flush(5.0)
+        st = llm.prefetch_stats().residency
+        lost = [k for r in mgr.records_ if r.event == 4 for k in r.experts]  # Event.LOST
+        have = mgr.measured().reshape(-1)
+        book = mgr.set_.resident.copy()
+    full = lay.nbytes.sum(axis=2).reshape(-1)
+    assert taken and st.counters.lost == len(lost) == len(taken)
+    assert sorted(lost) == sorted(taken)  # nothing else was reclaimed on this box
+    assert st.counters.lost_bytes == int(full[lost].sum())
+    # what the bookkeeping counts resident is resident (an expert read for the last step
+    # may still be arriving: at most one layer's selection)
+    assert int(full[book & (have * 2 < full)].sum()) <= layer_selection_bytes(lay)
+    again = replay(mgr.records_, make_policy("lru"), budget, mgr.n_layer_, mgr.n_expert_,
+                   lay.nbytes.sum(axis=2))
+    assert again.counters == st.counters
+
+
+def test_a_batch_is_checked_at_the_next_token(wide) -> None:
+    """With mincore checks otherwise far apart, the token boundary after a prompt's batch
+    is checked (where the cgroup's reclaim takes kept experts), and decode tokens are not."""
+    path, ref = wide
+    budget = int(read_layout(path).nbytes.sum()) // 4
+    cfg = ResidencyConfig("lru", budget, mincore_interval=1e9)
+    toks, st, _, _ = _run(path, cfg)
+    assert toks == ref
+    assert st.residency.mincore_checks == 2  # at attach's first boundary, after the prompt
+
+
 def test_refused_eviction_falls_back_to_kernel(wide, caplog) -> None:
     path, ref = wide
     budget = int(read_layout(path).nbytes.sum()) // 4

@@ -336,6 +336,8 @@ class ResidencyCounters:
     bypassed_bytes: int = 0  # their bytes
     resident_bytes: int = 0  # resident by the bookkeeping after the last step
     peak_resident_bytes: int = 0  # the most the bookkeeping ever held after a step
+    lost: int = 0  # experts the page cache no longer held although kept (the kernel's reclaim)
+    lost_bytes: int = 0  # their bytes
 
 
 def expert_sizes(sizes: int | np.ndarray, n_layer: int, n_expert: int) -> np.ndarray:
@@ -440,6 +442,22 @@ class ResidencySet:
         evict, _ = self._trim(np.zeros_like(self.resident))
         return evict
 
+    def lose(self, keys: Iterable[int]) -> None:
+        """Flat ``keys`` kept resident are gone from the page cache all the same (the
+        kernel's reclaim took them; the plugin's manager finds out with mincore): the
+        bookkeeping stops counting them, so their room is the policy's again and their
+        next use counts as the read it is."""
+        k = np.unique(np.asarray(list(keys), dtype=np.int64))
+        k = k[self.resident[k]] if k.size else k
+        if not k.size:
+            return
+        self.resident[k] = False
+        size = int(self.sizes[k].sum())
+        self.counters.resident_bytes -= size
+        np.subtract.at(self.layer_bytes, k // self.n_expert, self.sizes[k])
+        self.counters.lost += len(k)
+        self.counters.lost_bytes += size
+
     def _admit(self, keys: np.ndarray, inflight: np.ndarray | None = None,
                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Admit ``keys`` and trim; victims among ``keys`` and ``inflight`` are bypasses,
@@ -536,6 +554,7 @@ class Event(enum.IntEnum):
     PREFETCH = 1  # flat keys read ahead of use while layer `li` of token `t` computed
     ADOPT = 2  # flat keys found resident when the manager attached
     TOKEN = 3  # token `t`, of id `experts[0]`, is evaluated next (before its first layer)
+    LOST = 4  # flat keys kept resident that mincore found gone (the kernel reclaimed them)
 
 
 class Record(NamedTuple):
@@ -556,6 +575,8 @@ def apply(rs: ResidencySet, r: Record) -> None:
         rs.prefetch(r.t, r.li, r.experts)
     elif r.event is Event.TOKEN:
         rs.begin_token(r.t, r.experts[0])
+    elif r.event is Event.LOST:
+        rs.lose(r.experts)
     else:
         rs.adopt(r.experts)
 
