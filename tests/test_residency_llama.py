@@ -160,6 +160,7 @@ def test_lost_experts_leave_the_bookkeeping(wide) -> None:
     budget = int(lay.nbytes.sum()) // 4
     cfg = ResidencyConfig("lru", budget, record=True, mincore_interval=0.0)
     taken: list[int] = []
+    sampled: list[int] = []
     with PrefetchLlama(path, mode="d0", residency=cfg, madvise_random=True, **LLAMA) as llm:
         mgr = llm.plugin.residency_
 
@@ -171,6 +172,8 @@ def test_lost_experts_leave_the_bookkeeping(wide) -> None:
                 taken.extend(held[np.argsort(-mgr.set_.last_use[held], kind="stable")][:6]
                              .tolist())
                 mgr._evict(taken)  # the kernel's own eviction, not the policy's decision
+                # the cheap check after a batch (sampled pages) finds the same experts
+                sampled.extend(np.flatnonzero(mgr._sampled_gone()).tolist())
 
         assert generate_greedy(llm, PROMPT, N_TOKENS, on_token=on_token)[0] == ref
         assert mgr.flush(5.0)
@@ -179,7 +182,8 @@ def test_lost_experts_leave_the_bookkeeping(wide) -> None:
         have = mgr.measured().reshape(-1)
         book = mgr.set_.resident.copy()
     full = lay.nbytes.sum(axis=2).reshape(-1)
-    assert taken and st.counters.lost == len(lost) == len(taken)
+    assert taken and sorted(sampled) == sorted(taken)
+    assert st.counters.lost == len(lost) == len(taken)
     assert sorted(lost) == sorted(taken)  # nothing else was reclaimed on this box
     assert st.counters.lost_bytes == int(full[lost].sum())
     # what the bookkeeping counts resident is resident (an expert read for the last step
