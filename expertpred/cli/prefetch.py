@@ -148,6 +148,8 @@ def _print_run(cfg: RunConfig, res: RunResult) -> None:
                   f" ({r.mincore_checks} checks)")
         t.add_row("evictions / bypasses", f"{rc.evictions} ({human_bytes(rc.evicted_bytes)}) / "
                   f"{rc.bypasses} ({human_bytes(rc.bypassed_bytes)})")
+        # kept experts the kernel's reclaim took anyway: the budget was tighter than derived
+        t.add_row("kept experts the kernel reclaimed", f"{rc.lost} ({human_bytes(rc.lost_bytes)})")
         hr = rc.hits / rc.accesses if rc.accesses else 0.0
         t.add_row("residency hit rate", f"{100 * hr:.1f}%")
     console.print(t)

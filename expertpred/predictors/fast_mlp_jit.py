@@ -185,7 +185,12 @@ def resolve() -> str:
                     "memory", why)
         want = "jit"
     if want == "jit":
-        import numba
+        try:
+            import numba
+        except Exception as exc:  # noqa: BLE001 - a broken install must not stop serving
+            log.warning("fast-mlp: numba does not import (%s); the numpy step runs", exc)
+            advance, step, KIND = advance_np, step_np, "numpy"
+            return KIND
         jit = numba.njit(cache=True, nogil=True)
         _gemv_jit = jit(_gemv)
         _advance_jit = jit(_advance)

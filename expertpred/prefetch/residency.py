@@ -470,7 +470,8 @@ class ResidencyManager:
         (L·E,)). A prompt's batch reads a union of experts per layer, several times the
         one-layer headroom of the default budget, and the cgroup's reclaim then takes pages
         the manager keeps: 14-25 of tiny-qwen3moe's 12 MiB experts over the benchmark's
-        17-token prompt, none in decode. Counted as resident, they shrank the room the
+        17-token prompt (in decode 0-4 per token, with 48 MiB experts or an oracle's
+        prefetches; docs/e2e.md, "Session 8"). Counted as resident, they shrank the room the
         policy had for the next tokens and their reads counted as hits. The rest of a lost
         expert is evicted, so that what is resident is what is counted."""
         with self._lock:
