@@ -178,6 +178,11 @@ def resolve() -> str:
         from . import fast_mlp_aot
         mod, why = fast_mlp_aot.load()
         if mod is not None:
+            try:  # a module built for other argument types fails here, not on the
+                _call_once(mod.advance, mod.step)  # inference thread
+            except (TypeError, ValueError) as exc:
+                mod, why = None, f"{type(exc).__name__}: {exc}"
+        if mod is not None:
             advance, step, KIND = mod.advance, mod.step, "aot"
             return KIND
         log.warning("fast-mlp: no ahead-of-time compiled step (%s); compiling it in this "
@@ -195,7 +200,7 @@ def resolve() -> str:
         _gemv_jit = jit(_gemv)
         _advance_jit = jit(_advance)
         advance, step, KIND = _advance_jit, jit(_step), "jit"
-        _warm_jit()
+        _call_once(advance, step)  # compiles (or loads numba's cache): seconds when cold
         return KIND
     advance, step, KIND = advance_np, step_np, "numpy"
     return KIND
@@ -207,9 +212,8 @@ def warm() -> str:
     return resolve()
 
 
-def _warm_jit() -> None:
-    """Compile (or load from numba's cache) the JIT step for the argument types the row
-    kernel passes (a cold compile takes seconds)."""
+def _call_once(advance, step) -> None:  # noqa: ANN001 - compiled callables
+    """One call of each with the argument types the row kernel passes."""
     h1, e, n_l, k = 3, 2, 2, 1
     f32 = np.float32
     cur, w_ll = np.zeros((n_l, e + 1, 2 * h1), f32), np.zeros((n_l, e, h1), f32)
