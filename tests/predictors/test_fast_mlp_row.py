@@ -157,7 +157,9 @@ def test_each_kernel_in_a_fresh_process(kind, traces, tmp_path, monkeypatch):
     seq = traces[7]
     np.savez(tmp_path / "seq.npz", tokens=seq.tokens, phase=seq.phase, logits=seq.logits,
              experts=seq.experts, hidden=seq.hidden)
-    env = dict(os.environ, EXPERTPRED_KERNEL=kind)
+    # an empty cache: the aot case builds the module (in its own subprocess) every run
+    env = dict(os.environ, EXPERTPRED_KERNEL=kind,
+               EXPERTPRED_KERNEL_CACHE=str(tmp_path / "kernels"))
     env.pop("EXPERTPRED_NO_JIT", None)
     r = subprocess.run([sys.executable, "-c", _CHILD, str(art), str(tmp_path / "seq.npz"),
                         str(tmp_path / "out.npy"), str(D)], env=env, capture_output=True,
@@ -166,6 +168,8 @@ def test_each_kernel_in_a_fresh_process(kind, traces, tmp_path, monkeypatch):
     got_kind, numba_loaded = r.stdout.split()
     assert got_kind == kind
     assert numba_loaded == str(kind == "jit")
+    built = list((tmp_path / "kernels").glob("fastmlp-*/expertpred_fastmlp_step*"))
+    assert len(built) == (kind == "aot")
     monkeypatch.setattr(fast_mlp_jit, "step", fast_mlp_jit.step_np)
     monkeypatch.setattr(fast_mlp_jit, "advance", fast_mlp_jit.advance_np)
     twin = np.stack([p.predict_row(x) for x in _rows(p, seq)])
