@@ -133,7 +133,9 @@ def _print_run(cfg: RunConfig, res: RunResult) -> None:
         if c.predictions:
             ms = 1e3 * c.predict_seconds / c.predictions
             where = "off the inference thread" if c.predict_lag_seconds else "inline"
-            t.add_row("predictions", f"{c.predictions} ({ms:.3f} ms each, {where})")
+            from ..predictors import fast_mlp_jit  # which fast-mlp step ran (aot / jit / numpy)
+            kind = f", {fast_mlp_jit.KIND} step" if fast_mlp_jit.KIND else ""
+            t.add_row("predictions", f"{c.predictions} ({ms:.3f} ms each, {where}{kind})")
             if c.predict_lag_seconds:
                 t.add_row("predictions late (not read)", f"{c.late_predictions} "
                           f"(lag {1e6 * c.predict_lag_seconds / c.predictions:.0f} µs each)")
