@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 # compiling cost the serving process ~50 MB of anonymous memory and ~75 MB of library
 # pages, which a memory-limited run takes from its expert budget (docs/export.md)
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
-JIT = HAVE_NUMBA  # a compiled step can exist here (tests compare it with the twin)
 KINDS = ("aot", "jit", "numpy")
 
 # --- numpy: the reference and the fallback ----------------------------------------------------
@@ -204,12 +203,6 @@ def resolve() -> str:
         return KIND
     advance, step, KIND = advance_np, step_np, "numpy"
     return KIND
-
-
-def warm() -> str:
-    """Resolve the step (:func:`resolve`) before the first online prediction, so that the
-    inference thread never pays for a build or a compile; returns the kind."""
-    return resolve()
 
 
 def _call_once(advance, step) -> None:  # noqa: ANN001 - compiled callables

@@ -84,7 +84,7 @@ class RowKernel:
         self._build_real(wt, b0, sp)
         self._build_tables(wt, sp, design.layer_onehot)
         self._carry: _Carry | None = None
-        fast_mlp_jit.warm()
+        fast_mlp_jit.resolve()  # here, not on the inference thread: a build takes seconds
 
     def _build_real(self, wt: np.ndarray, b0: np.ndarray,
                     sp: dict[str, tuple[int, int]]) -> None:

@@ -21,9 +21,10 @@ object the cache simulator replays traces through) and executes its decisions:
 Bookkeeping is checked against the page cache with ``mincore`` at the token boundary after
 each batch of several tokens (a prompt) and every ``mincore_interval`` seconds
 (:attr:`ResidencyStats.measured_resident_bytes`); kept experts the kernel's reclaim took
-anyway leave the bookkeeping (``Event.LOST``, ``lost`` in the counters). If the model file is truncated or
-replaced, eviction stops and the stats say why (the prefetch engine turns itself off on the
-same check); inference is never touched: evicted pages fault back in from the file.
+anyway leave the bookkeeping (``Event.LOST``, ``lost`` in the counters). If the model file
+is truncated or replaced, eviction stops and the stats say why (the prefetch engine turns
+itself off on the same check); inference is never touched: evicted pages fault back in from
+the file.
 
 Budget (bytes of expert weights): given by the user, or derived when the model is loaded:
 the memory limit (cgroup v1 ``memory.limit_in_bytes``, else ``MemAvailable``) minus what the
@@ -253,6 +254,8 @@ class ResidencyManager:
         self.set_ = ResidencySet(self.policy_, self.n_layer_, self.n_expert_,
                                  lay.nbytes.sum(axis=2), cfg.budget_bytes or 0)
         self._span_lo, self._span_hi = _inner_spans(lay)
+        # bytes of each expert's inner pages (L·E,): what mincore can find resident of it
+        self._inner_bytes = (self._span_hi - self._span_lo).sum(axis=2).reshape(-1)
         self._live = _Live()
         self._lock = threading.Lock()  # guards set_ (thread vs stats/adopt)
         self._ops: deque[tuple[int, int, int, tuple[int, ...]]] = deque()
@@ -434,9 +437,8 @@ class ResidencyManager:
             live.mincore_checks += 1
             live.mincore_at = now
             if manages and live.mincore_checks > 1:
-                full = (self._span_hi - self._span_lo).sum(axis=2).reshape(-1)
                 with self._lock:
-                    gone = self.set_.resident & (have * 2 < np.maximum(full, 1))
+                    gone = self.set_.resident & (have * 2 < np.maximum(self._inner_bytes, 1))
                 self._sync(gone)
         elif manages and self._after_batch:
             live.mincore_checks += 1
@@ -555,11 +557,10 @@ class ResidencyManager:
     def _adopt(self) -> None:
         """Start from the page cache: experts mostly resident join the bookkeeping (the
         policy trims them to the budget), the rest of any expert is evicted."""
-        have = self.measured()
-        full = (self._span_hi - self._span_lo).sum(axis=2)
-        mostly = have * 2 >= np.maximum(full, 1)
-        keys = np.flatnonzero(mostly.reshape(-1))
-        partial = np.flatnonzero((~mostly & (have > 0)).reshape(-1))
+        have = self.measured().reshape(-1)
+        mostly = have * 2 >= np.maximum(self._inner_bytes, 1)
+        keys = np.flatnonzero(mostly)
+        partial = np.flatnonzero(~mostly & (have > 0))
         if self.config.record:
             self.records_.append(Record(Event.ADOPT, -1, -1, tuple(keys.tolist())))
         with self._lock:

@@ -87,7 +87,7 @@ def test_topk_shares_equal_generic(shape, traces):
         assert top.dtype == np.int64 and shares.dtype == np.float32
 
 
-@pytest.mark.skipif(not fast_mlp_jit.JIT, reason="numba not installed: only the numpy twin")
+@pytest.mark.skipif(not fast_mlp_jit.HAVE_NUMBA, reason="numba not installed: only the numpy twin")
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_compiled_step_equals_numpy_twin(shape, traces, monkeypatch):
     """The compiled step this process resolves (ahead of time by default) and its numpy
